@@ -1,0 +1,45 @@
+"""`evaluate.py curves`: ICL curves of checkpoints, of HF model directories, or of the exact Bayesian learner."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lightning_modules.curves_table import write_curves
+
+
+def add_curves_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("curves", help="measure ICL curves and write the curves table")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", nargs="+", type=Path, help="Lightning checkpoints or HF export dirs of our GPT-2 runs")
+    src.add_argument("--ideal", action="store_true", help="the exact Bayesian learner of the GINC world")
+    src.add_argument("--hf-model", type=Path, help="a local Hugging Face causal-LM directory (with --dataset)")
+    p.add_argument("--out", type=Path, required=True, help="curves CSV to write")
+    p.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
+    p.add_argument("--run", help="run label (default: derived from the source)")
+    # GINC sources (--ckpt, --ideal)
+    p.add_argument("--data-config", type=Path, help="YAML with the GINC world and ICL settings (default: the checkpoint's own)")
+    p.add_argument("--k", type=int, nargs="+", help="example lengths (default: the data config's)")
+    p.add_argument("--prompts", type=int, help="prompts per (k, task) (default: the data config's)")
+    p.add_argument("--weights", type=float, nargs="+", help="--ideal: mixture weights of the learner's prior (default: the world's)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    # real LLM source (--hf-model)
+    p.add_argument("--dataset", type=Path, help="--hf-model: JSONL rows {question, answer, answer_type}")
+    p.set_defaults(func=run_curves)
+
+
+def run_curves(args: argparse.Namespace) -> None:
+    if args.ideal:
+        from lightning_modules.ideal_curves import ideal_curve_rows
+
+        rows = ideal_curve_rows(args)
+    elif args.ckpt:
+        from lightning_modules.icl_eval import checkpoint_curve_rows
+
+        rows = checkpoint_curve_rows(args)
+    else:
+        from lightning_modules.llm_curves import hf_curve_rows
+
+        rows = hf_curve_rows(args)
+    path = write_curves(rows, args.out, append=args.append)
+    print(f"wrote {len(rows)} rows to {path}")
