@@ -1,0 +1,184 @@
+"""Vectorised sampling from the GINC world: documents, ICL prompts and preference pairs.
+
+Sampling runs over whole batches of sequences at once: one vector step per time step advances every
+sequence (Walker alias tables make a step a few gathers), and every draw is a counter-based hash of
+(seed, stream, sequence id, time step). Hence document `i` of a stream is the same whichever batch,
+rank, worker or device produces it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from datamodules.rng import hash_bits, stream_key, uniform
+from datamodules.world import DELIMITER, GincWorld, WorldConfigError, check_weights
+
+_TIME_CHUNK = 256  # time steps whose random bits are drawn in one vector call
+_SEQ_GROUP = 1024  # sequences advanced together: larger groups fall out of the CPU caches
+
+
+def alias_table(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Walker/Vose alias tables of the rows of a stochastic matrix [R, S] -> (accept prob, alias), each [R, S]."""
+    rows = matrix.detach().cpu().double().numpy()
+    n_rows, size = rows.shape
+    accept = np.ones((n_rows, size))
+    alias = np.tile(np.arange(size), (n_rows, 1))
+    for r in range(n_rows):
+        scaled = rows[r] / rows[r].sum() * size
+        small = [i for i in range(size) if scaled[i] < 1.0]
+        large = [i for i in range(size) if scaled[i] >= 1.0]
+        while small and large:
+            s, g = small.pop(), large.pop()
+            accept[r, s], alias[r, s] = scaled[s], g
+            scaled[g] -= 1.0 - scaled[s]
+            (small if scaled[g] < 1.0 else large).append(g)
+    return torch.as_tensor(accept, device=matrix.device), torch.as_tensor(alias, device=matrix.device)
+
+
+class ChainSampler:
+    """Samples hidden paths of many sequences at once, over joint states h = entity * P + property."""
+
+    def __init__(self, world: GincWorld) -> None:
+        self.n_states = world.config.n_states
+        joint = torch.stack([world.transition_matrix(m) for m in range(world.config.n_tasks)])
+        accept, alias = alias_table(joint.reshape(-1, self.n_states))
+        # float32 thresholds resolve probabilities to ~1e-7 at half the memory traffic; aliases are
+        # stored pre-multiplied by S so that a step's table index is one addition
+        self.accept = accept.reshape(-1).float()
+        self.alias_scaled = alias.reshape(-1) * self.n_states
+        self.emission_scaled = torch.zeros(self.n_states**2, dtype=torch.long, device=joint.device)
+        self.emission_scaled[:: self.n_states] = world.emission.reshape(-1)  # token of a path entry h * S
+
+    def run(self, key: int, seq_ids: torch.Tensor, tasks: torch.Tensor, first: torch.Tensor, n_steps: int) -> torch.Tensor:
+        """Advance each sequence from its first state n_steps times -> time-major path [n_steps + 1, B] of h * S."""
+        S, B, dev = self.n_states, seq_ids.shape[0], seq_ids.device
+        path = torch.empty(n_steps + 1, B, dtype=torch.long, device=dev)  # time-major: contiguous rows
+        torch.mul(first, S, out=path[0])
+        row_base = (tasks * S * S)[None, :]
+        i = torch.empty(B, dtype=torch.long, device=dev)
+        accept = torch.empty(B, dtype=torch.float32, device=dev)
+        alias = torch.empty(B, dtype=torch.long, device=dev)
+        take = torch.empty(B, dtype=torch.bool, device=dev)
+        for start in range(0, n_steps, _TIME_CHUNK):
+            steps = torch.arange(start + 1, min(start + _TIME_CHUNK, n_steps) + 1, device=dev)
+            # alias sampling from 32 random bits: bits * S = column * 2^32 + fraction, both exact integers
+            scaled = hash_bits(key, seq_ids[None, :], steps[:, None]).bitwise_and_(0xFFFFFFFF).mul_(S)
+            frac = scaled.bitwise_and(0xFFFFFFFF).float().mul_(2.0**-32)
+            column = scaled.bitwise_right_shift_(32)
+            table_index = column + row_base
+            column.mul_(S)
+            for c in range(steps.shape[0]):  # one vector step advances every sequence; out= avoids allocations
+                torch.add(path[start + c], table_index[c], out=i)
+                torch.index_select(self.accept, 0, i, out=accept)
+                torch.index_select(self.alias_scaled, 0, i, out=alias)
+                torch.lt(frac[c], accept, out=take)
+                torch.where(take, column[c], alias, out=path[start + c + 1])
+        return path
+
+
+def _categorical(u: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: u [B] uniforms, probs [B, S] (or [S]) -> indices [B]."""
+    cdf = probs.cumsum(-1)
+    cdf = cdf.expand(u.shape[0], -1) if cdf.dim() == 1 else cdf
+    return torch.searchsorted(cdf.contiguous(), u[:, None]).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
+@dataclass
+class Documents:
+    tokens: torch.Tensor  # [B, length] long
+    tasks: torch.Tensor  # [B] long: the HMM each document was drawn from
+    states: torch.Tensor | None  # [B, length] hidden path h = entity * n_properties + property (with_states=True)
+
+
+class GincSampler:
+    """All sampling of one world; pass `world.to(device)` to sample on a GPU."""
+
+    def __init__(self, world: GincWorld) -> None:
+        self.world = world
+        self.config = world.config
+        self.chains = ChainSampler(world)
+
+    def documents(self, doc_ids: torch.Tensor, length: int, weights: object = None, stream: str = "pretrain", with_states: bool = False) -> Documents:
+        """Documents `doc_ids` of a stream: each picks a task by `weights` (default: the world's), then walks its HMM."""
+        cfg, w = self.config, self.world
+        doc_ids = torch.as_tensor(doc_ids, dtype=torch.long, device=w.device)
+        mix = torch.as_tensor(check_weights(cfg.weights if weights is None else weights, cfg.n_tasks), device=w.device)
+        key = stream_key(cfg.seed, "docs", stream)
+        tasks = _categorical(uniform(key, doc_ids, -1), mix)
+        first = _categorical(uniform(key, doc_ids, -2), w.start[tasks])
+        tokens, states = [], []
+        for g in range(0, doc_ids.shape[0], _SEQ_GROUP):
+            group = slice(g, g + _SEQ_GROUP)
+            path = self.chains.run(key, doc_ids[group], tasks[group], first[group], length - 1)
+            tokens.append(self.chains.emission_scaled.index_select(0, path.view(-1)).view(path.shape).T)
+            if with_states:
+                states.append(path.T.div(cfg.n_states, rounding_mode="floor"))
+        return Documents(torch.cat(tokens).contiguous(), tasks, torch.cat(states) if with_states else None)
+
+    def icl_prompts(self, task: int, k: int, prompt_ids: torch.Tensor, n_shots: int) -> "ICLPrompts":
+        """ICL prompts of one task: BOS, then n_shots demonstrations `x_1 .. x_{k-1} y` separated by the delimiter.
+
+        A demonstration walks k-1 hidden states from a uniform entity and the prompt's start property
+        (uniform over 1..P-1, shared by the prompt's demonstrations); its label y is the emission of the
+        most likely next state. The last demonstration's delimiter is left out.
+        """
+        cfg, w = self.config, self.world
+        if not 0 <= task < cfg.n_tasks:
+            raise WorldConfigError(f"task {task} is out of range for a world of {cfg.n_tasks} tasks")
+        if k < 2:
+            raise WorldConfigError(f"example length k must be >= 2 (inputs plus a label), got {k}")
+        if n_shots < 1:
+            raise WorldConfigError(f"n_shots must be >= 1, got {n_shots}")
+        prompt_ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=w.device)
+        N = prompt_ids.shape[0]
+        key = stream_key(cfg.seed, "icl", task, k)
+        start_prop = 1 + (uniform(key, prompt_ids, -1) * (cfg.n_properties - 1)).long()
+        demo_ids = (prompt_ids[:, None] * n_shots + torch.arange(n_shots, device=w.device)).reshape(-1)
+        first_entity = (uniform(key, demo_ids, -2) * cfg.n_entities).long()
+        tasks = torch.full_like(demo_ids, task)
+        first = first_entity * cfg.n_properties + start_prop.repeat_interleave(n_shots)
+        path = self.chains.run(key, demo_ids, tasks, first, k - 2)
+        x = self.chains.emission_scaled[path].T.reshape(N, n_shots, k - 1)
+        y = w.label_token[task].reshape(-1)[path[-1] // cfg.n_states].reshape(N, n_shots)
+        delim = torch.full((N, n_shots, 1), DELIMITER, dtype=torch.long, device=w.device)
+        body = torch.cat([x, y[..., None], delim], dim=2).reshape(N, -1)[:, :-1]
+        bos = torch.full((N, 1), cfg.bos_id, dtype=torch.long, device=w.device)
+        label_pos = 1 + torch.arange(n_shots, device=w.device) * (k + 1) + (k - 1)
+        return ICLPrompts(torch.cat([bos, body], 1), label_pos.expand(N, -1), y, task, k, start_prop)
+
+    def preference_pairs(self, pair_ids: torch.Tensor, length: int, chosen_weights: object, rejected_weights: object, stream: str = "preference") -> tuple[Documents, Documents]:
+        """Pairs (chosen, rejected): chosen documents from one mixture, rejected ones from another."""
+        chosen = self.documents(pair_ids, length, chosen_weights, stream=f"{stream}/chosen")
+        rejected = self.documents(pair_ids, length, rejected_weights, stream=f"{stream}/rejected")
+        return chosen, rejected
+
+
+@dataclass
+class ICLPrompts:
+    tokens: torch.Tensor  # [N, n_shots * (k + 1)] long, BOS first
+    label_pos: torch.Tensor  # [N, n_shots]: position of each label in tokens
+    labels: torch.Tensor  # [N, n_shots]
+    task: int
+    k: int
+    start_property: torch.Tensor  # [N]
+
+    @property
+    def n_shots(self) -> int:
+        return self.labels.shape[1]
+
+    def demonstrations(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x [N, n, k-1], y [N, n]): the inputs and label of each demonstration."""
+        N, n = self.labels.shape
+        body = torch.cat([self.tokens[:, 1:], self.tokens.new_full((N, 1), DELIMITER)], 1)
+        demos = body.reshape(N, n, self.k + 1)
+        return demos[..., : self.k - 1], demos[..., self.k - 1]
+
+
+def shots_for_context(context_length: int, k: int) -> int:
+    """Demonstrations that fill a context: BOS plus n * (k + 1) - 1 tokens must fit."""
+    n = context_length // (k + 1)
+    if n < 1:
+        raise WorldConfigError(f"context_length {context_length} is too short for one example of length k={k} (needs {k + 1}); raise it or lower k")
+    return n
