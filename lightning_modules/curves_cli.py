@@ -25,6 +25,11 @@ def add_curves_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     # real LLM source (--hf-model)
     p.add_argument("--dataset", type=Path, help="--hf-model: JSONL rows {question, answer, answer_type}")
+    p.add_argument("--shots", type=int, help="--hf-model: demonstrations per prompt (default: all rows of the type that fit)")
+    p.add_argument("--max-length", type=int, help="--hf-model: prompt tokens (default: the model's context length)")
+    p.add_argument("--format", choices=("auto", "chat", "plain"), default="auto",
+                   help="--hf-model: chat template or plain User:/Assistant: turns (auto: chat when the tokenizer has a template)")
+    p.add_argument("--seed", type=int, default=0, help="--hf-model: seed of the shuffles")
     p.set_defaults(func=run_curves)
 
 

@@ -1,0 +1,220 @@
+"""ICL curves of a pretrained causal LM on disk, from many-shot prompts (`evaluate.py curves --hf-model`).
+
+For each answer type (the "task"), several shuffles of that type's rows become many-shot prompts;
+ONE forward pass per prompt scores every demonstration's answer at once (causal attention makes the
+logits at a position depend only on the prefix, so this equals one pass per shot). A point of the
+curve is the joint probability of the first k answer tokens given everything before them.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from datamodules.manyshot import ManyShotPrompt, Shot, build_prompt, load_shots, resolve_format
+
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+@dataclass(frozen=True)
+class LLMCurveConfig:
+    run: str
+    ks: tuple[int, ...] = (1,)  # answer tokens scored; one forward pass serves every k
+    shuffles: int = 5  # prompts per answer type
+    shots: int | None = None  # demonstrations per prompt; None: all rows of the type that fit
+    max_length: int | None = None  # prompt tokens; None: the model's context length
+    prompt_format: str = "auto"
+    seed: int = 0
+    batch_size: int = 4
+
+
+@dataclass
+class PromptScores:
+    """Per demonstration of one prompt: log-prob and argmax hit of each of its first k_max answer tokens.
+
+    Columns past an answer's length hold log-prob 0 and hit True, so a sum over the first k columns
+    is the joint over min(k, answer length) tokens.
+    """
+
+    logp: torch.Tensor  # (shots, k_max) float64
+    hit: torch.Tensor  # (shots, k_max) bool
+
+
+def load_local_lm(model_dir: str | Path, device: str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a local directory, never from the network.
+
+    bf16 on GPU, float32 on CPU; spread over GPUs with device_map="auto" when the weights do not fit
+    the first GPU's free memory (which needs accelerate).
+    """
+    model_dir = Path(model_dir)
+    hint = "point --hf-model at a directory written by save_pretrained (config.json, weights, tokenizer files)"
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"--hf-model {model_dir}: no config.json there; {hint}")
+    weight_bytes = sum(f.stat().st_size for pattern in _WEIGHT_PATTERNS for f in model_dir.glob(pattern))
+    if weight_bytes == 0:
+        raise ValueError(f"--hf-model {model_dir}: no weight files (*.safetensors or *.bin); {hint}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    on_gpu = device.startswith("cuda")
+    kwargs: dict = {"local_files_only": True, "dtype": torch.bfloat16 if on_gpu else torch.float32}
+    if on_gpu and torch.cuda.device_count() > 1 and weight_bytes > 0.8 * torch.cuda.mem_get_info(0)[0]:
+        try:
+            import accelerate  # noqa: F401  (device_map needs it)
+        except ImportError:
+            raise ValueError(f"--hf-model {model_dir}: {weight_bytes / 2**30:.1f} GiB of weights need several GPUs; pip install accelerate") from None
+        kwargs["device_map"] = "auto"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"--hf-model {model_dir}: cannot load it ({reason}); {hint}") from None
+    if "device_map" not in kwargs:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+def context_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The longest prompt the model takes: its position limit, or the tokenizer's when smaller."""
+    limits = [getattr(model.config, name, None) for name in ("max_position_embeddings", "n_positions")]
+    limits.append(getattr(tokenizer, "model_max_length", None))
+    limits = [int(x) for x in limits if isinstance(x, int) and 0 < x < 10**8]
+    if not limits:
+        raise ValueError("the model declares no context length; pass --max-length")
+    return min(limits)
+
+
+def group_by_type(shots: Sequence[Shot], n_shots: int | None) -> dict[str, list[Shot]]:
+    """Rows per answer type, types in sorted order (a type's index is its task); checks each has n_shots rows."""
+    by_type: dict[str, list[Shot]] = {}
+    for shot in shots:
+        by_type.setdefault(shot.answer_type, []).append(shot)
+    for name, rows in sorted(by_type.items()):
+        if n_shots is not None and n_shots > len(rows):
+            raise ValueError(f"answer type '{name}' has {len(rows)} rows but --shots asks for {n_shots}; lower --shots or add rows")
+    return {name: by_type[name] for name in sorted(by_type)}
+
+
+def build_prompts(tokenizer: PreTrainedTokenizerBase, by_type: dict[str, list[Shot]], config: LLMCurveConfig, max_length: int) -> dict[str, list[ManyShotPrompt]]:
+    """`config.shuffles` prompts per answer type, each a seeded shuffle of that type's rows."""
+    prompt_format = resolve_format(tokenizer, config.prompt_format)
+    prompts: dict[str, list[ManyShotPrompt]] = {}
+    for t, (name, rows) in enumerate(by_type.items()):
+        prompts[name] = []
+        for s in range(config.shuffles):
+            order = np.random.default_rng([config.seed, t, s]).permutation(len(rows))[: config.shots]
+            prompts[name].append(build_prompt(tokenizer, [rows[i] for i in order], prompt_format, max_length))
+    return prompts
+
+
+@torch.no_grad()
+def score_prompts(model: PreTrainedModel, prompts: Sequence[ManyShotPrompt], k_max: int, batch_size: int = 4) -> list[PromptScores]:
+    """Score the first k_max tokens of every answer of every prompt, one forward pass per batch of prompts."""
+    device = model.get_input_embeddings().weight.device
+    # Only the logits at scored positions are projected onto the vocabulary when the model allows it:
+    # full logits of long prompts would dwarf the model's own memory.
+    keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].input_ids))
+    scores: list[PromptScores | None] = [None] * len(prompts)
+    for b in range(0, len(order), batch_size):
+        batch = [prompts[i] for i in order[b : b + batch_size]]
+        length = max(len(p.input_ids) for p in batch)
+        ids = torch.zeros(len(batch), length, dtype=torch.long)
+        mask = torch.zeros(len(batch), length, dtype=torch.long)
+        targets = []  # per prompt: (shots, k_max) positions of scored tokens, -1 past an answer's end
+        for row, p in enumerate(batch):
+            ids[row, : len(p.input_ids)] = torch.tensor(p.input_ids)
+            mask[row, : len(p.input_ids)] = 1
+            pos = torch.full((len(p.answer_spans), k_max), -1, dtype=torch.long)
+            for j, (start, end) in enumerate(p.answer_spans):
+                n = min(k_max, end - start)
+                pos[j, :n] = torch.arange(start, start + n)
+            targets.append(pos)
+        # The logits that predict token at position q sit at q - 1.
+        needed = torch.unique(torch.cat([pos[pos >= 0] for pos in targets]) - 1)
+        kwargs = {"logits_to_keep": needed.to(device)} if keep_arg else {}
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **kwargs).logits
+        if not keep_arg:
+            logits = logits[:, needed.to(device)]
+        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        slot = torch.full((length,), -1, dtype=torch.long)
+        slot[needed] = torch.arange(len(needed))
+        for row, (p, pos) in enumerate(zip(batch, targets)):
+            valid = pos >= 0
+            at = slot[(pos - 1).clamp(min=0)]
+            token = ids[row][pos.clamp(min=0)]
+            lp = logprobs[row, at].gather(-1, token[..., None])[..., 0].double()
+            hit = logprobs[row, at].argmax(-1) == token
+            scores[order[b + row]] = PromptScores(torch.where(valid, lp, 0.0), torch.where(valid, hit, True))
+    return scores
+
+
+def curve_rows(scores: dict[str, list[PromptScores]], config: LLMCurveConfig) -> list[dict]:
+    """Average the prompts of each answer type into curve rows (run, k, task, shots, prob, nll, acc, count)."""
+    rows = []
+    for task, name in enumerate(sorted(scores)):
+        for k in config.ks:
+            by_shot: dict[int, list[tuple[float, bool]]] = {}
+            for s in scores[name]:
+                joint = s.logp[:, :k].sum(-1)
+                hits = s.hit[:, :k].all(-1)
+                for shot, (lp, hit) in enumerate(zip(joint.tolist(), hits.tolist())):
+                    by_shot.setdefault(shot, []).append((lp, hit))
+            for shot, vals in sorted(by_shot.items()):
+                lps = [lp for lp, _ in vals]
+                rows.append({
+                    "run": config.run, "k": k, "task": task, "shots": shot,
+                    "prob": sum(math.exp(lp) for lp in lps) / len(vals),
+                    "nll": -sum(lps) / len(vals),
+                    "acc": sum(hit for _, hit in vals) / len(vals),
+                    "count": len(vals), "answer_type": name,
+                })
+    return rows
+
+
+def llm_curve_rows(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, by_type: dict[str, list[Shot]], config: LLMCurveConfig) -> list[dict]:
+    """Build the prompts, score them and return the curve rows; reports the time per prompt on stderr."""
+    max_length = config.max_length or context_length(model, tokenizer)
+    prompts = build_prompts(tokenizer, by_type, config, max_length)
+    flat = [p for name in sorted(prompts) for p in prompts[name]]
+    start = time.perf_counter()
+    scored = score_prompts(model, flat, max(config.ks), config.batch_size)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(p.input_ids) for p in flat) / len(flat)
+    print(f"scored {len(flat)} prompts of {tokens:.0f} tokens on average in {seconds:.2f} s "
+          f"({seconds / len(flat):.3f} s per prompt)", file=sys.stderr)
+    it = iter(scored)
+    return curve_rows({name: [next(it) for _ in prompts[name]] for name in sorted(prompts)}, config)
+
+
+def config_from_args(args: argparse.Namespace) -> LLMCurveConfig:
+    """The `--hf-model` flags of `evaluate.py curves` as a config, checked."""
+    if args.dataset is None:
+        raise ValueError("--hf-model needs --dataset FILE.jsonl (rows {question, answer, answer_type})")
+    ks = tuple(args.k or (1,))
+    checks = [("--k", min(ks)), ("--prompts", args.prompts), ("--shots", args.shots),
+              ("--max-length", args.max_length), ("--batch-size", args.batch_size)]
+    for flag, value in checks:
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: must be a positive integer")
+    return LLMCurveConfig(
+        run=args.run or Path(args.hf_model).name, ks=ks, shuffles=args.prompts or 5, shots=args.shots,
+        max_length=args.max_length, prompt_format=args.format, seed=args.seed, batch_size=args.batch_size,
+    )
+
+
+def hf_curve_rows(args: argparse.Namespace) -> list[dict]:
+    """`evaluate.py curves --hf-model DIR --dataset FILE.jsonl`: the curve rows of a local HF causal LM."""
+    config = config_from_args(args)
+    by_type = group_by_type(load_shots(args.dataset), config.shots)  # before the model: bad data fails fast
+    model, tokenizer = load_local_lm(args.hf_model, args.device)
+    return llm_curve_rows(model, tokenizer, by_type, config)
