@@ -1,0 +1,186 @@
+"""LightningDataModule of the GINC world: pretraining/SFT blocks, validation blocks and ICL prompts.
+
+Training data is streamed: each batch is generated when it is needed from its global index (a few ms
+on one CPU core for 32 x 1024 tokens, see the README), so there is nothing to store, any mixture can
+be asked for, and a run resumed at batch b continues with exactly batch b. Rank r of W takes global
+batches r, r + W, ...; worker w of a loader takes every num_workers-th of those, and the loader
+interleaves them back in order.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from datamodules.sampling import GincSampler, shots_for_context
+from datamodules.world import GincWorld, WorldConfig, WorldConfigError, check_weights
+
+
+@dataclass
+class ICLConfig:
+    k_values: list[int] = field(default_factory=lambda: [3, 5, 8, 10])
+    prompts_per_task: int = 64  # prompts for each (k, task)
+    n_shots: int | None = None  # None -> as many as fill the context
+    tasks: list[int] | None = None  # None -> every task
+    batch_size: int = 16  # prompts per evaluation batch
+
+
+def _as_world(world: WorldConfig | dict | None) -> WorldConfig:
+    if world is None:
+        return WorldConfig()
+    return world if isinstance(world, WorldConfig) else WorldConfig(**world)
+
+
+def _as_icl(icl: ICLConfig | dict | None) -> ICLConfig:
+    if icl is None:
+        return ICLConfig()
+    return icl if isinstance(icl, ICLConfig) else ICLConfig(**icl)
+
+
+class DocumentBlocks:
+    """Blocks of BOS + (context_length - 1) tokens, each a fresh document of a stream.
+
+    With `n_documents` set, the stream is a finite set of documents (an SFT amount) revisited in a
+    new seeded order each epoch; otherwise every block is a new document.
+    """
+
+    def __init__(self, world: WorldConfig, context_length: int, batch_size: int, weights: object, stream: str, n_documents: int | None = None) -> None:
+        self.world, self.context_length, self.batch_size = world, context_length, batch_size
+        self.weights = check_weights(world.weights if weights is None else weights, world.n_tasks, "train weights")
+        self.stream, self.n_documents = stream, n_documents
+        self._sampler: GincSampler | None = None
+
+    @property
+    def sampler(self) -> GincSampler:
+        if self._sampler is None:  # built lazily, inside each worker process
+            self._sampler = GincSampler(GincWorld.build(self.world))
+        return self._sampler
+
+    def doc_ids(self, batch_index: int) -> torch.Tensor:
+        pos = torch.arange(batch_index * self.batch_size, (batch_index + 1) * self.batch_size)
+        if self.n_documents is None:
+            return pos
+        epoch, slot = pos // self.n_documents, pos % self.n_documents
+        ids = torch.empty_like(pos)
+        for e in epoch.unique().tolist():  # one seeded permutation per epoch touched by this batch
+            g = torch.Generator().manual_seed(hash((self.world.seed, self.stream, e)) & 0x7FFFFFFF)
+            perm = torch.randperm(self.n_documents, generator=g)
+            ids[epoch == e] = perm[slot[epoch == e]]
+        return ids
+
+    def batch(self, batch_index: int) -> dict[str, torch.Tensor]:
+        docs = self.sampler.documents(self.doc_ids(batch_index), self.context_length - 1, self.weights, self.stream)
+        bos = torch.full((self.batch_size, 1), self.world.bos_id, dtype=torch.long)
+        return {"input_ids": torch.cat([bos, docs.tokens], 1), "tasks": docs.tasks}
+
+
+class BlockStream(IterableDataset):
+    """Endless stream of training batches, from global batch `start` on, sharded over ranks and workers."""
+
+    def __init__(self, blocks: DocumentBlocks, start: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.blocks, self.start, self.rank, self.world_size = blocks, start, rank, world_size
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        step = self.start + worker
+        while True:
+            yield self.blocks.batch(step * self.world_size + self.rank)
+            step += n_workers
+
+
+class ICLPromptSet(Dataset):
+    """Evaluation prompts: one item = a batch of prompts of one (k, task), this rank's share only."""
+
+    def __init__(self, world: WorldConfig, icl: ICLConfig, context_length: int, rank: int = 0, world_size: int = 1) -> None:
+        sampler = GincSampler(GincWorld.build(world))
+        tasks = icl.tasks if icl.tasks is not None else list(range(world.n_tasks))
+        items = []
+        for k in icl.k_values:
+            n_shots = icl.n_shots or shots_for_context(context_length, k)
+            if n_shots * (k + 1) > context_length:
+                raise WorldConfigError(f"{n_shots} shots of k={k} need {n_shots * (k + 1)} tokens, more than context_length {context_length}; lower icl.n_shots")
+            for task in tasks:
+                for lo in range(0, icl.prompts_per_task, icl.batch_size):
+                    ids = torch.arange(lo, min(lo + icl.batch_size, icl.prompts_per_task))
+                    items.append((k, task, ids, n_shots))
+        self.items = []
+        for k, task, ids, n_shots in items[rank::world_size]:
+            p = sampler.icl_prompts(task, k, ids, n_shots)
+            self.items.append({"input_ids": p.tokens, "label_pos": p.label_pos, "labels": p.labels, "k": k, "task": task})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+class GincDataModule(L.LightningDataModule):
+    """Pretraining (or SFT, with other `train_weights` and an amount) plus validation loss and ICL prompts.
+
+    Validation dataloader 0 is held-out blocks (loss); dataloader 1 is the ICL prompts.
+    """
+
+    def __init__(
+        self,
+        world: WorldConfig | dict | None = None,
+        context_length: int = 1024,
+        batch_size: int = 32,
+        train_weights: list[float] | None = None,
+        train_documents: int | None = None,
+        train_stream: str = "pretrain",
+        val_documents: int = 256,
+        icl: ICLConfig | dict | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.world = _as_world(world)
+        self.icl = _as_icl(icl)
+        if context_length < 2:
+            raise WorldConfigError(f"context_length must be >= 2, got {context_length}")
+        if batch_size < 1:
+            raise WorldConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if train_documents is not None and train_documents < 1:
+            raise WorldConfigError(f"train_documents must be >= 1 (or null for an endless stream), got {train_documents}")
+        for k in self.icl.k_values:
+            if k < 2:
+                raise WorldConfigError(f"ICL example length k must be >= 2, got {k}")
+            shots_for_context(context_length, k)
+        self.context_length, self.batch_size = context_length, batch_size
+        self.train_weights = None if train_weights is None else list(check_weights(train_weights, self.world.n_tasks, "train_weights"))
+        self.train_documents, self.train_stream = train_documents, train_stream
+        self.val_documents, self.num_workers = val_documents, num_workers
+        self.save_hyperparameters()
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _start_batch(self) -> int:
+        """Batches this rank already trained on (non-zero when a run resumes from a checkpoint)."""
+        trainer = self.trainer
+        return 0 if trainer is None else trainer.global_step * trainer.accumulate_grad_batches
+
+    def train_blocks(self) -> DocumentBlocks:
+        return DocumentBlocks(self.world, self.context_length, self.batch_size, self.train_weights, self.train_stream, self.train_documents)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world_size = self._rank()
+        stream = BlockStream(self.train_blocks(), self._start_batch(), rank, world_size)
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        rank, world_size = self._rank()
+        n_batches = math.ceil(self.val_documents / self.batch_size)
+        val = DocumentBlocks(self.world, self.context_length, self.batch_size, self.train_weights, "val")
+        val_items = [val.batch(i) for i in range(rank, n_batches, world_size)]
+        return [DataLoader(val_items, batch_size=None), self.icl_dataloader()]
+
+    def icl_dataloader(self) -> DataLoader:
+        rank, world_size = self._rank()
+        return DataLoader(ICLPromptSet(self.world, self.icl, self.context_length, rank, world_size), batch_size=None)
