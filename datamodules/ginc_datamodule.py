@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from datamodules.rng import stream_key
 from datamodules.sampling import GincSampler, shots_for_context
 from datamodules.world import GincWorld, WorldConfig, WorldConfigError, check_weights
 
@@ -67,7 +68,7 @@ class DocumentBlocks:
         epoch, slot = pos // self.n_documents, pos % self.n_documents
         ids = torch.empty_like(pos)
         for e in epoch.unique().tolist():  # one seeded permutation per epoch touched by this batch
-            g = torch.Generator().manual_seed(hash((self.world.seed, self.stream, e)) & 0x7FFFFFFF)
+            g = torch.Generator().manual_seed(stream_key(self.world.seed, "order", self.stream, e))
             perm = torch.randperm(self.n_documents, generator=g)
             ids[epoch == e] = perm[slot[epoch == e]]
         return ids
