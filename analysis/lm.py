@@ -1,0 +1,92 @@
+"""Batched Levenberg-Marquardt: many independent least-squares problems in one set of tensor ops.
+
+Each batch row (a curve group x start) keeps its own damping, accepts or rejects its own steps and
+stops on its own, so one hard group neither slows nor destabilises the others (one L-BFGS on the summed
+loss would share its line search). Rows that have stopped drop out of the active set.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# residual_fn(theta [A, D], rows [A]) -> residuals [A, N], jacobian [A, N, D] for batch rows `rows`.
+ResidualFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class LMResult:
+    theta: torch.Tensor  # [B, D]
+    cost: torch.Tensor  # [B], half the sum of squared residuals; inf where never finite
+    converged: torch.Tensor  # [B] bool: stopped improving before max_iter with a finite cost
+    iterations: int
+
+
+def _cost(r: torch.Tensor) -> torch.Tensor:
+    c = 0.5 * (r * r).sum(-1)
+    return torch.where(torch.isfinite(c), c, torch.full_like(c, float("inf")))
+
+
+def levenberg_marquardt(
+    residual_fn: ResidualFn,
+    theta0: torch.Tensor,
+    max_iter: int = 200,
+    ftol: float = 1e-8,
+    patience: int = 6,
+    progress: Callable[[int, int], None] | None = None,
+    starts_of: torch.Tensor | None = None,
+    prune_ratio: float = 1.05,
+) -> LMResult:
+    """Minimise 0.5 ||r_b(theta_b)||^2 for every row b; stop a row after `patience` steps that
+    improve its cost by less than `ftol` relatively (rejected steps count as no improvement).
+
+    starts_of [B] names the problem each row is a start of: every 10 iterations, a start whose cost
+    is above prune_ratio x the best start of its problem is dropped (left unconverged); such starts
+    sit in worse basins and would otherwise crawl on for hundreds of iterations."""
+    theta = theta0.clone()
+    B, D = theta.shape
+    rows = torch.arange(B)
+    r, J = residual_fn(theta, rows)
+    cost = _cost(r)
+    lam = torch.full((B,), 1e-3, dtype=theta.dtype)
+    stall = torch.zeros(B, dtype=torch.long)
+    active = torch.ones(B, dtype=torch.bool)
+    pruned = torch.zeros(B, dtype=torch.bool)
+    eye = torch.eye(D, dtype=theta.dtype)
+    it = 0
+    for it in range(1, max_iter + 1):
+        idx = active.nonzero().squeeze(-1)
+        if idx.numel() == 0:
+            break
+        ra, Ja = r[idx], J[idx]
+        g = torch.einsum("bn,bnd->bd", ra, Ja)
+        A = Ja.transpose(1, 2) @ Ja
+        diag = A.diagonal(dim1=-2, dim2=-1)
+        damp = lam[idx, None] * diag + 1e-10 * diag.amax(-1, keepdim=True).clamp_min(1e-30)
+        L, info = torch.linalg.cholesky_ex(A + torch.diag_embed(damp) + 1e-30 * eye)
+        delta = -torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
+        ok = (info == 0) & torch.isfinite(delta).all(-1)
+        trial = theta[idx] + torch.where(ok[:, None], delta, torch.zeros_like(delta))
+        r_new, J_new = residual_fn(trial, idx)
+        cost_new = _cost(r_new)
+        accept = ok & (cost_new < cost[idx])
+        gain = (cost[idx] - cost_new) / cost[idx].clamp_min(1e-300)
+        improving = accept & (gain > ftol)
+        theta[idx] = torch.where(accept[:, None], trial, theta[idx])
+        r[idx] = torch.where(accept[:, None], r_new, ra)
+        J[idx] = torch.where(accept[:, None, None], J_new, Ja)
+        cost[idx] = torch.where(accept, cost_new, cost[idx])
+        lam[idx] = torch.where(accept, lam[idx] * 0.3, lam[idx] * 10.0).clamp(1e-12, 1e12)
+        stall[idx] = torch.where(improving, torch.zeros_like(stall[idx]), stall[idx] + 1)
+        active[idx] = stall[idx] < patience
+        if starts_of is not None and it % 10 == 0:
+            best = torch.full((int(starts_of.max()) + 1,), float("inf"), dtype=cost.dtype)
+            best = best.scatter_reduce(0, starts_of, cost, reduce="amin")
+            dominated = cost > prune_ratio * best[starts_of]
+            active &= ~dominated
+            pruned |= dominated
+        if progress is not None:
+            progress(it, int(active.sum()))
+    converged = ~active & ~pruned & torch.isfinite(cost)
+    return LMResult(theta=theta, cost=cost, converged=converged, iterations=it)

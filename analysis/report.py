@@ -1,0 +1,121 @@
+"""Fit outputs (DESIGN.md): fits.csv, params.json, report.md and one plot per (run, k)."""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from analysis.fitting import FitConfig, FitResult, predict  # noqa: E402
+from analysis.output import markdown_table, safe_name, write_csv  # noqa: E402
+
+FIT_COLUMNS = ("run", "k", "law", "split", "nrmse", "nrmse_nll", "n_params", "loss", "converged", "fit_fraction")
+
+
+def split_label(result: FitResult) -> str:
+    return result.split if result.fraction is None else f"{result.split} (f={result.fraction:g})"
+
+
+def summary_table(results: list[FitResult]) -> str:
+    """Mean NRMSE (probability, NLL) of each law on each split, over all (run, k) groups."""
+    cells: dict[tuple[str, str], list[FitResult]] = defaultdict(list)
+    for r in results:
+        cells[(r.law, split_label(r))].append(r)
+    laws = list(dict.fromkeys(r.law for r in results))
+    splits = list(dict.fromkeys(split_label(r) for r in results))
+    rows = []
+    for law in laws:
+        row: list[object] = [law]
+        for s in splits:
+            rs = cells[(law, s)]
+            row += [float(np.mean([r.nrmse for r in rs])), float(np.mean([r.nrmse_nll for r in rs]))]
+        rows.append(row)
+    header = ["law"] + [f"{s} {m}" for s in splits for m in ("NRMSE", "NRMSE(NLL)")]
+    return markdown_table(header, rows)
+
+
+def by_group_table(results: list[FitResult]) -> str:
+    """NRMSE (probability) of every law/split for each (run, k)."""
+    cols = list(dict.fromkeys((r.law, split_label(r)) for r in results))
+    groups: dict[tuple[str, int], dict] = defaultdict(dict)
+    for r in results:
+        groups[(r.group.run, r.group.k)][(r.law, split_label(r))] = r.nrmse
+    rows = [[run, k, *[vals[c] for c in cols]] for (run, k), vals in groups.items()]
+    return markdown_table(["run", "k", *[f"{law} {s}" for law, s in cols]], rows)
+
+
+def plot_group(results: list[FitResult], path: Path) -> None:
+    """Measured curves of one (run, k) with every law's fit; bottom row: extrapolation, cut marked."""
+    g = results[0].group
+    splits = list(dict.fromkeys(r.split for r in results))
+    M = g.n_tasks
+    fig, axes = plt.subplots(len(splits), M, figsize=(3.2 * M, 2.8 * len(splits)), squeeze=False, sharex=True)
+    grid = torch.linspace(0, float(g.shots.max()), 300, dtype=torch.float64)
+    colors = dict(zip(dict.fromkeys(r.law for r in results), plt.cm.tab10.colors))
+    for row, split in enumerate(splits):
+        shown = [r for r in results if r.split == split]
+        first_fraction = shown[0].fraction
+        for r in (r for r in shown if r.fraction == first_fraction):
+            curves = predict(r.law, r.theta[None], grid, M)[0, 0].exp().numpy()
+            for i in range(M):
+                axes[row, i].plot(grid, curves[i], color=colors[r.law], lw=1.2, label=r.law)
+        for i in range(M):
+            ax = axes[row, i]
+            ax.plot(g.shots, g.prob[i], ".", color="0.4", ms=2.5, zorder=0)
+            if split == "extrapolation":
+                ax.axvline(first_fraction * g.shots[g.mask.any(0)].max(), color="k", ls="--", lw=0.8)
+            ax.set_title(f"task {i}, {split}", fontsize=9)
+            ax.set_xscale("symlog", linthresh=1.0)
+        axes[row, 0].set_ylabel("p(label)")
+    for ax in axes[-1]:
+        ax.set_xlabel("shots")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(g.label)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_fit_outputs(results: list[FitResult], config: FitConfig, curves_path: Path, out: Path, plots: bool) -> None:
+    """Write fits.csv, params.json, report.md and plots/ into `out` (a fresh directory)."""
+    write_csv(out / "fits.csv", FIT_COLUMNS, [
+        {"run": r.group.run, "k": r.group.k, "law": r.law, "split": r.split, "nrmse": f"{r.nrmse:.6g}",
+         "nrmse_nll": f"{r.nrmse_nll:.6g}", "n_params": r.n_params, "loss": f"{r.loss:.6g}",
+         "converged": r.converged, "fit_fraction": "" if r.fraction is None else r.fraction}
+        for r in results
+    ])
+    params = [{"run": r.group.run, "k": r.group.k, "law": r.law, "split": r.split, "fit_fraction": r.fraction,
+               "converged": r.converged, "params": r.params} for r in results]
+    (out / "params.json").write_text(json.dumps(params, indent=1))
+    by_group: dict[tuple[str, int], list[FitResult]] = defaultdict(list)
+    for r in results:
+        by_group[(r.group.run, r.group.k)].append(r)
+    plot_names = []
+    if plots:
+        (out / "plots").mkdir()
+        for (run, k), rs in by_group.items():
+            name = f"plots/{safe_name(run)}_k{k}.png"
+            plot_group(rs, out / name)
+            plot_names.append(name)
+    failed = [r for r in results if not r.converged]
+    lines = [
+        "# Law fits", "",
+        f"Curves: `{curves_path.name}`, {len(by_group)} (run, k) groups. Loss: squared error in "
+        f"{'probability' if config.space == 'prob' else 'NLL'} space, float64, {config.starts} starts per fit. "
+        "NRMSE = RMSE / mean of the measured values on the evaluated shots; extrapolation fits shots <= f x max "
+        "shots and evaluates the rest.", "",
+        "## Mean NRMSE over groups", "", summary_table(results), "",
+        "## Convergence", "",
+        f"{len(results) - len(failed)} of {len(results)} fits converged."
+        + "".join(f"\n- not converged: {r.group.label}, {r.law}, {split_label(r)}" for r in failed), "",
+        "## NRMSE by run and k", "", by_group_table(results), "",
+    ]
+    if plot_names:
+        lines += ["## Plots", "", *[f"![{n}]({n})" for n in plot_names], ""]
+    (out / "report.md").write_text("\n".join(lines))
