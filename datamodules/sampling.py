@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from datamodules.rng import hash_bits, stream_key, uniform
+from datamodules.rng import hash_bits32, stream_key, uniform
 from datamodules.world import DELIMITER, GincWorld, WorldConfigError, check_weights
 
 _TIME_CHUNK = 256  # time steps whose random bits are drawn in one vector call
@@ -38,35 +38,41 @@ def alias_table(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class ChainSampler:
-    """Samples hidden paths of many sequences at once, over joint states h = entity * P + property."""
+    """Samples hidden paths of many sequences at once, over joint states h = entity * P + property.
+
+    Alias sampling: 24 random bits give u in [0, S); its integer part picks a column of the row, its
+    fraction accepts that column or takes the column's alias. Thresholds and fractions are float32,
+    so a transition probability is exact to ~1e-7. All step arithmetic is int32, which vectorises
+    twice as wide as int64.
+    """
 
     def __init__(self, world: GincWorld) -> None:
-        self.n_states = world.config.n_states
+        self.n_states = S = world.config.n_states
         joint = torch.stack([world.transition_matrix(m) for m in range(world.config.n_tasks)])
-        accept, alias = alias_table(joint.reshape(-1, self.n_states))
-        # float32 thresholds resolve probabilities to ~1e-7 at half the memory traffic; aliases are
-        # stored pre-multiplied by S so that a step's table index is one addition
+        accept, alias = alias_table(joint.reshape(-1, S))
         self.accept = accept.reshape(-1).float()
-        self.alias_scaled = alias.reshape(-1) * self.n_states
-        self.emission_scaled = torch.zeros(self.n_states**2, dtype=torch.long, device=joint.device)
-        self.emission_scaled[:: self.n_states] = world.emission.reshape(-1)  # token of a path entry h * S
+        self.alias_scaled = (alias.reshape(-1) * S).int()  # pre-multiplied by S: a step's table index is one addition
+        # int16 tokens move half the bytes of int32 through the final transpose (vocabularies < 32768)
+        token_dtype = torch.int16 if world.config.vocab_size < 2**15 else torch.int32
+        self.emission_scaled = torch.zeros(S * S, dtype=token_dtype, device=joint.device)
+        self.emission_scaled[::S] = world.emission.reshape(-1).to(token_dtype)  # token of a path entry h * S
 
     def run(self, key: int, seq_ids: torch.Tensor, tasks: torch.Tensor, first: torch.Tensor, n_steps: int) -> torch.Tensor:
-        """Advance each sequence from its first state n_steps times -> time-major path [n_steps + 1, B] of h * S."""
+        """Advance each sequence from its first state n_steps times -> time-major int32 path [n_steps + 1, B] of h * S."""
         S, B, dev = self.n_states, seq_ids.shape[0], seq_ids.device
-        path = torch.empty(n_steps + 1, B, dtype=torch.long, device=dev)  # time-major: contiguous rows
-        torch.mul(first, S, out=path[0])
-        row_base = (tasks * S * S)[None, :]
-        i = torch.empty(B, dtype=torch.long, device=dev)
+        path = torch.empty(n_steps + 1, B, dtype=torch.int32, device=dev)  # time-major: contiguous rows
+        path[0] = first * S
+        row_base = (tasks * S * S).int()[None, :]
+        i = torch.empty(B, dtype=torch.int32, device=dev)
         accept = torch.empty(B, dtype=torch.float32, device=dev)
-        alias = torch.empty(B, dtype=torch.long, device=dev)
+        alias = torch.empty(B, dtype=torch.int32, device=dev)
         take = torch.empty(B, dtype=torch.bool, device=dev)
         for start in range(0, n_steps, _TIME_CHUNK):
-            steps = torch.arange(start + 1, min(start + _TIME_CHUNK, n_steps) + 1, device=dev)
-            # alias sampling from 32 random bits: bits * S = column * 2^32 + fraction, both exact integers
-            scaled = hash_bits(key, seq_ids[None, :], steps[:, None]).bitwise_and_(0xFFFFFFFF).mul_(S)
-            frac = scaled.bitwise_and(0xFFFFFFFF).float().mul_(2.0**-32)
-            column = scaled.bitwise_right_shift_(32)
+            steps = torch.arange(start + 1, min(start + _TIME_CHUNK, n_steps) + 1, device=dev, dtype=torch.int32)
+            u = ((hash_bits32(key, seq_ids[None, :], steps[:, None]) >> 8) & 0xFFFFFF).float().mul_(S * 2.0**-24)
+            column = u.floor()
+            frac = u.sub_(column)
+            column = column.int()
             table_index = column + row_base
             column.mul_(S)
             for c in range(steps.shape[0]):  # one vector step advances every sequence; out= avoids allocations
@@ -114,8 +120,8 @@ class GincSampler:
             path = self.chains.run(key, doc_ids[group], tasks[group], first[group], length - 1)
             tokens.append(self.chains.emission_scaled.index_select(0, path.view(-1)).view(path.shape).T)
             if with_states:
-                states.append(path.T.div(cfg.n_states, rounding_mode="floor"))
-        return Documents(torch.cat(tokens).contiguous(), tasks, torch.cat(states) if with_states else None)
+                states.append(path.T.long().div(cfg.n_states, rounding_mode="floor"))
+        return Documents(torch.cat(tokens).long(), tasks, torch.cat(states) if with_states else None)
 
     def icl_prompts(self, task: int, k: int, prompt_ids: torch.Tensor, n_shots: int) -> "ICLPrompts":
         """ICL prompts of one task: BOS, then n_shots demonstrations `x_1 .. x_{k-1} y` separated by the delimiter.
@@ -140,8 +146,8 @@ class GincSampler:
         tasks = torch.full_like(demo_ids, task)
         first = first_entity * cfg.n_properties + start_prop.repeat_interleave(n_shots)
         path = self.chains.run(key, demo_ids, tasks, first, k - 2)
-        x = self.chains.emission_scaled[path].T.reshape(N, n_shots, k - 1)
-        y = w.label_token[task].reshape(-1)[path[-1] // cfg.n_states].reshape(N, n_shots)
+        x = self.chains.emission_scaled[path.long()].T.reshape(N, n_shots, k - 1).long()
+        y = w.label_token[task].reshape(-1)[path[-1].long() // cfg.n_states].reshape(N, n_shots)
         delim = torch.full((N, n_shots, 1), DELIMITER, dtype=torch.long, device=w.device)
         body = torch.cat([x, y[..., None], delim], dim=2).reshape(N, -1)[:, :-1]
         bos = torch.full((N, 1), cfg.bos_id, dtype=torch.long, device=w.device)

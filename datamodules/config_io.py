@@ -1,0 +1,38 @@
+"""Read the GINC data settings from a YAML file: a LightningCLI config (its `data:` section) or bare arguments."""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import yaml
+
+from datamodules.ginc_datamodule import GincDataModule
+from datamodules.world import WorldConfigError
+
+
+def load_datamodule_config(path: str | Path, k_values: list[int] | None = None, prompts_per_task: int | None = None, icl_batch_size: int | None = None) -> GincDataModule:
+    """Build the data module a config describes, with optional overrides of its ICL settings."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data config {path} does not exist; pass a YAML such as configs/data/ginc.yaml")
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise WorldConfigError(f"data config {path} is not valid YAML ({str(exc).splitlines()[0]}); fix the file") from exc
+    if not isinstance(cfg, dict):
+        raise WorldConfigError(f"data config {path} must be a mapping of settings, got {type(cfg).__name__}")
+    cfg = cfg.get("data", cfg)
+    cfg = dict(cfg.get("init_args", cfg))
+    known = set(inspect.signature(GincDataModule.__init__).parameters) - {"self"}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise WorldConfigError(f"data config {path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    icl = dict(cfg.get("icl") or {})
+    for key, value in (("k_values", k_values), ("prompts_per_task", prompts_per_task), ("batch_size", icl_batch_size)):
+        if value is not None:
+            icl[key] = value
+    cfg["icl"] = icl
+    try:
+        return GincDataModule(**cfg)
+    except TypeError as exc:
+        raise WorldConfigError(f"data config {path}: {exc}; check the world/icl settings' names") from exc
