@@ -116,8 +116,8 @@ def build_prompt(tokenizer: PreTrainedTokenizerBase, shots: Sequence[Shot], prom
         raise ValueError("the tokenizer cannot report character offsets; the model directory needs a fast tokenizer (tokenizer.json)") from None
     offsets = enc["offset_mapping"]
     token_spans = []
-    for j, (a, b) in enumerate(char_spans):
-        inside = [t for t, (s, e) in enumerate(offsets) if s < b and e > a and e > s] or [0]
+    for j, ((a, b), inside) in enumerate(zip(char_spans, _overlapping_tokens(offsets, char_spans))):
+        inside = inside or [0]
         start, end = inside[0], inside[-1] + 1
         covered = text[offsets[start][0] : offsets[end - 1][1]]
         # A token may carry the whitespace before an answer (" Yes"), never other template text.
@@ -131,6 +131,20 @@ def build_prompt(tokenizer: PreTrainedTokenizerBase, shots: Sequence[Shot], prom
     if not kept:
         raise ValueError(f"the first demonstration needs {token_spans[0][1]} tokens, more than the context of {max_length}; raise --max-length or shorten the rows")
     return ManyShotPrompt(list(enc["input_ids"][: kept[-1][1]]), kept)
+
+
+def _overlapping_tokens(offsets: Sequence[tuple[int, int]], char_spans: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """For each (sorted, disjoint) character span, the tokens whose characters overlap it, in one pass."""
+    inside: list[list[int]] = [[] for _ in char_spans]
+    j = 0
+    for t, (s, e) in enumerate(offsets):
+        while j < len(char_spans) and char_spans[j][1] <= s:
+            j += 1
+        if j == len(char_spans):
+            break
+        if s < e and s < char_spans[j][1] and e > char_spans[j][0]:
+            inside[j].append(t)
+    return inside
 
 
 # The chat template of `train_tokenizer(..., chat=True)`, in the shape of real ones (BOS, role markers, turn ends).

@@ -141,20 +141,22 @@ def score_prompts(model: PreTrainedModel, prompts: Sequence[ManyShotPrompt], k_m
             targets.append(pos)
         # The logits that predict token at position q sit at q - 1.
         needed = torch.unique(torch.cat([pos[pos >= 0] for pos in targets]) - 1)
-        kwargs = {"logits_to_keep": needed.to(device)} if keep_arg else {}
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **kwargs).logits
+        ids, needed = ids.to(device), needed.to(device)
+        kwargs = {"logits_to_keep": needed} if keep_arg else {}
+        logits = model(input_ids=ids, attention_mask=mask.to(device), use_cache=False, **kwargs).logits
         if not keep_arg:
-            logits = logits[:, needed.to(device)]
-        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
-        slot = torch.full((length,), -1, dtype=torch.long)
-        slot[needed] = torch.arange(len(needed))
-        for row, (p, pos) in enumerate(zip(batch, targets)):
+            logits = logits[:, needed]
+        slot = torch.full((length,), -1, dtype=torch.long, device=device)
+        slot[needed] = torch.arange(len(needed), device=device)
+        # Per prompt, on the device: only (shots, k_max) numbers travel back, never vocabulary-sized rows.
+        for row, pos in enumerate(targets):
+            pos = pos.to(device)
             valid = pos >= 0
-            at = slot[(pos - 1).clamp(min=0)]
-            token = ids[row][pos.clamp(min=0)]
-            lp = logprobs[row, at].gather(-1, token[..., None])[..., 0].double()
-            hit = logprobs[row, at].argmax(-1) == token
-            scores[order[b + row]] = PromptScores(torch.where(valid, lp, 0.0), torch.where(valid, hit, True))
+            token = ids[row, pos.clamp(min=0)]
+            logp = torch.log_softmax(logits[row, slot[(pos - 1).clamp(min=0)]].float(), dim=-1)
+            lp = logp.gather(-1, token[..., None])[..., 0].double()
+            hit = logp.argmax(-1) == token
+            scores[order[b + row]] = PromptScores(torch.where(valid, lp, 0.0).cpu(), torch.where(valid, hit, True).cpu())
     return scores
 
 
