@@ -21,6 +21,9 @@ from datamodules.sampling import ICLPrompts
 from datamodules.world import GincWorld, check_weights
 
 
+_DEMOS_PER_CHUNK = 2048
+
+
 @dataclass
 class ExactPrediction:
     prob: torch.Tensor  # [N, n]: posterior predictive probability of the correct label
@@ -81,6 +84,11 @@ class ExactLearner:
 
     def predict_demos(self, x: torch.Tensor, y: torch.Tensor) -> ExactPrediction:
         """x [N, n, k-1] inputs and y [N, n] labels of each prompt's demonstrations."""
+        step = max(1, _DEMOS_PER_CHUNK // y.shape[1])  # bounded memory: [prompts, shots, M, S', R] per chunk
+        parts = [self._predict(x[i : i + step], y[i : i + step]) for i in range(0, y.shape[0], step)]
+        return ExactPrediction(*(torch.cat([getattr(p, f) for p in parts]) for f in ("prob", "correct", "task_posterior")))
+
+    def _predict(self, x: torch.Tensor, y: torch.Tensor) -> ExactPrediction:
         log_px, log_py, alpha = self.demo_log_likelihood(x, y)
         demo_ll = log_px + log_py  # [N, n, M, S']
         # log-likelihood of the demonstrations before each one: an exclusive cumulative sum (-inf safe)
