@@ -8,7 +8,7 @@ label y is the emission of the most likely next state. The learner knows the wor
 
 with the prior p(m, s) = w_m / (P-1). Emission is deterministic, so a forward pass only visits the
 hidden states that emit the observed token (its preimage, at most R states): the filter is a vector
-of R entries, advanced with scaled probabilities whose log-normalisers are summed (log space).
+of R entries, rescaled every step; the likelihoods of demonstrations are combined in log space.
 Everything is batched over prompts, demonstrations and hypotheses, in float64, on any device.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from datamodules.world import GincWorld, check_weights
 
 
 _DEMOS_PER_CHUNK = 2048
+_LOG_EVERY = 4
 
 
 @dataclass
@@ -74,10 +75,16 @@ class ExactLearner:
         # the first state has a uniform entity and property s
         start = (first >= 0)[..., None, :] & ((first % self.P)[..., None, :] == s_values[:, None])  # [N, n, S', R]
         alpha = (start.double() / self.E)[..., None, :, :].expand(*x.shape[:2], self.M, self.P - 1, self.R)
-        log_px, alpha = _normalise(torch.zeros(alpha.shape[:-1], dtype=torch.float64, device=x.device), alpha)
+        # filters are rescaled to sum 1 every step; the scales multiply to p(x). Logs are taken every
+        # _LOG_EVERY steps only: a product of that many conditional probabilities stays far from underflow.
+        px, alpha = _normalise(alpha)
+        log_px = torch.zeros_like(px)
         for t in range(1, x.shape[-1]):
-            alpha = torch.matmul(alpha, self.pair_transition[x[..., t - 1], x[..., t]])
-            log_px, alpha = _normalise(log_px, alpha)
+            scale, alpha = _normalise(torch.matmul(alpha, self.pair_transition[x[..., t - 1], x[..., t]]))
+            px = px * scale
+            if t % _LOG_EVERY == 0:
+                log_px, px = log_px + px.log(), torch.ones_like(px)
+        log_px = log_px + px.log()
         hit = (self.pre_label[x[..., -1]] == y[..., None, None]).double()  # [N, n, M, R]
         p_y = torch.matmul(alpha, hit[..., None]).squeeze(-1)
         return log_px, p_y.log(), alpha
@@ -110,7 +117,7 @@ def _softmax_ms(log_joint: torch.Tensor) -> torch.Tensor:
     return torch.softmax(log_joint.flatten(-2), -1).view_as(log_joint)
 
 
-def _normalise(log_norm: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale the filter to sum 1 and add the log of the scale (zero filters stay zero, log -inf)."""
+def _normalise(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale the filter to sum 1 and return the scale (an all-zero filter stays zero, scale 0)."""
     total = alpha.sum(-1)
-    return log_norm + total.log(), alpha / total.clamp_min(torch.finfo(torch.float64).tiny)[..., None]
+    return total, alpha * (1.0 / total.clamp_min(torch.finfo(torch.float64).tiny))[..., None]
