@@ -117,7 +117,8 @@ def build_prompt(tokenizer: PreTrainedTokenizerBase, shots: Sequence[Shot], prom
     offsets = enc["offset_mapping"]
     token_spans = []
     for j, ((a, b), inside) in enumerate(zip(char_spans, _overlapping_tokens(offsets, char_spans))):
-        inside = inside or [0]
+        if not inside:
+            raise ValueError(f"the tokenizer gives no tokens for the answer of demonstration {j} ({text[a:b]!r}); check its files")
         start, end = inside[0], inside[-1] + 1
         covered = text[offsets[start][0] : offsets[end - 1][1]]
         # A token may carry the whitespace before an answer (" Yes"), never other template text.

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from datamodules.manyshot import ManyShotPrompt, Shot, build_prompt, load_shots, resolve_format
 
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,13 @@ def load_local_lm(model_dir: str | Path, device: str = "auto") -> tuple[PreTrain
     weight_bytes = sum(f.stat().st_size for pattern in _WEIGHT_PATTERNS for f in model_dir.glob(pattern))
     if weight_bytes == 0:
         raise ValueError(f"--hf-model {model_dir}: no weight files (*.safetensors or *.bin); {hint}")
+    if not any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
+        raise ValueError(f"--hf-model {model_dir}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); {hint}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     on_gpu = device.startswith("cuda")
+    if on_gpu and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no GPU is visible; use --device cpu or auto")
     kwargs: dict = {"local_files_only": True, "dtype": torch.bfloat16 if on_gpu else torch.float32}
     if on_gpu and torch.cuda.device_count() > 1 and weight_bytes > 0.8 * torch.cuda.mem_get_info(0)[0]:
         try:
@@ -75,7 +80,7 @@ def load_local_lm(model_dir: str | Path, device: str = "auto") -> tuple[PreTrain
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # corrupt or foreign files fail in many library-specific ways; name the first line
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"--hf-model {model_dir}: cannot load it ({reason}); {hint}") from None
     if "device_map" not in kwargs:

@@ -1,7 +1,6 @@
 """ICL curves of a local HF causal LM: one-pass scoring vs a per-shot reference, answer spans, bad input."""
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -11,8 +10,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import evaluate
 from datamodules.manyshot import build_prompt, load_shots, render, resolve_format, train_tokenizer
-from lightning_modules.curves_cli import add_curves_command
 from lightning_modules.llm_curves import LLMCurveConfig, build_prompts, group_by_type, llm_curve_rows, load_local_lm
 
 DATASET = Path(__file__).resolve().parents[1] / "examples" / "manyshot" / "pirate_persona.jsonl"
@@ -35,11 +34,8 @@ def model_dir(request, tmp_path_factory) -> Path:
     return save_tiny_lm(tmp_path_factory.mktemp(request.param), chat=request.param == "chat")
 
 
-def curves_cli(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser()
-    add_curves_command(parser.add_subparsers())
-    args = parser.parse_args(["curves", *argv])
-    args.func(args)
+def curves_cli(argv: list[str]) -> int:
+    return evaluate.main(["curves", *argv])
 
 
 @torch.no_grad()
@@ -101,8 +97,8 @@ def test_answer_spans_decode_exactly_to_the_answers(model_dir: Path) -> None:
 
 def test_cli_writes_curves_with_answer_types(model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "curves.csv"
-    curves_cli(["--hf-model", str(model_dir), "--dataset", str(DATASET), "--out", str(out), "--run", "tiny/base",
-                "--shots", "6", "--prompts", "2", "--k", "2", "--device", "cpu"])
+    assert curves_cli(["--hf-model", str(model_dir), "--dataset", str(DATASET), "--out", str(out), "--run", "tiny/base",
+                       "--shots", "6", "--prompts", "2", "--k", "2", "--device", "cpu"]) == 0
     with out.open() as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0])[:9] == ["run", "k", "task", "shots", "prob", "nll", "acc", "count", "answer_type"]
@@ -123,7 +119,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     ("no answer", "bad.jsonl:2: row has no 'answer'; every row needs non-empty strings question, answer, answer_type"),
     ("too few rows", "answer type 'pirate' has 40 rows but --shots asks for 41; lower --shots or add rows"),
 ])
-def test_bad_input_fails_with_one_clear_line(case: str, needle: str, tmp_path: Path) -> None:
+def test_bad_input_fails_with_one_clear_line(case: str, needle: str, tmp_path: Path, capsys) -> None:
     model = tmp_path / "empty_model"
     model.mkdir()
     dataset, flags = DATASET, []
@@ -133,7 +129,7 @@ def test_bad_input_fails_with_one_clear_line(case: str, needle: str, tmp_path: P
     if case == "too few rows":
         flags = ["--shots", "41"]
     out = tmp_path / "curves.csv"
-    with pytest.raises(ValueError) as info:
-        curves_cli(["--hf-model", str(model), "--dataset", str(dataset), "--out", str(out), *flags])
-    assert needle in str(info.value) and "\n" not in str(info.value)
+    assert curves_cli(["--hf-model", str(model), "--dataset", str(dataset), "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and "\n" not in err
     assert not out.exists()
