@@ -144,24 +144,26 @@ def score_prompts(model: PreTrainedModel, prompts: Sequence[ManyShotPrompt], k_m
                 n = min(k_max, end - start)
                 pos[j, :n] = torch.arange(start, start + n)
             targets.append(pos)
-        # The logits that predict token at position q sit at q - 1.
+        # The logits that predict token at position q sit at q - 1. The index stays on the CPU: with a
+        # device_map the last layers, and so the logits, may sit on another GPU than the inputs.
         needed = torch.unique(torch.cat([pos[pos >= 0] for pos in targets]) - 1)
-        ids, needed = ids.to(device), needed.to(device)
         kwargs = {"logits_to_keep": needed} if keep_arg else {}
-        logits = model(input_ids=ids, attention_mask=mask.to(device), use_cache=False, **kwargs).logits
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **kwargs).logits
         if not keep_arg:
             logits = logits[:, needed]
-        slot = torch.full((length,), -1, dtype=torch.long, device=device)
-        slot[needed] = torch.arange(len(needed), device=device)
+        out = logits.device
+        ids = ids.to(out)
+        slot = torch.full((length,), -1, dtype=torch.long)
+        slot[needed] = torch.arange(len(needed))
         # Per prompt, on the device: only (shots, k_max) numbers travel back, never vocabulary-sized rows.
         for row, pos in enumerate(targets):
-            pos = pos.to(device)
             valid = pos >= 0
-            token = ids[row, pos.clamp(min=0)]
-            logp = torch.log_softmax(logits[row, slot[(pos - 1).clamp(min=0)]].float(), dim=-1)
-            lp = logp.gather(-1, token[..., None])[..., 0].double()
-            hit = logp.argmax(-1) == token
-            scores[order[b + row]] = PromptScores(torch.where(valid, lp, 0.0).cpu(), torch.where(valid, hit, True).cpu())
+            at = slot[(pos - 1).clamp(min=0)].to(out)
+            token = ids[row, pos.clamp(min=0).to(out)]
+            logp = torch.log_softmax(logits[row, at].float(), dim=-1)
+            lp = logp.gather(-1, token[..., None])[..., 0].double().cpu()
+            hit = (logp.argmax(-1) == token).cpu()
+            scores[order[b + row]] = PromptScores(torch.where(valid, lp, 0.0), torch.where(valid, hit, True))
     return scores
 
 
@@ -207,7 +209,7 @@ def config_from_args(args: argparse.Namespace) -> LLMCurveConfig:
     """The `--hf-model` flags of `evaluate.py curves` as a config, checked."""
     if args.dataset is None:
         raise ValueError("--hf-model needs --dataset FILE.jsonl (rows {question, answer, answer_type})")
-    ks = tuple(args.k or (1,))
+    ks = tuple(sorted(set(args.k or (1,))))
     checks = [("--k", min(ks)), ("--prompts", args.prompts), ("--shots", args.shots),
               ("--max-length", args.max_length), ("--batch-size", args.batch_size)]
     for flag, value in checks:
