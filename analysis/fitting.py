@@ -266,8 +266,10 @@ def _progress(law_name: str, total: int, stream) -> Callable[[int, int], None]:
     return report
 
 
-def fit_groups(groups: list[CurveGroup], config: FitConfig, stream=sys.stderr) -> list[FitResult]:
-    """Fit every law to every group on every split; one batched optimisation per (law, number of tasks)."""
+def fit_groups(groups: list[CurveGroup], config: FitConfig, stream=None) -> list[FitResult]:
+    """Fit every law to every group on every split; one batched optimisation per (law, number of tasks).
+    Progress goes to `stream` (default: stderr)."""
+    stream = stream or sys.stderr
     config.validate()
     jobs = [(g, s, f) for g in groups for s in config.splits for f in ([None] if s == "interpolation" else config.fractions)]
     masks = [split_masks(g, s, f) for g, s, f in jobs]

@@ -22,6 +22,14 @@ LAW_NAMES = ("bayesian", "bayesian_sampling", "bayesian_scoring", "power", "boun
 BAYESIAN_NAMES = LAW_NAMES[:3]
 
 
+def _lse_softmax(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logsumexp and softmax over the last dim from one exp (the fit's hot loop needs both)."""
+    top = e.amax(-1, keepdim=True)
+    ex = torch.exp(e - top)
+    total = ex.sum(-1, keepdim=True)
+    return (top + total.log()).squeeze(-1), ex / total
+
+
 @dataclass(frozen=True)
 class BayesianLaw:
     """Original (tying='none'), sampling-wise or scoring-wise tied Bayesian law.
@@ -75,10 +83,10 @@ class BayesianLaw:
         lr = log_rho[:, :, None, None, :]
         e0 = lr + K * n * lp
         e1 = e0 + lp
-        log_p = torch.logsumexp(e1, -1) - torch.logsumexp(e0, -1)
         if not jacobian:
-            return (log_p,)
-        w1, w0 = torch.softmax(e1, -1), torch.softmax(e0, -1)
+            return (torch.logsumexp(e1, -1) - torch.logsumexp(e0, -1),)
+        (lse1, w1), (lse0, w0) = _lse_softmax(e1), _lse_softmax(e0)
+        log_p = lse1 - lse0
         d_rho = w1 - w0  # d log p / d log rho_m
         d_P = (K * n + 1) * w1 - K * n * w0  # d log p_i / d log P_im (row i only)
         d_K = (K * n * lp * d_rho).sum(-1)  # d log p / d log K

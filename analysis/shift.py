@@ -1,0 +1,327 @@
+"""How post-training moves the Bayesian law's parameters: joint vs free fits, intervals, reemergence.
+
+The runs of one model and k are its conditions (pretrained baseline, SFT/DPO at several amounts).
+The joint fit shares P (or gamma, beta) across conditions and gives each its own priors and K; the free
+fit refits everything per condition. Both are weighted least squares with each point's sampling error
+sqrt(p(1-p)/count), i.e. maximum likelihood under that Gaussian noise model, so their chi-square,
+AIC and BIC compare them; so does NRMSE on held-out late shots.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from analysis.curves import CONDITION_COLUMNS, CurveGroup
+from analysis.fitting import Batch, fit_batch, nrmse, predict
+from analysis.laws import BAYESIAN_NAMES, BayesianLaw, get_law
+from analysis.synthetic import noise_sd
+
+FITS = ("shared", "free")
+
+
+@dataclass
+class ShiftConfig:
+    baseline: str
+    law: str = "bayesian_sampling"
+    holdout_fraction: float = 0.5
+    resamples: int = 100
+    level: float = 0.95
+    threshold: float | None = None
+    starts: int = 8
+    seed: int = 0
+    max_iter: int = 300
+
+    def validate(self) -> None:
+        if self.law not in BAYESIAN_NAMES:
+            raise ValueError(f"shift needs a Bayesian law, not {self.law!r}; choose from {', '.join(BAYESIAN_NAMES)}")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ValueError(f"--holdout-fraction {self.holdout_fraction} must lie strictly between 0 and 1")
+        if not 0.0 < self.level < 1.0:
+            raise ValueError(f"--level {self.level} must lie strictly between 0 and 1")
+        if self.resamples < 2:
+            raise ValueError("--resamples must be at least 2 to give an interval")
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"--threshold {self.threshold} must be a probability in (0, 1)")
+
+
+@dataclass
+class Conditions:
+    """The C runs of one model at one k on a common shots grid: arrays [C, M, S], NaN where unmeasured."""
+
+    k: int
+    groups: list[CurveGroup]
+    shots: np.ndarray
+    prob: np.ndarray
+    count: np.ndarray
+
+    @property
+    def mask(self) -> np.ndarray:
+        return ~np.isnan(self.prob)
+
+    @property
+    def sd(self) -> np.ndarray:
+        return noise_sd(np.nan_to_num(self.prob, nan=0.5), np.nan_to_num(self.count, nan=1.0))
+
+
+@dataclass
+class ModelFit:
+    """One of the two models at one k: parameters per condition, with resampled parameters for intervals."""
+
+    name: str
+    theta: torch.Tensor  # shared: [1, D]; free: [C, D]
+    n_params: int
+    chi2: float
+    heldout_nrmse: float
+    converged: bool
+    resampled: torch.Tensor = field(repr=False)  # [R, ...] thetas of the resampled fits
+
+
+def model_key(group: CurveGroup) -> str:
+    """Which model a run belongs to: its `layers` column when present, else the run label before '/'."""
+    return group.extra.get("layers") or group.run.split("/")[0]
+
+
+def condition_label(group: CurveGroup) -> str:
+    parts = dict.fromkeys(group.extra.get(c, "") for c in CONDITION_COLUMNS)  # e.g. stage and method both "sft"
+    return "-".join(p for p in parts if p) or group.run
+
+
+def amount_of(group: CurveGroup) -> float:
+    try:
+        return float(group.extra.get("amount", ""))
+    except ValueError:
+        return math.nan
+
+
+def select_conditions(groups: list[CurveGroup], baseline: str) -> list[Conditions]:
+    """The baseline's model at each k it was measured, baseline first, then by method, direction, amount."""
+    base = [g for g in groups if g.run == baseline]
+    if not base:
+        runs = ", ".join(dict.fromkeys(g.run for g in groups))
+        raise ValueError(f"baseline run {baseline!r} is not in the curves table; choose one of: {runs}")
+    out = []
+    for b in base:
+        same = [g for g in groups if g.k == b.k and model_key(g) == model_key(b) and g is not b]
+        same.sort(key=lambda g: (g.extra.get("method", ""), g.extra.get("direction", ""),
+                                 np.nan_to_num(amount_of(g), nan=-1.0), g.run))
+        if any(g.n_tasks != b.n_tasks for g in same):
+            raise ValueError(f"runs of model {model_key(b)} at k {b.k} differ in their number of tasks; "
+                             "measure every condition on the same tasks")
+        out.append(_common_grid(b.k, [b, *same]))
+    return out
+
+
+def _common_grid(k: int, groups: list[CurveGroup]) -> Conditions:
+    shots = np.array(sorted(set().union(*[set(g.shots.tolist()) for g in groups])))
+    prob = np.full((len(groups), groups[0].n_tasks, len(shots)), np.nan)
+    count = prob.copy()
+    for c, g in enumerate(groups):
+        cols = np.searchsorted(shots, g.shots)
+        prob[c][:, cols], count[c][:, cols] = g.prob, g.count
+    return Conditions(k, groups, shots, prob, count)
+
+
+def _batch(cond: Conditions, prob: np.ndarray, fit_mask: np.ndarray, shared: bool) -> Batch:
+    """prob [R, C, M, S] (R resamples) -> a batch of R joint problems or R*C per-condition problems."""
+    R, C, M, S = prob.shape
+    weight = np.where(fit_mask, 1.0 / cond.sd, 0.0)[None].repeat(R, 0)
+    shape = (R, C, M, S) if shared else (R * C, 1, M, S)
+    t = lambda a: torch.as_tensor(np.nan_to_num(a), dtype=torch.float64).reshape(shape)  # noqa: E731
+    shots = torch.as_tensor(cond.shots, dtype=torch.float64).expand(shape[0], S)
+    nll = -np.log(np.clip(prob, 1e-12, None))
+    return Batch(shots, t(prob), t(nll), t(weight))
+
+
+def _fit(cond: Conditions, prob: np.ndarray, fit_mask: np.ndarray, shared: bool, config: ShiftConfig,
+         theta0: torch.Tensor | None = None):
+    return fit_batch(config.law, _batch(cond, prob, fit_mask, shared), starts=config.starts, seed=config.seed,
+                     max_iter=config.max_iter, theta0=theta0)
+
+
+def log_prob(law_name: str, theta: torch.Tensor, shots: torch.Tensor, M: int, C: int, shared: bool) -> torch.Tensor:
+    """log p [..., C, M, S] of shared thetas [..., D] or free thetas [..., C, D]."""
+    lead = theta.shape[:-1] if shared else theta.shape[:-2]
+    flat = theta.reshape(-1, theta.shape[-1])
+    lp = predict(law_name, flat, shots, M, C if shared else 1)
+    return lp.reshape(*lead, C, M, -1)
+
+
+def fit_model(cond: Conditions, shared: bool, config: ShiftConfig, resamples: np.ndarray) -> ModelFit:
+    """Fit on all shots (for the criterion and the parameters), on early shots (for held-out NRMSE),
+    and on each resampled table, warm-started from the full fit (for the intervals)."""
+    C, M, S = cond.prob.shape
+    law = get_law(config.law)
+    full = _fit(cond, cond.prob[None], cond.mask, shared, config)
+    cut = config.holdout_fraction * cond.shots[cond.mask.any((0, 1))].max()
+    early = cond.mask & (cond.shots <= cut)
+    held = _fit(cond, cond.prob[None], early, shared, config)
+    shots = torch.as_tensor(cond.shots, dtype=torch.float64)
+    theta_held = held.theta[0] if shared else held.theta
+    pred = log_prob(config.law, theta_held, shots, M, C, shared).exp().numpy()
+    heldout = nrmse(pred, np.nan_to_num(cond.prob), cond.mask & ~early)
+    R = resamples.shape[0]
+    start = full.theta[None].expand(R, -1, -1) if shared else full.theta[None, :, None].expand(R, C, 1, -1)
+    boot = _fit(cond, resamples, cond.mask, shared, config, theta0=start.reshape(R * (1 if shared else C), 1, -1))
+    n_params = law.n_params(M, C) if shared else C * law.n_params(M)
+    resampled = boot.theta.reshape(R, -1) if shared else boot.theta.reshape(R, C, -1)
+    return ModelFit("shared" if shared else "free", full.theta, n_params, float(2 * full.loss.sum()), heldout,
+                    bool(full.converged.all()), resampled)
+
+
+def resample_table(cond: Conditions, R: int, rng: np.random.Generator,
+                   prompt_probs: dict | None = None) -> np.ndarray:
+    """R resampled tables [R, C, M, S]: a bootstrap over prompts where per-prompt probabilities are
+    given ({(run, task): [prompts, S]}), otherwise each point redrawn from its count-based sampling error."""
+    sample = np.clip(cond.prob[None] + rng.standard_normal((R, *cond.prob.shape)) * cond.sd[None], 1e-6, 1 - 1e-6)
+    for c, g in enumerate(cond.groups):
+        for i in range(cond.prob.shape[1]):
+            table = (prompt_probs or {}).get((g.run, g.k, i))
+            if table is not None:
+                if table.shape[1] != len(g.shots):
+                    raise ValueError(f"per-prompt table of run {g.run}, k {g.k}, task {i} has {table.shape[1]} shot "
+                                     f"counts, the curves table {len(g.shots)}; write both from the same measurement")
+                pick = rng.integers(table.shape[0], size=(R, table.shape[0]))
+                cols = np.searchsorted(cond.shots, g.shots)
+                sample[:, c, i][:, cols] = table[pick].mean(1)
+    return sample
+
+
+def read_prompt_table(path: Path) -> dict:
+    """Per-prompt probabilities: CSV with run, k, task, prompt, shots, prob -> {(run, k, task): [prompts, S]}."""
+    if not path.is_file():
+        raise FileNotFoundError(f"per-prompt table {path} not found; drop --prompt-table to resample from counts")
+    cells: dict = {}
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        need = ("run", "k", "task", "prompt", "shots", "prob")
+        missing = [c for c in need if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; a per-prompt table needs {', '.join(need)}")
+        for line, row in enumerate(reader, start=2):
+            try:
+                key = (row["run"], int(row["k"]), int(row["task"]))
+                prob = float(row["prob"])
+                cells.setdefault(key, {})[(int(row["prompt"]), int(row["shots"]))] = prob
+            except ValueError:
+                raise ValueError(f"{path} line {line}: k, task, prompt, shots must be integers and prob a number") from None
+            if not 0.0 <= prob <= 1.0:
+                raise ValueError(f"{path} line {line}: prob = {prob} is outside [0, 1]")
+    out = {}
+    for key, pts in cells.items():
+        prompts = sorted({p for p, _ in pts})
+        shots = sorted({s for _, s in pts})
+        if len(pts) != len(prompts) * len(shots):
+            raise ValueError(f"{path}: run {key[0]}, k {key[1]}, task {key[2]} lacks some (prompt, shots) rows; "
+                             "every prompt needs every shot count")
+        out[key] = np.array([[pts[(p, s)] for s in shots] for p in prompts])
+    return out
+
+
+def crossing(shots: np.ndarray, prob: np.ndarray, threshold: float) -> float:
+    """First shot count where prob reaches the threshold, linearly interpolated; NaN if never."""
+    above = np.nonzero(prob >= threshold)[0]
+    if len(above) == 0:
+        return math.nan
+    j = above[0]
+    if j == 0:
+        return float(shots[0])
+    x0, x1, y0, y1 = shots[j - 1], shots[j], prob[j - 1], prob[j]
+    return float(x0 + (threshold - y0) * (x1 - x0) / (y1 - y0))
+
+
+def predicted_crossings(law_name: str, theta: torch.Tensor, shared: bool, M: int, C: int, horizon: float,
+                        thresholds: np.ndarray) -> np.ndarray:
+    """Shots at which the law's p_i(n) first reaches threshold_i, per condition and task [..., C, M]; NaN beyond horizon."""
+    grid = np.concatenate([np.arange(0.0, 20.0, 0.05), np.geomspace(20.0, horizon, 2000)])
+    p = log_prob(law_name, theta, torch.as_tensor(grid), M, C, shared).exp().numpy()
+    flat = p.reshape(-1, M, len(grid))
+    out = np.array([[crossing(grid, row[i], thresholds[i]) for i in range(M)] for row in flat])
+    return out.reshape(p.shape[:-1])
+
+
+def named_per_condition(law_name: str, theta: torch.Tensor, shared: bool, M: int, C: int) -> list[dict]:
+    """Interpretable parameters of each condition: priors [M], K, and P or gamma, beta."""
+    law: BayesianLaw = get_law(law_name)
+    if shared:
+        named = law.named(theta.reshape(-1), M, C)
+        return [{**named, "priors": named["priors"][c], "K": named["K"][c]} for c in range(C)]
+    return [law.named(theta[c], M) for c in range(C)]
+
+
+def _knowledge(params: dict) -> dict[str, np.ndarray]:
+    """Per-task knowledge parameters: gamma and beta (tied laws) or P's diagonal (original law)."""
+    if "gamma" in params:
+        return {"gamma": np.array(params["gamma"]), "beta": np.array(params["beta"])}
+    return {"P_diag": np.diag(np.array(params["P"]))}
+
+
+@dataclass
+class ShiftResult:
+    rows: list[dict]  # shift.csv
+    comparison: list[dict]  # comparison.csv
+    conditions: list[Conditions]
+    fits: dict[int, dict[str, ModelFit]]  # k -> model name -> fit
+
+
+def analyse_shift(groups: list[CurveGroup], config: ShiftConfig, prompt_probs: dict | None = None) -> ShiftResult:
+    config.validate()
+    rng = np.random.default_rng(config.seed)
+    alpha = (1.0 - config.level) / 2.0
+    rows, comparison, fits = [], [], {}
+    conditions = select_conditions(groups, config.baseline)
+    for cond in conditions:
+        C, M, S = cond.prob.shape
+        if C < 2:
+            raise ValueError(f"only the baseline was measured at k {cond.k}; add post-trained runs of the same model")
+        resamples = resample_table(cond, config.resamples, rng, prompt_probs)
+        fits[cond.k] = {name: fit_model(cond, name == "shared", config, resamples) for name in FITS}
+        base_p0 = cond.prob[0][:, 0]
+        thresholds = np.full(M, config.threshold) if config.threshold is not None else base_p0
+        horizon = 10.0 * cond.shots.max()
+        n_points = int(cond.mask.sum())
+        best_bic = min(f.chi2 + f.n_params * math.log(n_points) for f in fits[cond.k].values())
+        for name, fit in fits[cond.k].items():
+            shared = name == "shared"
+            bic = fit.chi2 + fit.n_params * math.log(n_points)
+            comparison.append({"k": cond.k, "fit": name, "n_params": fit.n_params, "chi2": round(fit.chi2, 3),
+                               "aic": round(fit.chi2 + 2 * fit.n_params, 3), "bic": round(bic, 3),
+                               "heldout_nrmse": round(fit.heldout_nrmse, 6), "converged": fit.converged,
+                               "preferred": bic == best_bic})
+            point = named_per_condition(config.law, fit.theta, shared, M, C)
+            boot = [named_per_condition(config.law, t, shared, M, C) for t in fit.resampled]
+            shots_fit = predicted_crossings(config.law, fit.theta[0] if shared else fit.theta, shared, M, C,
+                                            horizon, thresholds)
+            shots_boot = predicted_crossings(config.law, fit.resampled, shared, M, C, horizon, thresholds)
+            p0 = log_prob(config.law, fit.theta[0] if shared else fit.theta, torch.zeros(1, dtype=torch.float64),
+                          M, C, shared)[..., 0].exp().numpy()
+            for c, g in enumerate(cond.groups):
+                prior_b = np.array([b[c]["priors"] for b in boot])
+                K_b = np.array([b[c]["K"] for b in boot])
+                know = _knowledge(point[c])
+                know_b = [_knowledge(b[c]) for b in boot]
+                for i in range(M):
+                    row = {"run": g.run, "k": cond.k, "task": i, "fit": name, "condition": condition_label(g),
+                           **{col: g.extra.get(col, "") for col in CONDITION_COLUMNS},
+                           "prior": point[c]["priors"][i], "prior_lo": np.quantile(prior_b[:, i], alpha),
+                           "prior_hi": np.quantile(prior_b[:, i], 1 - alpha), "K": point[c]["K"],
+                           "K_lo": np.quantile(K_b, alpha), "K_hi": np.quantile(K_b, 1 - alpha)}
+                    for key, value in know.items():
+                        vals = np.array([kb[key][i] for kb in know_b])
+                        row.update({key: value[i], f"{key}_lo": np.quantile(vals, alpha),
+                                    f"{key}_hi": np.quantile(vals, 1 - alpha)})
+                    suppressed = c > 0 and p0[c, i] < thresholds[i]
+                    row["threshold"] = thresholds[i]
+                    row["shots_to_recover"] = shots_fit[c, i] if suppressed else ""
+                    boot_shots = np.nan_to_num(shots_boot[:, c, i], nan=np.inf)
+                    row["shots_to_recover_lo"] = np.quantile(boot_shots, alpha) if suppressed else ""
+                    row["shots_to_recover_hi"] = np.quantile(boot_shots, 1 - alpha) if suppressed else ""
+                    measured_p = cond.prob[c, i][cond.mask[c, i]]
+                    row["measured_shots_to_recover"] = (
+                        crossing(cond.shots[cond.mask[c, i]], measured_p, thresholds[i]) if suppressed else "")
+                    rows.append(row)
+    return ShiftResult(rows, comparison, conditions, fits)

@@ -1,0 +1,158 @@
+"""Shift outputs: shift.csv, comparison.csv, report.md and plots of parameters against the condition."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from analysis.output import markdown_table, write_csv  # noqa: E402
+from analysis.shift import ShiftConfig, ShiftResult, log_prob  # noqa: E402
+
+COMPARISON_COLUMNS = ("k", "fit", "n_params", "chi2", "aic", "bic", "heldout_nrmse", "converged", "preferred")
+
+
+def _rows(result: ShiftResult, k: int, fit: str) -> list[dict]:
+    return [r for r in result.rows if r["k"] == k and r["fit"] == fit]
+
+
+def _series(rows: list[dict], key: str, M: int) -> np.ndarray:
+    """[C, M] values of a shift.csv column, rows ordered by condition then task."""
+    return np.array([float(r[key]) if r[key] != "" else math.nan for r in rows]).reshape(-1, M)
+
+
+def _yerr(mid: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> list[np.ndarray]:
+    """Error bars of a percentile interval, which need not contain the point estimate."""
+    return [np.clip(mid - lo, 0, None), np.clip(hi - mid, 0, None)]
+
+
+def _condition_axis(ax, labels: list[str]) -> None:
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)
+
+
+def plot_parameters(result: ShiftResult, k: int, M: int, path: Path) -> None:
+    """Priors, K and task knowledge (gamma/beta or P's diagonal) per condition, with intervals."""
+    shared, free = _rows(result, k, "shared"), _rows(result, k, "free")
+    labels = [r["condition"] for r in shared[::M]]
+    x = np.arange(len(labels))
+    knowledge = [key for key in ("gamma", "beta", "P_diag") if key in shared[0]]
+    fig, axes = plt.subplots(1, 2 + len(knowledge), figsize=(4.2 * (2 + len(knowledge)), 3.8))
+    for i in range(M):
+        mid, lo, hi = (_series(shared, key, M)[:, i] for key in ("prior", "prior_lo", "prior_hi"))
+        axes[0].errorbar(x + 0.05 * i, mid, yerr=_yerr(mid, lo, hi), marker="o", ms=3, capsize=2, label=f"task {i}")
+    axes[0].set_title("prior (joint fit)")
+    axes[0].legend(fontsize=7)
+    for rows, style in ((shared, "o-"), (free, "s--")):
+        mid, lo, hi = (_series(rows, key, M)[:, 0] for key in ("K", "K_lo", "K_hi"))
+        axes[1].errorbar(x, mid, yerr=_yerr(mid, lo, hi), fmt=style, ms=3, capsize=2, label=rows[0]["fit"])
+    axes[1].set_title("K")
+    axes[1].legend(fontsize=7)
+    for ax, key in zip(axes[2:], knowledge):
+        for i in range(M):
+            mid, lo, hi = (_series(free, f, M)[:, i] for f in (key, f"{key}_lo", f"{key}_hi"))
+            line = ax.errorbar(x + 0.05 * i, mid, yerr=_yerr(mid, lo, hi), marker="s", ms=3, capsize=2, ls="--")
+            ax.axhline(float(shared[i][key]), color=line[0].get_color(), lw=0.8)
+        ax.set_title(f"{key} (free fit; lines: joint)")
+    for ax in axes:
+        _condition_axis(ax, labels)
+    fig.suptitle(f"k = {k}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_curves(result: ShiftResult, k: int, config: ShiftConfig, path: Path) -> None:
+    """Measured curves of every condition with the joint fit, one panel per task."""
+    cond = next(c for c in result.conditions if c.k == k)
+    C, M, S = cond.prob.shape
+    grid = torch.linspace(0.0, float(cond.shots.max()), 300, dtype=torch.float64)
+    fit = result.fits[k]["shared"]
+    curves = log_prob(config.law, fit.theta[0], grid, M, C, True).exp().numpy()
+    fig, axes = plt.subplots(1, M, figsize=(3.4 * M, 3.2), squeeze=False)
+    colors = plt.cm.viridis(np.linspace(0, 0.9, C))
+    for i, ax in enumerate(axes[0]):
+        for c in range(C):
+            ax.plot(cond.shots, cond.prob[c, i], ".", ms=2, color=colors[c])
+            ax.plot(grid, curves[c, i], color=colors[c], lw=1)
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_title(f"task {i}", fontsize=9)
+        ax.set_xlabel("shots")
+    axes[0, 0].set_ylabel("p(label)")
+    handles = [plt.Line2D([], [], color=colors[c], label=g.run) for c, g in enumerate(cond.groups)]
+    axes[0, -1].legend(handles=handles, fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_reemergence(result: ShiftResult, path: Path) -> bool:
+    """Predicted (joint fit) vs measured shots for suppressed tasks to return to the threshold."""
+    pts = [r for r in result.rows if r["fit"] == "shared" and r["shots_to_recover"] != ""]
+    pairs = [(float(r["measured_shots_to_recover"]), float(r["shots_to_recover"])) for r in pts]
+    pairs = [(m, p) for m, p in pairs if np.isfinite(m) and np.isfinite(p)]
+    if not pairs:
+        return False
+    fig, ax = plt.subplots(figsize=(4, 4))
+    m, p = np.array(pairs).T
+    ax.loglog(m + 1, p + 1, "o")
+    top = max(m.max(), p.max()) + 1
+    ax.plot([1, top], [1, top], "k--", lw=0.8)
+    ax.set_xlabel("measured shots to recover + 1")
+    ax.set_ylabel("predicted shots to recover + 1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def write_shift_outputs(result: ShiftResult, config: ShiftConfig, curves_path: Path, out: Path,
+                        true_priors: list[float] | None) -> None:
+    columns = list(dict.fromkeys(key for r in result.rows for key in r))
+    fmt = lambda v: f"{v:.6g}" if isinstance(v, (float, np.floating)) else v  # noqa: E731
+    write_csv(out / "shift.csv", columns, [{k: fmt(v) for k, v in r.items()} for r in result.rows])
+    write_csv(out / "comparison.csv", COMPARISON_COLUMNS, result.comparison)
+    (out / "plots").mkdir()
+    lines = [
+        "# Post-training shift", "",
+        f"Curves: `{curves_path.name}`; baseline `{config.baseline}`; law `{config.law}`. Joint fit: P "
+        "(or gamma, beta) shared by all conditions, priors and K per condition; free fit: everything per "
+        "condition. Both weight each point by its sampling error sqrt(p(1-p)/count), so chi2 is -2 log "
+        f"likelihood up to a constant. Held-out NRMSE: fit shots <= {config.holdout_fraction:g} x max, score "
+        f"the rest. Intervals: {config.level:.0%}, {config.resamples} resamples.", "",
+        "## Joint vs free", "",
+        markdown_table(COMPARISON_COLUMNS, [[c[k] for k in COMPARISON_COLUMNS] for c in result.comparison]), "",
+    ]
+    for cond in result.conditions:
+        k, M = cond.k, cond.prob.shape[1]
+        shared = _rows(result, k, "shared")
+        lines += [f"## k = {k}: priors and K (joint fit)", "", markdown_table(
+            ["condition", "K [lo, hi]", *[f"prior {i} [lo, hi]" for i in range(M)]],
+            [[r0["condition"], f"{r0['K']:.3g} [{r0['K_lo']:.3g}, {r0['K_hi']:.3g}]",
+              *[f"{r['prior']:.3f} [{r['prior_lo']:.3f}, {r['prior_hi']:.3f}]" for r in shared[c * M:(c + 1) * M]]]
+             for c, r0 in enumerate(shared[::M])]), ""]
+        if true_priors is not None:
+            base = [float(r["prior"]) for r in shared[:M]]
+            lines += ["Baseline priors vs the true pretraining mixture:", "", markdown_table(
+                ["task", "true weight", "fitted prior"], [[i, true_priors[i], base[i]] for i in range(M)]), ""]
+        recover = [r for r in shared if r["shots_to_recover"] != ""]
+        if recover:
+            lines += [f"### Reemergence at k = {k}", "",
+                      "Shots for a task whose zero-shot probability fell below the threshold to return to it "
+                      "(nan: not within 10x the measured shots).", "",
+                      markdown_table(["condition", "task", "threshold", "predicted [lo, hi]", "measured"],
+                                     [[r["condition"], r["task"], float(r["threshold"]),
+                                       f"{r['shots_to_recover']:.3g} [{r['shots_to_recover_lo']:.3g}, "
+                                       f"{r['shots_to_recover_hi']:.3g}]", r["measured_shots_to_recover"]]
+                                      for r in recover]), ""]
+        plot_parameters(result, k, M, out / f"plots/parameters_k{k}.png")
+        plot_curves(result, k, config, out / f"plots/curves_k{k}.png")
+        lines += [f"![parameters](plots/parameters_k{k}.png)", "", f"![curves](plots/curves_k{k}.png)", ""]
+    if plot_reemergence(result, out / "plots/reemergence.png"):
+        lines += ["![reemergence](plots/reemergence.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))

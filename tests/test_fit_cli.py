@@ -1,0 +1,97 @@
+"""`evaluate.py fit` end to end, and bad input: one `error:` line, exit 2, nothing written."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import evaluate
+from analysis.synthetic import curve_rows, law_prob
+
+M = 3
+PARAMS = {"priors": [0.5, 0.3, 0.2], "K": 0.8, "gamma": [0.9, 0.8, 0.85], "beta": [0.3, 0.2, 0.25]}
+
+
+def write_table(path, rows):
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, restval="")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def synthetic_rows(shots=np.arange(41.0), runs=("m/pretrain", "m/sft-favor-50")):
+    rng = np.random.default_rng(0)
+    truth = law_prob("bayesian_sampling", PARAMS, shots, M)[0]
+    return [row for run in runs
+            for row in curve_rows(run, 3, shots, np.clip(truth + rng.normal(0, 0.01, truth.shape), 0.01, 0.99), 1000,
+                                  layers=2)]
+
+
+def fit(tmp_path, rows, *extra):
+    curves = tmp_path / "curves.csv"
+    write_table(curves, rows)
+    out = tmp_path / "fits"
+    return evaluate.main(["fit", "--curves", str(curves), "--out", str(out), "--starts", "3", *extra]), out
+
+
+def test_fit_writes_the_design_outputs(tmp_path, capsys):
+    code, out = fit(tmp_path, synthetic_rows(), "--laws", "bayesian", "bayesian_sampling", "power",
+                    "--fit-fraction", "0.25", "0.5")
+    assert code == 0
+    with (out / "fits.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:9] == ["run", "k", "law", "split", "nrmse", "nrmse_nll", "n_params", "loss", "converged"]
+    assert len(rows) == 2 * 3 * 3  # runs x laws x (interpolation + two fractions)
+    assert {r["n_params"] for r in rows if r["law"] == "bayesian"} == {str(M * M + M + 1)}
+    assert all(float(r["nrmse"]) < 0.05 for r in rows if r["law"] == "bayesian_sampling")
+    params = json.loads((out / "params.json").read_text())
+    tied = next(p for p in params if p["law"] == "bayesian_sampling" and p["split"] == "interpolation")
+    assert len(tied["params"]["priors"]) == M and len(tied["params"]["gamma"]) == M and "K" in tied["params"]
+    original = next(p for p in params if p["law"] == "bayesian")
+    assert np.array(original["params"]["P"]).shape == (M, M)
+    report = (out / "report.md").read_text()
+    assert "| bayesian_sampling |" in report and "extrapolation (f=0.25)" in report
+    assert (out / "plots" / "m_pretrain_k3.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "| law |" in printed and "wrote" in printed
+
+
+def test_nll_space_and_rerun_into_same_dir(tmp_path):
+    code, out = fit(tmp_path, synthetic_rows(), "--laws", "logistic", "--loss", "nll", "--no-plots")
+    assert code == 0
+    code, out = fit(tmp_path, synthetic_rows(), "--laws", "power", "--no-plots")
+    assert code == 0
+    with (out / "fits.csv").open() as f:
+        assert {r["law"] for r in csv.DictReader(f)} == {"power"}
+
+
+def drop_column(rows, column):
+    return [{k: v for k, v in r.items() if k != column} for r in rows]
+
+
+def set_value(rows, column, value):
+    return [{**r, column: value} if j == 5 else r for j, r in enumerate(rows)]
+
+
+@pytest.mark.parametrize("make_rows, argv, message", [
+    (lambda: drop_column(synthetic_rows(), "count"), [], "missing column(s) count"),
+    (lambda: set_value(synthetic_rows(), "prob", "nan"), [], "prob is NaN"),
+    (lambda: set_value(synthetic_rows(), "prob", "1.4"), [], "prob = 1.4 is outside [0, 1]"),
+    (lambda: set_value(synthetic_rows(), "shots", "2.5"), [], "shots = 2.5 must be a non-negative integer"),
+    (lambda: synthetic_rows(shots=np.arange(20.0)), ["--laws", "bayesian"], "bayesian has 13 parameters but only 6 points"),
+    (lambda: synthetic_rows(), ["--laws", "bayesian", "powerlaw"], "unknown law 'powerlaw'"),
+    (lambda: synthetic_rows(), ["--fit-fraction", "1.5"], "fit fractions [1.5] must lie strictly between 0 and 1"),
+    (lambda: [r for r in synthetic_rows() if r["task"] != 1], [], "tasks must be numbered 0..M-1"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, make_rows, argv, message):
+    code, out = fit(tmp_path, make_rows(), *argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists()
+
+
+def test_missing_file_is_reported(tmp_path, capsys):
+    assert evaluate.main(["fit", "--curves", str(tmp_path / "none.csv"), "--out", str(tmp_path / "o")]) == 2
+    assert "not found" in capsys.readouterr().err

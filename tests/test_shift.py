@@ -1,0 +1,152 @@
+"""Joint fits across post-training conditions on synthetic curves with known priors, P and K."""
+import csv
+
+import numpy as np
+import pytest
+
+import evaluate
+from analysis.curves import CurveGroup
+from analysis.shift import ShiftConfig, analyse_shift, crossing, read_prompt_table, resample_table, select_conditions
+from analysis.synthetic import add_noise, curve_rows, law_prob
+
+M = 4
+SHOTS = np.arange(0.0, 61.0)
+GAMMA = [0.9, 0.85, 0.8, 0.88]
+BETA = [0.3, 0.2, 0.35, 0.25]
+AMOUNTS = [0, 50, 250, 1000]
+K = 0.8
+
+
+def priors_at(amount: float) -> np.ndarray:
+    """Disfavouring task 0: its prior decays with the amount, the others renormalise."""
+    w = np.array([0.3, 0.25, 0.25, 0.2])
+    w[0] *= np.exp(-amount / 300)
+    return w / w.sum()
+
+
+def conditions(move_P: bool, seed: int = 0) -> list[CurveGroup]:
+    rng = np.random.default_rng(seed)
+    groups = []
+    for a in AMOUNTS:
+        gamma = np.array(GAMMA) * (1 - 0.3 * a / 1000 * np.eye(M)[0]) if move_P else np.array(GAMMA)
+        params = {"priors": priors_at(a).tolist(), "K": K, "gamma": gamma.tolist(), "beta": BETA}
+        prob = add_noise(law_prob("bayesian_sampling", params, SHOTS, M)[0], 1000, rng)
+        extra = {"stage": "pretrain"} if a == 0 else {"stage": "sft", "direction": "disfavor", "amount": str(a)}
+        run = "gpt2-2l/pretrain" if a == 0 else f"gpt2-2l/sft-disfavor-{a}"
+        groups.append(CurveGroup(run, 3, SHOTS, prob, -np.log(prob), np.full_like(prob, 1000), extra))
+    return groups
+
+
+@pytest.fixture(scope="module")
+def fixed_P_result():
+    config = ShiftConfig(baseline="gpt2-2l/pretrain", resamples=40, starts=4)
+    return analyse_shift(conditions(move_P=False), config)
+
+
+def test_joint_fit_recovers_prior_trajectory_and_intervals_cover(fixed_P_result):
+    shared = [r for r in fixed_P_result.rows if r["fit"] == "shared"]
+    assert len(shared) == len(AMOUNTS) * M
+    fitted = np.array([r["prior"] for r in shared]).reshape(len(AMOUNTS), M)
+    truth = np.array([priors_at(a) for a in AMOUNTS])
+    np.testing.assert_allclose(fitted, truth, atol=0.03)
+    assert np.all(np.diff(fitted[:, 0]) < 0), "the disfavoured task's prior must fall with the amount"
+    lo = np.array([r["prior_lo"] for r in shared]).reshape(truth.shape)
+    hi = np.array([r["prior_hi"] for r in shared]).reshape(truth.shape)
+    covered = (lo <= truth) & (truth <= hi)
+    assert covered.mean() >= 0.8, covered
+    Ks = np.array([r["K"] for r in shared[::M]])
+    assert np.all(np.abs(Ks / K - 1) < 0.1), Ks
+    assert all(r["K_lo"] <= r["K"] <= r["K_hi"] for r in shared)
+
+
+def test_shared_P_preferred_when_only_priors_move(fixed_P_result):
+    by_fit = {c["fit"]: c for c in fixed_P_result.comparison}
+    assert by_fit["shared"]["preferred"] and not by_fit["free"]["preferred"]
+    assert by_fit["shared"]["bic"] < by_fit["free"]["bic"]
+    assert by_fit["shared"]["n_params"] < by_fit["free"]["n_params"]
+
+
+def test_free_fit_preferred_when_task_knowledge_moves():
+    result = analyse_shift(conditions(move_P=True), ShiftConfig(baseline="gpt2-2l/pretrain", resamples=2, starts=4))
+    by_fit = {c["fit"]: c for c in result.comparison}
+    assert by_fit["free"]["preferred"] and by_fit["free"]["bic"] < by_fit["shared"]["bic"]
+    assert by_fit["free"]["heldout_nrmse"] < by_fit["shared"]["heldout_nrmse"]
+
+
+def test_reemergence_predicted_next_to_measured(fixed_P_result):
+    suppressed = [r for r in fixed_P_result.rows if r["fit"] == "shared" and r["shots_to_recover"] != ""]
+    tasks = {(r["amount"], r["task"]) for r in suppressed}
+    assert {("250", 0), ("1000", 0)} <= tasks, "the disfavoured task must be flagged at large amounts"
+    for r in suppressed:
+        if r["amount"] == "1000" and r["task"] == 0:
+            assert r["shots_to_recover"] == pytest.approx(r["measured_shots_to_recover"], abs=1.5)
+            assert r["shots_to_recover_lo"] <= r["shots_to_recover"] <= r["shots_to_recover_hi"]
+
+
+def test_crossing_interpolates_and_reports_never():
+    shots = np.array([0.0, 1.0, 2.0, 4.0])
+    assert crossing(shots, np.array([0.1, 0.2, 0.4, 0.8]), 0.6) == pytest.approx(3.0)
+    assert np.isnan(crossing(shots, np.array([0.1, 0.2, 0.3, 0.3]), 0.6))
+
+
+def test_prompt_bootstrap_resamples_prompts(tmp_path):
+    groups = conditions(move_P=False)[:2]
+    rng = np.random.default_rng(0)
+    path = tmp_path / "prompts.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "k", "task", "prompt", "shots", "prob"])
+        for g in groups:
+            for i in range(M):
+                for p in range(20):
+                    for s in SHOTS.astype(int):
+                        w.writerow([g.run, g.k, i, p, s, rng.uniform(0.2, 0.9)])
+    table = read_prompt_table(path)
+    cond = select_conditions(groups, "gpt2-2l/pretrain")[0]
+    sample = resample_table(cond, 5, np.random.default_rng(1), table)
+    means = table[(groups[0].run, 3, 0)]
+    # each resampled point is a mean of 20 of the prompts' values, not the count-based redraw
+    assert sample.shape == (5, 2, M, len(SHOTS))
+    assert np.all((sample[:, 0, 0] >= means.min(0)) & (sample[:, 0, 0] <= means.max(0)))
+    assert not np.allclose(sample[0, 0, 0], sample[1, 0, 0])
+
+
+def write_curves_csv(path, groups):
+    rows = [row for g in groups for row in curve_rows(g.run, g.k, g.shots, g.prob, 1000, **g.extra)]
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, restval="")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_shift_command_writes_report(tmp_path, capsys):
+    curves = tmp_path / "curves.csv"
+    write_curves_csv(curves, conditions(move_P=False)[::2])
+    out = tmp_path / "shift"
+    code = evaluate.main(["shift", "--curves", str(curves), "--baseline", "gpt2-2l/pretrain", "--out", str(out),
+                          "--resamples", "4", "--starts", "3", "--true-priors", "0.3", "0.25", "0.25", "0.2"])
+    assert code == 0
+    with (out / "shift.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    for col in ("run", "task", "prior", "prior_lo", "prior_hi", "K", "K_lo", "K_hi", "shots_to_recover"):
+        assert col in rows[0]
+    assert {r["fit"] for r in rows} == {"shared", "free"}
+    report = (out / "report.md").read_text()
+    assert "Joint vs free" in report and "true weight" in report
+    assert (out / "plots" / "parameters_k3.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--baseline", "nope"], "baseline run 'nope' is not in the curves table"),
+    (["--baseline", "gpt2-2l/pretrain", "--law", "power"], "shift needs a Bayesian law"),
+    (["--baseline", "gpt2-2l/pretrain", "--true-priors", "0.5", "0.5"], "--true-priors has 2 weights"),
+])
+def test_shift_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
+    curves = tmp_path / "curves.csv"
+    write_curves_csv(curves, conditions(move_P=False)[:2])
+    out = tmp_path / "shift"
+    assert evaluate.main(["shift", "--curves", str(curves), "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not out.exists()
