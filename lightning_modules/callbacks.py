@@ -1,0 +1,102 @@
+"""Callbacks of a training run: the curves table per evaluation, ICL images in TensorBoard, the HF export.
+
+`RunInfo` is what a run's curve rows carry besides the contract's columns; it is also stored in every
+checkpoint and export, so curves measured later from them get the same labels.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+
+import lightning as L
+import matplotlib
+
+matplotlib.use("Agg")  # figures are rendered to files and TensorBoard only
+import matplotlib.pyplot as plt  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+
+from lightning_modules.curves_table import write_curves  # noqa: E402
+
+RUN_INFO_KEY = "run_info"
+DATA_FILE = "ginc_data.json"  # beside an HF export: the datamodule settings it was trained on, and its RunInfo
+
+
+def plain(value: object) -> object:
+    """Dataclasses (e.g. WorldConfig) and numpy scalars inside hyperparameters -> JSON/YAML-friendly values."""
+    if is_dataclass(value):
+        value = asdict(value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value.item() if hasattr(value, "item") else value
+
+
+@dataclass
+class RunInfo:
+    run: str  # curves-table label, e.g. gpt2-4l/pretrain, gpt2-4l/sft-favor-500
+    stage: str  # pretrain | posttrain
+    method: str  # "" for pretraining, else sft (dpo, ...)
+    direction: str  # favor | disfavor | "" (pretraining)
+    amount: int | str  # post-training documents, "" for pretraining
+    layers: int
+    target: str  # favoured/disfavoured tasks, space separated
+
+    def columns(self, step: int) -> dict[str, object]:
+        return {"step": step, "stage": self.stage, "method": self.method, "direction": self.direction,
+                "amount": self.amount, "layers": self.layers, "target": self.target}
+
+
+class CurvesWriter(L.Callback):
+    """After every validation: append the ICL curves to the run's curves.csv and draw them in TensorBoard."""
+
+    def __init__(self, path: str | Path, info: RunInfo) -> None:
+        self.path, self.info = Path(path), info
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rows = getattr(pl_module, "last_curve_rows", [])
+        if trainer.sanity_checking or not rows or not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        write_curves([{**r, "run": self.info.run, **self.info.columns(step)} for r in rows], self.path, append=True)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                for k in sorted({r["k"] for r in rows}):
+                    logger.experiment.add_figure(f"icl_curves/k{k}", curve_figure(rows, k, self.info.run), step)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[RUN_INFO_KEY] = asdict(self.info)
+
+
+def curve_figure(rows: list[dict], k: int, title: str) -> plt.Figure:
+    """Accuracy (and probability, dashed) of the label against shots, one colour per task."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for task in sorted({r["task"] for r in rows if r["k"] == k}):
+        pts = sorted((r["shots"], r["acc"], r["prob"]) for r in rows if r["k"] == k and r["task"] == task)
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"task {task}")
+        ax.plot([p[0] for p in pts], [p[2] for p in pts], ls="--", color=line.get_color(), alpha=0.6)
+    ax.set(xlabel="shots", ylabel="accuracy (prob dashed)", title=f"{title}, k={k}", ylim=(0, 1.02))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+class HFExport(L.Callback):
+    """At the end of fit: `save_pretrained` into <run>/hf, with the GINC data settings and run info beside it."""
+
+    def __init__(self, path: str | Path, info: RunInfo) -> None:
+        self.path, self.info = Path(path), info
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=".hf-"))
+        pl_module.gpt.save_pretrained(tmp)
+        export = {"data": plain(dict(trainer.datamodule.hparams)), RUN_INFO_KEY: asdict(self.info), "step": trainer.global_step}
+        (tmp / DATA_FILE).write_text(json.dumps(export, indent=1))
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        tmp.rename(self.path)

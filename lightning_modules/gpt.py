@@ -1,0 +1,67 @@
+"""GPT-2 variants built from a config (never downloaded): the named sizes of the design, or any other.
+
+Named sizes `gpt2-{1,2,3,4,8,12,16}l` have d=768, 12 heads and a 1024-token context; every field can
+be overridden (`n_layer`, `n_embd`, `n_head`, `n_positions`), which is how small CPU models are made.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from transformers import GPT2Config, GPT2LMHeadModel
+
+NAMED_LAYERS = (1, 2, 3, 4, 8, 12, 16)
+
+
+class ModelConfigError(ValueError):
+    """A model setting is unknown or inconsistent; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class GPTSpec:
+    n_layer: int = 4
+    n_embd: int = 768
+    n_head: int = 12
+    n_positions: int = 1024
+    dropout: float = 0.0  # the GINC stream never repeats a document, so no regulariser is needed
+
+    @property
+    def label(self) -> str:
+        """Short name for run labels: `gpt2-4l`, or `gpt2-2l-d64` off the named width."""
+        return f"gpt2-{self.n_layer}l" + ("" if self.n_embd == 768 else f"-d{self.n_embd}")
+
+
+NAMED_SIZES = {f"gpt2-{n}l": GPTSpec(n_layer=n) for n in NAMED_LAYERS}
+
+
+def resolve_spec(size: str, **overrides: int | float | None) -> GPTSpec:
+    """The named size with the given fields overridden (None keeps the named value)."""
+    if size not in NAMED_SIZES:
+        raise ModelConfigError(f"unknown model size {size!r}; choose one of {', '.join(NAMED_SIZES)} (and override n_layer/n_embd/... for others)")
+    spec = replace(NAMED_SIZES[size], **{k: v for k, v in overrides.items() if v is not None})
+    for name in ("n_layer", "n_embd", "n_head", "n_positions"):
+        if getattr(spec, name) < 1:
+            raise ModelConfigError(f"{name} must be >= 1, got {getattr(spec, name)}")
+    if spec.n_embd % spec.n_head:
+        raise ModelConfigError(f"n_embd {spec.n_embd} is not divisible by n_head {spec.n_head}; pick a head count that divides it")
+    if not 0.0 <= spec.dropout < 1.0:
+        raise ModelConfigError(f"dropout must be in [0, 1), got {spec.dropout}")
+    return spec
+
+
+def build_gpt(spec: GPTSpec, vocab_size: int, bos_id: int, pad_id: int) -> GPT2LMHeadModel:
+    """A randomly initialised GPT2LMHeadModel with SDPA attention."""
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=spec.n_positions,
+        n_embd=spec.n_embd,
+        n_layer=spec.n_layer,
+        n_head=spec.n_head,
+        resid_pdrop=spec.dropout,
+        embd_pdrop=spec.dropout,
+        attn_pdrop=spec.dropout,
+        bos_token_id=bos_id,
+        eos_token_id=bos_id,  # documents have no end token; BOS starts the next one
+        pad_token_id=pad_id,
+        attn_implementation="sdpa",
+    )
+    return GPT2LMHeadModel(config)

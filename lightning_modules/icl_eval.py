@@ -1,0 +1,126 @@
+"""ICL curves outside training: from Lightning checkpoints or HF exports of our runs, and of the exact learner.
+
+Uses the training path's own pieces (`label_scores`, `ICLCurveMetric`, `curve_rows`) on the prompts
+of the run's datamodule, so curves measured here equal those logged during validation.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import GPT2LMHeadModel
+
+from datamodules.exact import ExactLearner
+from datamodules.ginc_datamodule import GincDataModule
+from datamodules.sampling import shots_for_context
+from datamodules.world import GincWorld
+from lightning_modules.callbacks import DATA_FILE, RUN_INFO_KEY, RunInfo, plain
+from lightning_modules.icl_metric import ICLCurveMetric, curve_rows, label_scores
+
+ARCH_KEYS = ("size", "n_layer", "n_embd", "n_head", "n_positions", "dropout", "vocab_size")
+_DATA_KEYS = tuple(inspect.signature(GincDataModule.__init__).parameters)[1:]
+
+
+@dataclass
+class Source:
+    """What a checkpoint or HF export of a run says about itself."""
+
+    path: Path
+    model: dict  # the module's hyperparameters (architecture at least)
+    data: dict  # the GincDataModule arguments it was trained with
+    info: RunInfo | None  # labels of its curve rows
+    step: int
+
+
+def read_source(path: str | Path) -> Source:
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file() or not (path / DATA_FILE).is_file():
+            raise FileNotFoundError(f"{path} is not an HF export of a run (needs config.json and {DATA_FILE}); point at a run's hf/ directory or a .ckpt")
+        cfg = json.loads((path / "config.json").read_text())
+        model = {"size": "gpt2-1l", **{k: cfg[k] for k in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")}}
+        meta = json.loads((path / DATA_FILE).read_text())
+        data, info, step = meta["data"], meta.get(RUN_INFO_KEY), meta.get("step", 0)
+    elif path.is_file():
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # our own checkpoints hold config objects
+        if "datamodule_hyper_parameters" not in ckpt:
+            raise ValueError(f"{path} was not written by train.py (no GINC datamodule settings inside); use a run's checkpoint")
+        model, data = plain(dict(ckpt["hyper_parameters"])), plain(dict(ckpt["datamodule_hyper_parameters"]))
+        info, step = ckpt.get(RUN_INFO_KEY), ckpt.get("global_step", 0)
+    else:
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a run's checkpoints/last.ckpt (or best.ckpt) or its hf/ directory")
+    data = {k: v for k, v in data.items() if k in _DATA_KEYS}
+    return Source(path, model, data, RunInfo(**info) if info else None, int(step))
+
+
+def load_model(path: str | Path) -> GPT2LMHeadModel:
+    path = Path(path)
+    if path.is_dir():
+        return GPT2LMHeadModel.from_pretrained(path)
+    from lightning_modules.lm_module import CausalLMModule  # lm_module imports this file's neighbours
+
+    return CausalLMModule.load_from_checkpoint(path, map_location="cpu", init_from=None).gpt
+
+
+@torch.no_grad()
+def model_curve_rows(model: GPT2LMHeadModel, data: GincDataModule, run: str, device: torch.device, **extra: object) -> list[dict]:
+    """ICL curve rows of a model on the datamodule's ICL prompts (all of them: one process)."""
+    model = model.to(device).eval()
+    metric = _metric(data).to(device)
+    for batch in data.icl_dataloader():
+        logp, hit = label_scores(model, batch["input_ids"].to(device), batch["label_pos"].to(device), batch["labels"].to(device))
+        metric.update(batch["k"], batch["task"], logp, hit)
+    return curve_rows(metric.compute(), data.icl.k_values, run, **extra)
+
+
+def exact_curve_rows(data: GincDataModule, run: str = "exact", weights: object = None, **extra: object) -> list[dict]:
+    """The exact Bayesian learner's curve rows on the same prompts (prior = `weights`, default the world's)."""
+    learner = ExactLearner(GincWorld.build(data.world), weights)
+    metric = _metric(data)
+    for batch in data.icl_dataloader():
+        k, n = batch["k"], batch["labels"].shape[1]
+        demos = torch.cat([batch["input_ids"][:, 1:], batch["input_ids"].new_zeros(len(batch["labels"]), 1)], 1).view(-1, n, k + 1)
+        pred = learner.predict_demos(demos[..., : k - 1], demos[..., k - 1])
+        metric.update(k, batch["task"], pred.prob.log(), pred.correct)
+    return curve_rows(metric.compute(), data.icl.k_values, run, **extra)
+
+
+def _metric(data: GincDataModule) -> ICLCurveMetric:
+    shots = [data.icl.n_shots or shots_for_context(data.context_length, k) for k in data.icl.k_values]
+    return ICLCurveMetric(data.icl.k_values, data.world.n_tasks, max(shots))
+
+
+def _data_overrides(args: argparse.Namespace) -> dict:
+    data: dict = {}
+    if args.data_config is not None:
+        loaded = yaml.safe_load(Path(args.data_config).read_text()) or {}
+        data = loaded.get("data", loaded)  # a training config's data section, or the section itself
+    icl = dict(data.get("icl") or {})
+    if args.k:
+        icl["k_values"] = args.k
+    if args.prompts:
+        icl["prompts_per_task"] = args.prompts
+    icl["batch_size"] = args.batch_size
+    return {**data, "icl": icl}
+
+
+def checkpoint_curve_rows(args: argparse.Namespace) -> list[dict]:
+    """`evaluate.py curves --ckpt ...`: rows labelled and annotated like the run's own curves.csv."""
+    if args.run and len(args.ckpt) > 1:
+        raise ValueError("--run labels one source; with several --ckpt leave it out (each run's own label is used)")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    overrides = _data_overrides(args)
+    rows: list[dict] = []
+    for path in args.ckpt:
+        src = read_source(path)
+        icl = {**(src.data.get("icl") or {}), **overrides["icl"]}
+        data = GincDataModule(**{**src.data, **overrides, "icl": icl})
+        extra = src.info.columns(src.step) if src.info else {"step": src.step}
+        label = args.run or (src.info.run if src.info else src.path.stem)
+        rows += model_curve_rows(load_model(path), data, label, device, **extra)
+    return rows

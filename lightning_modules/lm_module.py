@@ -1,0 +1,181 @@
+"""The causal-LM LightningModule: pretraining on the GINC mixture and SFT from a pretrained checkpoint.
+
+SFT is the same module started from `init_from` and fed another mixture by the datamodule. The model
+is built in `configure_model`, once the datamodule's world fixes the vocabulary; the resolved
+vocabulary is recorded in the hyperparameters so a checkpoint rebuilds on its own. The training step
+never waits for the device: losses are logged as tensors, throughput from shapes and the wall clock.
+`adamw_with_schedule` and the ICL validation are meant for other modules too (DPO).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+from transformers import GPT2LMHeadModel
+
+from datamodules.ginc_datamodule import GincDataModule
+from datamodules.sampling import shots_for_context
+from lightning_modules.gpt import GPTSpec, ModelConfigError, build_gpt, resolve_spec
+from lightning_modules.icl_metric import ICLCurveMetric, curve_rows, label_scores
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 100
+    total_steps: int | None = None  # length of the cosine decay; None -> trainer.max_steps
+    min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
+
+
+def adamw_with_schedule(model: nn.Module, cfg: OptimConfig, total_steps: int, fused: bool) -> dict:
+    """AdamW (no decay on biases and norms) with linear warmup then cosine decay, stepped every step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def load_gpt_weights(model: GPT2LMHeadModel, source: str | Path) -> None:
+    """Copy weights from a Lightning checkpoint of this module or an HF export directory."""
+    source = Path(source)
+    if source.is_dir():
+        state = GPT2LMHeadModel.from_pretrained(source).state_dict()
+    else:
+        ckpt = torch.load(source, map_location="cpu", weights_only=False)  # our own checkpoints carry config objects
+        state = {k.removeprefix("gpt."): v for k, v in ckpt["state_dict"].items() if k.startswith("gpt.")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelConfigError(f"{source} holds a different model than configured ({str(exc).splitlines()[0]}); use its size") from None
+
+
+class CausalLMModule(L.LightningModule):
+    """GPT-2 trained on next-token prediction; validation gives the loss and the ICL curves."""
+
+    def __init__(
+        self,
+        size: str = "gpt2-4l",
+        n_layer: int | None = None,
+        n_embd: int | None = None,
+        n_head: int | None = None,
+        n_positions: int | None = None,
+        dropout: float | None = None,
+        vocab_size: int | None = None,
+        optim: OptimConfig | None = None,
+        compile: bool | None = None,
+        init_from: str | None = None,
+        log_shots: list[int] | None = None,
+    ) -> None:
+        """size: a named GPT-2 size, fields overridden by n_layer.. dropout. vocab_size: None = the world's.
+        compile: torch.compile the model (None = only on GPU). init_from: checkpoint or HF export to start
+        from (SFT). log_shots: shot counts whose ICL accuracy is logged as scalars (the last one always is)."""
+        super().__init__()
+        self.spec: GPTSpec = resolve_spec(size, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions, dropout=dropout)
+        if init_from is not None and not Path(init_from).exists():
+            raise FileNotFoundError(f"init_from checkpoint {init_from} does not exist; pass the path of a pretraining run's checkpoint or HF export")
+        self.optim = optim if isinstance(optim, OptimConfig) else OptimConfig(**(optim or {}))
+        self.save_hyperparameters()
+        self.gpt: GPT2LMHeadModel | None = None
+        self.icl: ICLCurveMetric | None = None
+        self.icl_k_values: list[int] = []
+        self.last_curve_rows: list[dict] = []
+        self._tokens, self._clock = 0, time.perf_counter()
+
+    # ---- construction -------------------------------------------------------------------------
+    def check_data(self, data: GincDataModule) -> None:
+        """Raise before training when the data does not fit the model."""
+        if data.context_length > self.spec.n_positions:
+            raise ModelConfigError(f"data.context_length {data.context_length} exceeds the model's n_positions {self.spec.n_positions}; raise model.n_positions or lower the context")
+        vocab = self.hparams.vocab_size
+        if vocab is not None and vocab != data.world.model_vocab_size:
+            raise ModelConfigError(f"model.vocab_size {vocab} differs from the world's {data.world.model_vocab_size} (vocab_size + PAD + BOS); leave it null")
+
+    def setup(self, stage: str) -> None:
+        data = getattr(self.trainer, "datamodule", None)
+        if not isinstance(data, GincDataModule):
+            return
+        self.check_data(data)
+        self.hparams.vocab_size = data.world.model_vocab_size
+        icl = data.icl
+        shots = [icl.n_shots or shots_for_context(data.context_length, k) for k in icl.k_values]
+        self.icl_k_values = list(icl.k_values)
+        self.icl = ICLCurveMetric(icl.k_values, data.world.n_tasks, max(shots))
+
+    def configure_model(self) -> None:
+        if self.gpt is not None:
+            return
+        vocab = self.hparams.vocab_size
+        if vocab is None:
+            raise ModelConfigError("the vocabulary is unknown: give model.vocab_size or train with a GINC datamodule")
+        self.gpt = build_gpt(self.spec, vocab, bos_id=vocab - 1, pad_id=vocab - 2)  # world ids: PAD = V, BOS = V + 1
+        if self.hparams.init_from is not None:
+            load_gpt_weights(self.gpt, self.hparams.init_from)
+        compile_ = self.hparams.compile
+        if compile_ or (compile_ is None and _on_gpu(self)):
+            self.gpt.compile()  # in place: parameter names (and checkpoints) stay those of the plain model
+
+    # ---- training -----------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        ids = batch["input_ids"]
+        loss = self.gpt(input_ids=ids, labels=ids).loss
+        self.log("train/loss", loss)  # a device tensor: read only when the logger flushes
+        self.log("lr", self.lr_schedulers().get_last_lr()[0])
+        self._tokens += ids.numel()
+        if self.trainer is not None and (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            now = time.perf_counter()
+            self.log("train/tokens_per_s", self._tokens * self.trainer.world_size / (now - self._clock))
+            self._tokens, self._clock = 0, now
+        return loss
+
+    def configure_optimizers(self) -> dict:
+        total = self.optim.total_steps or self.trainer.max_steps
+        if total is None or total < 1:
+            raise ModelConfigError("the learning-rate decay needs a length: set trainer.max_steps (the data stream is endless) or model.optim.total_steps")
+        return adamw_with_schedule(self.gpt, self.optim, total, fused=self.device.type == "cuda")
+
+    # ---- validation: loss on held-out blocks (loader 0) and ICL curves (loader 1) ---------------
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if dataloader_idx == 0:
+            ids = batch["input_ids"]
+            self.log("val/loss", self.gpt(input_ids=ids, labels=ids).loss, add_dataloader_idx=False, sync_dist=True)
+        else:
+            logp, hit = label_scores(self.gpt, batch["input_ids"], batch["label_pos"], batch["labels"])
+            self.icl.update(batch["k"], batch["task"], logp, hit)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.icl is None:
+            return
+        rows = curve_rows(self.icl.compute(), self.icl_k_values, run="")
+        self.icl.reset()
+        self.last_curve_rows = [] if self.trainer.sanity_checking else rows
+        for r in self._rows_to_log(rows):
+            self.log(f"icl/acc_k{r['k']}_task{r['task']}_shots{r['shots']}", r["acc"], add_dataloader_idx=False, rank_zero_only=True)
+
+    def _rows_to_log(self, rows: list[dict]) -> list[dict]:
+        last: dict[tuple, int] = {}
+        for r in rows:
+            last[r["k"], r["task"]] = max(last.get((r["k"], r["task"]), 0), r["shots"])
+        wanted = set(self.hparams.log_shots if self.hparams.log_shots is not None else [0, 1, 4, 16])
+        return [r for r in rows if r["shots"] in wanted or r["shots"] == last[(r["k"], r["task"])]]
+
+
+def _on_gpu(module: L.LightningModule) -> bool:
+    trainer = module._trainer
+    return trainer is not None and trainer.strategy.root_device.type == "cuda"

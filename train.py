@@ -1,0 +1,176 @@
+"""Train GPT-2 on the GINC world: pretraining, SFT that favours or disfavours tasks, and the quickstart.
+
+    python train.py                                                   # the quickstart (a few CPU minutes)
+    python train.py fit --config configs/pretrain.yaml --model configs/model/gpt2-12l.yaml --trainer.devices 8
+    python train.py fit --config configs/sft-favor.yaml --model.init_from runs/NAME/checkpoints/last.ckpt --run.tasks [2]
+    python train.py fit --config configs/pretrain.yaml --run.name NAME --ckpt_path last      # resume NAME
+
+A thin layer on LightningCLI: every option of the model, data and trainer is a flag. The `run`
+group picks the stage (pretrain, sft; a stage registry, so others can be added) and the run directory
+runs/NAME/ that holds config.yaml, checkpoints/{best,last}.ckpt, TensorBoard logs, curves.csv and hf/.
+Bad settings end in one `error:` line and exit status 2 before anything is written.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from datamodules.ginc_datamodule import GincDataModule
+from datamodules.world import WorldConfig
+from lightning_modules.callbacks import CurvesWriter, HFExport, RunInfo
+from lightning_modules.gpt import resolve_spec
+from lightning_modules.icl_eval import ARCH_KEYS, read_source
+from lightning_modules.lm_module import CausalLMModule
+
+
+class RunConfigError(ValueError):
+    """A run setting is wrong; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    module: str  # class path of the LightningModule that trains it
+    method: str  # the curves table's method column ("" for pretraining)
+    needs_init: bool  # starts from a pretrained checkpoint (model.init_from)
+
+
+STAGES = {
+    "pretrain": Stage("lightning_modules.lm_module.CausalLMModule", "", needs_init=False),
+    "sft": Stage("lightning_modules.lm_module.CausalLMModule", "sft", needs_init=True),
+}
+
+
+@dataclass
+class RunConfig:
+    """stage: one of STAGES. name: the run directory under root (default <model>-<stage>-<time>).
+    direction/tasks: post-training favours (trains on `tasks` only) or disfavours (trains on all but
+    `tasks`) and sets data.train_weights from the world's weights. checkpoint_every: steps between
+    last.ckpt saves (default: at each validation). eval_at_start: validate before the first step."""
+
+    stage: str = "pretrain"
+    name: str | None = None
+    root: str = "runs"
+    direction: str | None = None
+    tasks: list[int] | None = None
+    checkpoint_every: int | None = None
+    eval_at_start: bool = True
+
+
+def post_training_weights(world_weights: Sequence[float], direction: str, tasks: Sequence[int]) -> list[float]:
+    """The SFT mixture: the world's weights kept on `tasks` (favor) or on every other task (disfavor)."""
+    n = len(world_weights)
+    if not tasks or any(not 0 <= t < n for t in tasks):
+        raise RunConfigError(f"run.tasks {list(tasks or [])} must name tasks of the world (0..{n - 1})")
+    keep = [(i in tasks) == (direction == "favor") for i in range(n)]
+    return [float(w) if k else 0.0 for w, k in zip(world_weights, keep)]
+
+
+class TrainCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_class_arguments(RunConfig, "run")
+        parser.set_defaults({"model": {"class_path": STAGES["pretrain"].module}})
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        run, model, data = cfg.run, cfg.model, cfg.data
+        if run.stage not in STAGES:
+            raise RunConfigError(f"unknown run.stage {run.stage!r}; choose one of {', '.join(STAGES)}")
+        stage = STAGES[run.stage]
+        if model.class_path != stage.module:
+            raise RunConfigError(f"stage {run.stage} trains {stage.module}; set model.class_path to it")
+        args = model.init_args
+        if stage.needs_init:
+            if not args.init_from:
+                raise RunConfigError(f"stage {run.stage} starts from a pretrained model: pass --model.init_from runs/NAME/checkpoints/last.ckpt (or runs/NAME/hf)")
+            src = read_source(args.init_from)  # the architecture and the world are the pretrained run's
+            for key in ARCH_KEYS:
+                setattr(args, key, src.model.get(key))
+            data.world, data.context_length = Namespace(**src.data["world"]), src.data["context_length"]
+        elif args.init_from:
+            raise RunConfigError(f"stage {run.stage} trains from scratch; drop model.init_from or pick a post-training stage")
+        if run.direction is not None:
+            if run.direction not in ("favor", "disfavor") or not stage.needs_init:
+                raise RunConfigError(f"run.direction {run.direction!r} needs a post-training stage and one of favor, disfavor")
+            if data.train_weights is not None:
+                raise RunConfigError("give either run.direction with run.tasks or data.train_weights, not both")
+            world = WorldConfig(**{k: v for k, v in vars(data.world or Namespace()).items() if not k.startswith("__")})
+            data.train_weights = post_training_weights(world.weights, run.direction, run.tasks or [])
+        max_steps = cfg.trainer.max_steps
+        if max_steps is None or max_steps < 1:
+            raise RunConfigError("set trainer.max_steps (the GINC stream is endless, so it is the length of training)")
+        spec = resolve_spec(args.size, **{k: getattr(args, k) for k in ARCH_KEYS[1:6]})
+        self.run_dir = self._run_dir(run, cfg.get("ckpt_path"), spec.label)
+        post = stage.needs_init
+        amount = data.train_documents or "stream"
+        self.run_info = RunInfo(run=f"{spec.label}/{run.stage}" + (f"-{run.direction or 'mix'}-{amount}" if post else ""),
+                                stage="posttrain" if post else "pretrain", method=stage.method, direction=run.direction or "",
+                                amount=amount if post else "", layers=spec.n_layer, target=" ".join(map(str, run.tasks or [])))
+
+    def _run_dir(self, run: RunConfig, ckpt_path: str | None, model_label: str) -> Path:
+        root = Path(run.root)
+        if ckpt_path == "last" and run.name is None:
+            raise RunConfigError("--ckpt_path last needs --run.name NAME (the run to resume), or give the checkpoint's path")
+        if ckpt_path not in (None, "last"):
+            if not Path(ckpt_path).is_file():
+                raise FileNotFoundError(f"ckpt_path {ckpt_path} does not exist; pass runs/NAME/checkpoints/last.ckpt or --run.name NAME --ckpt_path last")
+            return root / run.name if run.name else Path(ckpt_path).resolve().parent.parent
+        name = run.name or f"{model_label}-{run.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = root / name
+        if ckpt_path is None and (run_dir / "checkpoints").exists():
+            raise RunConfigError(f"run directory {run_dir} already has checkpoints; pick another --run.name or resume it with --ckpt_path last")
+        if ckpt_path == "last" and not (run_dir / "checkpoints" / "last.ckpt").is_file():
+            raise FileNotFoundError(f"nothing to resume: {run_dir}/checkpoints/last.ckpt does not exist; check --run.name")
+        return run_dir
+
+    def instantiate_trainer(self, **kwargs) -> object:
+        cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        run = cfg.run
+        ckpt = ModelCheckpoint(dirpath=self.run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min",
+                               save_top_k=1, save_last=True, every_n_train_steps=run.checkpoint_every, enable_version_counter=False)
+        mine = [ckpt, CurvesWriter(self.run_dir / "curves.csv", self.run_info), HFExport(self.run_dir / "hf", self.run_info)]
+        trainer_cfg = cfg.trainer
+        callbacks = [*(trainer_cfg.get("callbacks") or []), *mine]
+        logger = trainer_cfg.get("logger")
+        if logger is None or logger is True:
+            logger = TensorBoardLogger(save_dir=self.run_dir.parent, name=self.run_dir.name, version="", default_hp_metric=False)
+        return super().instantiate_trainer(callbacks=callbacks, logger=logger, default_root_dir=self.run_dir, **kwargs)
+
+    def before_fit(self) -> None:
+        self.model.check_data(self.datamodule)
+        cfg = self.config_init[self.subcommand]
+        print(f"run directory: {self.run_dir}  (tensorboard --logdir {self.run_dir.parent})")
+        if cfg.run.eval_at_start and cfg.get("ckpt_path") is None:
+            self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+
+
+def cli_main(args: Sequence[str]) -> TrainCLI:
+    return TrainCLI(CausalLMModule, GincDataModule, subclass_mode_model=True, args=list(args),
+                    trainer_defaults={"use_distributed_sampler": False},  # the datamodule shards by rank itself
+                    save_config_kwargs={"overwrite": True})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if not argv:
+            from lightning_modules.quickstart import run_quickstart
+
+            run_quickstart()
+        else:
+            cli_main(argv)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
