@@ -136,9 +136,10 @@ class CausalLMModule(L.LightningModule):
         ids = batch["input_ids"]
         loss = self.gpt(input_ids=ids, labels=ids).loss
         self.log("train/loss", loss)  # a device tensor: read only when the logger flushes
-        self.log("lr", self.lr_schedulers().get_last_lr()[0])
         self._tokens += ids.numel()
+        # self.log turns a Python float into a device tensor, a blocking host-to-device copy: floats only when the logger flushes
         if self.trainer is not None and (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.log("lr", self.lr_schedulers().get_last_lr()[0])
             now = time.perf_counter()
             self.log("train/tokens_per_s", self._tokens * self.trainer.world_size / (now - self._clock))
             self._tokens, self._clock = 0, now
