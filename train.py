@@ -3,10 +3,11 @@
     python train.py                                                   # the quickstart (a few CPU minutes)
     python train.py fit --config configs/pretrain.yaml --model configs/model/gpt2-12l.yaml --trainer.devices 8
     python train.py fit --config configs/sft-favor.yaml --model.init_from runs/NAME/checkpoints/last.ckpt --run.tasks [2]
+    python train.py fit --config configs/dpo-favor.yaml --model.init_from runs/NAME/checkpoints/last.ckpt --run.tasks [2]
     python train.py fit --config configs/pretrain.yaml --run.name NAME --ckpt_path last      # resume NAME
 
 A thin layer on LightningCLI: every option of the model, data and trainer is a flag. The `run`
-group picks the stage (pretrain, sft; a stage registry, so others can be added) and the run directory
+group picks the stage (pretrain, sft, dpo; a stage registry, so others can be added) and the run directory
 runs/NAME/ that holds config.yaml, checkpoints/{best,last}.ckpt, TensorBoard logs, curves.csv and hf/.
 Bad settings end in one `error:` line and exit status 2 before anything is written.
 """
@@ -38,13 +39,16 @@ class RunConfigError(ValueError):
 @dataclass(frozen=True)
 class Stage:
     module: str  # class path of the LightningModule that trains it
+    data: str  # class path of its LightningDataModule
     method: str  # the curves table's method column ("" for pretraining)
     needs_init: bool  # starts from a pretrained checkpoint (model.init_from)
 
 
+GINC = "datamodules.ginc_datamodule.GincDataModule"
 STAGES = {
-    "pretrain": Stage("lightning_modules.lm_module.CausalLMModule", "", needs_init=False),
-    "sft": Stage("lightning_modules.lm_module.CausalLMModule", "sft", needs_init=True),
+    "pretrain": Stage("lightning_modules.lm_module.CausalLMModule", GINC, "", needs_init=False),
+    "sft": Stage("lightning_modules.lm_module.CausalLMModule", GINC, "sft", needs_init=True),
+    "dpo": Stage("lightning_modules.dpo.PreferenceModule", "datamodules.preference_datamodule.PreferenceDataModule", "dpo", needs_init=True),
 }
 
 
@@ -76,16 +80,16 @@ def post_training_weights(world_weights: Sequence[float], direction: str, tasks:
 class TrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_class_arguments(RunConfig, "run")
-        parser.set_defaults({"model": {"class_path": STAGES["pretrain"].module}})
+        parser.set_defaults({"model": {"class_path": STAGES["pretrain"].module}, "data": {"class_path": GINC}})
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        run, model, data = cfg.run, cfg.model, cfg.data
+        run, model, data = cfg.run, cfg.model, cfg.data.init_args
         if run.stage not in STAGES:
             raise RunConfigError(f"unknown run.stage {run.stage!r}; choose one of {', '.join(STAGES)}")
         stage = STAGES[run.stage]
-        if model.class_path != stage.module:
-            raise RunConfigError(f"stage {run.stage} trains {stage.module}; set model.class_path to it")
+        if (model.class_path, cfg.data.class_path) != (stage.module, stage.data):
+            raise RunConfigError(f"stage {run.stage} trains {stage.module} on {stage.data}; set model.class_path and data.class_path to them")
         args = model.init_args
         if stage.needs_init:
             if not args.init_from:
@@ -152,9 +156,12 @@ class TrainCLI(LightningCLI):
 
 
 def cli_main(args: Sequence[str]) -> TrainCLI:
-    return TrainCLI(CausalLMModule, GincDataModule, subclass_mode_model=True, args=list(args),
+    return TrainCLI(CausalLMModule, GincDataModule, subclass_mode_model=True, subclass_mode_data=True, args=list(args),
                     trainer_defaults={"use_distributed_sampler": False},  # the datamodule shards by rank itself
                     save_config_kwargs={"overwrite": True})
+
+
+_UNION_ERROR = "Does not validate against any of the Union subtypes"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -167,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             cli_main(argv)
     except (ValueError, FileNotFoundError) as exc:
+        while str(exc).startswith(_UNION_ERROR) and exc.__cause__ is not None:
+            exc = exc.__cause__  # jsonargparse builds the data module inside a Union check that wraps its error
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -81,7 +81,7 @@ class PreferenceModule(CausalLMModule):
     beta: strength of the KL anchor to the reference (> 0). loss: dpo (sigmoid) or ipo.
     cache_reference: compute the reference log-probabilities of every pair once, at the start of fit
     (None: when the run revisits its finite set of pairs; True needs a finite data.train_documents).
-    Every other argument is CausalLMModule's; init_from (the pretrained checkpoint) is required.
+    Every other argument is CausalLMModule's; training needs init_from (the pretrained checkpoint).
     """
 
     def __init__(self, beta: float = 0.1, loss: str = "dpo", cache_reference: bool | None = None, **kwargs: Any) -> None:
@@ -89,14 +89,14 @@ class PreferenceModule(CausalLMModule):
             raise ModelConfigError(f"model.beta must be > 0, got {beta}; it is the KL strength of DPO/IPO (default 0.1)")
         if loss not in LOSS_FUNCTIONS:
             raise ModelConfigError(f"unknown model.loss {loss!r}; choose one of {', '.join(LOSS_FUNCTIONS)}")
-        if kwargs.get("init_from") is None:
-            raise ModelConfigError("preference training starts from a pretrained model: pass --model.init_from runs/NAME/checkpoints/last.ckpt (or runs/NAME/hf)")
         super().__init__(**kwargs)
         self.reference: GPT2LMHeadModel | None = None
         self.reference_cache: torch.Tensor | None = None  # [2, pairs]: reference log p of each chosen / rejected document
 
     def check_data(self, data: GincDataModule) -> None:
         super().check_data(data)
+        if self.hparams.init_from is None:  # checked here, not in __init__, so evaluation can load a checkpoint without it
+            raise ModelConfigError("preference training starts from a pretrained model: pass --model.init_from runs/NAME/checkpoints/last.ckpt (or runs/NAME/hf)")
         if not isinstance(data, PreferenceDataModule):
             raise ModelConfigError("PreferenceModule trains on preference pairs: set data.class_path to datamodules.preference_datamodule.PreferenceDataModule")
         if self.hparams.cache_reference and data.train_documents is None:

@@ -63,6 +63,7 @@ def load_model(path: str | Path) -> GPT2LMHeadModel:
     if path.is_dir():
         return GPT2LMHeadModel.from_pretrained(path)
     from lightning_modules.lm_module import CausalLMModule  # lm_module imports this file's neighbours
+    from lightning_modules import dpo  # noqa: F401  (imported so that DPO checkpoints, a CausalLMModule subclass, may load)
 
     return CausalLMModule.load_from_checkpoint(path, map_location="cpu", init_from=None).gpt
 
