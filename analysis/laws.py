@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.func import jacfwd, vmap
 
 LAW_NAMES = ("bayesian", "bayesian_sampling", "bayesian_scoring", "power", "bounded_power", "logistic")
 BAYESIAN_NAMES = LAW_NAMES[:3]
@@ -60,12 +59,11 @@ class BayesianLaw:
         return torch.where(eye, torch.diag_embed(log_gamma), off)
 
     def structure(self, theta: torch.Tensor, M: int, C: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """theta [D] -> log rho [C, M], log P [C, M, M], log K [C]."""
+        """theta [..., D] -> log rho [..., C, M], log P [..., M, M] (shared by the C conditions), log K [..., C]."""
         n_p = self.p_size(M)
-        per_cond = theta[n_p:].reshape(C, M + 1)
-        log_rho = torch.log_softmax(per_cond[:, :M], dim=-1)
-        log_P = self.log_P(theta[:n_p], M).expand(C, M, M)
-        return log_rho, log_P, per_cond[:, M]
+        per_cond = theta[..., n_p:].reshape(*theta.shape[:-1], C, M + 1)
+        log_rho = torch.log_softmax(per_cond[..., :M], dim=-1)
+        return log_rho, self.log_P(theta[..., :n_p], M), per_cond[..., M]
 
     def log_prob(self, theta: torch.Tensor, shots: torch.Tensor, M: int, C: int) -> torch.Tensor:
         """theta [B, D], shots [B, S] -> log p [B, C, M, S]."""
@@ -76,32 +74,46 @@ class BayesianLaw:
         return self._evaluate(theta, shots, M, C, jacobian=True)
 
     def _evaluate(self, theta, shots, M, C, jacobian):
-        log_rho, log_P, log_K = vmap(lambda t: self.structure(t, M, C))(theta)
+        log_rho, log_P, log_K = self.structure(theta, M, C)
         K = log_K.exp()[:, :, None, None, None]  # [B, C, 1, 1, 1]
         n = shots[:, None, None, :, None]  # [B, 1, 1, S, 1]
-        lp = log_P[:, :, :, None, :]  # [B, C, M(i), 1, M(m)]
-        lr = log_rho[:, :, None, None, :]
-        e0 = lr + K * n * lp
+        lp = log_P[:, None, :, None, :]  # [B, 1, M(i), 1, M(m)]
+        e0 = log_rho[:, :, None, None, :] + K * n * lp
         e1 = e0 + lp
         if not jacobian:
             return (torch.logsumexp(e1, -1) - torch.logsumexp(e0, -1),)
         (lse1, w1), (lse0, w0) = _lse_softmax(e1), _lse_softmax(e0)
-        log_p = lse1 - lse0
-        d_rho = w1 - w0  # d log p / d log rho_m
-        d_P = (K * n + 1) * w1 - K * n * w0  # d log p_i / d log P_im (row i only)
-        d_K = (K * n * lp * d_rho).sum(-1)  # d log p / d log K
-        t_rho, t_P, t_K = vmap(jacfwd(lambda t: self.structure(t, M, C)))(theta)
-        jac = torch.einsum("bcism,bcmd->bcisd", d_rho, t_rho)
-        jac = jac + torch.einsum("bcism,bcimd->bcisd", d_P, t_P)
-        jac = jac + d_K[..., None] * t_K[:, :, None, None, :]
-        return log_p, jac
+        d_rho = w1 - w0  # d log p / d log rho_m, and also d / d prior logit_m since sum_m d_rho = 0
+        d_K = (K * n * lp * d_rho).sum(-1, keepdim=True)  # d log p / d log K
+        # each condition's priors and K only move that condition's points
+        own = torch.cat([d_rho, d_K], -1)[:, :, :, :, None, :] * torch.eye(C, dtype=theta.dtype)[:, None, None, :, None]
+        d_P = (K * n + 1) * w1 - K * n * w0  # d log p_i / d log P_im, for row i only
+        jac_P = self._p_jacobian(d_P, theta[:, : self.p_size(M)], M)
+        return lse1 - lse0, torch.cat([jac_P, own.flatten(-2)], -1)
+
+    def _p_jacobian(self, d_P: torch.Tensor, p_raw: torch.Tensor, M: int) -> torch.Tensor:
+        """Chain d log p_i / d log P_im [B, C, M(i), S, M(m)] to the P part of theta."""
+        eye = torch.eye(M, dtype=d_P.dtype)
+        if self.tying == "none":  # log P_im = logsigmoid(q_im): derivative 1 - P_im, own row only
+            scaled = d_P * torch.sigmoid(-p_raw).reshape(-1, 1, M, 1, M)
+            return (scaled[:, :, :, :, None, :] * eye[:, None, :, None]).flatten(-2)
+        one_minus_gamma = torch.sigmoid(-p_raw[:, None, None, None, :M])
+        one_minus_ratio = torch.sigmoid(-p_raw[:, None, None, None, M:])
+        off = 1.0 - eye[:, None, :]  # [M(i), 1, M(k)]: k != i
+        if self.tying == "sampling":  # P_ik = beta_k for k != i; beta_k = gamma_k sigmoid(b_k)
+            return torch.cat([d_P * one_minus_gamma, d_P * off * one_minus_ratio], -1)
+        # scoring-wise: every entry of row i is gamma_i or beta_i = gamma_i sigmoid(b_i)
+        diag = eye[:, None, :]
+        d_gamma = d_P.sum(-1, keepdim=True) * diag * one_minus_gamma
+        d_ratio = (d_P * off).sum(-1, keepdim=True) * diag * one_minus_ratio
+        return torch.cat([d_gamma, d_ratio], -1)
 
     def named(self, theta: torch.Tensor, M: int, C: int = 1) -> dict:
         """Interpretable parameters: priors, K and P (or gamma, beta); lists per condition when C > 1."""
         log_rho, log_P, log_K = self.structure(theta.double(), M, C)
         out: dict = {"priors": log_rho.exp().tolist(), "K": log_K.exp().tolist()}
         if self.tying == "none":
-            out["P"] = log_P[0].exp().tolist()
+            out["P"] = log_P.exp().tolist()
         else:
             gamma = torch.sigmoid(theta[:M])
             out["gamma"] = gamma.tolist()
@@ -156,16 +168,30 @@ class CurveLaw:
 
     def nll(self, theta: torch.Tensor, shots: torch.Tensor) -> torch.Tensor:
         """theta [..., per_curve], shots [..., S] -> NLL [..., S]."""
+        return self._nll(theta, shots, jacobian=False)[0]
+
+    def _nll(self, theta: torch.Tensor, shots: torch.Tensor, jacobian: bool):
+        """NLL and, if asked, d NLL / d theta [..., S, per_curve] (closed forms: the fit's hot loop)."""
         q = theta.exp().unsqueeze(-2).unbind(-1)  # each [..., 1]
         log_x = torch.log1p(shots)
         if self.name == "power":
             c, alpha, c0 = q
-            return c * torch.exp(-alpha * log_x) + c0
-        if self.name == "bounded_power":
+            term = c * torch.exp(-alpha * log_x)
+            grads = lambda: (term, -alpha * log_x * term, c0.expand_as(term))  # noqa: E731
+        elif self.name == "bounded_power":
             c, n_c, alpha, c0 = q
-            return c * torch.exp(-alpha * torch.log1p((shots + 1) / n_c)) + c0
-        amp, x0, kappa, c0 = q  # logistic: L / (1 + (x/x0)^kappa) = L * sigmoid(-kappa log(x/x0))
-        return amp * torch.sigmoid(-kappa * (log_x - torch.log(x0))) + c0
+            log_u = torch.log1p((shots + 1) / n_c)
+            term = c * torch.exp(-alpha * log_u)
+            grads = lambda: (term, alpha * term * (shots + 1) / (n_c + shots + 1), -alpha * log_u * term,  # noqa: E731
+                             c0.expand_as(term))
+        else:  # logistic: L / (1 + (x/x0)^kappa) = L * sigmoid(-z), z = kappa log(x/x0)
+            amp, x0, kappa, c0 = q
+            z = kappa * (log_x - torch.log(x0))
+            term = amp * torch.sigmoid(-z)
+            slope = term * torch.sigmoid(z)  # -d term / dz
+            grads = lambda: (term, kappa * slope, -z * slope, c0.expand_as(term))  # noqa: E731
+        nll = term + c0
+        return (nll, torch.stack(grads(), dim=-1)) if jacobian else (nll,)
 
     def log_prob(self, theta: torch.Tensor, shots: torch.Tensor, M: int, C: int) -> torch.Tensor:
         """theta [B, C*M*per_curve], shots [B, S] -> log p [B, C, M, S]."""
@@ -174,8 +200,8 @@ class CurveLaw:
 
     def curve_log_prob_and_jacobian(self, theta: torch.Tensor, shots: torch.Tensor):
         """Per curve: theta [N, per_curve], shots [N, S] -> log p [N, S], jacobian [N, S, per_curve]."""
-        f = lambda t, s: -self.nll(t, s)  # noqa: E731 - one curve's law, vmapped below
-        return f(theta, shots), vmap(jacfwd(f))(theta, shots)
+        nll, jac = self._nll(theta, shots, jacobian=True)
+        return -nll, -jac
 
     def theta_from(self, params: dict) -> torch.Tensor:
         """Inverse of `named`: each parameter as an array [C, M] or [M]."""

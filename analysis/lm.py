@@ -32,14 +32,18 @@ def levenberg_marquardt(
     residual_fn: ResidualFn,
     theta0: torch.Tensor,
     max_iter: int = 200,
-    ftol: float = 1e-8,
+    ftol: float = 1e-7,
     patience: int = 6,
+    crawl_tol: float = 1e-3,
     progress: Callable[[int, int], None] | None = None,
     starts_of: torch.Tensor | None = None,
     prune_ratio: float = 1.05,
 ) -> LMResult:
     """Minimise 0.5 ||r_b(theta_b)||^2 for every row b; stop a row after `patience` steps that
-    improve its cost by less than `ftol` relatively (rejected steps count as no improvement).
+    improve its cost by less than `ftol` relatively (rejected steps count as no improvement), or once
+    ten iterations together improve it by less than `crawl_tol` relatively: a crawl along a valley to a
+    parameter at infinity (e.g. the logistic law's x0 -> 0 with L x0^kappa fixed) that would otherwise
+    run to max_iter while the fit's RMSE moves by less than 0.05% per ten iterations.
 
     starts_of [B] names the problem each row is a start of: every 10 iterations, a start whose cost
     is above prune_ratio x the best start of its problem is dropped (left unconverged); such starts
@@ -49,6 +53,7 @@ def levenberg_marquardt(
     rows = torch.arange(B)
     r, J = residual_fn(theta, rows)
     cost = _cost(r)
+    cost_ref = cost.clone()
     lam = torch.full((B,), 1e-3, dtype=theta.dtype)
     stall = torch.zeros(B, dtype=torch.long)
     active = torch.ones(B, dtype=torch.bool)
@@ -80,6 +85,10 @@ def levenberg_marquardt(
         lam[idx] = torch.where(accept, lam[idx] * 0.3, lam[idx] * 10.0).clamp(1e-12, 1e12)
         stall[idx] = torch.where(improving, torch.zeros_like(stall[idx]), stall[idx] + 1)
         active[idx] = stall[idx] < patience
+        if it % 10 == 0:
+            crawling = (cost_ref - cost) <= crawl_tol * cost
+            active &= ~crawling
+            cost_ref = cost.clone()
         if starts_of is not None and it % 10 == 0:
             best = torch.full((int(starts_of.max()) + 1,), float("inf"), dtype=cost.dtype)
             best = best.scatter_reduce(0, starts_of, cost, reduce="amin")

@@ -88,9 +88,10 @@ def test_bayesian_jacobian_matches_autograd(name, C):
         torch.testing.assert_close(jac[b], auto, rtol=1e-8, atol=1e-10)
 
 
-def test_baseline_jacobian_matches_autograd():
-    law = get_law("logistic")
-    theta = torch.tensor([[0.3, 1.2, -0.4, -1.0]], dtype=torch.float64)
+@pytest.mark.parametrize("name", ["power", "bounded_power", "logistic"])
+def test_baseline_jacobian_matches_autograd(name):
+    law = get_law(name)
+    theta = torch.tensor([[0.3, 1.2, -0.4, -1.0][: law.per_curve]], dtype=torch.float64)
     shots = torch.arange(20, dtype=torch.float64)[None]
     _, jac = law.curve_log_prob_and_jacobian(theta, shots)
     auto = torch.autograd.functional.jacobian(lambda t: -law.nll(t[None], shots)[0], theta[0])

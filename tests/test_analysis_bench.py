@@ -1,0 +1,18 @@
+"""The fit benchmark runs end to end on its quick grid and reports time, quality and the ratio last."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fit_speed_quick_reports_ratio_last():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fit_speed.py"), "--quick"],
+                          capture_output=True, text=True, timeout=300, check=True)
+    lines = proc.stdout.strip().splitlines()
+    ratio = re.fullmatch(r"ratio_vs_sequential: ([0-9.]+)", lines[-1])
+    assert ratio and float(ratio.group(1)) > 0
+    ours = float(re.search(r"ours: [0-9.]+s, mean NRMSE ([0-9.]+)", proc.stdout).group(1))
+    peer = float(re.search(r"sequential: [0-9.]+s, mean NRMSE ([0-9.]+)", proc.stdout).group(1))
+    assert ours <= 1.1 * peer, proc.stdout
