@@ -39,6 +39,7 @@ import lightning as L
 import torch
 from torch._dynamo.utils import counters
 from transformers import GPT2LMHeadModel, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.utils.logging import disable_progress_bar
 
 from datamodules.ginc_datamodule import DocumentBlocks, GincDataModule, ICLConfig, ICLPromptSet
 from datamodules.sampling import shots_for_context
@@ -230,7 +231,8 @@ def eval_full_logits(model: GPT2LMHeadModel, cfg: BenchConfig, world: WorldConfi
     metric = ICLCurveMetric(K_VALUES, world.n_tasks, max(shots_for_context(cfg.context, k) for k in K_VALUES))
     for k in K_VALUES:  # one predict call per prompt length, as batches of unpadded prompts must share it
         items = [item for item in prompts.items if item["k"] == k]
-        logits = trainer.predict([{"input_ids": row} for item in items for row in item["input_ids"]]).predictions  # [N, T, V]
+        preds = trainer.predict([{"input_ids": row} for item in items for row in item["input_ids"]]).predictions
+        logits = preds[0] if isinstance(preds, tuple) else preds  # [N, T, V] numpy, whatever extra outputs came along
         first = 0
         for item in items:
             n, labels = len(item["labels"]), item["labels"]
@@ -363,6 +365,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     for name in ("lightning.pytorch", "lightning.fabric", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)  # keep the log to the benchmark's own lines
+    disable_progress_bar()
     warnings.filterwarnings("ignore", category=UserWarning)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peak, peak_label = peak_flops(device, cfg.peak_tflops)
