@@ -13,6 +13,7 @@ Bad settings end in one `error:` line and exit status 2 before anything is writt
 """
 from __future__ import annotations
 
+import csv
 import sys
 import time
 from collections.abc import Sequence
@@ -20,16 +21,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
+import torch
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.world import WorldConfig
-from lightning_modules.callbacks import CurvesWriter, HFExport, RunInfo
+from lightning_modules.callbacks import CurvesWriter, FinalExport, RunInfo
 from lightning_modules.gpt import resolve_spec
-from lightning_modules.icl_eval import ARCH_KEYS, read_source
+from lightning_modules.icl_eval import ARCH_KEYS, exact_curve_rows, read_source
 from lightning_modules.lm_module import CausalLMModule
+
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 class RunConfigError(ValueError):
@@ -139,7 +144,7 @@ class TrainCLI(LightningCLI):
         run = cfg.run
         ckpt = ModelCheckpoint(dirpath=self.run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min",
                                save_top_k=1, save_last=True, every_n_train_steps=run.checkpoint_every, enable_version_counter=False)
-        mine = [ckpt, CurvesWriter(self.run_dir / "curves.csv", self.run_info), HFExport(self.run_dir / "hf", self.run_info)]
+        mine = [ckpt, CurvesWriter(self.run_dir / "curves.csv", self.run_info), FinalExport(self.run_dir, self.run_info)]
         trainer_cfg = cfg.trainer
         callbacks = [*(trainer_cfg.get("callbacks") or []), *mine]
         logger = trainer_cfg.get("logger")
@@ -155,6 +160,48 @@ class TrainCLI(LightningCLI):
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
 
 
+def final_curves(run_dir: Path) -> list[dict]:
+    """The rows of a run's last evaluation in its curves.csv."""
+    with (run_dir / "curves.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    last = max(int(r["step"]) for r in rows)
+    return [{**r, "k": int(r["k"]), "task": int(r["task"]), "shots": int(r["shots"]), "acc": float(r["acc"])} for r in rows if int(r["step"]) == last]
+
+
+def accuracy_table(curves: dict[str, list[dict]], k: int, favoured: Sequence[int], shots: Sequence[int]) -> str:
+    """ICL accuracy by shots, averaged over the favoured tasks and over the others, for each named curve set."""
+    lines = [f"{'':28}" + "".join(f"{s:>7}" for s in shots)]
+    for group in ("favoured", "others"):
+        for name, rows in curves.items():
+            acc = [[r["acc"] for r in rows if r["k"] == k and r["shots"] == s and (r["task"] in favoured) == (group == "favoured")] for s in shots]
+            lines.append(f"{group if name == next(iter(curves)) else '':9}{name:19}" + "".join(f"{sum(a) / len(a):7.2f}" for a in acc))
+    return "\n".join(lines)
+
+
+def run_quickstart(root: str = "runs") -> None:
+    """Pretrain a small GPT-2 on a small world, SFT it to favour one task, and print ICL accuracy before
+    and after next to the exact Bayesian learner on the same prompts (configs/quickstart*.yaml)."""
+    began = time.perf_counter()
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        torch.set_num_threads(1)  # a model this small runs several times faster on one thread than on two contended ones
+    common = ["--run.root", root, *(["--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed"] if on_gpu else [])]
+    name = f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}"
+    pre = cli_main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--run.name", f"{name}/pretrain", *common])
+    sft = cli_main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(CONFIGS / "quickstart-sft.yaml"),
+                    "--model.init_from", str(pre.run_dir / "checkpoints" / "last.ckpt"), "--run.name", f"{name}/sft", *common])
+    favoured = sft.config_init["fit"].run.tasks
+    data = sft.datamodule
+    curves = {"pretrained": final_curves(pre.run_dir), "after SFT-favour": final_curves(sft.run_dir), "exact Bayesian": exact_curve_rows(data)}
+    k = min(data.icl.k_values)
+    n = max(r["shots"] for r in curves["exact Bayesian"] if r["k"] == k)
+    shots = sorted({0, 1, 2, 4, 8, n} & set(range(n + 1)))
+    others = [t for t in range(data.world.n_tasks) if t not in favoured]
+    print(f"\nICL accuracy by shots, k={k}: favoured = task(s) {favoured}, others = mean of tasks {others}")
+    print(accuracy_table(curves, k, favoured, shots))
+    print(f"\nquickstart took {time.perf_counter() - began:.0f} s on {'GPU' if on_gpu else 'CPU'}; runs in {pre.run_dir.parent} (tensorboard --logdir {root})")
+
+
 def cli_main(args: Sequence[str]) -> TrainCLI:
     return TrainCLI(CausalLMModule, GincDataModule, subclass_mode_model=True, subclass_mode_data=True, args=list(args),
                     trainer_defaults={"use_distributed_sampler": False},  # the datamodule shards by rank itself
@@ -168,8 +215,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if not argv:
-            from lightning_modules.quickstart import run_quickstart
-
             run_quickstart()
         else:
             cli_main(argv)

@@ -84,19 +84,27 @@ def curve_figure(rows: list[dict], k: int, title: str) -> plt.Figure:
     return fig
 
 
-class HFExport(L.Callback):
-    """At the end of fit: `save_pretrained` into <run>/hf, with the GINC data settings and run info beside it."""
+class FinalExport(L.Callback):
+    """At the end of training: last.ckpt holds the final step, and `save_pretrained` writes <run>/hf with
+    the GINC data settings and run info beside it (what `evaluate.py curves` needs)."""
 
-    def __init__(self, path: str | Path, info: RunInfo) -> None:
-        self.path, self.info = Path(path), info
+    def __init__(self, run_dir: str | Path, info: RunInfo) -> None:
+        self.run_dir, self.info = Path(run_dir), info
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=".hf-"))
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        ckpt = trainer.checkpoint_callback
+        # periodic saves (every_n_train_steps) need not fall on the last step; every rank joins the save
+        if ckpt is not None and getattr(ckpt, "_last_global_step_saved", None) != trainer.global_step:
+            trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.ckpt")
+        if trainer.is_global_zero:
+            self._export(trainer, pl_module)
+
+    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = self.run_dir / "hf"
+        tmp = Path(tempfile.mkdtemp(dir=self.run_dir, prefix=".hf-"))
         pl_module.gpt.save_pretrained(tmp)
         export = {"data": plain(dict(trainer.datamodule.hparams)), RUN_INFO_KEY: asdict(self.info), "step": trainer.global_step}
         (tmp / DATA_FILE).write_text(json.dumps(export, indent=1))
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        tmp.rename(self.path)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)

@@ -1,0 +1,64 @@
+"""train.py: config errors stop before training with one line; a tiny run fills its run directory."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import evaluate
+import train
+
+TINY = ["fit", "--config", "configs/tiny.yaml"]
+
+
+def run_train(tmp_path, *extra: str) -> int:
+    return train.main([*TINY, "--run.root", str(tmp_path / "runs"), *extra])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model.size", "gpt2-5l"], "unknown model size 'gpt2-5l'"),
+        (["--run.stage", "sft", "--run.direction", "favor", "--run.tasks", "[0]"], "starts from a pretrained model: pass --model.init_from"),
+        (["--run.stage", "sft", "--model.init_from", "nowhere/last.ckpt"], "nowhere/last.ckpt does not exist"),
+        (["--data.train_weights", "[1.0, 0.0]"], "train_weights has 2 entries but the world has 3 tasks"),
+        (["--data.train_weights", "[0.0, 0.0, 0.0]"], "train_weights are all zero"),
+        (["--run.stage", "rlhf"], "unknown run.stage 'rlhf'"),
+        (["--data.context_length", "128"], "exceeds the model's n_positions 64"),
+        (["--ckpt_path", "last"], "--ckpt_path last needs --run.name"),
+    ],
+)
+def test_config_errors_give_one_line_and_write_nothing(tmp_path, capsys, extra, message):
+    assert run_train(tmp_path, *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("config.yaml"))
+
+
+def test_tiny_run_dir_export_and_evaluate(tmp_path):
+    assert run_train(tmp_path, "--run.name", "tiny") == 0
+    run = tmp_path / "runs" / "tiny"
+    assert (run / "config.yaml").is_file() and list(run.glob("events.out.tfevents.*"))
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
+    with (run / "curves.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["step"] for r in rows} == {"0", "4", "8"}  # before training, then every 4 steps
+    assert {r["run"] for r in rows} == {"gpt2-1l-d32/pretrain"} and {r["layers"] for r in rows} == {"1"}
+
+    hf = AutoModelForCausalLM.from_pretrained(run / "hf")
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert torch.equal(hf.state_dict()["transformer.h.0.mlp.c_fc.weight"], last["gpt.transformer.h.0.mlp.c_fc.weight"])
+
+    out = tmp_path / "curves.csv"
+    assert evaluate.main(["curves", "--ckpt", str(run / "checkpoints" / "last.ckpt"), str(run / "hf"), "--out", str(out)]) == 0
+    with out.open() as f:
+        evaluated = list(csv.DictReader(f))
+    final = [r for r in rows if r["step"] == "8"]
+    assert len(evaluated) == 2 * len(final)  # the checkpoint and the export, same prompts
+    for source in (evaluated[: len(final)], evaluated[len(final):]):
+        for a, b in zip(source, final):
+            assert (a["run"], a["k"], a["task"], a["shots"], a["count"]) == (b["run"], b["k"], b["task"], b["shots"], b["count"])
+            assert float(a["prob"]) == pytest.approx(float(b["prob"]), abs=1e-5)
