@@ -25,6 +25,7 @@ from datamodules.preference_datamodule import PreferenceDataModule
 from lightning_modules.gpt import ModelConfigError
 from lightning_modules.lm_module import CausalLMModule
 
+
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
              ref_rejected_logps: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sigmoid DPO (Rafailov et al. 2023): mean of -log sigmoid(beta * h), h = chosen log-ratio minus rejected log-ratio.
@@ -151,9 +152,8 @@ class PreferenceModule(CausalLMModule):
 
         With the cache, the reference runs only on logging steps, where the KL is wanted.
         """
-        log_step = (self.global_step + 1) % self.trainer.log_every_n_steps == 0
         ref = None
-        if self.reference_cache is None or log_step:
+        if self.reference_cache is None or self.log_flush_step():
             with torch.no_grad():
                 ref = next_token_log_probs(self.reference, ids)
         logps = target_logps(ref, ids) if self.reference_cache is None else self.reference_cache[:, pair_ids].reshape(-1)
@@ -172,7 +172,7 @@ class PreferenceModule(CausalLMModule):
                        "train/margin": (chosen - rejected).mean()})
         if ref is not None:
             self.log("train/kl", mean_token_kl(policy.detach(), ref))
-        self.log("lr", self.lr_schedulers().get_last_lr()[0])
+        self.log_rates(ids.numel())
         return loss
 
     # the reference is rebuilt from init_from, so checkpoints hold the policy only (and stay loadable as a causal LM)

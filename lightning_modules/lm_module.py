@@ -136,14 +136,22 @@ class CausalLMModule(L.LightningModule):
         ids = batch["input_ids"]
         loss = self.gpt(input_ids=ids, labels=ids).loss
         self.log("train/loss", loss)  # a device tensor: read only when the logger flushes
-        self._tokens += ids.numel()
+        self.log_rates(ids.numel())
+        return loss
+
+    def log_flush_step(self) -> bool:
+        """Whether the logger writes this step's values."""
+        return self.trainer is not None and (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+
+    def log_rates(self, n_tokens: int) -> None:
+        """Count this step's tokens; log lr and tokens/s when the logger flushes."""
+        self._tokens += n_tokens
         # self.log turns a Python float into a device tensor, a blocking host-to-device copy: floats only when the logger flushes
-        if self.trainer is not None and (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+        if self.log_flush_step():
             self.log("lr", self.lr_schedulers().get_last_lr()[0])
             now = time.perf_counter()
             self.log("train/tokens_per_s", self._tokens * self.trainer.world_size / (now - self._clock))
             self._tokens, self._clock = 0, now
-        return loss
 
     def configure_optimizers(self) -> dict:
         total = self.optim.total_steps or self.trainer.max_steps
