@@ -15,6 +15,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import nn
 from transformers import GPT2LMHeadModel
 
@@ -158,6 +160,20 @@ class CausalLMModule(L.LightningModule):
         if total is None or total < 1:
             raise ModelConfigError("the learning-rate decay needs a length: set trainer.max_steps (the data stream is endless) or model.optim.total_steps")
         return adamw_with_schedule(self.gpt, self.optim, total, fused=self.device.type == "cuda")
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping, without its refusal to clip for a fused optimizer under bf16-mixed.
+
+        The refusal guards fp16, whose loss scaler a fused optimizer undoes inside its step; bf16 has no
+        scaler, so the gradients are plain and clip as they are (with the GPU's fused AdamW and the
+        configs' gradient_clip_val, Lightning would stop at the first step).
+        """
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, GradClipAlgorithmType(gradient_clip_algorithm or "norm"))
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ---- validation: loss on held-out blocks (loader 0) and ICL curves (loader 1) ---------------
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
