@@ -32,6 +32,7 @@ class FitConfig:
     starts: int = 8
     seed: int = 0
     max_iter: int = 300
+    device: str = "cpu"
 
     def validate(self) -> None:
         for name in self.laws:
@@ -60,6 +61,9 @@ class Batch:
     def dims(self) -> tuple[int, int, int]:
         G, C, M, _ = self.prob.shape
         return G, C, M
+
+    def to(self, device: str | torch.device) -> Batch:
+        return Batch(self.shots.to(device), self.prob.to(device), self.nll.to(device), self.weight.to(device))
 
 
 @dataclass
@@ -127,7 +131,7 @@ def canonical_order(law: BayesianLaw, theta: torch.Tensor, M: int, C: int) -> to
         return theta
     log_P = law.log_P(theta[: M * M], M)
     _, perm = linear_sum_assignment(-log_P.detach().cpu().numpy())
-    perm_t = torch.as_tensor(perm)
+    perm_t = torch.as_tensor(perm, device=theta.device)
     p_raw = theta[: M * M].reshape(M, M)[:, perm_t].flatten()
     per_cond = theta[M * M :].reshape(C, M + 1)
     per_cond = torch.cat([per_cond[:, :M][:, perm_t], per_cond[:, M:]], dim=1)
@@ -147,13 +151,14 @@ def fit_batch(
     """Fit one law to every group of the batch at once; theta0 [G, R, D] replaces the generated starts."""
     law = get_law(law_name)
     G, C, M = batch.dims
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # starts are drawn on the CPU, the same on any device
+    dev = batch.prob.device
     if isinstance(law, BayesianLaw):
-        init = theta0 if theta0 is not None else law.starts(starts, M, C, gen).expand(G, -1, -1)
+        init = theta0 if theta0 is not None else law.starts(starts, M, C, gen).to(dev).expand(G, -1, -1)
         R = init.shape[1]
         result = levenberg_marquardt(
             _residual_fn(law, batch, space, lambda rows: rows // R), init.reshape(G * R, -1), max_iter,
-            progress=progress, starts_of=torch.arange(G * R) // R,
+            progress=progress, starts_of=torch.arange(G * R, device=dev) // R,
         )
         cost = result.cost.reshape(G, R)
         conv = result.converged.reshape(G, R)
@@ -163,24 +168,24 @@ def fit_batch(
         if theta0 is not None:
             init = theta0.reshape(G, -1, C * M, P).transpose(0, 1).reshape(theta0.shape[1], G * C * M, P)
         else:
-            init = law.starts(starts, _first_nll(batch), gen)
+            init = law.starts(starts, _first_nll(batch).cpu(), gen).to(dev)
         R = init.shape[0]
         rows = init.transpose(0, 1).reshape(-1, P)  # curve-major: row = curve * R + start
         result = levenberg_marquardt(
             _residual_fn(law, batch, space, lambda r: r // R), rows, max_iter,
-            progress=progress, starts_of=torch.arange(rows.shape[0]) // R,
+            progress=progress, starts_of=torch.arange(rows.shape[0], device=dev) // R,
         )
         # starts are independent per curve, so the best start is chosen per curve
         cost_c = result.cost.reshape(G * C * M, R)
         best = cost_c.argmin(1)
-        pick = torch.arange(G * C * M)
+        pick = torch.arange(G * C * M, device=dev)
         theta_c = result.theta.reshape(G * C * M, R, P)[pick, best]
         conv_c = result.converged.reshape(G * C * M, R)[pick, best]
         cost = cost_c[pick, best].reshape(G, C * M).sum(1, keepdim=True)
         conv = conv_c.reshape(G, C * M).all(1, keepdim=True)
         theta = theta_c.reshape(G, 1, C * M * P)
     best = cost.argmin(1)
-    pick = torch.arange(G)
+    pick = torch.arange(G, device=dev)
     theta_best = theta[pick, best]
     if isinstance(law, BayesianLaw):
         theta_best = torch.stack([canonical_order(law, t, M, C) for t in theta_best])
@@ -191,8 +196,8 @@ def _first_nll(batch: Batch) -> torch.Tensor:
     """Each curve's measured NLL at its first fitted shot [G*C*M], to scale the baselines' starts."""
     G, C, M = batch.dims
     w = batch.weight.reshape(G * C * M, -1) > 0
-    first = torch.where(w.any(1), w.float().argmax(1), torch.zeros(G * C * M, dtype=torch.long))
-    return batch.nll.reshape(G * C * M, -1)[torch.arange(G * C * M), first]
+    first = w.float().argmax(1)  # 0 for a curve with no fitted point
+    return batch.nll.reshape(G * C * M, -1)[torch.arange(G * C * M, device=w.device), first]
 
 
 def predict(law_name: str, theta: torch.Tensor, shots: torch.Tensor, M: int, C: int = 1) -> torch.Tensor:
@@ -282,11 +287,12 @@ def fit_groups(groups: list[CurveGroup], config: FitConfig, stream=None) -> list
         t0 = time.perf_counter()
         for M in sorted({g.n_tasks for g, _, _ in jobs}):
             idx = [j for j, (g, _, _) in enumerate(jobs) if g.n_tasks == M]
-            batch = stack_groups([jobs[j][0] for j in idx], [masks[j][0] for j in idx])
+            batch = stack_groups([jobs[j][0] for j in idx], [masks[j][0] for j in idx]).to(config.device)
             total = len(idx) * config.starts * (1 if isinstance(law, BayesianLaw) else M)
             fit = fit_batch(law_name, batch, config.space, config.starts, config.seed, config.max_iter,
                             progress=_progress(law_name, total, stream))
-            log_p = predict(law_name, fit.theta, batch.shots, M)[:, 0].numpy()
+            log_p = predict(law_name, fit.theta, batch.shots, M)[:, 0].cpu().numpy()
+            fit = BatchFit(fit.theta.cpu(), fit.loss.cpu(), fit.converged.cpu())
             for row, j in enumerate(idx):
                 g, split, frac = jobs[j]
                 S = len(g.shots)

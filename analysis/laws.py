@@ -86,14 +86,14 @@ class BayesianLaw:
         d_rho = w1 - w0  # d log p / d log rho_m, and also d / d prior logit_m since sum_m d_rho = 0
         d_K = (K * n * lp * d_rho).sum(-1, keepdim=True)  # d log p / d log K
         # each condition's priors and K only move that condition's points
-        own = torch.cat([d_rho, d_K], -1)[:, :, :, :, None, :] * torch.eye(C, dtype=theta.dtype)[:, None, None, :, None]
+        own = torch.cat([d_rho, d_K], -1)[:, :, :, :, None, :] * torch.eye(C, dtype=theta.dtype, device=theta.device)[:, None, None, :, None]
         d_P = (K * n + 1) * w1 - K * n * w0  # d log p_i / d log P_im, for row i only
         jac_P = self._p_jacobian(d_P, theta[:, : self.p_size(M)], M)
         return lse1 - lse0, torch.cat([jac_P, own.flatten(-2)], -1)
 
     def _p_jacobian(self, d_P: torch.Tensor, p_raw: torch.Tensor, M: int) -> torch.Tensor:
         """Chain d log p_i / d log P_im [B, C, M(i), S, M(m)] to the P part of theta."""
-        eye = torch.eye(M, dtype=d_P.dtype)
+        eye = torch.eye(M, dtype=d_P.dtype, device=d_P.device)
         if self.tying == "none":  # log P_im = logsigmoid(q_im): derivative 1 - P_im, own row only
             scaled = d_P * torch.sigmoid(-p_raw).reshape(-1, 1, M, 1, M)
             return (scaled[:, :, :, :, None, :] * eye[:, None, :, None]).flatten(-2)
