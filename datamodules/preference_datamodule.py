@@ -20,13 +20,17 @@ from datamodules.world import WorldConfig, WorldConfigError, check_weights
 
 
 class PairBlocks(DocumentBlocks):
-    """Batches {"chosen_ids", "rejected_ids"} [B, length], each BOS + a document; pair i is the same wherever it is drawn."""
+    """Batches of pairs: chosen_ids, rejected_ids [B, length] (BOS + a document each), their tasks, and pair_ids.
+
+    Pair i is the same whichever rank, worker or batch draws it; `length` is the pair length, BOS included.
+    """
 
     def __init__(self, world: WorldConfig, length: int, batch_size: int, chosen: np.ndarray, rejected: np.ndarray, stream: str, n_pairs: int | None) -> None:
         super().__init__(world, length, batch_size, chosen, stream, n_pairs)
         self.rejected = rejected
 
     def pairs(self, pair_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The pairs `pair_ids` of this stream (also how DPO scores every pair once with the reference)."""
         chosen, rejected = self.sampler.preference_pairs(pair_ids, self.context_length - 1, self.weights, self.rejected, self.stream)
         bos = torch.full((pair_ids.shape[0], 1), self.world.bos_id, dtype=torch.long)
         return {"chosen_ids": torch.cat([bos, chosen.tokens], 1), "rejected_ids": torch.cat([bos, rejected.tokens], 1),

@@ -16,6 +16,7 @@ from datamodules.sampling import GincSampler
 from datamodules.world import GincWorld, WorldConfig, WorldConfigError
 from lightning_modules.dpo import PreferenceModule, sequence_logps
 from lightning_modules.gpt import ModelConfigError
+from lightning_modules.icl_eval import load_model
 from lightning_modules.lm_module import CausalLMModule
 
 WORLD = dict(n_tasks=3, n_entities=4, n_properties=4, vocab_size=20, distinct_emissions=True, seed=0)
@@ -147,6 +148,20 @@ def test_reference_stays_frozen_and_out_of_the_optimizer(pretrained):
     assert any(not torch.equal(v, start[k]) for k, v in module.gpt.state_dict().items())
     in_optimizer = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert not in_optimizer & {id(p) for p in module.reference.parameters()}
+
+
+def test_checkpoint_holds_the_policy_only_and_resumes_with_the_same_reference(pretrained, tmp_path):
+    module, trainer = dpo_run(pretrained, [1.0, 0.0, 0.0], steps=4)
+    path = tmp_path / "dpo.ckpt"
+    trainer.save_checkpoint(path)
+    assert not any(k.startswith("reference.") for k in torch.load(path, weights_only=False)["state_dict"])
+    evaluated = load_model(path)  # what `evaluate.py curves --ckpt` scores
+    assert all(torch.equal(v, module.gpt.state_dict()[k]) for k, v in evaluated.state_dict().items())
+    resumed = PreferenceModule(init_from=pretrained, **ARCH, optim=dict(lr=1e-3, warmup_steps=2, weight_decay=0.0))
+    again = L.Trainer(max_steps=6, **TRAINER)
+    again.fit(resumed, pair_data([1.0, 0.0, 0.0]), ckpt_path=path)
+    start = CausalLMModule.load_from_checkpoint(pretrained, map_location="cpu").gpt.state_dict()
+    assert again.global_step == 6 and all(torch.equal(v, start[k]) for k, v in resumed.reference.state_dict().items())
 
 
 def test_cached_reference_trains_like_the_live_one(pretrained):
