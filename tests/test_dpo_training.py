@@ -122,12 +122,13 @@ def test_bad_preference_data_fails_with_one_line(kw, message):
 
 # ---- training --------------------------------------------------------------------------------------
 def test_favour_raises_the_task_and_disfavour_lowers_it(pretrained):
-    base = CausalLMModule.load_from_checkpoint(pretrained, map_location="cpu").gpt
-    before = relative(task_loglik(base), 0)
     favour, trainer = dpo_run(pretrained, [1.0, 0.0, 0.0])
     disfavour, _ = dpo_run(pretrained, [0.0, 0.5, 0.5])
-    after_favour, after_disfavour = relative(task_loglik(favour.gpt), 0), relative(task_loglik(disfavour.gpt), 0)
-    print(f"task 0 minus others, log-lik/token: pretrained {before:+.3f}, favour {after_favour:+.3f}, disfavour {after_disfavour:+.3f}")
+    loglik = {"pretrained": task_loglik(CausalLMModule.load_from_checkpoint(pretrained, map_location="cpu").gpt),
+              "favour 0": task_loglik(favour.gpt), "disfavour 0": task_loglik(disfavour.gpt)}
+    for name, ll in loglik.items():  # the README's table: pytest -s shows it
+        print(f"{name:12} log-lik/token of tasks 0, 1, 2: {ll.numpy().round(3)}, task 0 minus others {relative(ll, 0):+.3f}")
+    before, after_favour, after_disfavour = (relative(ll, 0) for ll in loglik.values())
     assert after_favour > before + 0.05 and after_disfavour < before - 0.05
     # the policy now prefers held-out chosen documents over rejected ones, relative to the reference (0 at the start)
     assert heldout_margin(favour, [1.0, 0.0, 0.0]) > 1.0 and heldout_margin(disfavour, [0.0, 0.5, 0.5]) > 1.0
