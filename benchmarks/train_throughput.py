@@ -51,8 +51,6 @@ from lightning_modules.lm_module import CausalLMModule, OptimConfig, adamw_with_
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from NVIDIA's data sheets; first match of the name wins.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 K_VALUES = [3, 5, 8, 10]
-
-
 _START = time.perf_counter()
 
 
@@ -362,8 +360,12 @@ def parse(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
     for name in ("warmup", "steps", "batch", "eval_prompts", "loss_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.workers < 0 or min(cfg.layers) < 1 or (cfg.peak_tflops is not None and cfg.peak_tflops <= 0):
-        raise ValueError("--workers must be >= 0, --layers >= 1 and --peak-tflops > 0")
+    if min(cfg.layers) < 1:
+        raise ValueError(f"--layers must all be >= 1, got {cfg.layers}")
+    if cfg.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {cfg.workers}")
+    if cfg.peak_tflops is not None and cfg.peak_tflops <= 0:
+        raise ValueError(f"--peak-tflops must be > 0, got {cfg.peak_tflops}")
     return cfg, a.loss_check
 
 
