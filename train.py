@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 import torch
 from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -204,6 +204,7 @@ def run_quickstart(root: str = "runs") -> None:
 
 def cli_main(args: Sequence[str]) -> TrainCLI:
     return TrainCLI(CausalLMModule, GincDataModule, subclass_mode_model=True, subclass_mode_data=True, args=list(args),
+                    seed_everything_default=0,  # same seed, same initial weights: runs compare and resume exactly
                     trainer_defaults={"use_distributed_sampler": False},  # the datamodule shards by rank itself
                     save_config_kwargs={"overwrite": True})
 
@@ -213,6 +214,7 @@ _UNION_ERROR = "Does not validate against any of the Union subtypes"
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    torch.set_float32_matmul_precision("high")  # TF32 for what runs outside bf16 autocast on GPUs
     try:
         if not argv:
             run_quickstart()

@@ -73,7 +73,7 @@ def test_two_ddp_processes_give_the_single_process_curves(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "rows.pt")
-    mp.start_processes(_ddp_worker, args=(2, port, out), nprocs=2, start_method="spawn")
+    mp.start_processes(_ddp_worker, args=(2, port, out), nprocs=2, start_method="fork")  # fork: the children need not re-import torch
     ddp, single = torch.load(out), metric_rows()
     assert len(single) == len(ddp) == WORLD.n_tasks * (CONTEXT // 3 + CONTEXT // 4)  # shots of k=2 and k=3
     assert len(ICLPromptSet(WORLD, ICL, CONTEXT, 0, 2)) < len(ICLPromptSet(WORLD, ICL, CONTEXT))  # ranks really split
