@@ -1,0 +1,252 @@
+"""Post-training ablations: a grid of model sizes x methods x directions x amounts, from one YAML.
+
+    python ablate.py --config configs/ablations/tiny.yaml          # CPU, a few minutes
+    python ablate.py --config configs/ablations/paper.yaml         # the paper-scale grid (GPUs)
+
+For each size the runner pretrains once (or reuses a given checkpoint), post-trains every
+(method, direction, amount) cell from that checkpoint with train.py's own stages, measures every cell's
+final ICL curves on the same prompts, and writes one combined curves table, the law fits
+(`evaluate.py fit`) and the shift report (`evaluate.py shift`, baseline = each size's pretrained model).
+Amount 0 of every method is the pretrained model itself.
+
+It is resumable: a finished cell leaves `DONE` in its directory and is skipped on the next call; a cell
+that was interrupted after a checkpoint resumes from it. A failed cell is reported in report.md and in
+the exit status, and the other cells still run.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+METHODS = ("sft", "dpo")
+DIRECTIONS = ("favor", "disfavor")
+
+
+class AblationConfigError(ValueError):
+    """The ablation YAML is wrong; the message names the setting and the fix."""
+
+
+@dataclass
+class AblationConfig:
+    """sizes: model.size of each pretrained model. base_configs: train.py configs of every run (world,
+    data, trainer). pretrain_steps: its trainer.max_steps; pretrained: size -> an existing checkpoint to
+    reuse instead. methods x directions x amounts: the post-training cells, each a configs/<method>-<direction>.yaml
+    run on `tasks`; amounts count documents (SFT) or pairs (DPO), seen `epochs` times in batches of
+    batch_size. evals_per_cell: ICL evaluations during a cell. overrides: extra train.py flags for every
+    run (e.g. --trainer.devices 8); pretrain_overrides, posttrain_overrides: for those runs only (e.g. lr).
+    fit_fraction, laws: for evaluate.py fit; shift_resamples: for evaluate.py shift's intervals."""
+
+    name: str
+    sizes: list[str]
+    base_configs: list[str] = field(default_factory=list)
+    root: str = "runs/ablations"
+    pretrain_steps: int = 1000
+    pretrained: dict[str, str] = field(default_factory=dict)
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    directions: list[str] = field(default_factory=lambda: list(DIRECTIONS))
+    tasks: list[int] = field(default_factory=lambda: [0])
+    amounts: list[int] = field(default_factory=lambda: [0, 50, 250, 500, 1000, 2500, 5000])
+    epochs: int = 1
+    batch_size: int = 16
+    evals_per_cell: int = 2
+    overrides: list[str] = field(default_factory=list)
+    pretrain_overrides: list[str] = field(default_factory=list)
+    posttrain_overrides: list[str] = field(default_factory=list)
+    fit_fraction: float = 0.1
+    laws: list[str] | None = None
+    shift_resamples: int = 100
+
+    @classmethod
+    def load(cls, path: Path) -> "AblationConfig":
+        if not path.is_file():
+            raise FileNotFoundError(f"ablation config {path} does not exist; see configs/ablations/")
+        raw = yaml.safe_load(path.read_text()) or {}
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise AblationConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        try:
+            cfg = cls(**raw)
+        except TypeError as exc:
+            raise AblationConfigError(f"{path}: {exc}; give name and sizes at least") from None
+        cfg.validate(path)
+        return cfg
+
+    def validate(self, path: Path) -> None:
+        for method in self.methods:
+            if method not in METHODS:
+                raise AblationConfigError(f"{path}: unknown method {method!r}; choose from {', '.join(METHODS)}")
+        for direction in self.directions:
+            if direction not in DIRECTIONS:
+                raise AblationConfigError(f"{path}: unknown direction {direction!r}; choose from {', '.join(DIRECTIONS)}")
+        if any(a < 0 for a in self.amounts) or not self.amounts:
+            raise AblationConfigError(f"{path}: amounts must be >= 0 (0 = the pretrained model), got {self.amounts}")
+        for value, what in ((self.epochs, "epochs"), (self.batch_size, "batch_size"), (self.pretrain_steps, "pretrain_steps"), (self.evals_per_cell, "evals_per_cell")):
+            if value < 1:
+                raise AblationConfigError(f"{path}: {what} must be >= 1, got {value}")
+        for size, ckpt in self.pretrained.items():
+            if size not in self.sizes:
+                raise AblationConfigError(f"{path}: pretrained names size {size!r}, which is not in sizes {self.sizes}")
+            if not Path(ckpt).exists():
+                raise FileNotFoundError(f"{path}: pretrained checkpoint {ckpt} for {size} does not exist")
+        for cfg in self.base_configs:
+            if not Path(cfg).is_file():
+                raise FileNotFoundError(f"{path}: base config {cfg} does not exist")
+
+
+@dataclass
+class Cell:
+    size: str
+    method: str  # "pretrain" for the pretraining run
+    direction: str = ""
+    amount: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.size}/pretrain" if self.method == "pretrain" else f"{self.size}/{self.method}-{self.direction}-{self.amount}"
+
+
+def cell_args(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None) -> list[str]:
+    """train.py flags of one cell: the stage's config, then the grid's base configs, then the cell's settings."""
+    base = [a for c in cfg.base_configs for a in ("--config", c)]
+    if cell.method == "pretrain":
+        steps = cfg.pretrain_steps
+        args = ["--config", str(CONFIGS / "pretrain.yaml"), *base, "--run.stage", "pretrain", "--model.size", cell.size]
+        extra = cfg.pretrain_overrides
+    else:
+        steps = max(1, math.ceil(cell.amount * cfg.epochs / cfg.batch_size))
+        args = ["--config", str(CONFIGS / f"{cell.method}-{cell.direction}.yaml"), *base, "--run.stage", cell.method,
+                "--run.direction", cell.direction, "--run.tasks", str(list(cfg.tasks)), "--model.init_from", str(pretrained),
+                "--data.train_documents", str(cell.amount), "--data.batch_size", str(cfg.batch_size)]
+        extra = cfg.posttrain_overrides
+    interval = max(1, steps // cfg.evals_per_cell)
+    return ["fit", *args, "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(interval),
+            "--run.root", str(out), "--run.name", cell.name, "--run.eval_at_start", "false", *cfg.overrides, *extra]
+
+
+def run_cell(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None) -> str:
+    """Train one cell unless it is done; returns 'done', 'skipped' or 'failed: <reason>'."""
+    import train  # heavy imports (torch, lightning) only when there is training to do
+
+    cell_dir = out / cell.name
+    if (cell_dir / "DONE").is_file():
+        return "skipped"
+    args = cell_args(cfg, cell, out, pretrained)
+    if (cell_dir / "checkpoints" / "last.ckpt").is_file():
+        args += ["--ckpt_path", "last"]  # interrupted after a checkpoint: continue from it
+    elif cell_dir.exists():
+        shutil.rmtree(cell_dir)  # interrupted before its first checkpoint: start again
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[ablate] {cell.name}: python train.py {' '.join(args)}", flush=True)
+    began = time.perf_counter()
+    try:
+        with (cell_dir / "train.log").open("a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            code = train.main(args)
+    except Exception as exc:  # a crashing cell must not take the grid down
+        (cell_dir / "error.txt").write_text(traceback.format_exc())
+        return f"failed: {type(exc).__name__}: {exc}".splitlines()[0]
+    if code != 0 or not (cell_dir / "hf").is_dir():
+        return f"failed: train.py exited {code} (see {cell_dir / 'train.log'})"
+    (cell_dir / "DONE").write_text(f"{time.perf_counter() - began:.1f} s\n")
+    return "done"
+
+
+def final_curves(model: Path) -> list[dict]:
+    """ICL curves of a finished run's final model (its HF export or a checkpoint), labelled as the run."""
+    from lightning_modules.icl_eval import checkpoint_curve_rows
+
+    args = argparse.Namespace(ckpt=[model], run=None, data_config=None, k=None, prompts=None, batch_size=16, device="auto")
+    return checkpoint_curve_rows(args)
+
+
+def true_priors(model: Path) -> list[str]:
+    """--true-priors for the shift report: the pretraining mixture, when it is not uniform."""
+    from lightning_modules.icl_eval import read_source
+
+    weights = (read_source(model).data.get("world") or {}).get("weights")
+    if not weights or max(weights) - min(weights) < 1e-9:
+        return []
+    return ["--true-priors", *map(str, weights)]
+
+
+def run_grid(cfg: AblationConfig, stop_after: int | None = None) -> int:
+    """Run (or resume) the grid; write curves.csv, fits/, shift/ and report.md. Returns the number of failed cells."""
+    import evaluate
+    from lightning_modules.curves_table import write_curves
+
+    out = Path(cfg.root) / cfg.name
+    status: dict[str, str] = {}
+    baselines: dict[str, list[dict]] = {}
+    cells: list[Cell] = []
+    for size in cfg.sizes:
+        pre = Cell(size, "pretrain")
+        if size in cfg.pretrained:
+            pretrained, status[pre.name] = Path(cfg.pretrained[size]), "given"
+        else:
+            pretrained = out / pre.name / "hf"
+        for cell in (*([pre] if size not in cfg.pretrained else []),
+                     *(Cell(size, m, d, a) for m in cfg.methods for d in cfg.directions for a in cfg.amounts if a > 0)):
+            trained = sum(s == "done" for s in status.values())
+            if stop_after is not None and trained >= stop_after:
+                print(f"[ablate] stopped after {trained} trained cells (--stop-after); rerun to finish", flush=True)
+                return sum(s.startswith("failed") for s in status.values())
+            if cell.method != "pretrain" and not pretrained.exists():
+                status[cell.name] = f"failed: no pretrained model at {pretrained}"
+                continue
+            status[cell.name] = run_cell(cfg, cell, out, pretrained)
+            if cell.method != "pretrain":
+                cells.append(cell)
+        if pretrained.exists():
+            baselines[size] = final_curves(pretrained)
+    rows = [r for size_rows in baselines.values() for r in size_rows]
+    rows += [r for c in cells if c.method != "pretrain" and status[c.name] in ("done", "skipped") for r in final_curves(out / c.name / "hf")]
+    failed = [name for name, s in status.items() if s.startswith("failed")]
+    for name in failed:
+        print(f"[ablate] FAILED {name}: {status[name]}", flush=True)
+    if not rows:
+        raise AblationConfigError(f"no model of {cfg.name} finished, so there are no curves; see {out}/*/*/train.log")
+    curves = write_curves(rows, out / "curves.csv")
+    fit_args = ["fit", "--curves", str(curves), "--out", str(out / "fits"), "--fit-fraction", str(cfg.fit_fraction)]
+    codes = [evaluate.main(fit_args + (["--laws", *cfg.laws] if cfg.laws else []))]
+    for size, base_rows in baselines.items():
+        shift_args = ["shift", "--curves", str(curves), "--baseline", base_rows[0]["run"], "--out", str(out / "shift" / size),
+                      "--resamples", str(cfg.shift_resamples), *true_priors(out / f"{size}/pretrain/hf" if size not in cfg.pretrained else Path(cfg.pretrained[size]))]
+        codes.append(evaluate.main(shift_args))
+    write_report(cfg, out, status)
+    return len(failed) + sum(c != 0 for c in codes)
+
+
+def write_report(cfg: AblationConfig, out: Path, status: dict[str, str]) -> None:
+    lines = [f"# Ablation {cfg.name}", "", f"Sizes {', '.join(cfg.sizes)}; methods {', '.join(cfg.methods)}; directions "
+             f"{', '.join(cfg.directions)}; tasks {cfg.tasks}; amounts {cfg.amounts} (x{cfg.epochs} epochs, batch {cfg.batch_size}).", "",
+             "| cell | status |", "| --- | --- |", *[f"| {n} | {s} |" for n, s in status.items()], "",
+             "- combined curves: `curves.csv`", "- law fits: `fits/report.md`",
+             *[f"- shift of {size}: `shift/{size}/report.md`" for size in cfg.sizes], ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, required=True, help="ablation YAML (configs/ablations/*.yaml)")
+    parser.add_argument("--stop-after", type=int, help="stop after training this many cells (rerun to finish)")
+    args = parser.parse_args(argv)
+    try:
+        failed = run_grid(AblationConfig.load(args.config), args.stop_after)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The ablation runner: a tiny grid end to end, resumed after an interruption, with a failing cell."""
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+
+import ablate
+
+BASE = Path(__file__).resolve().parent.parent / "configs" / "ablations" / "tiny-base.yaml"
+
+
+def _grid(tmp_path: Path, root: str, **extra) -> Path:
+    cfg = {
+        "name": "t", "root": str(tmp_path / root), "sizes": ["gpt2-1l"], "base_configs": [str(BASE)],
+        "pretrain_steps": 30, "pretrain_overrides": ["--model.optim.lr", "3e-3", "--model.optim.warmup_steps", "5"],
+        "posttrain_overrides": ["--model.optim.lr", "1e-3", "--model.optim.warmup_steps", "1"],
+        "overrides": ["--data.context_length", "32", "--model.n_positions", "32", "--data.icl", "{k_values: [3], prompts_per_task: 8, batch_size: 8}"],
+        "methods": ["sft", "dpo"], "directions": ["favor"], "tasks": [0], "amounts": [0, 32], "batch_size": 16,
+        "evals_per_cell": 1, "fit_fraction": 0.5, "laws": ["power", "bayesian_sampling"], "shift_resamples": 4, **extra,
+    }
+    path = tmp_path / f"{root}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _table(path: Path) -> list[dict]:
+    with path.open() as f:
+        return sorted(csv.DictReader(f), key=lambda r: (r["run"], r["k"], r["task"], int(r["shots"])))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("ablate")
+    assert ablate.main(["--config", str(_grid(tmp, "whole"))]) == 0
+    return tmp
+
+
+def test_grid_writes_curves_fits_and_shift(finished):
+    out = finished / "whole" / "t"
+    rows = _table(out / "curves.csv")
+    runs = {r["run"] for r in rows}
+    assert len(runs) == 3 and any(r.endswith("/pretrain") for r in runs)
+    assert {r["method"] for r in rows} == {"", "sft", "dpo"} and {r["amount"] for r in rows} == {"", "32"}
+    assert (out / "fits" / "fits.csv").is_file() and (out / "shift" / "gpt2-1l" / "shift.csv").is_file()
+    assert "| gpt2-1l/sft-favor-32 | done |" in (out / "report.md").read_text()
+
+
+def test_interrupted_grid_resumes_to_the_same_table(finished, tmp_path):
+    config = _grid(tmp_path, "resumed")
+    assert ablate.main(["--config", str(config), "--stop-after", "2"]) == 0  # pretraining and one cell, then "killed"
+    out = tmp_path / "resumed" / "t"
+    assert not (out / "curves.csv").exists() and (out / "gpt2-1l" / "sft-favor-32" / "DONE").is_file()
+    assert ablate.main(["--config", str(config)]) == 0
+    resumed, whole = _table(out / "curves.csv"), _table(finished / "whole" / "t" / "curves.csv")
+    assert [(r["run"], r["task"], r["shots"]) for r in resumed] == [(r["run"], r["task"], r["shots"]) for r in whole]
+    for a, b in zip(resumed, whole):
+        assert float(a["prob"]) == pytest.approx(float(b["prob"]), abs=1e-6)
+
+
+def test_failed_cell_is_reported_and_the_others_finish(finished, tmp_path):
+    pretrained = finished / "whole" / "t" / "gpt2-1l" / "pretrain" / "hf"
+    # disfavouring every task leaves an all-zero mixture: that cell fails, the favour cell runs
+    config = _grid(tmp_path, "failing", pretrained={"gpt2-1l": str(pretrained)}, methods=["sft"], directions=["favor", "disfavor"], tasks=[0, 1, 2])
+    assert ablate.main(["--config", str(config)]) == 1
+    out = tmp_path / "failing" / "t"
+    report = (out / "report.md").read_text()
+    assert "| gpt2-1l/sft-disfavor-32 | failed" in report and "| gpt2-1l/sft-favor-32 | done |" in report
+    assert any(r["run"].endswith("sft-favor-32") for r in _table(out / "curves.csv"))
+
+
+def test_bad_ablation_config(tmp_path, capsys):
+    assert ablate.main(["--config", str(_grid(tmp_path, "bad", methods=["rlhf"]))]) == 2
+    assert "unknown method 'rlhf'" in capsys.readouterr().err
+    assert ablate.main(["--config", str(tmp_path / "missing.yaml")]) == 2
