@@ -32,11 +32,3 @@ def write_curves(rows: Iterable[Mapping[str, object]], path: str | os.PathLike, 
     os.replace(tmp, path)
     return path
 
-
-def curve_rows(run: str, k: int, task: int, prob_sum, nll_sum, hit_sum, count, **extra: object) -> list[dict]:
-    """Curve rows of one (run, k, task) from per-shot sums (sequences or 1-D tensors) of prob, NLL, hits and counts."""
-    rows = []
-    for shots, (p, nll, hit, n) in enumerate(zip(*(list(map(float, v)) for v in (prob_sum, nll_sum, hit_sum, count)))):
-        if n > 0:
-            rows.append({"run": run, "k": k, "task": task, "shots": shots, "prob": p / n, "nll": nll / n, "acc": hit / n, "count": int(n), **extra})
-    return rows

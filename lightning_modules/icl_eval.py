@@ -79,13 +79,14 @@ def model_curve_rows(model: GPT2LMHeadModel, data: GincDataModule, run: str, dev
     return curve_rows(metric.compute(), data.icl.k_values, run, **extra)
 
 
-def exact_curve_rows(data: GincDataModule, run: str = "exact", weights: object = None, **extra: object) -> list[dict]:
+def exact_curve_rows(data: GincDataModule, run: str = "exact", weights: object = None, device: str | torch.device = "cpu", **extra: object) -> list[dict]:
     """The exact Bayesian learner's curve rows on the same prompts (prior = `weights`, default the world's)."""
-    learner = ExactLearner(GincWorld.build(data.world), weights)
-    metric = _metric(data)
+    learner = ExactLearner(GincWorld.build(data.world).to(device), weights)
+    metric = _metric(data).to(device)
     for batch in data.icl_dataloader():
         k, n = batch["k"], batch["labels"].shape[1]
-        demos = torch.cat([batch["input_ids"][:, 1:], batch["input_ids"].new_zeros(len(batch["labels"]), 1)], 1).view(-1, n, k + 1)
+        ids = batch["input_ids"].to(device)
+        demos = torch.cat([ids[:, 1:], ids.new_zeros(len(batch["labels"]), 1)], 1).view(-1, n, k + 1)
         pred = learner.predict_demos(demos[..., : k - 1], demos[..., k - 1])
         metric.update(k, batch["task"], pred.prob.log(), pred.correct)
     return curve_rows(metric.compute(), data.icl.k_values, run, **extra)
