@@ -4,7 +4,7 @@ In one run, on one device, for each size in --layers (GPT-2 d=768, 12 heads, con
   HF Trainer  fp32, eager attention, batch 8, the Trainer's default AdamW, a map-style dataset of
               pre-generated GINC blocks
   ours        CausalLMModule + GincDataModule + lightning.Trainer: bf16-mixed, SDPA, fused AdamW,
-              torch.compile (GPU), batches streamed from data workers
+              torch.compile, batches streamed from data workers (on a CPU: fp32, no compile, no workers)
 Both are timed over --steps optimizer steps after --warmup steps (compilation falls in the warm-up), with
 the device synchronised at both edges, and print tokens/s and MFU. MFU = model FLOP/s / the device's dense
 bf16 peak, with 6 * N_non-embedding + 12 * n_layer * d * T FLOPs per token (PaLM, Chowdhery et al. 2022,
@@ -199,8 +199,13 @@ def hf_trainer(model: GPT2LMHeadModel, out: str, batch: int, max_steps: int, dev
     return trainer
 
 
+def precision(device: torch.device) -> str:
+    """bf16-mixed on a GPU; fp32 on a CPU, where bf16 without hardware support is slower than fp32."""
+    return "bf16-mixed" if device.type == "cuda" else "32-true"
+
+
 def lightning_trainer(device: torch.device, callbacks: list[L.Callback], **kwargs: object) -> L.Trainer:
-    return L.Trainer(accelerator=device.type, devices=1, precision="bf16-mixed", logger=False, enable_checkpointing=False,
+    return L.Trainer(accelerator=device.type, devices=1, precision=precision(device), logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, **kwargs)
 
 
@@ -288,7 +293,7 @@ def throughput(cfg: BenchConfig, n_layer: int, world: WorldConfig, device: torch
     on_gpu = device.type == "cuda"  # the module compiles exactly when it runs on a GPU (compile=None)
     syncs = "n/a (CPU)" if clock.syncs is None else str(clock.syncs)
     breaks = f", graph breaks {sum(counters['graph_break'].values())}" if on_gpu else ""
-    report("ours", ours_tps, f"bf16-mixed, SDPA, fused AdamW={on_gpu}, compile={on_gpu}{breaks}, batch {cfg.batch}, "
+    report("ours", ours_tps, f"{precision(device)}, SDPA, fused AdamW={on_gpu}, compile={on_gpu}{breaks}, batch {cfg.batch}, "
                              f"{cfg.workers} workers ({1e3 * clock.between_steps / cfg.steps:.1f} ms/step between steps); host syncs in one step: {syncs}")
 
     if evaluate:
@@ -297,7 +302,7 @@ def throughput(cfg: BenchConfig, n_layer: int, world: WorldConfig, device: torch
         ours_s, ours_rows = eval_ours(module, cfg, world, device)
         model.load_state_dict(module.gpt.state_dict())  # the peer scores the same weights
         peer_s, prompt_s, peer_rows = eval_full_logits(model, cfg, world, device, str(tmp / "predict"))
-        say(f"ICL eval ({n_layer} layers, {n_prompts} prompts): ours {ours_s:.2f} s (batch {cfg.eval_batch}, bf16, label positions only)   "
+        say(f"ICL eval ({n_layer} layers, {n_prompts} prompts): ours {ours_s:.2f} s (batch {cfg.eval_batch}, {precision(device)}, label positions only)   "
             f"Trainer.predict full logits {peer_s:.2f} s (fp32, eager, batch {cfg.hf_batch})   ratio {peer_s / ours_s:.1f}x   "
             f"(both include {prompt_s:.2f} s of prompt sampling)   max |prob ours - prob full logits| = {max_prob_gap(ours_rows, peer_rows):.1e}")
     del hf, module, model
@@ -380,6 +385,8 @@ def main(argv: list[str] | None = None) -> None:
     disable_progress_bar()
     warnings.filterwarnings("ignore", category=UserWarning)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # CPU numbers only show the paths run; threads spinning against other jobs made them 10x slower
     peak, peak_label = peak_flops(device, cfg.peak_tflops)
     world = WorldConfig()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
