@@ -10,6 +10,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 
 @contextmanager
 def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
@@ -48,3 +50,10 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
 
 def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+def shots_grid(max_shots: float, points: int = 300) -> np.ndarray:
+    """Shots at which to draw a law: dense near 0 (where curves turn fastest), log-spaced beyond."""
+    near = np.linspace(0.0, min(2.0, max_shots), 60)
+    far = np.geomspace(min(2.0, max_shots) or 1.0, max(max_shots, 1.0), points)
+    return np.unique(np.concatenate([near, far]))

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from analysis.fitting import FitConfig, FitResult, predict  # noqa: E402
-from analysis.output import markdown_table, safe_name, write_csv  # noqa: E402
+from analysis.output import markdown_table, safe_name, shots_grid, write_csv  # noqa: E402
 
 FIT_COLUMNS = ("run", "k", "law", "split", "nrmse", "nrmse_nll", "n_params", "loss", "converged", "fit_fraction")
 
@@ -56,7 +56,7 @@ def plot_group(results: list[FitResult], path: Path) -> None:
     splits = list(dict.fromkeys(r.split for r in results))
     M = g.n_tasks
     fig, axes = plt.subplots(len(splits), M, figsize=(3.2 * M, 2.8 * len(splits)), squeeze=False, sharex=True)
-    grid = torch.linspace(0, float(g.shots.max()), 300, dtype=torch.float64)
+    grid = torch.as_tensor(shots_grid(float(g.shots.max())))
     colors = dict(zip(dict.fromkeys(r.law for r in results), plt.cm.tab10.colors))
     for row, split in enumerate(splits):
         shown = [r for r in results if r.split == split]

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from analysis.output import markdown_table, write_csv  # noqa: E402
+from analysis.output import markdown_table, shots_grid, write_csv  # noqa: E402
 from analysis.shift import ShiftConfig, ShiftResult, log_prob  # noqa: E402
 
 COMPARISON_COLUMNS = ("k", "fit", "n_params", "chi2", "aic", "bic", "heldout_nrmse", "converged", "preferred")
@@ -71,7 +71,7 @@ def plot_curves(result: ShiftResult, k: int, config: ShiftConfig, path: Path) ->
     """Measured curves of every condition with the joint fit, one panel per task."""
     cond = next(c for c in result.conditions if c.k == k)
     C, M, S = cond.prob.shape
-    grid = torch.linspace(0.0, float(cond.shots.max()), 300, dtype=torch.float64)
+    grid = torch.as_tensor(shots_grid(float(cond.shots.max())))
     fit = result.fits[k]["shared"]
     curves = log_prob(config.law, fit.theta[0], grid, M, C, True).exp().numpy()
     fig, axes = plt.subplots(1, M, figsize=(3.4 * M, 3.2), squeeze=False)
