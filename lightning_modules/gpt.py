@@ -64,4 +64,6 @@ def build_gpt(spec: GPTSpec, vocab_size: int, bos_id: int, pad_id: int) -> GPT2L
         pad_token_id=pad_id,
         attn_implementation="sdpa",
     )
-    return GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"  # left unset, HF warns on every forward: a graph break under torch.compile
+    return model
