@@ -23,9 +23,11 @@ class LMResult:
     iterations: int
 
 
-def _cost(r: torch.Tensor) -> torch.Tensor:
+def _normal_equations(r: torch.Tensor, J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """J^T J [A, D, D], J^T r [A, D] and the cost 0.5 |r|^2 [A] (inf where not finite)."""
     c = 0.5 * (r * r).sum(-1)
-    return torch.where(torch.isfinite(c), c, torch.full_like(c, float("inf")))
+    cost = torch.where(torch.isfinite(c), c, torch.full_like(c, float("inf")))
+    return J.transpose(1, 2) @ J, torch.einsum("bn,bnd->bd", r, J), cost
 
 
 def levenberg_marquardt(
@@ -53,9 +55,8 @@ def levenberg_marquardt(
     theta = theta0.clone()
     B, D = theta.shape
     dev = theta.device
-    rows = torch.arange(B, device=dev)
-    r, J = residual_fn(theta, rows)
-    cost = _cost(r)
+    # only the normal equations (J^T J, J^T r) are kept between iterations, not the [B, N, D] Jacobian
+    A, g, cost = _normal_equations(*residual_fn(theta, torch.arange(B, device=dev)))
     cost_ref = cost.clone()
     lam = torch.full((B,), 1e-3, dtype=theta.dtype, device=dev)
     stall = torch.zeros(B, dtype=torch.long, device=dev)
@@ -67,24 +68,19 @@ def levenberg_marquardt(
         idx = active.nonzero().squeeze(-1)
         if idx.numel() == 0:
             break
-        ra, Ja = r[idx], J[idx]
-        g = torch.einsum("bn,bnd->bd", ra, Ja)
-        A = Ja.transpose(1, 2) @ Ja
-        diag = A.diagonal(dim1=-2, dim2=-1)
+        Aa = A[idx]
+        diag = Aa.diagonal(dim1=-2, dim2=-1)
         damp = lam[idx, None] * diag + 1e-10 * diag.amax(-1, keepdim=True).clamp_min(1e-30)
-        L, info = torch.linalg.cholesky_ex(A + torch.diag_embed(damp) + 1e-30 * eye)
-        delta = -torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
+        L, info = torch.linalg.cholesky_ex(Aa + torch.diag_embed(damp) + 1e-30 * eye)
+        delta = -torch.cholesky_solve(g[idx].unsqueeze(-1), L).squeeze(-1)
         ok = (info == 0) & torch.isfinite(delta).all(-1)
         trial = theta[idx] + torch.where(ok[:, None], delta, torch.zeros_like(delta))
-        r_new, J_new = residual_fn(trial, idx)
-        cost_new = _cost(r_new)
+        A_new, g_new, cost_new = _normal_equations(*residual_fn(trial, idx))
         accept = ok & (cost_new < cost[idx])
         gain = (cost[idx] - cost_new) / cost[idx].clamp_min(1e-300)
         improving = accept & (gain > ftol)
-        theta[idx] = torch.where(accept[:, None], trial, theta[idx])
-        r[idx] = torch.where(accept[:, None], r_new, ra)
-        J[idx] = torch.where(accept[:, None, None], J_new, Ja)
-        cost[idx] = torch.where(accept, cost_new, cost[idx])
+        moved = idx[accept]
+        theta[moved], A[moved], g[moved], cost[moved] = trial[accept], A_new[accept], g_new[accept], cost_new[accept]
         lam[idx] = torch.where(accept, lam[idx] * 0.3, lam[idx] * 10.0).clamp(1e-12, 1e12)
         stall[idx] = torch.where(improving, torch.zeros_like(stall[idx]), stall[idx] + 1)
         active[idx] = stall[idx] < patience
