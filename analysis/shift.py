@@ -314,7 +314,9 @@ def analyse_shift(groups: list[CurveGroup], config: ShiftConfig, prompt_probs: d
                         vals = np.array([kb[key][i] for kb in know_b])
                         row.update({key: value[i], f"{key}_lo": np.quantile(vals, alpha),
                                     f"{key}_hi": np.quantile(vals, 1 - alpha)})
-                    suppressed = c > 0 and p0[c, i] < thresholds[i]
+                    # a task counts as suppressed when both its measured and its fitted zero-shot
+                    # probability are below the threshold, so noise around the baseline level is not flagged
+                    suppressed = c > 0 and p0[c, i] < thresholds[i] and cond.prob[c, i, 0] < thresholds[i]
                     row["threshold"] = thresholds[i]
                     row["shots_to_recover"] = shots_fit[c, i] if suppressed else ""
                     boot_shots = np.nan_to_num(shots_boot[:, c, i], nan=np.inf)
