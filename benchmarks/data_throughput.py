@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    n_peer_docs, n_docs, n_peer_prompts, n_prompts, n_peer_exact = (2, 64, 2, 32, 1) if args.smoke else (24, 1024, 20, 1000, 3)
+    n_peer_docs, n_docs, n_peer_prompts, n_prompts, n_peer_exact = (2, 64, 2, 32, 1) if args.smoke else (24, 4096, 20, 1000, 3)
     length = 1024 if args.smoke else args.doc_length
     world = GincWorld.build(WorldConfig())
     sampler, rng = GincSampler(world), np.random.default_rng(0)
