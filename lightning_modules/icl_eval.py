@@ -8,11 +8,14 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
+from torch.utils.data import DataLoader
 from transformers import GPT2LMHeadModel
 
 from datamodules.exact import ExactLearner
@@ -73,7 +76,7 @@ def model_curve_rows(model: GPT2LMHeadModel, data: GincDataModule, run: str, dev
     """ICL curve rows of a model on the datamodule's ICL prompts (all of them: one process)."""
     model = model.to(device).eval()
     metric = _metric(data).to(device)
-    for batch in data.icl_dataloader():
+    for batch in _progress(data.icl_dataloader(), run):
         logp, hit = label_scores(model, batch["input_ids"].to(device), batch["label_pos"].to(device), batch["labels"].to(device))
         metric.update(batch["k"], batch["task"], logp, hit)
     return curve_rows(metric.compute(), data.icl.k_values, run, **extra)
@@ -83,13 +86,21 @@ def exact_curve_rows(data: GincDataModule, run: str = "exact", weights: object =
     """The exact Bayesian learner's curve rows on the same prompts (prior = `weights`, default the world's)."""
     learner = ExactLearner(GincWorld.build(data.world).to(device), weights)
     metric = _metric(data).to(device)
-    for batch in data.icl_dataloader():
+    for batch in _progress(data.icl_dataloader(), run):
         k, n = batch["k"], batch["labels"].shape[1]
         ids = batch["input_ids"].to(device)
         demos = torch.cat([ids[:, 1:], ids.new_zeros(len(batch["labels"]), 1)], 1).view(-1, n, k + 1)
         pred = learner.predict_demos(demos[..., : k - 1], demos[..., k - 1])
         metric.update(k, batch["task"], pred.prob.log(), pred.correct)
     return curve_rows(metric.compute(), data.icl.k_values, run, **extra)
+
+
+def _progress(loader: DataLoader, run: str) -> Iterator[dict]:
+    """The loader's batches, counting them on stderr (one line, rewritten)."""
+    for i, batch in enumerate(loader):
+        print(f"\r{run}: ICL batch {i + 1}/{len(loader)}", end="", file=sys.stderr, flush=True)
+        yield batch
+    print(file=sys.stderr)
 
 
 def _metric(data: GincDataModule) -> ICLCurveMetric:
