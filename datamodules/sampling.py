@@ -176,10 +176,14 @@ class ICLPrompts:
 
     def demonstrations(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(x [N, n, k-1], y [N, n]): the inputs and label of each demonstration."""
-        N, n = self.labels.shape
-        body = torch.cat([self.tokens[:, 1:], self.tokens.new_full((N, 1), DELIMITER)], 1)
-        demos = body.reshape(N, n, self.k + 1)
-        return demos[..., : self.k - 1], demos[..., self.k - 1]
+        return split_demonstrations(self.tokens, self.k, self.n_shots)
+
+
+def split_demonstrations(tokens: torch.Tensor, k: int, n_shots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ICL prompt tokens [N, n_shots * (k + 1)] -> inputs x [N, n, k-1] and labels y [N, n] of each demonstration."""
+    body = torch.cat([tokens[:, 1:], tokens.new_full((tokens.shape[0], 1), DELIMITER)], 1)  # drop BOS, restore the last delimiter
+    demos = body.reshape(tokens.shape[0], n_shots, k + 1)
+    return demos[..., : k - 1], demos[..., k - 1]
 
 
 def shots_for_context(context_length: int, k: int) -> int:

@@ -20,7 +20,7 @@ from transformers import GPT2LMHeadModel
 
 from datamodules.exact import ExactLearner
 from datamodules.ginc_datamodule import GincDataModule
-from datamodules.sampling import shots_for_context
+from datamodules.sampling import shots_for_context, split_demonstrations
 from datamodules.world import GincWorld
 from lightning_modules.callbacks import DATA_FILE, RUN_INFO_KEY, RunInfo, plain
 from lightning_modules.icl_metric import ICLCurveMetric, curve_rows, label_scores
@@ -87,10 +87,8 @@ def exact_curve_rows(data: GincDataModule, run: str = "exact", weights: object =
     learner = ExactLearner(GincWorld.build(data.world).to(device), weights)
     metric = _metric(data).to(device)
     for batch in _progress(data.icl_dataloader(), run):
-        k, n = batch["k"], batch["labels"].shape[1]
-        ids = batch["input_ids"].to(device)
-        demos = torch.cat([ids[:, 1:], ids.new_zeros(len(batch["labels"]), 1)], 1).view(-1, n, k + 1)
-        pred = learner.predict_demos(demos[..., : k - 1], demos[..., k - 1])
+        k = batch["k"]
+        pred = learner.predict_demos(*split_demonstrations(batch["input_ids"].to(device), k, batch["labels"].shape[1]))
         metric.update(k, batch["task"], pred.prob.log(), pred.correct)
     return curve_rows(metric.compute(), data.icl.k_values, run, **extra)
 
