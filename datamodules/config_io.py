@@ -10,8 +10,8 @@ from datamodules.ginc_datamodule import GincDataModule
 from datamodules.world import WorldConfigError
 
 
-def load_datamodule_config(path: str | Path, k_values: list[int] | None = None, prompts_per_task: int | None = None, icl_batch_size: int | None = None) -> GincDataModule:
-    """Build the data module a config describes, with optional overrides of its ICL settings."""
+def read_data_settings(path: str | Path) -> dict:
+    """The GincDataModule arguments a YAML file gives, checked against the module's signature."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data config {path} does not exist; pass a YAML such as configs/data/ginc.yaml")
@@ -27,12 +27,22 @@ def load_datamodule_config(path: str | Path, k_values: list[int] | None = None, 
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise WorldConfigError(f"data config {path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    icl = dict(cfg.get("icl") or {})
+    return cfg
+
+
+def with_icl_overrides(settings: dict, k_values: list[int] | None = None, prompts_per_task: int | None = None, icl_batch_size: int | None = None) -> dict:
+    """A copy of data settings whose ICL section takes the given values (None keeps the setting's own)."""
+    icl = dict(settings.get("icl") or {})
     for key, value in (("k_values", k_values), ("prompts_per_task", prompts_per_task), ("batch_size", icl_batch_size)):
         if value is not None:
             icl[key] = value
-    cfg["icl"] = icl
+    return {**settings, "icl": icl}
+
+
+def load_datamodule_config(path: str | Path, k_values: list[int] | None = None, prompts_per_task: int | None = None, icl_batch_size: int | None = None) -> GincDataModule:
+    """Build the data module a config describes, with optional overrides of its ICL settings."""
+    settings = with_icl_overrides(read_data_settings(path), k_values, prompts_per_task, icl_batch_size)
     try:
-        return GincDataModule(**cfg)
+        return GincDataModule(**settings)
     except TypeError as exc:
         raise WorldConfigError(f"data config {path}: {exc}; check the world/icl settings' names") from exc

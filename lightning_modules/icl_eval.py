@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from torch.utils.data import DataLoader
 from transformers import GPT2LMHeadModel
 
+from datamodules.config_io import read_data_settings, with_icl_overrides
 from datamodules.exact import ExactLearner
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.sampling import shots_for_context, split_demonstrations
@@ -106,31 +106,17 @@ def _metric(data: GincDataModule) -> ICLCurveMetric:
     return ICLCurveMetric(data.icl.k_values, data.world.n_tasks, max(shots))
 
 
-def _data_overrides(args: argparse.Namespace) -> dict:
-    data: dict = {}
-    if args.data_config is not None:
-        loaded = yaml.safe_load(Path(args.data_config).read_text()) or {}
-        data = loaded.get("data", loaded)  # a training config's data section, or the section itself
-    icl = dict(data.get("icl") or {})
-    if args.k:
-        icl["k_values"] = args.k
-    if args.prompts:
-        icl["prompts_per_task"] = args.prompts
-    icl["batch_size"] = args.batch_size
-    return {**data, "icl": icl}
-
-
 def checkpoint_curve_rows(args: argparse.Namespace) -> list[dict]:
     """`evaluate.py curves --ckpt ...`: rows labelled and annotated like the run's own curves.csv."""
     if args.run and len(args.ckpt) > 1:
         raise ValueError("--run labels one source; with several --ckpt leave it out (each run's own label is used)")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    overrides = _data_overrides(args)
+    given = read_data_settings(args.data_config) if args.data_config is not None else {}
     rows: list[dict] = []
     for path in args.ckpt:
         src = read_source(path)
-        icl = {**(src.data.get("icl") or {}), **overrides["icl"]}
-        data = GincDataModule(**{**src.data, **overrides, "icl": icl})
+        settings = {**src.data, **given, "icl": {**(src.data.get("icl") or {}), **(given.get("icl") or {})}}
+        data = GincDataModule(**with_icl_overrides(settings, args.k or None, args.prompts or None, args.batch_size))
         extra = src.info.columns(src.step) if src.info else {"step": src.step}
         label = args.run or (src.info.run if src.info else src.path.stem)
         rows += model_curve_rows(load_model(path), data, label, device, **extra)
