@@ -186,15 +186,15 @@ def run_grid(cfg: AblationConfig, stop_after: int | None = None) -> int:
 
     out = Path(cfg.root) / cfg.name
     status: dict[str, str] = {}
-    baselines: dict[str, list[dict]] = {}
-    cells: list[Cell] = []
+    models: dict[str, Path] = {}  # each size's pretrained model
+    cells: list[Cell] = []  # post-training cells that ran or were done before
     for size in cfg.sizes:
         pre = Cell(size, "pretrain")
-        if size in cfg.pretrained:
-            pretrained, status[pre.name] = Path(cfg.pretrained[size]), "given"
-        else:
-            pretrained = out / pre.name / "hf"
-        for cell in (*([pre] if size not in cfg.pretrained else []),
+        given = size in cfg.pretrained
+        pretrained = Path(cfg.pretrained[size]) if given else out / pre.name / "hf"
+        if given:
+            status[pre.name] = "given"
+        for cell in (*([] if given else [pre]),
                      *(Cell(size, m, d, a) for m in cfg.methods for d in cfg.directions for a in cfg.amounts if a > 0)):
             trained = sum(s == "done" for s in status.values())
             if stop_after is not None and trained >= stop_after:
@@ -207,9 +207,10 @@ def run_grid(cfg: AblationConfig, stop_after: int | None = None) -> int:
             if cell.method != "pretrain":
                 cells.append(cell)
         if pretrained.exists():
-            baselines[size] = final_curves(pretrained)
+            models[size] = pretrained
+    baselines = {size: final_curves(model) for size, model in models.items()}
     rows = [r for size_rows in baselines.values() for r in size_rows]
-    rows += [r for c in cells if c.method != "pretrain" and status[c.name] in ("done", "skipped") for r in final_curves(out / c.name / "hf")]
+    rows += [r for c in cells if status[c.name] in ("done", "skipped") for r in final_curves(out / c.name / "hf")]
     failed = [name for name, s in status.items() if s.startswith("failed")]
     for name in failed:
         print(f"[ablate] FAILED {name}: {status[name]}", flush=True)
@@ -220,7 +221,7 @@ def run_grid(cfg: AblationConfig, stop_after: int | None = None) -> int:
     codes = [evaluate.main(fit_args + (["--laws", *cfg.laws] if cfg.laws else []))]
     for size, base_rows in baselines.items():
         shift_args = ["shift", "--curves", str(curves), "--baseline", base_rows[0]["run"], "--out", str(out / "shift" / size),
-                      "--resamples", str(cfg.shift_resamples), *true_priors(out / f"{size}/pretrain/hf" if size not in cfg.pretrained else Path(cfg.pretrained[size]))]
+                      "--resamples", str(cfg.shift_resamples), *true_priors(models[size])]
         codes.append(evaluate.main(shift_args))
     write_report(cfg, out, status)
     return len(failed) + sum(c != 0 for c in codes)
