@@ -149,9 +149,7 @@ class GincDataModule(L.LightningDataModule):
         if train_documents is not None and train_documents < 1:
             raise WorldConfigError(f"train_documents must be >= 1 (or null for an endless stream), got {train_documents}")
         for k in self.icl.k_values:
-            if k < 2:
-                raise WorldConfigError(f"ICL example length k must be >= 2, got {k}")
-            shots_for_context(context_length, k)
+            shots_for_context(context_length, k)  # checks k and that one example fits
         self.context_length, self.batch_size = context_length, batch_size
         self.train_weights = None if train_weights is None else list(check_weights(train_weights, self.world.n_tasks, "train_weights"))
         self.train_documents, self.train_stream = train_documents, train_stream

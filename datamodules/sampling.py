@@ -133,8 +133,7 @@ class GincSampler:
         cfg, w = self.config, self.world
         if not 0 <= task < cfg.n_tasks:
             raise WorldConfigError(f"task {task} is out of range for a world of {cfg.n_tasks} tasks")
-        if k < 2:
-            raise WorldConfigError(f"example length k must be >= 2 (inputs plus a label), got {k}")
+        check_example_length(k)
         if n_shots < 1:
             raise WorldConfigError(f"n_shots must be >= 1, got {n_shots}")
         prompt_ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=w.device)
@@ -186,8 +185,14 @@ def split_demonstrations(tokens: torch.Tensor, k: int, n_shots: int) -> tuple[to
     return demos[..., : k - 1], demos[..., k - 1]
 
 
+def check_example_length(k: int) -> None:
+    if k < 2:
+        raise WorldConfigError(f"example length k must be >= 2 (inputs plus a label), got {k}")
+
+
 def shots_for_context(context_length: int, k: int) -> int:
     """Demonstrations that fill a context: BOS plus n * (k + 1) - 1 tokens must fit."""
+    check_example_length(k)
     n = context_length // (k + 1)
     if n < 1:
         raise WorldConfigError(f"context_length {context_length} is too short for one example of length k={k} (needs {k + 1}); raise it or lower k")
