@@ -1,8 +1,11 @@
 """Batched, multi-start, float64 fits of the laws to curve groups, and their NRMSE.
 
-All fits of one law (every group x split x fit fraction x start) run as one batched
-Levenberg-Marquardt problem. The best finite start of each fit is kept; `converged` says whether
-it stopped improving before the iteration limit.
+All fits of one law (every group x split x fit fraction x start) of the same shape run as one batched
+Levenberg-Marquardt problem; groups of other shapes run in their own batch, so no group is ever padded
+for another and a group's fit is the same alone as in any batch. Starts are read off each group's own
+curves. The best start of each fit is kept; `converged` means it ended at a stationary point of the
+(weakly regularised) least-squares objective by the step criterion of `analysis.lm`. Standard errors
+come from J^T J at the optimum.
 """
 from __future__ import annotations
 
@@ -16,11 +19,14 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from analysis.curves import CurveGroup
-from analysis.laws import LAW_NAMES, BayesianLaw, CurveLaw, get_law
-from analysis.lm import levenberg_marquardt
+from analysis.laws import LAW_NAMES, BayesianLaw, CurveLaw, as_lists, get_law
+from analysis.lm import _normal_equations, levenberg_marquardt
 
 SPLITS = ("interpolation", "extrapolation")
 SPACES = ("prob", "nll")
+# Weak Gaussian prior on the unconstrained parameters, in units of the mean squared point weight: as
+# informative as a millionth of one measured point, so it decides only what the data leave open.
+RIDGE = 1e-6
 
 
 @dataclass
@@ -29,7 +35,7 @@ class FitConfig:
     splits: tuple[str, ...] = SPLITS
     fractions: tuple[float, ...] = (0.1,)
     space: str = "prob"
-    starts: int = 8
+    starts: int = 16
     seed: int = 0
     max_iter: int = 300
     device: str = "cpu"
@@ -85,6 +91,7 @@ class FitResult:
     loss: float
     converged: bool
     params: dict
+    stderr: dict  # same keys and shapes as params
     theta: torch.Tensor = field(repr=False)
 
 
@@ -133,9 +140,16 @@ def canonical_order(law: BayesianLaw, theta: torch.Tensor, M: int, C: int) -> to
     _, perm = linear_sum_assignment(-log_P.detach().cpu().numpy())
     perm_t = torch.as_tensor(perm, device=theta.device)
     p_raw = theta[: M * M].reshape(M, M)[:, perm_t].flatten()
-    per_cond = theta[M * M :].reshape(C, M + 1)
-    per_cond = torch.cat([per_cond[:, :M][:, perm_t], per_cond[:, M:]], dim=1)
+    per_cond = theta[M * M :].reshape(C, M)
+    logits = torch.cat([per_cond[:, : M - 1], torch.zeros_like(per_cond[:, :1])], 1)[:, perm_t]
+    per_cond = torch.cat([logits[:, : M - 1] - logits[:, M - 1 :], per_cond[:, M - 1 :]], dim=1)
     return torch.cat([p_raw, per_cond.flatten()])
+
+
+def ridge_of(batch: Batch) -> torch.Tensor:
+    """Per-group prior strength [G]: RIDGE x the mean squared weight of the group's fitted points."""
+    w2 = batch.weight.square()
+    return RIDGE * w2.sum((1, 2, 3)) / (batch.weight > 0).sum((1, 2, 3)).clamp_min(1)
 
 
 def fit_batch(
@@ -145,51 +159,94 @@ def fit_batch(
     starts: int = 8,
     seed: int = 0,
     max_iter: int = 300,
-    theta0: torch.Tensor | None = None,
+    extra_starts: torch.Tensor | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> BatchFit:
-    """Fit one law to every group of the batch at once; theta0 [G, R, D] replaces the generated starts."""
+    """Fit one law to every group of the batch at once from `starts` data-driven starts per group;
+    extra_starts [G, E, D] are tried beside them (e.g. a known good point)."""
     law = get_law(law_name)
     G, C, M = batch.dims
     gen = torch.Generator().manual_seed(seed)  # starts are drawn on the CPU, the same on any device
     dev = batch.prob.device
+    ridge = ridge_of(batch)
     if isinstance(law, BayesianLaw):
-        init = theta0 if theta0 is not None else law.starts(starts, M, C, gen).to(dev).expand(G, -1, -1)
+        init = law.starts(starts, batch.prob, batch.weight, batch.shots, gen)
+        init = init if extra_starts is None else torch.cat([init, extra_starts.to(dev)], 1)
         R = init.shape[1]
         result = levenberg_marquardt(
             _residual_fn(law, batch, space, lambda rows: rows // R), init.reshape(G * R, -1), max_iter,
-            progress=progress, starts_of=torch.arange(G * R, device=dev) // R,
+            ridge=ridge.repeat_interleave(R), progress=progress, starts_of=torch.arange(G * R, device=dev) // R,
         )
-        cost = result.cost.reshape(G, R)
+        objective, cost = result.objective.reshape(G, R), result.cost.reshape(G, R)
         conv = result.converged.reshape(G, R)
         theta = result.theta.reshape(G, R, -1)
     else:
         P = law.per_curve
-        if theta0 is not None:
-            init = theta0.reshape(G, -1, C * M, P).transpose(0, 1).reshape(theta0.shape[1], G * C * M, P)
-        else:
-            init = law.starts(starts, _first_nll(batch).cpu(), gen).to(dev)
+        init = law.starts(starts, _first_nll(batch).cpu(), gen).to(dev)  # [R, G*C*M, P]
+        if extra_starts is not None:
+            extra = extra_starts.reshape(G, -1, C * M, P).transpose(0, 1).reshape(-1, G * C * M, P)
+            init = torch.cat([init, extra.to(dev)], 0)
         R = init.shape[0]
         rows = init.transpose(0, 1).reshape(-1, P)  # curve-major: row = curve * R + start
         result = levenberg_marquardt(
             _residual_fn(law, batch, space, lambda r: r // R), rows, max_iter,
-            progress=progress, starts_of=torch.arange(rows.shape[0], device=dev) // R,
+            ridge=ridge.repeat_interleave(C * M * R), progress=progress,
+            starts_of=torch.arange(rows.shape[0], device=dev) // R,
         )
         # starts are independent per curve, so the best start is chosen per curve
-        cost_c = result.cost.reshape(G * C * M, R)
-        best = cost_c.argmin(1)
+        obj_c = result.objective.reshape(G * C * M, R)
+        best = obj_c.argmin(1)
         pick = torch.arange(G * C * M, device=dev)
         theta_c = result.theta.reshape(G * C * M, R, P)[pick, best]
         conv_c = result.converged.reshape(G * C * M, R)[pick, best]
-        cost = cost_c[pick, best].reshape(G, C * M).sum(1, keepdim=True)
+        objective = obj_c[pick, best].reshape(G, C * M).sum(1, keepdim=True)
+        cost = result.cost.reshape(G * C * M, R)[pick, best].reshape(G, C * M).sum(1, keepdim=True)
         conv = conv_c.reshape(G, C * M).all(1, keepdim=True)
         theta = theta_c.reshape(G, 1, C * M * P)
-    best = cost.argmin(1)
+    best = objective.argmin(1)
     pick = torch.arange(G, device=dev)
     theta_best = theta[pick, best]
     if isinstance(law, BayesianLaw):
         theta_best = torch.stack([canonical_order(law, t, M, C) for t in theta_best])
     return BatchFit(theta_best, cost[pick, best], conv[pick, best] & torch.isfinite(cost[pick, best]))
+
+
+def theta_covariance(law_name: str, batch: Batch, theta: torch.Tensor, space: str = "prob",
+                     noise_known: bool = False) -> torch.Tensor:
+    """Covariance [G, D] of fitted thetas [G, D]: s^2 (J^T J + ridge)^-1 at the optimum, with s^2 the
+    residual variance (or 1 where the weights are the points' known sampling errors)."""
+    law = get_law(law_name)
+    G, C, M = batch.dims
+    D = theta.shape[1]
+    ridge = ridge_of(batch)
+    if isinstance(law, BayesianLaw):
+        A, _, cost = _normal_equations(*_residual_fn(law, batch, space, lambda rows: rows)(theta, torch.arange(G)))
+    else:  # curves are independent: J^T J is block diagonal, one block per curve
+        P, curves = law.per_curve, G * C * M
+        A_c, _, cost_c = _normal_equations(*_residual_fn(law, batch, space, lambda rows: rows)(
+            theta.reshape(curves, P), torch.arange(curves)))
+        A = torch.zeros(G, C * M, P, C * M, P, dtype=theta.dtype)
+        own = torch.arange(C * M)
+        A[:, own, :, own, :] = A_c.reshape(G, C * M, P, P).transpose(0, 1)
+        A, cost = A.reshape(G, D, D), cost_c.reshape(G, C * M).sum(1)
+    H = A + ridge[:, None, None] * torch.eye(D, dtype=theta.dtype)
+    n_fit = (batch.weight > 0).sum((1, 2, 3))
+    s2 = torch.ones(G, dtype=theta.dtype) if noise_known else 2 * cost / (n_fit - law.n_params(M, C)).clamp_min(1)
+    cov = torch.from_numpy(np.linalg.pinv(H.numpy(), hermitian=True))
+    return s2[:, None, None] * cov
+
+
+def named_stderr(law_name: str, theta: torch.Tensor, cov: torch.Tensor, M: int, C: int = 1) -> dict:
+    """Standard errors of the interpretable parameters (delta method), keyed and shaped like `named`."""
+    law = get_law(law_name)
+    named = law.named_tensors(theta, M, C)
+    flat = lambda t: torch.cat([v.flatten() for v in law.named_tensors(t, M, C).values()])  # noqa: E731
+    jac = torch.func.jacrev(flat)(theta)
+    sd = ((jac @ cov) * jac).sum(-1).clamp_min(0).sqrt()
+    sizes = [v.numel() for v in named.values()]
+    shaped = {k: part.reshape(v.shape) for (k, v), part in zip(named.items(), sd.split(sizes))}
+    per_condition = ("priors", "K") if isinstance(law, BayesianLaw) else law.param_names
+    return as_lists(shaped, C, per_condition)
 
 
 def _first_nll(batch: Batch) -> torch.Tensor:
@@ -226,38 +283,32 @@ def split_masks(group: CurveGroup, split: str, fraction: float | None) -> tuple[
     return mask & early, mask & ~early
 
 
-def check_points(group: CurveGroup, law_name: str, split: str, fraction: float | None, fit_mask: np.ndarray,
-                 eval_mask: np.ndarray) -> None:
-    """Refuse a fit that has fewer points than parameters (per curve for the baselines)."""
+def unfittable(group: CurveGroup, law_name: str, split: str, fraction: float | None, fit_mask: np.ndarray,
+               eval_mask: np.ndarray) -> str | None:
+    """Why this law cannot be fitted to this group on this split (too few points), or None."""
     law = get_law(law_name)
-    where = f"run {group.run}, k {group.k}, {split}" + (f" (fit fraction {fraction})" if fraction else "")
-    hint = "raise --fit-fraction, measure more shots, or leave the law out with --laws"
+    where = f"{law_name} on run {group.run}, k {group.k}, {split}" + (f" (fit fraction {fraction})" if fraction else "")
     if isinstance(law, BayesianLaw):
         n, need = int(fit_mask.sum()), law.n_params(group.n_tasks)
         if n < need:
-            raise ValueError(f"{where}: {law_name} has {need} parameters but only {n} points to fit; {hint}")
+            return f"{where}: {need} parameters but only {n} points to fit"
     else:
         n = int(fit_mask.sum(1).min())
         if n < law.per_curve:
-            raise ValueError(f"{where}: {law_name} needs {law.per_curve} points per task curve, one has {n}; {hint}")
+            return f"{where}: needs {law.per_curve} points per task curve, one has {n}"
     if split == "extrapolation" and not eval_mask.any():
-        raise ValueError(f"{where}: no shots beyond the fit range to evaluate; lower --fit-fraction")
+        return f"{where}: no shots beyond the fit range to evaluate"
+    return None
 
 
 def stack_groups(groups: list[CurveGroup], fit_masks: list[np.ndarray]) -> Batch:
-    """Pad groups (all with the same M) to a common number of shots; C = 1."""
-    S = max(len(g.shots) for g in groups)
-    M = groups[0].n_tasks
-    shots = np.zeros((len(groups), S))
-    arrays = np.zeros((3, len(groups), 1, M, S))
-    for j, (g, fm) in enumerate(zip(groups, fit_masks)):
-        s = len(g.shots)
-        shots[j, :s], shots[j, s:] = g.shots, g.shots[-1]
-        arrays[0, j, 0, :, :s] = np.nan_to_num(g.prob)
-        arrays[1, j, 0, :, :s] = np.nan_to_num(g.nll)
-        arrays[2, j, 0, :, :s] = fm
-    t = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
-    return Batch(t(shots), t(arrays[0]), t(arrays[1]), t(arrays[2]))
+    """Groups of one shape (tasks x shots) as one batch, C = 1. Groups are never padded to another's
+    shape: that would change the arithmetic of their fit, and a group must fit the same in any batch."""
+    if len({g.prob.shape for g in groups}) > 1:
+        raise ValueError("stack_groups needs groups with the same number of tasks and shots; batch each shape apart")
+    t = lambda a: torch.as_tensor(np.stack(a), dtype=torch.float64)  # noqa: E731
+    return Batch(t([g.shots for g in groups]), t([np.nan_to_num(g.prob)[None] for g in groups]),
+                 t([np.nan_to_num(g.nll)[None] for g in groups]), t([fm[None].astype(np.float64) for fm in fit_masks]))
 
 
 def _progress(law_name: str, total: int, stream) -> Callable[[int, int], None]:
@@ -271,39 +322,58 @@ def _progress(law_name: str, total: int, stream) -> Callable[[int, int], None]:
     return report
 
 
-def fit_groups(groups: list[CurveGroup], config: FitConfig, stream=None) -> list[FitResult]:
-    """Fit every law to every group on every split; one batched optimisation per (law, number of tasks).
-    Progress goes to `stream` (default: stderr)."""
-    stream = stream or sys.stderr
+@dataclass
+class FitJob:
+    group: CurveGroup
+    split: str
+    fraction: float | None
+    fit_mask: np.ndarray
+    eval_mask: np.ndarray
+
+
+def plan_fits(groups: list[CurveGroup], config: FitConfig) -> list[FitJob]:
+    """Every (group, split, fit fraction) that the config asks for."""
     config.validate()
-    jobs = [(g, s, f) for g in groups for s in config.splits for f in ([None] if s == "interpolation" else config.fractions)]
-    masks = [split_masks(g, s, f) for g, s, f in jobs]
-    for law_name in config.laws:
-        for (g, s, f), (fm, em) in zip(jobs, masks):
-            check_points(g, law_name, s, f, fm, em)
+    return [FitJob(g, s, f, *split_masks(g, s, f)) for g in groups for s in config.splits
+            for f in ([None] if s == "interpolation" else config.fractions)]
+
+
+def skipped_fits(jobs: list[FitJob], config: FitConfig) -> list[str]:
+    """One line for each (law, job) that cannot be fitted; fit_groups leaves these out."""
+    reasons = (unfittable(j.group, law, j.split, j.fraction, j.fit_mask, j.eval_mask) for law in config.laws for j in jobs)
+    return [r for r in reasons if r is not None]
+
+
+def fit_groups(groups: list[CurveGroup], config: FitConfig, stream=None) -> list[FitResult]:
+    """Fit every law to every group on every split; one batched optimisation per (law, tasks, shots grid).
+    Fits that `skipped_fits` names are left out. Progress goes to `stream` (default: stderr)."""
+    stream = stream or sys.stderr
+    jobs = plan_fits(groups, config)
     results: list[FitResult] = []
     for li, law_name in enumerate(config.laws, start=1):
         law = get_law(law_name)
         t0 = time.perf_counter()
-        for M in sorted({g.n_tasks for g, _, _ in jobs}):
-            idx = [j for j, (g, _, _) in enumerate(jobs) if g.n_tasks == M]
-            batch = stack_groups([jobs[j][0] for j in idx], [masks[j][0] for j in idx]).to(config.device)
-            total = len(idx) * config.starts * (1 if isinstance(law, BayesianLaw) else M)
+        todo = [j for j in jobs if unfittable(j.group, law_name, j.split, j.fraction, j.fit_mask, j.eval_mask) is None]
+        for M, S in sorted({(j.group.n_tasks, len(j.group.shots)) for j in todo}):
+            bucket = [j for j in todo if (j.group.n_tasks, len(j.group.shots)) == (M, S)]
+            batch = stack_groups([j.group for j in bucket], [j.fit_mask for j in bucket]).to(config.device)
+            total = len(bucket) * config.starts * (1 if isinstance(law, BayesianLaw) else M)
             fit = fit_batch(law_name, batch, config.space, config.starts, config.seed, config.max_iter,
                             progress=_progress(law_name, total, stream))
             log_p = predict(law_name, fit.theta, batch.shots, M)[:, 0].cpu().numpy()
-            fit = BatchFit(fit.theta.cpu(), fit.loss.cpu(), fit.converged.cpu())
-            for row, j in enumerate(idx):
-                g, split, frac = jobs[j]
-                S = len(g.shots)
-                lp, em = log_p[row, :, :S], masks[j][1]
-                n_fit = max(int(masks[j][0].sum()), 1)
+            cpu = batch.to("cpu")
+            theta, loss, converged = fit.theta.cpu(), fit.loss.cpu(), fit.converged.cpu()
+            cov = theta_covariance(law_name, cpu, theta, config.space)
+            for row, j in enumerate(bucket):
+                n_fit = max(int(j.fit_mask.sum()), 1)
                 results.append(FitResult(
-                    group=g, law=law_name, split=split, fraction=frac,
-                    nrmse=nrmse(np.exp(lp), g.prob, em), nrmse_nll=nrmse(-lp, g.nll, em),
-                    n_params=law.n_params(M), loss=float(2 * fit.loss[row]) / n_fit,
-                    converged=bool(fit.converged[row]), params=law.named(fit.theta[row], M), theta=fit.theta[row],
+                    group=j.group, law=law_name, split=j.split, fraction=j.fraction,
+                    nrmse=nrmse(np.exp(log_p[row]), j.group.prob, j.eval_mask),
+                    nrmse_nll=nrmse(-log_p[row], j.group.nll, j.eval_mask),
+                    n_params=law.n_params(M), loss=float(2 * loss[row]) / n_fit, converged=bool(converged[row]),
+                    params=law.named(theta[row], M), stderr=named_stderr(law_name, theta[row], cov[row], M),
+                    theta=theta[row],
                 ))
-        print(f"fitted {law_name} ({li}/{len(config.laws)}): {len(jobs)} fits x {config.starts} starts "
+        print(f"fitted {law_name} ({li}/{len(config.laws)}): {len(todo)} fits x {config.starts} starts "
               f"in {time.perf_counter() - t0:.1f}s", file=stream, flush=True)
     return results

@@ -21,6 +21,12 @@ LAW_NAMES = ("bayesian", "bayesian_sampling", "bayesian_scoring", "power", "boun
 BAYESIAN_NAMES = LAW_NAMES[:3]
 
 
+def _sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """1 / (1 + e^-x). torch.sigmoid rounds a tensor's vectorised body and its scalar tail differently,
+    which would make a row's value depend on where the batch puts it; exp does not."""
+    return 1.0 / (1.0 + torch.exp(-x))
+
+
 def _lse_softmax(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """logsumexp and softmax over the last dim from one exp (the fit's hot loop needs both)."""
     top = e.amax(-1, keepdim=True)
@@ -33,8 +39,9 @@ def _lse_softmax(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class BayesianLaw:
     """Original (tying='none'), sampling-wise or scoring-wise tied Bayesian law.
 
-    theta = [P part, then per condition: M prior logits, log K]. P part: M*M logits of P (original) or
-    M logits of gamma and M logits of beta/gamma (tied: beta_j = gamma_j * sigmoid(.) keeps beta <= gamma).
+    theta = [P part, then per condition: M - 1 prior logits, log K]. The last task's logit is fixed at 0,
+    so no direction of theta leaves the law unchanged. P part: M*M logits of P (original) or M logits of
+    gamma and M logits of beta/gamma (tied: beta_j = gamma_j * sigmoid(.) keeps beta <= gamma).
     """
 
     name: str
@@ -44,7 +51,7 @@ class BayesianLaw:
         return M * M if self.tying == "none" else 2 * M
 
     def n_params(self, M: int, C: int = 1) -> int:
-        return self.p_size(M) + C * (M + 1)
+        return self.p_size(M) + C * M
 
     def log_P(self, p_raw: torch.Tensor, M: int) -> torch.Tensor:
         """[..., p_size] -> log P [..., M, M]."""
@@ -61,9 +68,9 @@ class BayesianLaw:
     def structure(self, theta: torch.Tensor, M: int, C: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """theta [..., D] -> log rho [..., C, M], log P [..., M, M] (shared by the C conditions), log K [..., C]."""
         n_p = self.p_size(M)
-        per_cond = theta[..., n_p:].reshape(*theta.shape[:-1], C, M + 1)
-        log_rho = torch.log_softmax(per_cond[..., :M], dim=-1)
-        return log_rho, self.log_P(theta[..., :n_p], M), per_cond[..., M]
+        per_cond = theta[..., n_p:].reshape(*theta.shape[:-1], C, M)
+        logits = torch.cat([per_cond[..., : M - 1], torch.zeros_like(per_cond[..., :1])], -1)
+        return torch.log_softmax(logits, dim=-1), self.log_P(theta[..., :n_p], M), per_cond[..., M - 1]
 
     def log_prob(self, theta: torch.Tensor, shots: torch.Tensor, M: int, C: int) -> torch.Tensor:
         """theta [B, D], shots [B, S] -> log p [B, C, M, S]."""
@@ -86,7 +93,7 @@ class BayesianLaw:
         d_rho = w1 - w0  # d log p / d log rho_m, and also d / d prior logit_m since sum_m d_rho = 0
         d_K = (K * n * lp * d_rho).sum(-1, keepdim=True)  # d log p / d log K
         # each condition's priors and K only move that condition's points
-        own = torch.cat([d_rho, d_K], -1)[:, :, :, :, None, :] * torch.eye(C, dtype=theta.dtype, device=theta.device)[:, None, None, :, None]
+        own = torch.cat([d_rho[..., : M - 1], d_K], -1)[:, :, :, :, None, :] * torch.eye(C, dtype=theta.dtype, device=theta.device)[:, None, None, :, None]
         d_P = (K * n + 1) * w1 - K * n * w0  # d log p_i / d log P_im, for row i only
         jac_P = self._p_jacobian(d_P, theta[:, : self.p_size(M)], M)
         return lse1 - lse0, torch.cat([jac_P, own.flatten(-2)], -1)
@@ -95,10 +102,10 @@ class BayesianLaw:
         """Chain d log p_i / d log P_im [B, C, M(i), S, M(m)] to the P part of theta."""
         eye = torch.eye(M, dtype=d_P.dtype, device=d_P.device)
         if self.tying == "none":  # log P_im = logsigmoid(q_im): derivative 1 - P_im, own row only
-            scaled = d_P * torch.sigmoid(-p_raw).reshape(-1, 1, M, 1, M)
+            scaled = d_P * _sigmoid(-p_raw).reshape(-1, 1, M, 1, M)
             return (scaled[:, :, :, :, None, :] * eye[:, None, :, None]).flatten(-2)
-        one_minus_gamma = torch.sigmoid(-p_raw[:, None, None, None, :M])
-        one_minus_ratio = torch.sigmoid(-p_raw[:, None, None, None, M:])
+        one_minus_gamma = _sigmoid(-p_raw[:, None, None, None, :M])
+        one_minus_ratio = _sigmoid(-p_raw[:, None, None, None, M:])
         off = 1.0 - eye[:, None, :]  # [M(i), 1, M(k)]: k != i
         if self.tying == "sampling":  # P_ik = beta_k for k != i; beta_k = gamma_k sigmoid(b_k)
             return torch.cat([d_P * one_minus_gamma, d_P * off * one_minus_ratio], -1)
@@ -108,24 +115,27 @@ class BayesianLaw:
         d_ratio = (d_P * off).sum(-1, keepdim=True) * diag * one_minus_ratio
         return torch.cat([d_gamma, d_ratio], -1)
 
-    def named(self, theta: torch.Tensor, M: int, C: int = 1) -> dict:
-        """Interpretable parameters: priors, K and P (or gamma, beta); lists per condition when C > 1."""
-        log_rho, log_P, log_K = self.structure(theta.double(), M, C)
-        out: dict = {"priors": log_rho.exp().tolist(), "K": log_K.exp().tolist()}
+    def named_tensors(self, theta: torch.Tensor, M: int, C: int = 1) -> dict[str, torch.Tensor]:
+        """Interpretable parameters of one theta [D] as tensors (differentiable, for standard errors):
+        priors [C, M], K [C], and P [M, M] or gamma, beta [M]."""
+        log_rho, log_P, log_K = self.structure(theta[None], M, C)
+        out = {"priors": log_rho[0].exp(), "K": log_K[0].exp()}
         if self.tying == "none":
-            out["P"] = log_P.exp().tolist()
+            out["P"] = log_P[0].exp()
         else:
             gamma = torch.sigmoid(theta[:M])
-            out["gamma"] = gamma.tolist()
-            out["beta"] = (gamma * torch.sigmoid(theta[M : 2 * M])).tolist()
-        if C == 1:
-            out["priors"], out["K"] = out["priors"][0], out["K"][0]
+            out["gamma"], out["beta"] = gamma, gamma * torch.sigmoid(theta[M : 2 * M])
         return out
+
+    def named(self, theta: torch.Tensor, M: int, C: int = 1) -> dict:
+        """Interpretable parameters as lists: priors, K and P (or gamma, beta); per condition when C > 1."""
+        return as_lists(self.named_tensors(theta.double(), M, C), C, ("priors", "K"))
 
     def theta_from(self, params: dict) -> torch.Tensor:
         """Inverse of `named`: priors [C, M] (or [M]), K [C] (or scalar), and P [M, M] or gamma, beta [M]."""
         priors = torch.as_tensor(params["priors"], dtype=torch.float64)
         priors = priors if priors.dim() == 2 else priors[None]
+        M = priors.shape[1]
         log_K = torch.log(torch.as_tensor(params["K"], dtype=torch.float64).reshape(-1, 1))
         if self.tying == "none":
             p_raw = torch.logit(torch.as_tensor(params["P"], dtype=torch.float64)).flatten()
@@ -133,23 +143,49 @@ class BayesianLaw:
             gamma = torch.as_tensor(params["gamma"], dtype=torch.float64)
             beta = torch.as_tensor(params["beta"], dtype=torch.float64)
             p_raw = torch.cat([torch.logit(gamma), torch.logit(beta / gamma)])
-        return torch.cat([p_raw, torch.cat([priors.log(), log_K], dim=1).flatten()])
+        logits = priors.log()[:, : M - 1] - priors.log()[:, M - 1 :]
+        return torch.cat([p_raw, torch.cat([logits, log_K], dim=1).flatten()])
 
-    def starts(self, R: int, M: int, C: int, generator: torch.Generator) -> torch.Tensor:
-        """R starting points [R, D]: the first puts P's diagonal high (the task's own hypothesis
-        explains it best); the others scatter around it, some with no diagonal preference at all,
-        so mirrored basins are also explored and the best is kept."""
-        D = self.n_params(M, C)
-        noise = torch.randn(R, D, generator=generator, dtype=torch.float64)
-        scale = torch.linspace(0.0, 1.5, R, dtype=torch.float64)[:, None]
-        theta = scale * noise
+    def starts(self, R: int, prob: torch.Tensor, weight: torch.Tensor, shots: torch.Tensor,
+               generator: torch.Generator) -> torch.Tensor:
+        """R starting points [G, R, D] for each group's curves prob, weight [G, C, M, S] (weight 0 = not
+        fitted), read off its own data only, so a group starts the same in any batch.
+
+        gamma (P's diagonal) starts at each task's late level, since p_i(n) -> P_ii; beta (off the
+        diagonal) at the level that uniform priors need to give the first fitted point. The starts
+        spread K over K * (last fitted shot) in [0.3, 300] and scatter the rest with growing noise;
+        every fourth start has no diagonal preference, so mirrored basins of the original law are
+        explored too and the best is kept."""
+        G, C, M, S = prob.shape
+        fitted = (weight > 0).to(prob.dtype)
+        first = fitted * (fitted.cumsum(-1) == 1)
+        from_end = fitted.flip(-1).cumsum(-1).flip(-1)
+        late = fitted * (from_end <= (fitted.sum(-1, keepdim=True) / 5).clamp_min(2))
+        level = lambda m: ((prob * m).sum(-1) / m.sum(-1).clamp_min(1)).where(m.sum(-1) > 0, 0.5)  # noqa: E731
+        gamma = level(late).mean(1).clamp(0.05, 0.95)  # [G, M]
+        p0 = level(first).mean(1)
+        beta = ((p0 - gamma / M) / (1 - 1 / M)).clamp(min=0.05 * gamma, max=0.9 * gamma)
+        last = (shots * fitted.amax((1, 2))).amax(-1).clamp_min(1.0)  # [G]
+        log_K = torch.linspace(math.log(0.3), math.log(300.0), R, dtype=prob.dtype)[None, :] - last.log()[:, None]
         if self.tying == "none":
-            diag = torch.eye(M, dtype=torch.float64).flatten()
-            theta[:, : M * M] += -1.0 + 3.0 * diag * (torch.arange(R) % 4 != 3)[:, None]
+            eye = torch.eye(M, dtype=prob.dtype, device=prob.device)
+            P = eye * gamma[:, :, None] + (1 - eye) * beta[:, :, None]
+            flat = P.mean((1, 2), keepdim=True).expand_as(P)
+            no_preference = (torch.arange(R) % 4 == 3).to(prob.device)[None, :, None, None]
+            p_part = torch.logit(torch.where(no_preference, flat[:, None], P[:, None])).flatten(-2)
         else:
-            theta[:, :M] += 2.0
-            theta[:, M : 2 * M] += -1.0
-        return theta
+            p_part = torch.cat([torch.logit(gamma), torch.logit(beta / gamma)], -1)[:, None].expand(G, R, 2 * M)
+        per_cond = torch.zeros(G, R, C, M, dtype=prob.dtype, device=prob.device)
+        per_cond[..., M - 1] = log_K[:, :, None]
+        theta = torch.cat([p_part, per_cond.flatten(-2)], -1)
+        scale = torch.linspace(0.0, 0.5, R, dtype=prob.dtype)[:, None]
+        noise = scale * torch.randn(R, theta.shape[-1], generator=generator, dtype=prob.dtype)
+        return theta + noise.to(prob.device)
+
+
+def as_lists(named: dict[str, torch.Tensor], C: int, per_condition: tuple[str, ...]) -> dict:
+    """Tensors to lists; with a single condition, the per-condition entries lose their condition axis."""
+    return {k: (v[0] if C == 1 and k in per_condition else v).detach().cpu().tolist() for k, v in named.items()}
 
 
 @dataclass(frozen=True)
@@ -187,8 +223,8 @@ class CurveLaw:
         else:  # logistic: L / (1 + (x/x0)^kappa) = L * sigmoid(-z), z = kappa log(x/x0)
             amp, x0, kappa, c0 = q
             z = kappa * (log_x - torch.log(x0))
-            term = amp * torch.sigmoid(-z)
-            slope = term * torch.sigmoid(z)  # -d term / dz
+            term = amp * _sigmoid(-z)
+            slope = term * _sigmoid(z)  # -d term / dz
             grads = lambda: (term, kappa * slope, -z * slope, c0.expand_as(term))  # noqa: E731
         nll = term + c0
         return (nll, torch.stack(grads(), dim=-1)) if jacobian else (nll,)
@@ -208,10 +244,13 @@ class CurveLaw:
         values = [torch.as_tensor(params[name], dtype=torch.float64) for name in self.param_names]
         return torch.stack(values, dim=-1).log().flatten()
 
+    def named_tensors(self, theta: torch.Tensor, M: int, C: int = 1) -> dict[str, torch.Tensor]:
+        """Each parameter as a tensor [C, M]."""
+        values = theta.reshape(C, M, self.per_curve).exp()
+        return {name: values[..., j] for j, name in enumerate(self.param_names)}
+
     def named(self, theta: torch.Tensor, M: int, C: int = 1) -> dict:
-        values = theta.double().reshape(C, M, self.per_curve).exp()
-        out = {name: values[..., j].tolist() for j, name in enumerate(self.param_names)}
-        return {k: v[0] for k, v in out.items()} if C == 1 else out
+        return as_lists(self.named_tensors(theta.double(), M, C), C, self.param_names)
 
     def starts(self, R: int, nll0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """R starts per curve [R, N, per_curve] scaled to each curve's NLL at 0 shots (nll0 [N])."""

@@ -3,98 +3,169 @@
 Each batch row (a curve group x start) keeps its own damping, accepts or rejects its own steps and
 stops on its own, so one hard group neither slows nor destabilises the others (one L-BFGS on the summed
 loss would share its line search). Rows that have stopped drop out of the active set.
+
+What is minimised is 0.5 |r|^2 + 0.5 ridge |theta|^2: the ridge is a weak Gaussian prior on the
+unconstrained parameters. It gives every problem a unique optimum, also in directions the data do not
+determine (a prior at 0, a K the curves cannot tell from infinity), which otherwise drift wherever
+rounding pushes them; with it, a fit ends at the same point from any path.
+
+A row's result does not depend on the other rows: on the CPU the normal equations and the solves go
+through numpy, which calls BLAS/LAPACK once per row on a copy of the same layout, while torch's batched
+CPU BLAS may pick kernels by batch size and alignment (seen to change fits by 1e-2 on some CPUs).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # residual_fn(theta [A, D], rows [A]) -> residuals [A, N], jacobian [A, N, D] for batch rows `rows`.
 ResidualFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
+# converged: the Gauss-Newton step from the point is below XTOL * (1 + max |theta|) in every parameter,
+# or the gain it predicts is below FTOL of the objective (as MINPACK's tests on step and predicted gain)
+XTOL = 1e-9
+FTOL = 1e-10
+ROUNDING = 1e-12  # relative error of an objective summed over up to ~10^4 points, with margin
+CHUNK_ELEMENTS = 1 << 24  # rows per residual_fn call are capped so a Jacobian chunk stays near 128 MB
+
 
 @dataclass
 class LMResult:
     theta: torch.Tensor  # [B, D]
-    cost: torch.Tensor  # [B], half the sum of squared residuals; inf where never finite
-    converged: torch.Tensor  # [B] bool: stopped improving before max_iter with a finite cost
+    cost: torch.Tensor  # [B], 0.5 |r|^2 of the data; inf where never finite
+    objective: torch.Tensor  # [B], cost + 0.5 ridge |theta|^2, what was minimised
+    converged: torch.Tensor  # [B] bool: at a stationary point by the XTOL step criterion
     iterations: int
 
 
 def _normal_equations(r: torch.Tensor, J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """J^T J [A, D, D], J^T r [A, D] and the cost 0.5 |r|^2 [A] (inf where not finite)."""
-    c = 0.5 * (r * r).sum(-1)
-    cost = torch.where(torch.isfinite(c), c, torch.full_like(c, float("inf")))
-    return J.transpose(1, 2) @ J, torch.einsum("bn,bnd->bd", r, J), cost
+    """J^T J [A, D, D], J^T r [A, D] and the cost 0.5 |r|^2 [A] (inf where not finite), row by row."""
+    if r.device.type == "cpu":
+        rn, Jn = r.numpy(), J.numpy()
+        Jt = Jn.transpose(0, 2, 1)
+        A, g = np.matmul(Jt, Jn), np.matmul(Jt, rn[..., None])[..., 0]
+        c = torch.from_numpy(0.5 * np.square(rn).sum(-1))
+        A, g = torch.from_numpy(A), torch.from_numpy(g)
+    else:
+        A, g, c = J.transpose(1, 2) @ J, torch.einsum("bn,bnd->bd", r, J), 0.5 * (r * r).sum(-1)
+    return A, g, torch.where(torch.isfinite(c), c, torch.full_like(c, float("inf")))
+
+
+def _solve(H: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x = H^{-1} b for symmetric positive definite H [A, D, D]; ok [A] is False where that failed."""
+    ok = torch.isfinite(H).all(-1).all(-1) & torch.isfinite(b).all(-1)
+    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+    H = torch.where(ok[:, None, None], H, eye)
+    b = torch.where(ok[:, None], b, torch.zeros_like(b))
+    if H.device.type != "cpu":
+        L, info = torch.linalg.cholesky_ex(H)
+        x = torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
+        return x, ok & (info == 0) & torch.isfinite(x).all(-1)
+    Hn, bn = H.numpy(), b.numpy()[..., None]
+    try:
+        x = np.linalg.solve(Hn, bn)
+    except np.linalg.LinAlgError:  # one singular row must not fail the others
+        x = np.full_like(bn, np.nan)
+        for j in range(len(Hn)):
+            try:
+                x[j] = np.linalg.solve(Hn[j], bn[j])
+            except np.linalg.LinAlgError:
+                pass
+    x = torch.from_numpy(x[..., 0])
+    return x, ok & torch.isfinite(x).all(-1)
+
+
+def _evaluate(residual_fn: ResidualFn, theta: torch.Tensor, rows: torch.Tensor):
+    """Normal equations of `rows` at theta, in chunks of rows so the Jacobian never gets huge."""
+    r, J = residual_fn(theta[:1], rows[:1])
+    per_row = max(J[0].numel(), 1)
+    step = max(1, CHUNK_ELEMENTS // per_row)
+    parts = [_normal_equations(r, J)] if len(rows) == 1 else [
+        _normal_equations(*residual_fn(theta[i:i + step], rows[i:i + step])) for i in range(0, len(rows), step)]
+    return tuple(torch.cat(p) for p in zip(*parts))
 
 
 def levenberg_marquardt(
     residual_fn: ResidualFn,
     theta0: torch.Tensor,
-    max_iter: int = 200,
-    ftol: float = 1e-7,
-    patience: int = 6,
-    crawl_tol: float = 1e-3,
+    max_iter: int = 300,
+    ridge: torch.Tensor | float = 0.0,
+    patience: int = 20,
     progress: Callable[[int, int], None] | None = None,
     starts_of: torch.Tensor | None = None,
     prune_ratio: float = 1.05,
 ) -> LMResult:
-    """Minimise 0.5 ||r_b(theta_b)||^2 for every row b; stop a row after `patience` steps that
-    improve its cost by less than `ftol` relatively (rejected steps count as no improvement), or once
-    ten iterations together improve it by less than `crawl_tol` relatively: a crawl along a valley to a
-    parameter at infinity (e.g. the logistic law's x0 -> 0 with L x0^kappa fixed) that would otherwise
-    run to max_iter while the fit's RMSE moves by less than 0.05% per ten iterations.
+    """Minimise 0.5 |r_b(theta_b)|^2 + 0.5 ridge_b |theta_b|^2 for every row b.
 
-    starts_of [B] names the problem each row is a start of: every other iteration, a start whose cost
-    is above (prune_ratio + 2 / iteration) x the best start of its problem is dropped (left
-    unconverged). The margin is wide while starts still descend and narrows as they settle; a start
-    that stays well behind the best sits in a worse basin, and most of a multi-start fit's work would
-    otherwise go into such starts."""
+    Each iteration takes a damped step and also computes the undamped (Gauss-Newton) step from the
+    same point; a row stops, converged, once that step is below XTOL * (1 + max |theta|) in every
+    parameter or the gain it predicts is below FTOL of the objective: the row then sits at a
+    stationary point, up to directions that only the weak prior determines. A row also stops, not
+    converged, after `patience` rejected steps in a row, or at max_iter. A step is accepted when it
+    lowers the objective, or when the model predicts a gain below the objective's rounding (ROUNDING
+    relative) and it does not raise the objective beyond that: the last steps to a tight optimum are
+    decided by the gradient, which stays accurate after cost differences drown in rounding.
+
+    starts_of [B] names the problem each row is a start of: every other iteration, a start whose
+    objective is above (prune_ratio + 2 / iteration) x the best start of its problem is dropped (left
+    unconverged). The margin is wide while starts still descend and narrows as they settle."""
     theta = theta0.clone()
     B, D = theta.shape
     dev = theta.device
-    # only the normal equations (J^T J, J^T r) are kept between iterations, not the [B, N, D] Jacobian
-    A, g, cost = _normal_equations(*residual_fn(theta, torch.arange(B, device=dev)))
-    cost_ref = cost.clone()
+    ridge = torch.as_tensor(ridge, dtype=theta.dtype, device=dev).expand(B).clone()
+    eye = torch.eye(D, dtype=theta.dtype, device=dev)
+    A, g, cost = _evaluate(residual_fn, theta, torch.arange(B, device=dev))
+    objective = lambda c, t, w: c + 0.5 * w * (t * t).sum(-1)  # noqa: E731
+    obj = objective(cost, theta, ridge)
     lam = torch.full((B,), 1e-3, dtype=theta.dtype, device=dev)
+    nu = torch.full((B,), 2.0, dtype=theta.dtype, device=dev)
     stall = torch.zeros(B, dtype=torch.long, device=dev)
     active = torch.ones(B, dtype=torch.bool, device=dev)
     pruned = torch.zeros(B, dtype=torch.bool, device=dev)
-    eye = torch.eye(D, dtype=theta.dtype, device=dev)
+    converged = torch.zeros(B, dtype=torch.bool, device=dev)
     it = 0
     for it in range(1, max_iter + 1):
         idx = active.nonzero().squeeze(-1)
         if idx.numel() == 0:
             break
-        Aa = A[idx]
-        diag = Aa.diagonal(dim1=-2, dim2=-1)
-        damp = lam[idx, None] * diag + 1e-10 * diag.amax(-1, keepdim=True).clamp_min(1e-30)
-        L, info = torch.linalg.cholesky_ex(Aa + torch.diag_embed(damp) + 1e-30 * eye)
-        delta = -torch.cholesky_solve(g[idx].unsqueeze(-1), L).squeeze(-1)
-        ok = (info == 0) & torch.isfinite(delta).all(-1)
-        trial = theta[idx] + torch.where(ok[:, None], delta, torch.zeros_like(delta))
-        A_new, g_new, cost_new = _normal_equations(*residual_fn(trial, idx))
-        accept = ok & (cost_new < cost[idx])
-        gain = (cost[idx] - cost_new) / cost[idx].clamp_min(1e-300)
-        improving = accept & (gain > ftol)
+        w, th = ridge[idx], theta[idx]
+        H = A[idx] + w[:, None, None] * eye
+        grad = g[idx] + w[:, None] * th
+        damped = H + torch.diag_embed(lam[idx, None] * H.diagonal(dim1=-2, dim2=-1))
+        steps, ok = _solve(torch.cat([damped, H]), -torch.cat([grad, grad]))
+        n = len(idx)
+        delta, ok, gn_step, gn_ok = steps[:n], ok[:n], steps[n:], ok[n:]
+        gn_gain = -0.5 * (grad * gn_step).sum(-1)
+        at_optimum = gn_ok & ((gn_step.abs().amax(-1) <= XTOL * (1.0 + th.abs().amax(-1)))
+                              | (gn_gain <= FTOL * obj[idx].abs()))
+        converged[idx] = at_optimum & torch.isfinite(obj[idx])
+        trial = th + torch.where(ok[:, None], delta, torch.zeros_like(delta))
+        A_new, g_new, cost_new = _evaluate(residual_fn, trial, idx)
+        obj_new = objective(cost_new, trial, w)
+        # gain the quadratic model predicts; elementwise, as batched matmuls on the CPU depend on the batch
+        predicted = -(grad * delta).sum(-1) - 0.5 * (delta * (H * delta[:, None, :]).sum(-1)).sum(-1)
+        rho = (obj[idx] - obj_new) / predicted.clamp_min(1e-300)
+        band = ROUNDING * obj[idx].abs()
+        accept = ok & ~at_optimum & ((obj_new < obj[idx]) | ((predicted <= band) & (obj_new <= obj[idx] + band)))
         moved = idx[accept]
-        theta[moved], A[moved], g[moved], cost[moved] = trial[accept], A_new[accept], g_new[accept], cost_new[accept]
-        lam[idx] = torch.where(accept, lam[idx] * 0.3, lam[idx] * 10.0).clamp(1e-12, 1e12)
-        stall[idx] = torch.where(improving, torch.zeros_like(stall[idx]), stall[idx] + 1)
-        active[idx] = stall[idx] < patience
-        if it % 10 == 0:
-            crawling = (cost_ref - cost) <= crawl_tol * cost
-            active &= ~crawling
-            cost_ref = cost.clone()
+        theta[moved], A[moved], g[moved] = trial[accept], A_new[accept], g_new[accept]
+        cost[moved], obj[moved] = cost_new[accept], obj_new[accept]
+        # Nielsen's rule: shrink the damping by how well the model predicted the gain, grow it
+        # geometrically faster on each rejection in a row
+        shrink = torch.clamp(1 - (2 * rho.clamp(max=1.0) - 1) ** 3, min=1 / 3)
+        lam[idx] = torch.where(accept, lam[idx] * shrink, lam[idx] * nu[idx]).clamp(1e-12, 1e12)
+        nu[idx] = torch.where(accept, torch.full_like(nu[idx], 2.0), nu[idx] * 2)
+        stall[idx] = torch.where(accept, torch.zeros_like(stall[idx]), stall[idx] + 1)
+        active[idx] = ~at_optimum & (stall[idx] < patience)
         if starts_of is not None and it % 2 == 0:
-            best = torch.full((int(starts_of.max()) + 1,), float("inf"), dtype=cost.dtype, device=dev)
-            best = best.scatter_reduce(0, starts_of, cost, reduce="amin")
-            dominated = cost > (prune_ratio + 2.0 / it) * best[starts_of]
+            best = torch.full((int(starts_of.max()) + 1,), float("inf"), dtype=obj.dtype, device=dev)
+            best = best.scatter_reduce(0, starts_of, obj, reduce="amin")
+            dominated = active & (obj > (prune_ratio + 2.0 / it) * best[starts_of])
             active &= ~dominated
             pruned |= dominated
         if progress is not None:
             progress(it, int(active.sum()))
-    converged = ~active & ~pruned & torch.isfinite(cost)
-    return LMResult(theta=theta, cost=cost, converged=converged, iterations=it)
+    return LMResult(theta=theta, cost=cost, objective=obj, converged=converged & ~pruned, iterations=it)

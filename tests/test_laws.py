@@ -55,7 +55,7 @@ def test_tied_laws_equal_original_with_tied_P(name):
     shots = list(range(0, 60, 7))
     tied = evaluate(name, {**base, "gamma": gamma.tolist(), "beta": beta.tolist()}, shots)
     np.testing.assert_allclose(tied, evaluate("bayesian", {**base, "P": P.tolist()}, shots), rtol=1e-12)
-    assert get_law(name).n_params(M) == 3 * M + 1
+    assert get_law(name).n_params(M) == 3 * M  # gamma, beta, K and M - 1 free priors
 
 
 def test_baselines_match_their_formulas():
