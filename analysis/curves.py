@@ -41,11 +41,11 @@ class CurveGroup:
 def _number(path: Path, line: int, column: str, text: str, integer: bool) -> float:
     try:
         value = float(text)
-    except ValueError:
+    except (TypeError, ValueError):
         raise ValueError(f"{path} line {line}: column {column} is {text!r}, not a number; fix or drop that row") from None
     if math.isnan(value):
         raise ValueError(f"{path} line {line}: {column} is NaN; drop the row or measure it again")
-    if integer and (value < 0 or value != int(value)):
+    if integer and (not math.isfinite(value) or value < 0 or value != int(value)):
         raise ValueError(f"{path} line {line}: {column} = {text} must be a non-negative integer")
     return value
 
@@ -57,13 +57,16 @@ def _check_row(path: Path, line: int, row: dict[str, str]) -> tuple:
         raise ValueError(f"{path} line {line}: prob = {row['prob']} is outside [0, 1]; it must be a mean probability")
     if not (math.isfinite(nll) and nll >= 0.0):
         raise ValueError(f"{path} line {line}: nll = {row['nll']} must be finite and >= 0; drop or re-measure the row")
-    if count < 1 or count != int(count):
+    if not math.isfinite(count) or count < 1 or count != int(count):
         raise ValueError(f"{path} line {line}: count = {row['count']} must be a positive integer (prompts averaged)")
     return row["run"], k, task, shots, prob, nll, count
 
 
-def read_curves(path: str | os.PathLike) -> list[CurveGroup]:
-    """All (run, k) groups of a curves CSV, in first-seen order. Raises one-line errors on bad input."""
+def read_curves(path: str | os.PathLike, step: int | None = None) -> list[CurveGroup]:
+    """All (run, k) groups of a curves CSV, in first-seen order. Raises one-line errors on bad input.
+
+    A run's own table holds one block per evaluation, told apart by its `step` column: each run's
+    last step is read, or `step` where given."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"curves file {path} not found; pass a CSV written by `evaluate.py curves`")
@@ -75,18 +78,38 @@ def read_curves(path: str | os.PathLike) -> list[CurveGroup]:
                 f"{path}: missing column(s) {', '.join(missing)}; a curves table needs {', '.join(REQUIRED_COLUMNS)}"
             )
         extra_cols = [c for c in reader.fieldnames if c not in REQUIRED_COLUMNS]
-        points: dict[tuple[str, int], dict[tuple[int, int], tuple[float, float, float]]] = {}
-        extras: dict[tuple[str, int], dict[str, str]] = {}
+        points: dict[tuple[str, int, int], dict[tuple[int, int], tuple[float, float, float]]] = {}
+        extras: dict[tuple[str, int, int], dict[str, str]] = {}
         for line, row in enumerate(reader, start=2):
+            if None in row or any(row[c] is None for c in REQUIRED_COLUMNS):
+                raise ValueError(f"{path} line {line}: {len(reader.fieldnames)} columns expected; fix or drop that row")
             run, k, task, shots, prob, nll, count = _check_row(path, line, row)
-            group = points.setdefault((run, k), {})
+            at = int(_number(path, line, "step", row["step"], True)) if row.get("step") else -1
+            group = points.setdefault((run, k, at), {})
             if (task, shots) in group:
-                raise ValueError(f"{path} line {line}: duplicate row for run {run}, k {k}, task {task}, shots {shots}")
+                raise ValueError(f"{path} line {line}: duplicate row for run {run}, k {k}, task {task}, shots {shots}"
+                                 + (f", step {at}" if at >= 0 else ""))
             group[(task, shots)] = (prob, nll, count)
-            extras.setdefault((run, k), {c: row[c] for c in extra_cols})
+            extras.setdefault((run, k, at), {c: row[c] for c in extra_cols})
     if not points:
         raise ValueError(f"{path}: the curves table has no rows")
-    return [_build_group(path, key, pts, extras[key]) for key, pts in points.items()]
+    chosen = _pick_steps(path, list(points), step)
+    return [_build_group(path, key[:2], points[key], extras[key]) for key in points if key in chosen]
+
+
+def _pick_steps(path: Path, keys: list[tuple[str, int, int]], step: int | None) -> set[tuple[str, int, int]]:
+    """Each run's last evaluation step, or the requested one."""
+    steps: dict[str, set[int]] = {}
+    for run, _, at in keys:
+        steps.setdefault(run, set()).add(at)
+    if step is None:
+        return {key for key in keys if key[2] == max(steps[key[0]])}
+    lacking = [run for run, s in steps.items() if step not in s]
+    if lacking:
+        have = sorted(steps[lacking[0]] - {-1})
+        raise ValueError(f"{path}: run {lacking[0]} has no rows at step {step}"
+                         + (f"; its steps are {', '.join(map(str, have))}" if have else "; the table has no step column"))
+    return {key for key in keys if key[2] == step}
 
 
 def _build_group(path: Path, key: tuple[str, int], pts: dict, extra: dict[str, str]) -> CurveGroup:

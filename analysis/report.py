@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from analysis.fitting import FitConfig, FitResult, predict  # noqa: E402
+from analysis.fitting import RIDGE, FitConfig, FitResult, predict  # noqa: E402
+from analysis.laws import BAYESIAN_NAMES  # noqa: E402
 from analysis.output import markdown_table, safe_name, shots_grid, write_csv  # noqa: E402
 
 FIT_COLUMNS = ("run", "k", "law", "split", "nrmse", "nrmse_nll", "n_params", "loss", "converged", "fit_fraction")
@@ -82,7 +83,18 @@ def plot_group(results: list[FitResult], path: Path) -> None:
     plt.close(fig)
 
 
-def write_fit_outputs(results: list[FitResult], config: FitConfig, curves_path: Path, out: Path, plots: bool) -> None:
+def undetermined_names(result: FitResult) -> list[str]:
+    """Parameters whose standard error exceeds their value: the data do not pin them down."""
+    names = []
+    for key, value in result.params.items():
+        values, errors = np.atleast_1d(np.array(value, dtype=float)), np.atleast_1d(np.array(result.stderr[key], dtype=float))
+        for index in zip(*np.nonzero(~(errors <= np.abs(values)))):
+            names.append(key + ("" if np.ndim(value) == 0 else "[" + ",".join(map(str, index)) + "]"))
+    return names
+
+
+def write_fit_outputs(results: list[FitResult], config: FitConfig, curves_path: Path, out: Path, plots: bool,
+                      skipped: list[str] = ()) -> None:
     """Write fits.csv, params.json, report.md and plots/ into `out` (a fresh directory)."""
     write_csv(out / "fits.csv", FIT_COLUMNS, [
         {"run": r.group.run, "k": r.group.k, "law": r.law, "split": r.split, "nrmse": f"{r.nrmse:.6g}",
@@ -91,7 +103,7 @@ def write_fit_outputs(results: list[FitResult], config: FitConfig, curves_path: 
         for r in results
     ])
     params = [{"run": r.group.run, "k": r.group.k, "law": r.law, "split": r.split, "fit_fraction": r.fraction,
-               "converged": r.converged, "params": r.params} for r in results]
+               "converged": r.converged, "params": r.params, "stderr": r.stderr} for r in results]
     (out / "params.json").write_text(json.dumps(params, indent=1))
     by_group: dict[tuple[str, int], list[FitResult]] = defaultdict(list)
     for r in results:
@@ -104,6 +116,8 @@ def write_fit_outputs(results: list[FitResult], config: FitConfig, curves_path: 
             plot_group(rs, out / name)
             plot_names.append(name)
     failed = [r for r in results if not r.converged]
+    loose = [(r, undetermined_names(r)) for r in results if r.law in BAYESIAN_NAMES]
+    loose = [(r, names) for r, names in loose if names]
     lines = [
         "# Law fits", "",
         f"Curves: `{curves_path.name}`, {len(by_group)} (run, k) groups. Loss: squared error in "
@@ -112,8 +126,19 @@ def write_fit_outputs(results: list[FitResult], config: FitConfig, curves_path: 
         "shots and evaluates the rest.", "",
         "## Mean NRMSE over groups", "", summary_table(results), "",
         "## Convergence", "",
+        "A fit converged when, from its parameters, the Gauss-Newton step is below 1e-9 x (1 + max |theta|) "
+        "in every unconstrained parameter or the gain it predicts is below 1e-10 of the objective: a "
+        f"stationary point of the least-squares loss (plus a prior {RIDGE:g} times as informative as one "
+        f"point on each unconstrained parameter), reached within {config.max_iter} iterations.", "",
         f"{len(results) - len(failed)} of {len(results)} fits converged."
         + "".join(f"\n- not converged: {r.group.label}, {r.law}, {split_label(r)}" for r in failed), "",
+        *(["## Skipped fits", "", *[f"- {line}" for line in skipped], ""] if skipped else []),
+        "## Parameters the data do not determine", "",
+        "Standard errors (params.json, `stderr`) come from J^T J at the optimum, scaled by the residual "
+        "variance. Listed here: Bayesian-law parameters whose standard error exceeds their value; read them "
+        "as unknown, not as measured.", "",
+        *([f"- {r.group.label}, {r.law}, {split_label(r)}: {', '.join(names)}" for r, names in loose]
+          or ["Every Bayesian-law parameter has a standard error below its value."]), "",
         "## NRMSE by run and k", "", by_group_table(results), "",
     ]
     if plot_names:

@@ -5,11 +5,20 @@ The joint fit shares P (or gamma, beta) across conditions and gives each its own
 fit refits everything per condition. Both are weighted least squares with each point's sampling error
 sqrt(p(1-p)/count), i.e. maximum likelihood under that Gaussian noise model, so their chi-square,
 AIC and BIC compare them; so does NRMSE on held-out late shots.
+
+Intervals are normal bootstrap intervals on a link scale (logit for probabilities, log for K,
+log(1 + n) for shots): estimate +- z x the standard deviation of the resampled estimates there, each
+resampled table fitted by the same multi-start procedure as the table itself. They always contain
+the estimate and stay inside the parameter's range. Where the resampled fits agree more closely than
+the curvature of the fit allows (all stopping at the same place in a direction the data leave open),
+the curvature's standard deviation is used instead, and a parameter whose standard error exceeds its
+value is marked as not determined by the data.
 """
 from __future__ import annotations
 
 import csv
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +26,7 @@ import numpy as np
 import torch
 
 from analysis.curves import CONDITION_COLUMNS, CurveGroup
-from analysis.fitting import Batch, fit_batch, nrmse, predict
+from analysis.fitting import Batch, fit_batch, named_stderr, nrmse, predict, theta_covariance
 from analysis.laws import BAYESIAN_NAMES, BayesianLaw, get_law
 from analysis.synthetic import noise_sd
 
@@ -32,7 +41,7 @@ class ShiftConfig:
     resamples: int = 100
     level: float = 0.95
     threshold: float | None = None
-    starts: int = 8
+    starts: int = 16
     seed: int = 0
     max_iter: int = 300
 
@@ -74,6 +83,7 @@ class ModelFit:
 
     name: str
     theta: torch.Tensor  # shared: [1, D]; free: [C, D]
+    stderr: list[dict]  # per condition, keyed like named_per_condition
     n_params: int
     chi2: float
     heldout_nrmse: float
@@ -82,8 +92,9 @@ class ModelFit:
 
 
 def model_key(group: CurveGroup) -> str:
-    """Which model a run belongs to: its `layers` column when present, else the run label before '/'."""
-    return group.extra.get("layers") or group.run.split("/")[0]
+    """Which model a run belongs to: its `model` or `layers` column when present, else the run label
+    before '/'; runs without a '/' all belong to one model."""
+    return group.extra.get("model") or group.extra.get("layers") or (group.run.split("/")[0] if "/" in group.run else "")
 
 
 def condition_label(group: CurveGroup) -> str:
@@ -138,9 +149,9 @@ def _batch(cond: Conditions, prob: np.ndarray, fit_mask: np.ndarray, shared: boo
 
 
 def _fit(cond: Conditions, prob: np.ndarray, fit_mask: np.ndarray, shared: bool, config: ShiftConfig,
-         theta0: torch.Tensor | None = None):
+         extra_starts: torch.Tensor | None = None):
     return fit_batch(config.law, _batch(cond, prob, fit_mask, shared), starts=config.starts, seed=config.seed,
-                     max_iter=config.max_iter, theta0=theta0)
+                     max_iter=config.max_iter, extra_starts=extra_starts)
 
 
 def log_prob(law_name: str, theta: torch.Tensor, shots: torch.Tensor, M: int, C: int, shared: bool) -> torch.Tensor:
@@ -153,7 +164,8 @@ def log_prob(law_name: str, theta: torch.Tensor, shots: torch.Tensor, M: int, C:
 
 def fit_model(cond: Conditions, shared: bool, config: ShiftConfig, resamples: np.ndarray) -> ModelFit:
     """Fit on all shots (for the criterion and the parameters), on early shots (for held-out NRMSE),
-    and on each resampled table, warm-started from the full fit (for the intervals)."""
+    and on each resampled table by the same multi-start procedure, with the full fit as one more start
+    (for the intervals)."""
     C, M, S = cond.prob.shape
     law = get_law(config.law)
     full = _fit(cond, cond.prob[None], cond.mask, shared, config)
@@ -166,11 +178,17 @@ def fit_model(cond: Conditions, shared: bool, config: ShiftConfig, resamples: np
     heldout = nrmse(pred, np.nan_to_num(cond.prob), cond.mask & ~early)
     R = resamples.shape[0]
     start = full.theta[None].expand(R, -1, -1) if shared else full.theta[None, :, None].expand(R, C, 1, -1)
-    boot = _fit(cond, resamples, cond.mask, shared, config, theta0=start.reshape(R * (1 if shared else C), 1, -1))
+    boot = _fit(cond, resamples, cond.mask, shared, config, extra_starts=start.reshape(R * (1 if shared else C), 1, -1))
     n_params = law.n_params(M, C) if shared else C * law.n_params(M)
     resampled = boot.theta.reshape(R, -1) if shared else boot.theta.reshape(R, C, -1)
-    return ModelFit("shared" if shared else "free", full.theta, n_params, float(2 * full.loss.sum()), heldout,
-                    bool(full.converged.all()), resampled)
+    cov = theta_covariance(config.law, _batch(cond, cond.prob[None], cond.mask, shared), full.theta, noise_known=True)
+    if shared:
+        named = named_stderr(config.law, full.theta[0], cov[0], M, C)
+        stderr = [{**named, "priors": named["priors"][c], "K": named["K"][c]} for c in range(C)]
+    else:
+        stderr = [named_stderr(config.law, full.theta[c], cov[c], M) for c in range(C)]
+    return ModelFit("shared" if shared else "free", full.theta, stderr, n_params, float(2 * full.loss.sum()),
+                    heldout, bool(full.converged.all()), resampled)
 
 
 def resample_table(cond: Conditions, R: int, rng: np.random.Generator,
@@ -223,10 +241,10 @@ def read_prompt_table(path: Path) -> dict:
 
 
 def crossing(shots: np.ndarray, prob: np.ndarray, threshold: float) -> float:
-    """First shot count where prob reaches the threshold, linearly interpolated; NaN if never."""
+    """First shot count where prob reaches the threshold, linearly interpolated; inf if never."""
     above = np.nonzero(prob >= threshold)[0]
     if len(above) == 0:
-        return math.nan
+        return math.inf
     j = above[0]
     if j == 0:
         return float(shots[0])
@@ -236,7 +254,7 @@ def crossing(shots: np.ndarray, prob: np.ndarray, threshold: float) -> float:
 
 def predicted_crossings(law_name: str, theta: torch.Tensor, shared: bool, M: int, C: int, horizon: float,
                         thresholds: np.ndarray) -> np.ndarray:
-    """Shots at which the law's p_i(n) first reaches threshold_i, per condition and task [..., C, M]; NaN beyond horizon."""
+    """Shots at which the law's p_i(n) first reaches threshold_i, per condition and task [..., C, M]; inf beyond horizon."""
     grid = np.concatenate([np.arange(0.0, 20.0, 0.05), np.geomspace(20.0, horizon, 2000)])
     p = log_prob(law_name, theta, torch.as_tensor(grid), M, C, shared).exp().numpy()
     flat = p.reshape(-1, M, len(grid))
@@ -258,6 +276,47 @@ def _knowledge(params: dict) -> dict[str, np.ndarray]:
     if "gamma" in params:
         return {"gamma": np.array(params["gamma"]), "beta": np.array(params["beta"])}
     return {"P_diag": np.diag(np.array(params["P"]))}
+
+
+# link scale of each reported quantity: (link, inverse, derivative of the link, range kept inside)
+LINKS = {
+    "logit": (lambda x: np.log(x) - np.log1p(-x), lambda t: 1.0 / (1.0 + np.exp(-t)),
+              lambda x: 1.0 / (x * (1.0 - x)), (1e-15, 1.0 - 1e-15)),
+    "log": (np.log, np.exp, lambda x: 1.0 / x, (1e-300, np.inf)),
+    "log1p": (np.log1p, np.expm1, lambda x: 1.0 / (1.0 + x), (0.0, np.inf)),
+}
+
+
+def link_interval(point: float, boot: np.ndarray, stderr: float, link: str, level: float) -> tuple[float, float]:
+    """Normal bootstrap interval on the link scale: link(point) +- z sd, where sd is the larger of the
+    resampled estimates' standard deviation and the curvature's (stderr through the link). Contains
+    the estimate by construction; a bound the data do not limit is the range's end."""
+    f, inverse, slope, (low, high) = LINKS[link]
+    z = statistics.NormalDist().inv_cdf(0.5 + level / 2.0)
+    x = float(np.clip(point, low, high))
+    t, tb = f(x), f(np.clip(boot[np.isfinite(boot)], low, high))
+    sd_boot = float(np.std(tb, ddof=1)) if len(tb) >= 2 else math.inf
+    sd = max(sd_boot, stderr * abs(slope(x)) if np.isfinite(stderr) else math.inf)
+    if not np.isfinite(sd):
+        return low if low > 0 and link != "log1p" else 0.0, high if high < 1 else math.inf
+    return float(inverse(t - z * sd)), float(inverse(t + z * sd))
+
+
+def shots_interval(point: float, boot: np.ndarray, level: float) -> tuple[float, float]:
+    """Interval of a reemergence estimate (inf = not within the horizon), from resampled estimates:
+    the normal interval on log(1 + n) of those that recover; its upper end is inf when more than
+    (1 - level) / 2 of them never recover, and both ends come from the quantiles when the estimate is inf."""
+    alpha = (1.0 - level) / 2.0
+    never = ~np.isfinite(boot)
+    if not np.isfinite(point):
+        return float(np.quantile(np.where(never, np.inf, boot), alpha)), math.inf
+    lo, hi = link_interval(point, boot, math.inf if never.all() else 0.0, "log1p", level)
+    return lo, (math.inf if never.mean() > alpha else hi)
+
+
+def undetermined(value: float, stderr: float) -> bool:
+    """Not determined by the data: a standard error above the value itself (or none at all)."""
+    return not np.isfinite(stderr) or stderr > abs(value)
 
 
 @dataclass
@@ -300,30 +359,37 @@ def analyse_shift(groups: list[CurveGroup], config: ShiftConfig, prompt_probs: d
             p0 = log_prob(config.law, fit.theta[0] if shared else fit.theta, torch.zeros(1, dtype=torch.float64),
                           M, C, shared)[..., 0].exp().numpy()
             for c, g in enumerate(cond.groups):
-                prior_b = np.array([b[c]["priors"] for b in boot])
+                se = fit.stderr[c]
+                quantities = {"prior": (np.array(point[c]["priors"]), np.array([b[c]["priors"] for b in boot]),
+                                        np.array(se["priors"]), "logit")}
                 K_b = np.array([b[c]["K"] for b in boot])
-                know = _knowledge(point[c])
-                know_b = [_knowledge(b[c]) for b in boot]
+                know_se = _knowledge(se)
+                for key, value in _knowledge(point[c]).items():
+                    vals = np.array([_knowledge(b[c])[key] for b in boot])
+                    quantities[key] = (value, vals, know_se[key], "logit")
                 for i in range(M):
                     row = {"run": g.run, "k": cond.k, "task": i, "fit": name, "condition": condition_label(g),
-                           **{col: g.extra.get(col, "") for col in CONDITION_COLUMNS},
-                           "prior": point[c]["priors"][i], "prior_lo": np.quantile(prior_b[:, i], alpha),
-                           "prior_hi": np.quantile(prior_b[:, i], 1 - alpha), "K": point[c]["K"],
-                           "K_lo": np.quantile(K_b, alpha), "K_hi": np.quantile(K_b, 1 - alpha)}
-                    for key, value in know.items():
-                        vals = np.array([kb[key][i] for kb in know_b])
-                        row.update({key: value[i], f"{key}_lo": np.quantile(vals, alpha),
-                                    f"{key}_hi": np.quantile(vals, 1 - alpha)})
+                           **{col: g.extra.get(col, "") for col in CONDITION_COLUMNS}}
+                    loose = []
+                    for key, (value, vals, err, link) in [("prior", quantities["prior"]),
+                                                          ("K", (np.full(M, point[c]["K"]), K_b[:, None].repeat(M, 1),
+                                                                 np.full(M, se["K"]), "log")),
+                                                          *[(k, q) for k, q in quantities.items() if k != "prior"]]:
+                        lo, hi = link_interval(value[i], vals[:, i], err[i], link, config.level)
+                        row.update({key: value[i], f"{key}_lo": lo, f"{key}_hi": hi, f"{key}_se": err[i]})
+                        if undetermined(value[i], err[i]):
+                            loose.append(key)
+                    row["undetermined"] = ";".join(loose)
                     # a task counts as suppressed when both its measured and its fitted zero-shot
                     # probability are below the threshold, so noise around the baseline level is not flagged
                     suppressed = c > 0 and p0[c, i] < thresholds[i] and cond.prob[c, i, 0] < thresholds[i]
                     row["threshold"] = thresholds[i]
-                    row["shots_to_recover"] = shots_fit[c, i] if suppressed else ""
-                    boot_shots = np.nan_to_num(shots_boot[:, c, i], nan=np.inf)
-                    row["shots_to_recover_lo"] = np.quantile(boot_shots, alpha) if suppressed else ""
-                    row["shots_to_recover_hi"] = np.quantile(boot_shots, 1 - alpha) if suppressed else ""
+                    lo, hi = shots_interval(shots_fit[c, i], shots_boot[:, c, i], config.level)
                     measured_p = cond.prob[c, i][cond.mask[c, i]]
-                    row["measured_shots_to_recover"] = (
-                        crossing(cond.shots[cond.mask[c, i]], measured_p, thresholds[i]) if suppressed else "")
+                    measured = crossing(cond.shots[cond.mask[c, i]], measured_p, thresholds[i])
+                    row.update({"shots_to_recover": shots_fit[c, i], "shots_to_recover_lo": lo,
+                                "shots_to_recover_hi": hi, "measured_shots_to_recover": measured} if suppressed else
+                               dict.fromkeys(("shots_to_recover", "shots_to_recover_lo", "shots_to_recover_hi",
+                                              "measured_shots_to_recover"), ""))
                     rows.append(row)
     return ShiftResult(rows, comparison, conditions, fits)

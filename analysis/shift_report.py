@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from analysis.output import markdown_table, shots_grid, write_csv  # noqa: E402
-from analysis.shift import ShiftConfig, ShiftResult, log_prob  # noqa: E402
+from analysis.shift import ShiftConfig, ShiftResult, condition_label, log_prob  # noqa: E402
 
 COMPARISON_COLUMNS = ("k", "fit", "n_params", "chi2", "aic", "bic", "heldout_nrmse", "converged", "preferred")
 
@@ -27,8 +27,23 @@ def _series(rows: list[dict], key: str, M: int) -> np.ndarray:
 
 
 def _yerr(mid: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> list[np.ndarray]:
-    """Error bars of a percentile interval, which need not contain the point estimate."""
-    return [np.clip(mid - lo, 0, None), np.clip(hi - mid, 0, None)]
+    """Error bars from an interval around its estimate (an unbounded end is drawn to the axis' edge)."""
+    return [mid - lo, np.where(np.isfinite(hi), hi - mid, 1e300)]
+
+
+def _colours(labels: list[str]) -> list:
+    """One colour family per method and direction (SFT/DPO x favour/disfavour), darker for larger amounts."""
+    families = {"favor": plt.cm.Blues, "disfavor": plt.cm.Reds}
+    out = []
+    for label in labels:
+        family = families.get("disfavor" if "disfavor" in label else "favor" if "favor" in label else "", None)
+        same = [x for x in labels if family is not None and (("disfavor" in x) == ("disfavor" in label)) and
+                (x.split("-")[0] == label.split("-")[0])]
+        shade = 0.45 + 0.5 * (same.index(label) + 1) / (len(same) + 1) if family else 0
+        if family is not None and label.split("-")[0] == "dpo":
+            family = plt.cm.Purples if family is plt.cm.Blues else plt.cm.Oranges
+        out.append(family(shade) if family else (0.2, 0.2, 0.2, 1.0))
+    return out
 
 
 def _condition_axis(ax, labels: list[str]) -> None:
@@ -43,25 +58,29 @@ def plot_parameters(result: ShiftResult, k: int, M: int, path: Path) -> None:
     x = np.arange(len(labels))
     knowledge = [key for key in ("gamma", "beta", "P_diag") if key in shared[0]]
     fig, axes = plt.subplots(1, 2 + len(knowledge), figsize=(4.2 * (2 + len(knowledge)), 3.8))
+    offsets = 0.6 * (np.arange(M) - (M - 1) / 2) / max(M, 1)  # tasks side by side within a condition
     for i in range(M):
         mid, lo, hi = (_series(shared, key, M)[:, i] for key in ("prior", "prior_lo", "prior_hi"))
-        axes[0].errorbar(x + 0.05 * i, mid, yerr=_yerr(mid, lo, hi), marker="o", ms=3, capsize=2, label=f"task {i}")
+        axes[0].errorbar(x + offsets[i], mid, yerr=_yerr(mid, lo, hi), fmt="o", ms=3, capsize=2, label=f"task {i}")
     axes[0].set_title("prior (joint fit)")
-    axes[0].legend(fontsize=7)
-    for rows, style in ((shared, "o-"), (free, "s--")):
+    axes[0].set_ylim(0, 1)
+    for rows, style, dx in ((shared, "o", -0.1), (free, "s", 0.1)):
         mid, lo, hi = (_series(rows, key, M)[:, 0] for key in ("K", "K_lo", "K_hi"))
-        axes[1].errorbar(x, mid, yerr=_yerr(mid, lo, hi), fmt=style, ms=3, capsize=2, label=rows[0]["fit"])
-    axes[1].set_title("K")
-    axes[1].legend(fontsize=7)
+        axes[1].errorbar(x + dx, mid, yerr=_yerr(mid, lo, hi), fmt=style, ms=3, capsize=2, label=f"{rows[0]['fit']} fit")
+    axes[1].set_yscale("log")
+    axes[1].set_title("K (log scale)")
     for ax, key in zip(axes[2:], knowledge):
         for i in range(M):
             mid, lo, hi = (_series(free, f, M)[:, i] for f in (key, f"{key}_lo", f"{key}_hi"))
-            line = ax.errorbar(x + 0.05 * i, mid, yerr=_yerr(mid, lo, hi), marker="s", ms=3, capsize=2, ls="--")
-            ax.axhline(float(shared[i][key]), color=line[0].get_color(), lw=0.8)
+            bars = ax.errorbar(x + offsets[i], mid, yerr=_yerr(mid, lo, hi), fmt="s", ms=3, capsize=2)
+            ax.axhline(float(shared[i][key]), color=bars[0].get_color(), lw=0.8)
         ax.set_title(f"{key} (free fit; lines: joint)")
+        ax.set_ylim(0, 1)
     for ax in axes:
         _condition_axis(ax, labels)
-    fig.suptitle(f"k = {k}")
+    axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.35), ncol=min(M, 5))
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.35), ncol=2)
+    fig.suptitle(f"k = {k}: conditions ordered by method, direction and amount")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -74,18 +93,19 @@ def plot_curves(result: ShiftResult, k: int, config: ShiftConfig, path: Path) ->
     grid = torch.as_tensor(shots_grid(float(cond.shots.max())))
     fit = result.fits[k]["shared"]
     curves = log_prob(config.law, fit.theta[0], grid, M, C, True).exp().numpy()
-    fig, axes = plt.subplots(1, M, figsize=(3.4 * M, 3.2), squeeze=False)
-    colors = plt.cm.viridis(np.linspace(0, 0.9, C))
+    fig, axes = plt.subplots(1, M, figsize=(3.4 * M, 3.4), squeeze=False)
+    colors = _colours([condition_label(g) for g in cond.groups])
     for i, ax in enumerate(axes[0]):
         for c in range(C):
-            ax.plot(cond.shots, cond.prob[c, i], ".", ms=2, color=colors[c])
-            ax.plot(grid, curves[c, i], color=colors[c], lw=1)
+            ax.plot(grid, curves[c, i], color=colors[c], lw=1, zorder=1)
+            ax.plot(cond.shots, cond.prob[c, i], ".", ms=2.5, color=colors[c], zorder=2)
         ax.set_xscale("symlog", linthresh=1.0)
         ax.set_title(f"task {i}", fontsize=9)
         ax.set_xlabel("shots")
     axes[0, 0].set_ylabel("p(label)")
-    handles = [plt.Line2D([], [], color=colors[c], label=g.run) for c, g in enumerate(cond.groups)]
-    axes[0, -1].legend(handles=handles, fontsize=6)
+    handles = [plt.Line2D([], [], color=colors[c], marker=".", label=g.run) for c, g in enumerate(cond.groups)]
+    fig.legend(handles=handles, fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle(f"k = {k}: measured (dots) and joint fit (lines)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -93,18 +113,26 @@ def plot_curves(result: ShiftResult, k: int, config: ShiftConfig, path: Path) ->
 
 def plot_reemergence(result: ShiftResult, path: Path) -> bool:
     """Predicted (joint fit) vs measured shots for suppressed tasks to return to the threshold."""
-    pts = [r for r in result.rows if r["fit"] == "shared" and r["shots_to_recover"] != ""]
-    pairs = [(float(r["measured_shots_to_recover"]), float(r["shots_to_recover"])) for r in pts]
-    pairs = [(m, p) for m, p in pairs if np.isfinite(m) and np.isfinite(p)]
-    if not pairs:
+    pts = [r for r in result.rows if r["fit"] == "shared" and r["shots_to_recover"] != ""
+           and np.isfinite(float(r["measured_shots_to_recover"])) and np.isfinite(float(r["shots_to_recover"]))]
+    if not pts:
         return False
-    fig, ax = plt.subplots(figsize=(4, 4))
-    m, p = np.array(pairs).T
-    ax.loglog(m + 1, p + 1, "o")
-    top = max(m.max(), p.max()) + 1
-    ax.plot([1, top], [1, top], "k--", lw=0.8)
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    m = np.array([float(r["measured_shots_to_recover"]) for r in pts])
+    p = np.array([float(r["shots_to_recover"]) for r in pts])
+    lo = np.array([float(r["shots_to_recover_lo"]) for r in pts])
+    hi = np.array([float(r["shots_to_recover_hi"]) for r in pts])
+    colors = _colours([r["condition"] for r in pts])
+    for j, r in enumerate(pts):
+        ax.errorbar(m[j] + 1, p[j] + 1, yerr=[[p[j] - lo[j]], [min(hi[j], 1e9) - p[j]]], fmt="o", color=colors[j],
+                    capsize=2, label=f"{r['condition']}, task {r['task']}")
+    top = max(m.max(), p.max()) * 2 + 2
+    ax.plot([1, top], [1, top], "k--", lw=0.8, label="predicted = measured")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
     ax.set_xlabel("measured shots to recover + 1")
-    ax.set_ylabel("predicted shots to recover + 1")
+    ax.set_ylabel("predicted shots to recover + 1 (joint fit)")
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -124,17 +152,23 @@ def write_shift_outputs(result: ShiftResult, config: ShiftConfig, curves_path: P
         "(or gamma, beta) shared by all conditions, priors and K per condition; free fit: everything per "
         "condition. Both weight each point by its sampling error sqrt(p(1-p)/count), so chi2 is -2 log "
         f"likelihood up to a constant. Held-out NRMSE: fit shots <= {config.holdout_fraction:g} x max, score "
-        f"the rest. Intervals: {config.level:.0%}, {config.resamples} resamples.", "",
+        f"the rest. Intervals: {config.level:.0%} normal bootstrap intervals on the logit (priors, gamma, beta), "
+        f"log (K) or log(1 + n) (shots) scale from {config.resamples} resampled tables, each fitted by the same "
+        "multi-start procedure; the width is the larger of the resampled and the curvature (J^T J) standard "
+        "deviation, so every interval contains its estimate. Parameters in the `undetermined` column of shift.csv "
+        "have a standard error above their value: the data do not pin them down.", "",
         "## Joint vs free", "",
         markdown_table(COMPARISON_COLUMNS, [[c[k] for k in COMPARISON_COLUMNS] for c in result.comparison]), "",
     ]
     for cond in result.conditions:
         k, M = cond.k, cond.prob.shape[1]
         shared = _rows(result, k, "shared")
+        nd = lambda r, key: " (not determined)" if key in r["undetermined"].split(";") else ""  # noqa: E731
         lines += [f"## k = {k}: priors and K (joint fit)", "", markdown_table(
             ["condition", "K [lo, hi]", *[f"prior {i} [lo, hi]" for i in range(M)]],
-            [[r0["condition"], f"{r0['K']:.3g} [{r0['K_lo']:.3g}, {r0['K_hi']:.3g}]",
-              *[f"{r['prior']:.3f} [{r['prior_lo']:.3f}, {r['prior_hi']:.3f}]" for r in shared[c * M:(c + 1) * M]]]
+            [[r0["condition"], f"{r0['K']:.3g} [{r0['K_lo']:.3g}, {r0['K_hi']:.3g}]{nd(r0, 'K')}",
+              *[f"{r['prior']:.3f} [{r['prior_lo']:.3f}, {r['prior_hi']:.3f}]{nd(r, 'prior')}"
+                for r in shared[c * M:(c + 1) * M]]]
              for c, r0 in enumerate(shared[::M])]), ""]
         if true_priors is not None:
             base = [float(r["prior"]) for r in shared[:M]]
@@ -144,7 +178,7 @@ def write_shift_outputs(result: ShiftResult, config: ShiftConfig, curves_path: P
         if recover:
             lines += [f"### Reemergence at k = {k}", "",
                       "Shots for a task whose zero-shot probability fell below the threshold to return to it "
-                      "(nan: not within 10x the measured shots).", "",
+                      "(inf: not within 10x the measured shots, or, measured, not within the measured shots).", "",
                       markdown_table(["condition", "task", "threshold", "predicted [lo, hi]", "measured"],
                                      [[r["condition"], r["task"], float(r["threshold"]),
                                        f"{r['shots_to_recover']:.3g} [{r['shots_to_recover_lo']:.3g}, "

@@ -43,7 +43,7 @@ def test_fit_writes_the_design_outputs(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert list(rows[0])[:9] == ["run", "k", "law", "split", "nrmse", "nrmse_nll", "n_params", "loss", "converged"]
     assert len(rows) == 2 * 3 * 3  # runs x laws x (interpolation + two fractions)
-    assert {r["n_params"] for r in rows if r["law"] == "bayesian"} == {str(M * M + M + 1)}
+    assert {r["n_params"] for r in rows if r["law"] == "bayesian"} == {str(M * M + M)}  # P, K, M - 1 free priors
     assert all(float(r["nrmse"]) < 0.05 for r in rows if r["law"] == "bayesian_sampling")
     params = json.loads((out / "params.json").read_text())
     tied = next(p for p in params if p["law"] == "bayesian_sampling" and p["split"] == "interpolation")
@@ -79,7 +79,10 @@ def set_value(rows, column, value):
     (lambda: set_value(synthetic_rows(), "prob", "nan"), [], "prob is NaN"),
     (lambda: set_value(synthetic_rows(), "prob", "1.4"), [], "prob = 1.4 is outside [0, 1]"),
     (lambda: set_value(synthetic_rows(), "shots", "2.5"), [], "shots = 2.5 must be a non-negative integer"),
-    (lambda: synthetic_rows(shots=np.arange(20.0)), ["--laws", "bayesian"], "bayesian has 13 parameters but only 6 points"),
+    (lambda: set_value(synthetic_rows(), "count", "inf"), [], "count = inf must be a positive integer"),
+    (lambda: set_value(synthetic_rows(), "shots", "inf"), [], "shots = inf must be a non-negative integer"),
+    (lambda: set_value(synthetic_rows(), "task", "-inf"), [], "task = -inf must be a non-negative integer"),
+    (lambda: synthetic_rows(), ["--step", "7"], "has no rows at step 7; the table has no step column"),
     (lambda: synthetic_rows(), ["--laws", "bayesian", "powerlaw"], "unknown law 'powerlaw'"),
     (lambda: synthetic_rows(), ["--fit-fraction", "1.5"], "fit fractions [1.5] must lie strictly between 0 and 1"),
     (lambda: [r for r in synthetic_rows() if r["task"] != 1], [], "tasks must be numbered 0..M-1"),
@@ -95,3 +98,49 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, make_rows, a
 def test_missing_file_is_reported(tmp_path, capsys):
     assert evaluate.main(["fit", "--curves", str(tmp_path / "none.csv"), "--out", str(tmp_path / "o")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_row_with_missing_fields_is_one_line(tmp_path, capsys):
+    curves = tmp_path / "curves.csv"
+    write_table(curves, synthetic_rows())
+    lines = curves.read_text().splitlines()
+    curves.write_text("\n".join(lines[:4] + [",".join(lines[4].split(",")[:5])] + lines[5:]) + "\n")
+    assert evaluate.main(["fit", "--curves", str(curves), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and "line 5" in err[0] and "columns expected" in err[0]
+
+
+def test_a_law_with_too_few_points_is_skipped_with_a_line_in_the_report(tmp_path):
+    code, out = fit(tmp_path, synthetic_rows(shots=np.arange(30.0)), "--laws", "bayesian", "power")
+    assert code == 0
+    with (out / "fits.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    # the original law has 12 parameters; its extrapolation fit sees 3 shots x 3 tasks = 9 points
+    assert {(r["law"], r["split"]) for r in rows} == {("bayesian", "interpolation"), ("power", "interpolation"),
+                                                    ("power", "extrapolation")}
+    report = (out / "report.md").read_text()
+    assert "bayesian on run m/pretrain, k 3, extrapolation (fit fraction 0.1): 12 parameters but only 9 points" in report
+
+
+def test_a_runs_own_table_fits_its_last_evaluation_by_default(tmp_path, capsys):
+    early = [{**r, "prob": 0.5, "nll": 0.69, "step": 100} for r in synthetic_rows(runs=("m/pretrain",))]
+    late = [{**r, "step": 300} for r in synthetic_rows(runs=("m/pretrain",))]
+    code, out = fit(tmp_path, early + late, "--laws", "bayesian_sampling", "--splits", "interpolation", "--no-plots")
+    assert code == 0
+    params = json.loads((out / "params.json").read_text())
+    assert abs(params[0]["params"]["priors"][0] - PARAMS["priors"][0]) < 0.1  # the step-300 curves, not flat 0.5
+    code, out = fit(tmp_path, early + late, "--laws", "power", "--splits", "interpolation", "--no-plots",
+                    "--step", "100")
+    assert code == 0
+
+
+def test_params_json_carries_standard_errors_shaped_like_the_parameters(tmp_path):
+    code, out = fit(tmp_path, synthetic_rows(), "--laws", "bayesian", "bayesian_scoring", "logistic", "--no-plots")
+    assert code == 0
+    for entry in json.loads((out / "params.json").read_text()):
+        assert set(entry["stderr"]) == set(entry["params"])
+        for key, value in entry["params"].items():
+            assert np.shape(entry["stderr"][key]) == np.shape(value), (entry["law"], key)
+        if entry["law"] == "bayesian_scoring" and entry["split"] == "interpolation":
+            assert all(np.isfinite(entry["stderr"][k]).all() for k in ("priors", "K", "gamma", "beta"))
+            assert entry["stderr"]["K"] < 0.5 * entry["params"]["K"]

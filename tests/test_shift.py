@@ -86,7 +86,7 @@ def test_reemergence_predicted_next_to_measured(fixed_P_result):
 def test_crossing_interpolates_and_reports_never():
     shots = np.array([0.0, 1.0, 2.0, 4.0])
     assert crossing(shots, np.array([0.1, 0.2, 0.4, 0.8]), 0.6) == pytest.approx(3.0)
-    assert np.isnan(crossing(shots, np.array([0.1, 0.2, 0.3, 0.3]), 0.6))
+    assert np.isinf(crossing(shots, np.array([0.1, 0.2, 0.3, 0.3]), 0.6))
 
 
 def test_prompt_bootstrap_resamples_prompts(tmp_path):
@@ -150,3 +150,32 @@ def test_shift_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert not out.exists()
+
+
+def test_every_interval_contains_its_estimate_and_covers_the_truth_near_its_level():
+    """Four seeds of the fixed-P shift table: no NaN, every estimate inside its interval, and the
+    priors' and K's intervals cover the truth at close to their 95%."""
+    covered, total = 0, 0
+    for seed in range(4):
+        result = analyse_shift(conditions(move_P=False, seed=seed + 10),
+                               ShiftConfig(baseline="gpt2-2l/pretrain", resamples=30, starts=8, seed=seed))
+        for r in result.rows:
+            for key in ("prior", "K", "gamma", "beta"):
+                assert r[f"{key}_lo"] <= r[key] <= r[f"{key}_hi"], (key, r)
+                assert not np.isnan([r[f"{key}_lo"], r[f"{key}_hi"]]).any()
+            if r["shots_to_recover"] != "":
+                assert r["shots_to_recover_lo"] <= r["shots_to_recover"] <= r["shots_to_recover_hi"]
+        shared = [r for r in result.rows if r["fit"] == "shared"]
+        truth = np.array([priors_at(float(r["amount"] or 0))[r["task"]] for r in shared])
+        lo, hi = np.array([r["prior_lo"] for r in shared]), np.array([r["prior_hi"] for r in shared])
+        covered += int(((lo <= truth) & (truth <= hi)).sum()) + sum(r["K_lo"] <= K <= r["K_hi"] for r in shared[::M])
+        total += len(shared) + len(shared) // M
+    assert 0.85 <= covered / total <= 1.0, covered / total
+
+
+def test_runs_without_a_model_prefix_are_conditions_of_one_model(tmp_path):
+    groups = conditions(move_P=False)
+    for g in groups:
+        g.run = g.run.split("/")[1]
+        g.extra = {}
+    assert [len(c.groups) for c in select_conditions(groups, "pretrain")] == [len(AMOUNTS)]
