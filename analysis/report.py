@@ -34,8 +34,9 @@ def summary_table(results: list[FitResult]) -> str:
     for law in laws:
         row: list[object] = [law]
         for s in splits:
-            rs = cells[(law, s)]
-            row += [float(np.mean([r.nrmse for r in rs])), float(np.mean([r.nrmse_nll for r in rs]))]
+            rs = cells.get((law, s), [])
+            row += ([float(np.mean([r.nrmse for r in rs])), float(np.mean([r.nrmse_nll for r in rs]))] if rs
+                    else ["skipped", "skipped"])
         rows.append(row)
     header = ["law"] + [f"{s} {m}" for s in splits for m in ("NRMSE", "NRMSE(NLL)")]
     return markdown_table(header, rows)
@@ -47,7 +48,7 @@ def by_group_table(results: list[FitResult]) -> str:
     groups: dict[tuple[str, int], dict] = defaultdict(dict)
     for r in results:
         groups[(r.group.run, r.group.k)][(r.law, split_label(r))] = r.nrmse
-    rows = [[run, k, *[vals[c] for c in cols]] for (run, k), vals in groups.items()]
+    rows = [[run, k, *[vals.get(c, "skipped") for c in cols]] for (run, k), vals in groups.items()]
     return markdown_table(["run", "k", *[f"{law} {s}" for law, s in cols]], rows)
 
 
