@@ -298,8 +298,10 @@ def link_interval(point: float, boot: np.ndarray, stderr: float, link: str, leve
     sd_boot = float(np.std(tb, ddof=1)) if len(tb) >= 2 else math.inf
     sd = max(sd_boot, stderr * abs(slope(x)) if np.isfinite(stderr) else math.inf)
     if not np.isfinite(sd):
-        return low if low > 0 and link != "log1p" else 0.0, high if high < 1 else math.inf
-    return float(inverse(t - z * sd)), float(inverse(t + z * sd))
+        return min(0.0, point), max(1.0 if link == "logit" else math.inf, point)
+    # the inverse link of link(x) may round away from x: keep the estimate inside at any precision
+    lo, hi = np.clip([inverse(t - z * sd), inverse(t + z * sd)], 0.0 if link == "log1p" else low, high)
+    return min(float(lo), point), max(float(hi), point)
 
 
 def shots_interval(point: float, boot: np.ndarray, level: float) -> tuple[float, float]:
@@ -309,7 +311,8 @@ def shots_interval(point: float, boot: np.ndarray, level: float) -> tuple[float,
     alpha = (1.0 - level) / 2.0
     never = ~np.isfinite(boot)
     if not np.isfinite(point):
-        return float(np.quantile(np.where(never, np.inf, boot), alpha)), math.inf
+        # an order statistic, not an interpolation: inf - inf would make it NaN
+        return float(np.quantile(np.where(never, np.inf, boot), alpha, method="inverted_cdf")), math.inf
     lo, hi = link_interval(point, boot, math.inf if never.all() else 0.0, "log1p", level)
     return lo, (math.inf if never.mean() > alpha else hi)
 

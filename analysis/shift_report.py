@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -68,6 +69,8 @@ def plot_parameters(result: ShiftResult, k: int, M: int, path: Path) -> None:
         mid, lo, hi = (_series(rows, key, M)[:, 0] for key in ("K", "K_lo", "K_hi"))
         axes[1].errorbar(x + dx, mid, yerr=_yerr(mid, lo, hi), fmt=style, ms=3, capsize=2, label=f"{rows[0]['fit']} fit")
     axes[1].set_yscale("log")
+    Ks = _series(shared + free, "K", M)[:, 0]
+    axes[1].set_ylim(Ks.min() / 1e3, Ks.max() * 1e3)  # bars the data do not bound run off the edge
     axes[1].set_title("K (log scale)")
     for ax, key in zip(axes[2:], knowledge):
         for i in range(M):
@@ -78,11 +81,11 @@ def plot_parameters(result: ShiftResult, k: int, M: int, path: Path) -> None:
         ax.set_ylim(0, 1)
     for ax in axes:
         _condition_axis(ax, labels)
-    axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.35), ncol=min(M, 5))
-    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.35), ncol=2)
-    fig.suptitle(f"k = {k}: conditions ordered by method, direction and amount")
+    axes[0].legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.1), ncol=min(M, 5), frameon=False)
+    axes[1].legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.1), ncol=2, frameon=False)
+    fig.suptitle(f"k = {k}: conditions ordered by method, direction and amount", y=1.08)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -107,7 +110,7 @@ def plot_curves(result: ShiftResult, k: int, config: ShiftConfig, path: Path) ->
     fig.legend(handles=handles, fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(f"k = {k}: measured (dots) and joint fit (lines)")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -130,11 +133,14 @@ def plot_reemergence(result: ShiftResult, path: Path) -> bool:
     ax.plot([1, top], [1, top], "k--", lw=0.8, label="predicted = measured")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("measured shots to recover + 1")
     ax.set_ylabel("predicted shots to recover + 1 (joint fit)")
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return True
 

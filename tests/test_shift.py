@@ -179,3 +179,21 @@ def test_runs_without_a_model_prefix_are_conditions_of_one_model(tmp_path):
         g.run = g.run.split("/")[1]
         g.extra = {}
     assert [len(c.groups) for c in select_conditions(groups, "pretrain")] == [len(AMOUNTS)]
+
+
+def test_interval_helpers_never_give_nan_and_always_contain_the_estimate():
+    from analysis.shift import link_interval, shots_interval
+
+    rng = np.random.default_rng(0)
+    boot = np.concatenate([rng.uniform(3, 30, 90), np.full(10, np.inf)])
+    for point in (5.0, np.inf):
+        lo, hi = shots_interval(point, boot, 0.95)
+        assert lo <= point <= hi and not np.isnan([lo, hi]).any()
+    assert shots_interval(5.0, boot, 0.95)[1] == np.inf  # 10% never recover: no upper bound
+    assert shots_interval(np.inf, np.full(20, np.inf), 0.95) == (np.inf, np.inf)
+    # resampled fits that all agree (a direction the data leave open) still get the curvature's width
+    lo, hi = link_interval(2e9, np.full(30, 2e9), 5e9, "log", 0.95)
+    assert lo < 2e9 / 10 and hi > 2e9 * 10
+    assert link_interval(0.0, np.zeros(30), np.inf, "logit", 0.95) == (0.0, 1.0)
+    lo, hi = link_interval(0.3, rng.normal(0.3, 0.02, 200), 0.02, "logit", 0.95)
+    assert 0.25 < lo < 0.3 < hi < 0.35
