@@ -79,12 +79,13 @@ def _solve(H: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _evaluate(residual_fn: ResidualFn, theta: torch.Tensor, rows: torch.Tensor):
-    """Normal equations of `rows` at theta, in chunks of rows so the Jacobian never gets huge."""
-    r, J = residual_fn(theta[:1], rows[:1])
-    per_row = max(J[0].numel(), 1)
-    step = max(1, CHUNK_ELEMENTS // per_row)
-    parts = [_normal_equations(r, J)] if len(rows) == 1 else [
-        _normal_equations(*residual_fn(theta[i:i + step], rows[i:i + step])) for i in range(0, len(rows), step)]
+    """Normal equations of `rows` at theta, in chunks of rows so the Jacobian never gets huge (the
+    first chunk's Jacobian tells how many rows fit in CHUNK_ELEMENTS)."""
+    first = min(len(rows), 64)
+    r, J = residual_fn(theta[:first], rows[:first])
+    parts = [_normal_equations(r, J)]
+    step = max(1, CHUNK_ELEMENTS // max(J[0].numel(), 1))
+    parts += [_normal_equations(*residual_fn(theta[i:i + step], rows[i:i + step])) for i in range(first, len(rows), step)]
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
