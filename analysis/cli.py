@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from analysis.curves import read_curves
 from analysis.fitting import SPLITS, FitConfig, fit_groups, plan_fits, skipped_fits
@@ -17,13 +18,14 @@ from analysis.report import summary_table, write_fit_outputs
 
 @contextmanager
 def one_thread() -> Iterator[None]:
-    """Fits run on one CPU thread: their batched tensors are small, and with other jobs on the cores
-    extra threads spin against them (measured on 2 cores under load: `fit` 154 s with two threads,
-    17.9 s with one; about 7 s either way when idle)."""
+    """Fits run on one CPU thread, torch's and BLAS's: their tensors are small, and extra threads spin
+    against other jobs. Fitting examples/curves_ideal.csv on 2 cores: idle, 16.4 s with two torch
+    threads vs 5.7 s with one; with two busy processes beside it, 90.8 s vs 10.2 s."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        with threadpool_limits(limits=1):
+            yield
     finally:
         torch.set_num_threads(before)
 
