@@ -69,7 +69,7 @@ def plot_group(results: list[FitResult], path: Path) -> None:
                 axes[row, i].plot(grid, curves[i], color=colors[r.law], lw=1.2, label=r.law)
         for i in range(M):
             ax = axes[row, i]
-            ax.plot(g.shots, g.prob[i], ".", color="0.4", ms=2.5, zorder=0)
+            ax.plot(g.shots, g.prob[i], ".", color="0.3", ms=2.5, zorder=3, label="measured" if i == 0 else None)
             if split == "extrapolation":
                 ax.axvline(first_fraction * g.shots[g.mask.any(0)].max(), color="k", ls="--", lw=0.8)
             ax.set_title(f"task {i}, {split}", fontsize=9)
@@ -77,10 +77,11 @@ def plot_group(results: list[FitResult], path: Path) -> None:
         axes[row, 0].set_ylabel("p(label)")
     for ax in axes[-1]:
         ax.set_xlabel("shots")
-    axes[0, 0].legend(fontsize=7)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(g.label)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
 
 
