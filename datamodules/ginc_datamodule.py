@@ -28,6 +28,9 @@ class ICLConfig:
     n_shots: int | None = None  # None -> as many as fill the context
     tasks: list[int] | None = None  # None -> every task
     batch_size: int = 16  # prompts per evaluation batch
+    # "label": a demonstration shows its target as its k-th token; "sampled": it shows the HMM's own next
+    # emission and the target (the most likely next emission) is scored there, as in the reference code
+    demo_format: str = "label"
 
 
 def _as_world(world: WorldConfig | dict | None) -> WorldConfig:
@@ -111,7 +114,7 @@ class ICLPromptSet(Dataset):
                     items.append((k, task, ids, n_shots))
         self.items = []
         for k, task, ids, n_shots in items[rank::world_size]:
-            p = sampler.icl_prompts(task, k, ids, n_shots)
+            p = sampler.icl_prompts(task, k, ids, n_shots, icl.demo_format)
             self.items.append({"input_ids": p.tokens, "label_pos": p.label_pos, "labels": p.labels, "k": k, "task": task})
 
     def __len__(self) -> int:

@@ -15,6 +15,7 @@ import torch
 from datamodules.rng import hash_bits32, stream_key, uniform
 from datamodules.world import DELIMITER, GincWorld, WorldConfigError, check_weights
 
+DEMO_FORMATS = ("label", "sampled")
 _TIME_CHUNK = 128  # time steps whose random bits are drawn in one vector call
 _SEQ_GROUP = 4096  # sequences advanced together (measured best on one core among 512..4096)
 
@@ -123,16 +124,23 @@ class GincSampler:
                 states.append(path.T.long().div(cfg.n_states, rounding_mode="floor"))
         return Documents(torch.cat(tokens).long(), tasks, torch.cat(states) if with_states else None)
 
-    def icl_prompts(self, task: int, k: int, prompt_ids: torch.Tensor, n_shots: int) -> "ICLPrompts":
-        """ICL prompts of one task: BOS, then n_shots demonstrations `x_1 .. x_{k-1} y` separated by the delimiter.
+    def icl_prompts(self, task: int, k: int, prompt_ids: torch.Tensor, n_shots: int,
+                    demo_format: str = "label") -> "ICLPrompts":
+        """ICL prompts of one task: BOS, then n_shots demonstrations of k tokens separated by the delimiter.
 
-        A demonstration walks k-1 hidden states from a uniform entity and the prompt's start property
-        (uniform over 1..P-1, shared by the prompt's demonstrations); its label y is the emission of the
-        most likely next state. The last demonstration's delimiter is left out.
+        A demonstration walks hidden states from a uniform entity and the prompt's start property
+        (uniform over 1..P-1, shared by the prompt's demonstrations). Its target y is the emission of
+        the most likely state after its first k-1 states, scored at the demonstration's k-th position.
+        demo_format "label" shows y there (`x_1 .. x_{k-1} y`); "sampled" shows the k-th state's own
+        emission, drawn from the HMM like the rest, as the reference code does (it equals y only as often
+        as the walk takes its most likely step). The first k-1 tokens are the same in both formats.
+        The last demonstration's delimiter is left out.
         """
         cfg, w = self.config, self.world
         if not 0 <= task < cfg.n_tasks:
             raise WorldConfigError(f"task {task} is out of range for a world of {cfg.n_tasks} tasks")
+        if demo_format not in DEMO_FORMATS:
+            raise WorldConfigError(f"unknown demonstration format {demo_format!r}; choose one of {', '.join(DEMO_FORMATS)}")
         check_example_length(k)
         if n_shots < 1:
             raise WorldConfigError(f"n_shots must be >= 1, got {n_shots}")
@@ -144,14 +152,16 @@ class GincSampler:
         first_entity = (uniform(key, demo_ids, -2) * cfg.n_entities).long()
         tasks = torch.full_like(demo_ids, task)
         first = first_entity * cfg.n_properties + start_prop.repeat_interleave(n_shots)
-        path = self.chains.run(key, demo_ids, tasks, first, k - 2)
-        x = self.chains.emission_scaled[path.long()].T.reshape(N, n_shots, k - 1).long()
-        y = w.label_token[task].reshape(-1)[path[-1].long() // cfg.n_states].reshape(N, n_shots)
+        sampled = demo_format == "sampled"
+        path = self.chains.run(key, demo_ids, tasks, first, k - 1 if sampled else k - 2)
+        shown = self.chains.emission_scaled[path.long()].T.reshape(N, n_shots, -1).long()
+        y = w.label_token[task].reshape(-1)[path[k - 2].long() // cfg.n_states].reshape(N, n_shots)
         delim = torch.full((N, n_shots, 1), DELIMITER, dtype=torch.long, device=w.device)
-        body = torch.cat([x, y[..., None], delim], dim=2).reshape(N, -1)[:, :-1]
+        demos = [shown, delim] if sampled else [shown, y[..., None], delim]
+        body = torch.cat(demos, dim=2).reshape(N, -1)[:, :-1]
         bos = torch.full((N, 1), cfg.bos_id, dtype=torch.long, device=w.device)
         label_pos = 1 + torch.arange(n_shots, device=w.device) * (k + 1) + (k - 1)
-        return ICLPrompts(torch.cat([bos, body], 1), label_pos.expand(N, -1), y, task, k, start_prop)
+        return ICLPrompts(torch.cat([bos, body], 1), label_pos.expand(N, -1), y, task, k, start_prop, demo_format)
 
     def preference_pairs(self, pair_ids: torch.Tensor, length: int, chosen_weights: object, rejected_weights: object, stream: str = "preference") -> tuple[Documents, Documents]:
         """Pairs (chosen, rejected): chosen documents from one mixture, rejected ones from another."""
@@ -168,18 +178,20 @@ class ICLPrompts:
     task: int
     k: int
     start_property: torch.Tensor  # [N]
+    demo_format: str = "label"
 
     @property
     def n_shots(self) -> int:
         return self.labels.shape[1]
 
     def demonstrations(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x [N, n, k-1], y [N, n]): the inputs and label of each demonstration."""
+        """(x [N, n, k-1], shown [N, n]): each demonstration's inputs and its k-th token, which is the
+        target in the "label" format and a sampled emission in the "sampled" one (targets: `labels`)."""
         return split_demonstrations(self.tokens, self.k, self.n_shots)
 
 
 def split_demonstrations(tokens: torch.Tensor, k: int, n_shots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ICL prompt tokens [N, n_shots * (k + 1)] -> inputs x [N, n, k-1] and labels y [N, n] of each demonstration."""
+    """ICL prompt tokens [N, n_shots * (k + 1)] -> inputs x [N, n, k-1] and the k-th token [N, n] of each demonstration."""
     body = torch.cat([tokens[:, 1:], tokens.new_full((tokens.shape[0], 1), DELIMITER)], 1)  # drop BOS, restore the last delimiter
     demos = body.reshape(tokens.shape[0], n_shots, k + 1)
     return demos[..., : k - 1], demos[..., k - 1]

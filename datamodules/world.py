@@ -31,6 +31,9 @@ class WorldConfig:
     entity_temperature: float = 0.1  # same for the shared entity transition
     entity_identity_bias: float = 0.9  # weight of "stay on the same entity"
     start_temperature: float = 10.0  # softmax temperature of each task's start distribution
+    # mix each task's property transition with uniform, prop <- (1 - s) prop + s / P: every transition
+    # possible, so one demonstration no longer rules tasks out and ICL rises over many shots
+    property_smoothing: float = 0.0
     weights: list[float] | None = None  # mixture weights = ground-truth task prior; None -> uniform
     distinct_emissions: bool = False  # give every (entity, property>0) its own token
     seed: int = 0
@@ -50,6 +53,8 @@ class WorldConfig:
         for name in ("property_temperature", "entity_temperature", "start_temperature"):
             if not getattr(self, name) > 0:
                 raise WorldConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.property_smoothing <= 1.0:
+            raise WorldConfigError(f"property_smoothing must be in [0, 1], got {self.property_smoothing}")
         if not 0.0 <= self.entity_identity_bias <= 1.0:
             raise WorldConfigError(f"entity_identity_bias must be in [0, 1], got {self.entity_identity_bias}")
         self.weights = list(check_weights(self.weights, self.n_tasks, "weights"))
@@ -128,6 +133,7 @@ class GincWorld:
         b = config.entity_identity_bias
         entity = (1 - b) * _permutation_mixture(rng, E, config.entity_temperature) + b * np.eye(E)
         prop = np.stack([_permutation_mixture(rng, P, config.property_temperature) for _ in range(M)])
+        prop = (1.0 - config.property_smoothing) * prop + config.property_smoothing / P
         start = np.stack([_softmax(rng.random(E * P) - 0.5, config.start_temperature) for _ in range(M)])
         t = lambda a, dtype=torch.float64: torch.as_tensor(a, dtype=dtype)  # noqa: E731
         return cls(config, t(emission, torch.long), t(entity), t(prop), t(start), t(np.asarray(config.weights)))

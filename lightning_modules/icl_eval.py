@@ -87,8 +87,9 @@ def exact_curve_rows(data: GincDataModule, run: str = "exact", weights: object =
     learner = ExactLearner(GincWorld.build(data.world).to(device), weights)
     metric = _metric(data).to(device)
     for batch in _progress(data.icl_dataloader(), run):
-        k = batch["k"]
-        pred = learner.predict_demos(*split_demonstrations(batch["input_ids"].to(device), k, batch["labels"].shape[1]))
+        k, labels = batch["k"], batch["labels"].to(device)
+        x, shown = split_demonstrations(batch["input_ids"].to(device), k, labels.shape[1])
+        pred = learner.predict_demos(x, labels, shown if data.icl.demo_format == "sampled" else None)
         metric.update(k, batch["task"], pred.prob.log(), pred.correct)
     return curve_rows(metric.compute(), data.icl.k_values, run, **extra)
 

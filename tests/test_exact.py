@@ -8,14 +8,18 @@ from datamodules.sampling import GincSampler
 from datamodules.world import GincWorld, WorldConfig
 
 
-def brute_force(world: GincWorld, x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Enumerate (task, start property); a dense forward pass over all hidden states per demonstration."""
+def brute_force(world: GincWorld, x: np.ndarray, y: np.ndarray, weights: np.ndarray,
+                shown: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Enumerate (task, start property); a dense forward pass over all hidden states per demonstration.
+    With `shown` (the "sampled" format) y is scored as the next token and the shown token is what the
+    demonstration's likelihood sees."""
     cfg = world.config
     E, P, M = cfg.n_entities, cfg.n_properties, cfg.n_tasks
     emit = world.emission.reshape(-1).numpy()
     n = y.shape[0]
     px = np.zeros((M, P - 1, n))
     py = np.zeros((M, P - 1, n))
+    pshown = np.zeros((M, P - 1, n))
     for m in range(M):
         T = world.transition_matrix(m).numpy()
         label = world.label_token[m].reshape(-1).numpy()
@@ -27,7 +31,12 @@ def brute_force(world: GincWorld, x: np.ndarray, y: np.ndarray, weights: np.ndar
                 for t in range(1, x.shape[1]):
                     alpha = (alpha @ T) * (emit == x[j, t])
                 px[m, si, j] = alpha.sum()
-                py[m, si, j] = alpha[label == y[j]].sum() / alpha.sum() if alpha.sum() > 0 else 0.0
+                if shown is None:
+                    py[m, si, j] = alpha[label == y[j]].sum() / alpha.sum() if alpha.sum() > 0 else 0.0
+                    pshown[m, si, j] = py[m, si, j]
+                else:
+                    nxt = alpha @ T / alpha.sum() if alpha.sum() > 0 else np.zeros(E * P)
+                    py[m, si, j], pshown[m, si, j] = nxt[emit == y[j]].sum(), nxt[emit == shown[j]].sum()
     prior = np.repeat(weights[:, None] / (P - 1), P - 1, axis=1)
     prob = np.zeros(n)
     posterior = np.zeros((n + 1, M))
@@ -37,7 +46,7 @@ def brute_force(world: GincWorld, x: np.ndarray, y: np.ndarray, weights: np.ndar
         posterior[j] = joint.sum(1) / joint.sum()
         w = joint * px[:, :, j]
         prob[j] = (w * py[:, :, j]).sum() / w.sum()
-        seen = seen * px[:, :, j] * py[:, :, j]
+        seen = seen * px[:, :, j] * pshown[:, :, j]
     joint = prior * seen
     posterior[n] = joint.sum(1) / joint.sum()
     return prob, posterior
@@ -92,3 +101,29 @@ def test_stays_finite_for_long_prompts():
     world = GincWorld.build(WorldConfig())
     pred = ExactLearner(world).predict(GincSampler(world).icl_prompts(0, 3, torch.arange(2), n_shots=1000))
     assert torch.isfinite(pred.prob).all() and torch.isfinite(pred.task_posterior).all()
+
+
+@pytest.mark.parametrize("demo_format", ["label", "sampled"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.6])
+def test_equals_brute_force_on_smoothed_worlds_in_both_formats(demo_format, smoothing):
+    world = GincWorld.build(WorldConfig(n_tasks=3, n_entities=3, n_properties=4, vocab_size=6,
+                                        property_smoothing=smoothing, seed=5))
+    sampler, learner = GincSampler(world), ExactLearner(world, [0.5, 0.3, 0.2])
+    for task in range(3):
+        p = sampler.icl_prompts(task, 3, torch.arange(3), n_shots=7, demo_format=demo_format)
+        pred = learner.predict(p)
+        x, shown = p.demonstrations()
+        for i in range(3):
+            prob, posterior = brute_force(world, x[i].numpy(), p.labels[i].numpy(), np.array([0.5, 0.3, 0.2]),
+                                          shown[i].numpy() if demo_format == "sampled" else None)
+            np.testing.assert_allclose(pred.prob[i].numpy(), prob, rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(pred.task_posterior[i].numpy(), posterior, rtol=1e-10, atol=1e-12)
+
+
+def test_smoothing_mixes_each_property_transition_with_uniform():
+    sharp = GincWorld.build(WorldConfig(seed=1))
+    smooth = GincWorld.build(WorldConfig(seed=1, property_smoothing=0.7))
+    P = sharp.config.n_properties
+    torch.testing.assert_close(smooth.property_transition, 0.3 * sharp.property_transition + 0.7 / P)
+    assert (smooth.property_transition > 0).all() and (sharp.property_transition == 0).any()
+    assert torch.equal(smooth.label_token, sharp.label_token)  # the most likely next state is unchanged

@@ -109,3 +109,41 @@ def test_preference_pairs_come_from_their_mixtures(world):
     chosen, rejected = s.preference_pairs(torch.arange(300), 20, [1, 0, 0, 0, 0], [0, 0.25, 0.25, 0.25, 0.25])
     assert (chosen.tasks == 0).all() and (rejected.tasks != 0).all()
     assert len(rejected.tasks.unique()) == 4
+
+
+def expected_pairs(world: GincWorld, task: int, k: int) -> tuple[np.ndarray, float]:
+    """Exact joint law of (the (k-1)-th token, the k-th token) of a sampled demonstration, and how often
+    the k-th token equals the target (the most likely next state's emission)."""
+    cfg = world.config
+    E, P, V = cfg.n_entities, cfg.n_properties, cfg.vocab_size
+    T = world.transition_matrix(task).numpy()
+    emit, label = world.emission.reshape(-1).numpy(), world.label_token[task].reshape(-1).numpy()
+    d = np.zeros(E * P)
+    for s in range(1, P):  # uniform start property, uniform entity
+        d[np.arange(E) * P + s] += 1.0 / (E * (P - 1))
+    for _ in range(k - 2):
+        d = d @ T
+    joint = np.zeros((V, V))
+    flow = d[:, None] * T  # [h, h']
+    np.add.at(joint, (emit[:, None].repeat(E * P, 1), emit[None, :].repeat(E * P, 0)), flow)
+    agree = float((flow * (emit[None, :] == label[:, None])).sum())
+    return joint, agree
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.5])
+def test_sampled_demonstrations_follow_the_tasks_transitions(smoothing):
+    world = GincWorld.build(WorldConfig(n_tasks=2, n_entities=3, n_properties=4, vocab_size=6,
+                                        property_temperature=1.0, property_smoothing=smoothing, seed=2))
+    k, N, n = 3, 500, 40
+    p = GincSampler(world).icl_prompts(1, k, torch.arange(N), n_shots=n, demo_format="sampled")
+    x, shown = p.demonstrations()
+    V = world.config.vocab_size
+    counts = np.zeros((V, V))
+    np.add.at(counts, (x[..., -1].reshape(-1).numpy(), shown.reshape(-1).numpy()), 1.0)
+    joint, agree = expected_pairs(world, 1, k)
+    # total variation between the empirical and exact joint law of consecutive tokens
+    assert 0.5 * np.abs(counts / counts.sum() - joint).sum() < 0.02
+    rate = (shown == p.labels).double().mean().item()
+    assert abs(rate - agree) < 4 * np.sqrt(agree * (1 - agree) / (N * n)) + 1e-9, (rate, agree)
+    label = GincSampler(world).icl_prompts(1, k, torch.arange(N), n_shots=n)
+    assert torch.equal(label.demonstrations()[0], x) and torch.equal(label.labels, p.labels)
