@@ -21,6 +21,9 @@ def add_curves_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, nargs="+", help="GINC: example lengths (default: the data config's); --hf-model: answer tokens scored")
     p.add_argument("--prompts", type=int, help="GINC: prompts per (k, task) (default: the data config's); --hf-model: shuffles per answer type (default 5)")
     p.add_argument("--weights", type=float, nargs="+", help="--ideal: mixture weights of the learner's prior (default: the world's)")
+    p.add_argument("--learner", choices=("exact", "reader", "both"), default="exact",
+                   help="--ideal: the exact learner (knows the prompt format; run RUN), the document reader (the "
+                        "Bayes-optimal documents-only model; run RUN-reader), or both")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (for long LLM prompts, 1-4)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     # real LLM source (--hf-model)

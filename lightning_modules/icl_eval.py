@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from transformers import GPT2LMHeadModel
 
 from datamodules.config_io import read_data_settings, with_icl_overrides
+from datamodules.document_reader import DocumentReader
 from datamodules.exact import ExactLearner
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.sampling import shots_for_context, split_demonstrations
@@ -92,6 +93,27 @@ def exact_curve_rows(data: GincDataModule, run: str = "exact", weights: object =
         pred = learner.predict_demos(x, labels, shown if data.icl.demo_format == "sampled" else None)
         metric.update(k, batch["task"], pred.prob.log(), pred.correct)
     return curve_rows(metric.compute(), data.icl.k_values, run, **extra)
+
+
+def reader_curve_rows(data: GincDataModule, run: str = "reader", weights: object = None,
+                      device: str | torch.device = "cpu", **extra: object) -> list[dict]:
+    """The document reader's curve rows on the same prompts: the Bayes-optimal documents-only model
+    reading each prompt as one document. Points whose prefix no document can produce are left out of
+    the means and counted in the `undefined` column; the share of them is printed."""
+    reader = DocumentReader(GincWorld.build(data.world).to(device), weights)
+    metric = _metric(data).to(device)
+    for batch in _progress(data.icl_dataloader(), run):
+        labels, pos = batch["labels"].to(device), batch["label_pos"].to(device)
+        out = reader.read(batch["input_ids"].to(device), next_tokens=True)
+        scores = out.next_log_prob.gather(1, (pos - 1)[..., None].expand(-1, -1, out.next_log_prob.shape[-1]))
+        defined = out.possible.gather(1, pos - 1)
+        metric.update(batch["k"], batch["task"], scores.gather(-1, labels[..., None]).squeeze(-1),
+                      scores.argmax(-1) == labels, defined)
+    sums = metric.compute()
+    total = float(sums["count"].sum() + sums["undefined"].sum())
+    print(f"{run}: {float(sums['undefined'].sum()) / max(total, 1):.1%} of scored positions have probability 0 as "
+          "a document (the reader has no prediction there; counted in the `undefined` column)", file=sys.stderr)
+    return curve_rows(sums, data.icl.k_values, run, undefined_column=True, **extra)
 
 
 def _progress(loader: DataLoader, run: str) -> Iterator[dict]:

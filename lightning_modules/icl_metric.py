@@ -32,29 +32,36 @@ class ICLCurveMetric(Metric):
         super().__init__()
         self.k_values = list(k_values)
         shape = (len(self.k_values), n_tasks, max_shots)
-        for name in ("prob", "nll", "hits", "count"):
+        for name in ("prob", "nll", "hits", "count", "undefined"):
             # float64: sums over thousands of prompts stay exact enough that rank splits agree
             self.add_state(name, default=torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, k: int, task: int, label_logp: torch.Tensor, hit: torch.Tensor) -> None:
-        """One batch of prompts of one (k, task): label_logp and hit are [b, n] (n <= max_shots)."""
+    def update(self, k: int, task: int, label_logp: torch.Tensor, hit: torch.Tensor,
+               defined: torch.Tensor | None = None) -> None:
+        """One batch of prompts of one (k, task): label_logp and hit are [b, n] (n <= max_shots). Where
+        `defined` [b, n] is False (a predictor with no prediction there), the point is only counted as such."""
         i, n = self.k_values.index(k), label_logp.shape[1]
-        logp = label_logp.double()
-        self.prob[i, task, :n] += logp.exp().sum(0)
+        keep = torch.ones_like(hit, dtype=torch.bool) if defined is None else defined
+        logp = torch.where(keep, label_logp.double(), 0.0)
+        self.prob[i, task, :n] += torch.where(keep, logp.exp(), 0.0).sum(0)
         self.nll[i, task, :n] -= logp.sum(0)
-        self.hits[i, task, :n] += hit.double().sum(0)
-        self.count[i, task, :n] += logp.shape[0]
+        self.hits[i, task, :n] += (hit & keep).double().sum(0)
+        self.count[i, task, :n] += keep.double().sum(0)
+        self.undefined[i, task, :n] += (~keep).double().sum(0)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        return {"prob": self.prob, "nll": self.nll, "hits": self.hits, "count": self.count}
+        return {"prob": self.prob, "nll": self.nll, "hits": self.hits, "count": self.count, "undefined": self.undefined}
 
 
-def curve_rows(sums: dict[str, torch.Tensor], k_values: Sequence[int], run: str, **extra: object) -> list[dict[str, object]]:
-    """Rows of the curves table (means over prompts) for every (k, task, shots) that saw a prompt."""
-    count = sums["count"].cpu()
+def curve_rows(sums: dict[str, torch.Tensor], k_values: Sequence[int], run: str, undefined_column: bool = False,
+               **extra: object) -> list[dict[str, object]]:
+    """Rows of the curves table (means over prompts) for every (k, task, shots) that saw a prompt with a
+    defined prediction; `undefined_column` adds the count of prompts that had none."""
+    count, undefined = sums["count"].cpu(), sums["undefined"].cpu()
     prob, nll, hits = (sums[name].cpu() / count.clamp_min(1) for name in ("prob", "nll", "hits"))
     rows = []
     for i, t, s in count.nonzero().tolist():
         rows.append({"run": run, "k": k_values[i], "task": t, "shots": s, "prob": prob[i, t, s].item(),
-                     "nll": nll[i, t, s].item(), "acc": hits[i, t, s].item(), "count": int(count[i, t, s]), **extra})
+                     "nll": nll[i, t, s].item(), "acc": hits[i, t, s].item(), "count": int(count[i, t, s]),
+                     **({"undefined": int(undefined[i, t, s])} if undefined_column else {}), **extra})
     return rows
