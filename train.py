@@ -30,7 +30,7 @@ from datamodules.ginc_datamodule import GincDataModule
 from datamodules.world import WorldConfig
 from lightning_modules.callbacks import CurvesWriter, FinalExport, RunInfo
 from lightning_modules.gpt import resolve_spec
-from lightning_modules.icl_eval import ARCH_KEYS, exact_curve_rows, read_source
+from lightning_modules.icl_eval import ARCH_KEYS, exact_curve_rows, read_source, reader_curve_rows
 from lightning_modules.lm_module import CausalLMModule
 
 
@@ -174,8 +174,16 @@ def accuracy_table(curves: dict[str, list[dict]], k: int, favoured: Sequence[int
     for group in ("favoured", "others"):
         for name, rows in curves.items():
             acc = [[r["acc"] for r in rows if r["k"] == k and r["shots"] == s and (r["task"] in favoured) == (group == "favoured")] for s in shots]
-            lines.append(f"{group if name == next(iter(curves)) else '':9}{name:19}" + "".join(f"{sum(a) / len(a):7.2f}" for a in acc))
+            lines.append(f"{group if name == next(iter(curves)) else '':9}{name:19}"
+                         + "".join(f"{sum(a) / len(a):7.2f}" if a else f"{'-':>7}" for a in acc))
     return "\n".join(lines)
+
+
+def curve_gap(rows: list[dict], reference: list[dict], k: int) -> float:
+    """Mean absolute accuracy difference at k over the (task, shots >= 1) points both curves have."""
+    ref = {(r["task"], r["shots"]): float(r["acc"]) for r in reference if r["k"] == k and r["shots"] >= 1}
+    diffs = [abs(float(r["acc"]) - ref[r["task"], r["shots"]]) for r in rows if r["k"] == k and (r["task"], r["shots"]) in ref]
+    return sum(diffs) / max(len(diffs), 1)
 
 
 def run_quickstart(root: str = "runs") -> None:
@@ -192,13 +200,21 @@ def run_quickstart(root: str = "runs") -> None:
                     "--model.init_from", str(pre.run_dir / "checkpoints" / "last.ckpt"), "--run.name", f"{name}/sft", *common])
     favoured = sft.config_init["fit"].run.tasks
     data = sft.datamodule
-    curves = {"pretrained": final_curves(pre.run_dir), "after SFT-favour": final_curves(sft.run_dir), "exact Bayesian": exact_curve_rows(data)}
+    curves = {"pretrained": final_curves(pre.run_dir), "after SFT-favour": final_curves(sft.run_dir),
+              "exact Bayesian": exact_curve_rows(data), "document reader": reader_curve_rows(data)}
     k = min(data.icl.k_values)
     n = max(r["shots"] for r in curves["exact Bayesian"] if r["k"] == k)
     shots = sorted({0, 1, 2, 4, 8, n} & set(range(n + 1)))
     others = [t for t in range(data.world.n_tasks) if t not in favoured]
     print(f"\nICL accuracy by shots, k={k}: favoured = task(s) {favoured}, others = mean of tasks {others}")
     print(accuracy_table(curves, k, favoured, shots))
+    loss = {key: pre.trainer.callback_metrics[key].item() for key in ("val/loss", "val/excess_loss")}
+    gap = {name: curve_gap(curves["pretrained"], curves[name], k) for name in ("exact Bayesian", "document reader")}
+    print(f"The exact learner knows the prompt format; the document reader is the best a model of documents alone can do "
+          f"('-': no prompt it can read). The pretrained model ({loss['val/loss']:.3f} nats/token, "
+          f"{loss['val/excess_loss']:.3f} above the world's floor) is closer to the "
+          f"{min(gap, key=gap.get)} (mean accuracy gap after 1+ shots: exact {gap['exact Bayesian']:.2f}, "
+          f"reader {gap['document reader']:.2f}).")
     print(f"\nquickstart took {time.perf_counter() - began:.0f} s on {'GPU' if on_gpu else 'CPU'}; runs in {pre.run_dir.parent} (tensorboard --logdir {root})")
 
 

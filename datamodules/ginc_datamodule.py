@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from datamodules.document_reader import DocumentReader
 from datamodules.rng import stream_key
 from datamodules.sampling import GincSampler, shots_for_context
 from datamodules.world import GincWorld, WorldConfig, WorldConfigError, check_weights
@@ -124,6 +125,14 @@ class ICLPromptSet(Dataset):
         return self.items[i]
 
 
+def with_floor(batch: dict[str, torch.Tensor], reader: DocumentReader) -> dict[str, torch.Tensor]:
+    """A validation batch with the floor of its loss: the document reader's mean NLL per token (what a
+    model that learned the world exactly would score) and that of each document's true task alone."""
+    out = reader.read(batch["input_ids"])
+    own = out.task_log_prob.gather(-1, batch["tasks"][:, None, None].expand(-1, out.task_log_prob.shape[1], 1))
+    return {**batch, "floor": -out.log_prob[:, 1:].mean(), "task_floor": -own[:, 1:].mean()}
+
+
 class GincDataModule(L.LightningDataModule):
     """Pretraining (or SFT, with other `train_weights` and an amount) plus validation loss and ICL prompts.
 
@@ -180,7 +189,8 @@ class GincDataModule(L.LightningDataModule):
         rank, world_size = self._rank()
         n_batches = math.ceil(self.val_documents / self.batch_size)
         val = DocumentBlocks(self.world, self.context_length, self.batch_size, self.train_weights, "val")
-        val_items = [val.batch(i) for i in range(rank, n_batches, world_size)]
+        reader = DocumentReader(GincWorld.build(self.world), val.weights)
+        val_items = [with_floor(val.batch(i), reader) for i in range(rank, n_batches, world_size)]
         return [DataLoader(val_items, batch_size=None), self.icl_dataloader()]
 
     def icl_dataloader(self) -> DataLoader:

@@ -179,7 +179,12 @@ class CausalLMModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         if dataloader_idx == 0:
             ids = batch["input_ids"]
-            self.log("val/loss", self.gpt(input_ids=ids, labels=ids).loss, add_dataloader_idx=False, sync_dist=True)
+            loss = self.gpt(input_ids=ids, labels=ids).loss
+            self.log("val/loss", loss, add_dataloader_idx=False, sync_dist=True, batch_size=ids.shape[0])
+            if "floor" in batch:  # how far the model is from having learned the world's documents
+                for name, floor in (("val/excess_loss", batch["floor"]), ("val/excess_loss_task", batch["task_floor"])):
+                    self.log(name, loss.float() - floor.float(), add_dataloader_idx=False, sync_dist=True,
+                             batch_size=ids.shape[0])
         else:
             logp, hit = label_scores(self.gpt, batch["input_ids"], batch["label_pos"], batch["labels"])
             self.icl.update(batch["k"], batch["task"], logp, hit)

@@ -41,12 +41,19 @@ def test_tiny_model_learns_the_world_and_in_context():
     trainer = L.Trainer(max_steps=400, val_check_interval=400, check_val_every_n_epoch=None, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu",
                         use_distributed_sampler=False)
-    before = trainer.validate(module, data, verbose=False)[0]["val/loss"]
+    first = trainer.validate(module, data, verbose=False)[0]
+    before = first["val/loss"]
     start = module.last_curve_rows
     trainer.fit(module, data)
     torch.set_num_threads(threads)
-    after = trainer.callback_metrics["val/loss"].item()
+    metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
+    after = metrics["val/loss"]
     assert after < 0.5 * before, (before, after)
+    # the excess over the document reader's loss (the world's floor) shrinks towards 0 and stays above it
+    floor = after - metrics["val/excess_loss"]
+    assert floor == pytest.approx(before - first["val/excess_loss"], rel=1e-5)
+    assert 0 < metrics["val/excess_loss"] < 0.2 * first["val/excess_loss"], metrics
+    assert metrics["val/excess_loss_task"] >= metrics["val/excess_loss"] - 1e-6  # the true task's floor is lower
 
     rows = module.last_curve_rows
     n = max(r["shots"] for r in rows)
