@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from datamodules.document_reader import DocumentReader
-from datamodules.rng import stream_key
+from datamodules.rng import stream_key, uniform
 from datamodules.sampling import GincSampler, shots_for_context
 from datamodules.world import GincWorld, WorldConfig, WorldConfigError, check_weights
 
@@ -46,17 +46,32 @@ def _as_icl(icl: ICLConfig | dict | None) -> ICLConfig:
     return icl if isinstance(icl, ICLConfig) else ICLConfig(**icl)
 
 
+_TRAIN_PROMPT_OFFSET = 1 << 40
+
+
+@dataclass
+class DemoRows:
+    """Pretraining blocks that are ICL prompts instead of documents."""
+
+    rate: float
+    k_values: list[int]
+    demo_format: str = "label"
+
+
 class DocumentBlocks:
     """Blocks of BOS + (context_length - 1) tokens, each a fresh document of a stream.
 
     With `n_documents` set, the stream is a finite set of documents (an SFT amount) revisited in a
-    new seeded order each epoch; otherwise every block is a new document.
+    new seeded order each epoch; otherwise every block is a new document. With `demo` set, a share
+    `demo.rate` of the blocks are ICL prompts instead (the block's own task, a k from `demo.k_values`,
+    the block filled with demonstrations), so that pretraining shows the prompt format.
     """
 
-    def __init__(self, world: WorldConfig, context_length: int, batch_size: int, weights: object, stream: str, n_documents: int | None = None) -> None:
+    def __init__(self, world: WorldConfig, context_length: int, batch_size: int, weights: object, stream: str,
+                 n_documents: int | None = None, demo: DemoRows | None = None) -> None:
         self.world, self.context_length, self.batch_size = world, context_length, batch_size
         self.weights = check_weights(world.weights if weights is None else weights, world.n_tasks, "train weights")
-        self.stream, self.n_documents = stream, n_documents
+        self.stream, self.n_documents, self.demo = stream, n_documents, demo
         self._sampler: GincSampler | None = None
 
     @property
@@ -78,9 +93,25 @@ class DocumentBlocks:
         return ids
 
     def batch(self, batch_index: int) -> dict[str, torch.Tensor]:
-        docs = self.sampler.documents(self.doc_ids(batch_index), self.context_length - 1, self.weights, self.stream)
+        ids = self.doc_ids(batch_index)
+        docs = self.sampler.documents(ids, self.context_length - 1, self.weights, self.stream)
         bos = torch.full((self.batch_size, 1), self.world.bos_id, dtype=torch.long)
-        return {"input_ids": torch.cat([bos, docs.tokens], 1), "tasks": docs.tasks}
+        tokens = torch.cat([bos, docs.tokens], 1)
+        if self.demo is not None and self.demo.rate > 0:
+            self._put_demonstrations(tokens, ids, docs.tasks)
+        return {"input_ids": tokens, "tasks": docs.tasks}
+
+    def _put_demonstrations(self, tokens: torch.Tensor, ids: torch.Tensor, tasks: torch.Tensor) -> None:
+        """Replace the blocks drawn for demonstrations (a hash of their id) by ICL prompts of their task."""
+        demo, L = self.demo, self.context_length
+        key = stream_key(self.world.seed, "demo-rows", self.stream)
+        picked = uniform(key, ids, -1) < demo.rate
+        ks = torch.as_tensor(demo.k_values)[(uniform(key, ids, -2) * len(demo.k_values)).long()]
+        for task, k in {(int(t), int(k)) for t, k in zip(tasks[picked], ks[picked])}:
+            rows = picked & (tasks == task) & (ks == k)
+            # prompt ids far above any evaluation prompt's, so training never shows an evaluation prompt
+            prompts = self.sampler.icl_prompts(task, k, ids[rows] + _TRAIN_PROMPT_OFFSET, L // (k + 1) + 1, demo.demo_format)
+            tokens[rows] = prompts.tokens[:, :L]
 
 
 class BlockStream(IterableDataset):
@@ -150,7 +181,10 @@ class GincDataModule(L.LightningDataModule):
         val_documents: int = 256,
         icl: ICLConfig | dict | None = None,
         num_workers: int = 0,
+        demo_rate: float = 0.0,
     ) -> None:
+        """demo_rate: the share of training blocks that are ICL prompts (in icl.demo_format, k from
+        icl.k_values, the block's own task) instead of documents; validation blocks stay documents."""
         super().__init__()
         self.world = _as_world(world)
         self.icl = _as_icl(icl)
@@ -166,6 +200,9 @@ class GincDataModule(L.LightningDataModule):
         self.train_weights = None if train_weights is None else list(check_weights(train_weights, self.world.n_tasks, "train_weights"))
         self.train_documents, self.train_stream = train_documents, train_stream
         self.val_documents, self.num_workers = val_documents, num_workers
+        if not 0.0 <= demo_rate <= 1.0:
+            raise WorldConfigError(f"demo_rate must be in [0, 1] (a share of training blocks), got {demo_rate}")
+        self.demo_rate = demo_rate
         self.save_hyperparameters()
 
     def _rank(self) -> tuple[int, int]:
@@ -178,7 +215,9 @@ class GincDataModule(L.LightningDataModule):
         return 0 if trainer is None else trainer.global_step * trainer.accumulate_grad_batches
 
     def train_blocks(self) -> DocumentBlocks:
-        return DocumentBlocks(self.world, self.context_length, self.batch_size, self.train_weights, self.train_stream, self.train_documents)
+        demo = DemoRows(self.demo_rate, self.icl.k_values, self.icl.demo_format) if self.demo_rate > 0 else None
+        return DocumentBlocks(self.world, self.context_length, self.batch_size, self.train_weights, self.train_stream,
+                              self.train_documents, demo)
 
     def train_dataloader(self) -> DataLoader:
         rank, world_size = self._rank()

@@ -1,11 +1,12 @@
 """The GINC data module: seeded, disjoint across ranks and workers, resumable, finite SFT amounts."""
 import itertools
 
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from datamodules.ginc_datamodule import BlockStream, DocumentBlocks, GincDataModule, ICLPromptSet, ICLConfig
-from datamodules.world import WorldConfig
+from datamodules.world import WorldConfig, WorldConfigError
 
 WORLD = WorldConfig(n_tasks=3, n_entities=4, n_properties=4, vocab_size=12)
 
@@ -68,3 +69,27 @@ def test_datamodule_loaders():
     assert len(val) == 2 and len(icl) == 3
     sft = GincDataModule(world=WORLD, context_length=32, batch_size=4, train_weights=[0, 1, 0], train_documents=8, train_stream="sft")
     assert (next(iter(sft.train_dataloader()))["tasks"] == 1).all()
+
+
+def test_demonstration_rows_replace_a_share_of_pretraining_blocks_deterministically():
+    from datamodules.sampling import GincSampler
+    from datamodules.world import GincWorld, WorldConfig
+
+    world = dict(n_tasks=3, n_entities=4, n_properties=5, vocab_size=12, property_smoothing=0.5, seed=1)
+    icl = dict(k_values=[3, 5], demo_format="sampled")
+    plain = GincDataModule(world=world, context_length=48, batch_size=64, icl=icl).train_blocks().batch(3)
+    mixed_dm = GincDataModule(world=world, context_length=48, batch_size=64, icl=icl, demo_rate=0.5)
+    mixed = mixed_dm.train_blocks().batch(3)
+    assert torch.equal(mixed["input_ids"], mixed_dm.train_blocks().batch(3)["input_ids"])  # a function of the index
+    changed = (mixed["input_ids"] != plain["input_ids"]).any(1)
+    assert 0.3 < changed.float().mean() < 0.7, changed.float().mean()
+    assert torch.equal(mixed["input_ids"][~changed], plain["input_ids"][~changed])
+    sampler = GincSampler(GincWorld.build(WorldConfig(**world)))
+    row = int(changed.nonzero()[0])
+    task = int(mixed["tasks"][row])
+    doc_id = int(mixed_dm.train_blocks().doc_ids(3)[row])
+    candidates = [sampler.icl_prompts(task, k, torch.tensor([doc_id + (1 << 40)]), 48 // (k + 1) + 1, "sampled").tokens[0, :48]
+                  for k in (3, 5)]
+    assert any(torch.equal(mixed["input_ids"][row], c) for c in candidates)
+    with pytest.raises(WorldConfigError, match="demo_rate must be in"):
+        GincDataModule(world=world, demo_rate=1.5)
