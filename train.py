@@ -30,7 +30,7 @@ from datamodules.ginc_datamodule import GincDataModule
 from datamodules.world import WorldConfig
 from lightning_modules.callbacks import CurvesWriter, FinalExport, RunInfo
 from lightning_modules.gpt import resolve_spec
-from lightning_modules.icl_eval import ARCH_KEYS, exact_curve_rows, read_source, reader_curve_rows
+from lightning_modules.icl_eval import ARCH_KEYS, exact_curve_rows, ideal_references, read_source, reader_curve_rows
 from lightning_modules.lm_module import CausalLMModule
 
 
@@ -144,7 +144,9 @@ class TrainCLI(LightningCLI):
         run = cfg.run
         ckpt = ModelCheckpoint(dirpath=self.run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min",
                                save_top_k=1, save_last=True, every_n_train_steps=run.checkpoint_every, enable_version_counter=False)
-        mine = [ckpt, CurvesWriter(self.run_dir / "curves.csv", self.run_info), FinalExport(self.run_dir, self.run_info)]
+        data = self.datamodule
+        references = (lambda device: ideal_references(data, device)) if isinstance(data, GincDataModule) else None
+        mine = [ckpt, CurvesWriter(self.run_dir / "curves.csv", self.run_info, references), FinalExport(self.run_dir, self.run_info)]
         trainer_cfg = cfg.trainer
         callbacks = [*(trainer_cfg.get("callbacks") or []), *mine]
         logger = trainer_cfg.get("logger")

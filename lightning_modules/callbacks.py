@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
@@ -51,10 +52,14 @@ class RunInfo:
 
 
 class CurvesWriter(L.Callback):
-    """After every validation: append the ICL curves to the run's curves.csv and draw them in TensorBoard."""
+    """After every validation: append the ICL curves to the run's curves.csv and draw them in TensorBoard,
+    beside reference curves (e.g. the ideal learners') that `references(device)` computes once, on the
+    first validation that draws."""
 
-    def __init__(self, path: str | Path, info: RunInfo) -> None:
-        self.path, self.info = Path(path), info
+    def __init__(self, path: str | Path, info: RunInfo,
+                 references: Callable[[object], dict[str, list[dict]]] | None = None) -> None:
+        self.path, self.info, self.references = Path(path), info, references
+        self._reference_rows: dict[str, list[dict]] | None = None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         rows = getattr(pl_module, "last_curve_rows", [])
@@ -62,25 +67,38 @@ class CurvesWriter(L.Callback):
             return
         step = trainer.global_step
         write_curves([{**r, "run": self.info.run, **self.info.columns(step)} for r in rows], self.path, append=True)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                for k in sorted({r["k"] for r in rows}):
-                    logger.experiment.add_figure(f"icl_curves/k{k}", curve_figure(rows, k, self.info.run), step)
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if loggers and self._reference_rows is None:
+            self._reference_rows = self.references(pl_module.device) if self.references else {}
+        for logger in loggers:
+            for k in sorted({r["k"] for r in rows}):
+                figure = curve_figure(rows, k, self.info.run, self._reference_rows)
+                logger.experiment.add_figure(f"icl_curves/k{k}", figure, step)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint[RUN_INFO_KEY] = asdict(self.info)
 
 
-def curve_figure(rows: list[dict], k: int, title: str) -> plt.Figure:
-    """Accuracy (and probability, dashed) of the label against shots, one colour per task."""
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+def curve_figure(rows: list[dict], k: int, title: str, references: dict[str, list[dict]] | None = None) -> plt.Figure:
+    """Accuracy (and probability, dashed) of the label against shots, one colour per task; each
+    reference curve set drawn in black as its accuracy averaged over tasks."""
+    fig, ax = plt.subplots(figsize=(5.6, 3.2))
     for task in sorted({r["task"] for r in rows if r["k"] == k}):
         pts = sorted((r["shots"], r["acc"], r["prob"]) for r in rows if r["k"] == k and r["task"] == task)
         line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"task {task}")
         ax.plot([p[0] for p in pts], [p[2] for p in pts], ls="--", color=line.get_color(), alpha=0.6)
+    for (name, ref), style in zip((references or {}).items(), (":", "-.", "--")):
+        by_shots: dict[int, list[float]] = {}
+        for r in ref:
+            if r["k"] == k:
+                by_shots.setdefault(int(r["shots"]), []).append(float(r["acc"]))
+        shots = sorted(by_shots)
+        ax.plot(shots, [sum(by_shots[s]) / len(by_shots[s]) for s in shots], ls=style, color="k", lw=1.2,
+                label=f"{name} (mean)")
     ax.set(xlabel="shots", ylabel="accuracy (prob dashed)", title=f"{title}, k={k}", ylim=(0, 1.02))
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
+    fig.subplots_adjust(right=0.7)  # room for the legend beside the axes
     return fig
 
 

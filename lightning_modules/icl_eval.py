@@ -116,6 +116,12 @@ def reader_curve_rows(data: GincDataModule, run: str = "reader", weights: object
     return curve_rows(sums, data.icl.k_values, run, undefined_column=True, **extra)
 
 
+def ideal_references(data: GincDataModule, device: str | torch.device = "cpu") -> dict[str, list[dict]]:
+    """Both ideal learners' curves on a data module's ICL prompts: what a trained model is drawn beside."""
+    return {"exact Bayesian": exact_curve_rows(data, "exact", device=device),
+            "document reader": reader_curve_rows(data, "reader", device=device)}
+
+
 def _progress(loader: DataLoader, run: str) -> Iterator[dict]:
     """The loader's batches, counting them on stderr (one line, rewritten)."""
     for i, batch in enumerate(loader):
