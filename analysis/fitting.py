@@ -20,7 +20,7 @@ from scipy.optimize import linear_sum_assignment
 
 from analysis.curves import CurveGroup
 from analysis.laws import LAW_NAMES, BayesianLaw, CurveLaw, as_lists, get_law
-from analysis.lm import _normal_equations, levenberg_marquardt
+from analysis.lm import normal_equations, levenberg_marquardt
 
 SPLITS = ("interpolation", "extrapolation")
 SPACES = ("prob", "nll")
@@ -220,10 +220,10 @@ def theta_covariance(law_name: str, batch: Batch, theta: torch.Tensor, space: st
     D = theta.shape[1]
     ridge = ridge_of(batch)
     if isinstance(law, BayesianLaw):
-        A, _, cost = _normal_equations(*_residual_fn(law, batch, space, lambda rows: rows)(theta, torch.arange(G)))
+        A, _, cost = normal_equations(*_residual_fn(law, batch, space, lambda rows: rows)(theta, torch.arange(G)))
     else:  # curves are independent: J^T J is block diagonal, one block per curve
         P, curves = law.per_curve, G * C * M
-        A_c, _, cost_c = _normal_equations(*_residual_fn(law, batch, space, lambda rows: rows)(
+        A_c, _, cost_c = normal_equations(*_residual_fn(law, batch, space, lambda rows: rows)(
             theta.reshape(curves, P), torch.arange(curves)))
         A = torch.zeros(G, C * M, P, C * M, P, dtype=theta.dtype)
         own = torch.arange(C * M)

@@ -41,7 +41,7 @@ class LMResult:
     iterations: int
 
 
-def _normal_equations(r: torch.Tensor, J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def normal_equations(r: torch.Tensor, J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """J^T J [A, D, D], J^T r [A, D] and the cost 0.5 |r|^2 [A] (inf where not finite), row by row."""
     if r.device.type == "cpu":
         rn, Jn = r.numpy(), J.numpy()
@@ -54,7 +54,7 @@ def _normal_equations(r: torch.Tensor, J: torch.Tensor) -> tuple[torch.Tensor, t
     return A, g, torch.where(torch.isfinite(c), c, torch.full_like(c, float("inf")))
 
 
-def _solve(H: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def solve_spd(H: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x = H^{-1} b for symmetric positive definite H [A, D, D]; ok [A] is False where that failed."""
     ok = torch.isfinite(H).all(-1).all(-1) & torch.isfinite(b).all(-1)
     eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
@@ -83,9 +83,9 @@ def _evaluate(residual_fn: ResidualFn, theta: torch.Tensor, rows: torch.Tensor):
     first chunk's Jacobian tells how many rows fit in CHUNK_ELEMENTS)."""
     first = min(len(rows), 64)
     r, J = residual_fn(theta[:first], rows[:first])
-    parts = [_normal_equations(r, J)]
+    parts = [normal_equations(r, J)]
     step = max(1, CHUNK_ELEMENTS // max(J[0].numel(), 1))
-    parts += [_normal_equations(*residual_fn(theta[i:i + step], rows[i:i + step])) for i in range(first, len(rows), step)]
+    parts += [normal_equations(*residual_fn(theta[i:i + step], rows[i:i + step])) for i in range(first, len(rows), step)]
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
@@ -136,7 +136,7 @@ def levenberg_marquardt(
         H = A[idx] + w[:, None, None] * eye
         grad = g[idx] + w[:, None] * th
         damped = H + torch.diag_embed(lam[idx, None] * H.diagonal(dim1=-2, dim2=-1))
-        steps, ok = _solve(torch.cat([damped, H]), -torch.cat([grad, grad]))
+        steps, ok = solve_spd(torch.cat([damped, H]), -torch.cat([grad, grad]))
         n = len(idx)
         delta, ok, gn_step, gn_ok = steps[:n], ok[:n], steps[n:], ok[n:]
         gn_gain = -0.5 * (grad * gn_step).sum(-1)

@@ -8,7 +8,7 @@ import torch
 
 from analysis.fitting import Batch, _residual_fn, fit_batch, stack_groups
 from analysis.laws import LAW_NAMES, BayesianLaw, get_law
-from analysis.lm import _normal_equations, _solve
+from analysis.lm import normal_equations, solve_spd
 from analysis.synthetic import synthetic_group
 
 M, S = 3, 23  # odd sizes, so rows never line up with vector widths
@@ -36,9 +36,9 @@ def test_residuals_jacobian_and_normal_equations_of_a_row_do_not_depend_on_the_b
     b = batch(7, C)
     theta = rows_of(law, 7, C)
     fn = _residual_fn(law, b, space, lambda rows: rows if isinstance(law, BayesianLaw) else rows)
-    everything = _normal_equations(*fn(theta, torch.arange(len(theta))))
+    everything = normal_equations(*fn(theta, torch.arange(len(theta))))
     for start, stop in [(0, 1), (3, 4), (len(theta) - 1, len(theta)), (2, 5), (1, len(theta) - 2)]:
-        part = _normal_equations(*fn(theta[start:stop], torch.arange(start, stop)))
+        part = normal_equations(*fn(theta[start:stop], torch.arange(start, stop)))
         for whole, piece in zip(everything, part):
             assert torch.equal(whole[start:stop], piece), (law_name, start, stop)
 
@@ -48,11 +48,11 @@ def test_solves_of_a_row_do_not_depend_on_the_batch():
     J = torch.randn(9, 40, 13, generator=gen, dtype=torch.float64)
     H = J.transpose(1, 2) @ J + torch.eye(13, dtype=torch.float64)
     b = torch.randn(9, 13, generator=gen, dtype=torch.float64)
-    x, ok = _solve(H, b)
+    x, ok = solve_spd(H, b)
     assert ok.all()
     for j in range(9):
-        assert torch.equal(_solve(H[j : j + 1], b[j : j + 1])[0][0], x[j])
-    assert torch.equal(_solve(H[2:7], b[2:7])[0], x[2:7])
+        assert torch.equal(solve_spd(H[j : j + 1], b[j : j + 1])[0][0], x[j])
+    assert torch.equal(solve_spd(H[2:7], b[2:7])[0], x[2:7])
 
 
 @pytest.mark.parametrize("law_name", ["bayesian", "bayesian_sampling", "logistic"])
