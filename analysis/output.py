@@ -13,25 +13,44 @@ from pathlib import Path
 import numpy as np
 
 
+def umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_output_dir(out: Path) -> None:
+    """One `error:` line for an output directory that cannot be written, before any work starts."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a directory path (it is created if missing)")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out} lies under {existing}, which is a file; choose another path")
+    writable = existing if existing != out else out.parent
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {writable} is not writable; choose a directory you can write to")
+
+
 @contextmanager
 def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside `out`; on success its entries replace those in `out`.
-
-    A failure leaves `out` as it was (no half-written report); entries of an older report that the new
-    one does not write are kept."""
+    """Check `out`, then yield a fresh directory beside it; on success that directory replaces `out` as
+    a whole (the old one is moved aside, then removed), so a reader sees the old report or the new one,
+    never a mix. A failure leaves `out` as it was. Modes follow the umask."""
     out = Path(out)
+    check_output_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private
+    old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
     try:
         yield tmp
-        out.mkdir(exist_ok=True)
-        for entry in tmp.iterdir():
-            dest = out / entry.name
-            if dest.is_dir():
-                shutil.rmtree(dest)
-            os.replace(entry, dest)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict]) -> None:

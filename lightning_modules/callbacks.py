@@ -6,6 +6,7 @@ checkpoint and export, so curves measured later from them get the same labels.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -19,6 +20,7 @@ matplotlib.use("Agg")  # figures are rendered to files and TensorBoard only
 import matplotlib.pyplot as plt  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
+from analysis.output import umask  # noqa: E402
 from lightning_modules.curves_table import write_curves  # noqa: E402
 
 RUN_INFO_KEY = "run_info"
@@ -120,6 +122,7 @@ class FinalExport(L.Callback):
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = self.run_dir / "hf"
         tmp = Path(tempfile.mkdtemp(dir=self.run_dir, prefix=".hf-"))
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private
         pl_module.gpt.save_pretrained(tmp)
         export = {"data": plain(dict(trainer.datamodule.hparams)), RUN_INFO_KEY: asdict(self.info), "step": trainer.global_step}
         (tmp / DATA_FILE).write_text(json.dumps(export, indent=1))

@@ -14,7 +14,9 @@ def add_curves_command(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--ideal", action="store_true", help="the exact Bayesian learner of the GINC world")
     src.add_argument("--hf-model", type=Path, help="a local Hugging Face causal-LM directory (with --dataset)")
     p.add_argument("--out", type=Path, required=True, help="curves CSV to write")
-    p.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
+    p.add_argument("--append", action="store_true", help="append to --out instead of replacing it (refused for a run "
+                   "already in the table, unless --replace)")
+    p.add_argument("--replace", action="store_true", help="with --append: replace the rows of runs already in the table")
     p.add_argument("--run", help="run label (default: derived from the source)")
     # GINC sources (--ckpt, --ideal)
     p.add_argument("--data-config", type=Path, help="YAML with the GINC world and ICL settings (default: the checkpoint's own)")
@@ -49,5 +51,5 @@ def run_curves(args: argparse.Namespace) -> None:
         from lightning_modules.llm_curves import hf_curve_rows
 
         rows = hf_curve_rows(args)
-    path = write_curves(rows, args.out, append=args.append)
+    path = write_curves(rows, args.out, append=args.append, replace=args.replace)
     print(f"wrote {len(rows)} rows to {path}")

@@ -7,17 +7,27 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from analysis.output import umask
+
 CURVE_COLUMNS = ("run", "k", "task", "shots", "prob", "nll", "acc", "count")
 
 
-def write_curves(rows: Iterable[Mapping[str, object]], path: str | os.PathLike, append: bool = False) -> Path:
-    """Write (or append) curve rows atomically; extra keys become extra columns after the contract's."""
+def write_curves(rows: Iterable[Mapping[str, object]], path: str | os.PathLike, append: bool = False,
+                 replace: bool = False) -> Path:
+    """Write (or append) curve rows atomically; extra keys become extra columns after the contract's.
+    Appending rows of a run the table already has is refused, unless `replace` drops its old rows."""
     path = Path(path)
     rows = list(rows)
     old: list[dict[str, str]] = []
     if append and path.exists():
         with path.open(newline="") as f:
             old = list(csv.DictReader(f))
+        runs = {str(r["run"]) for r in rows}
+        present = sorted(runs & {r["run"] for r in old})
+        if present and not replace:
+            raise ValueError(f"{path} already has rows of run {', '.join(present)}; pass --replace to overwrite them, "
+                             "or label the new rows with another --run")
+        old = [r for r in old if r["run"] not in runs]
     extra: list[str] = []
     for row in [*old, *rows]:
         extra += [key for key in row if key not in CURVE_COLUMNS and key not in extra]
@@ -29,6 +39,7 @@ def write_curves(rows: Iterable[Mapping[str, object]], path: str | os.PathLike, 
         writer.writeheader()
         writer.writerows(old)
         writer.writerows(rows)
+    os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it private
     os.replace(tmp, path)
     return path
 

@@ -90,3 +90,28 @@ def test_ideal_curves_of_both_learners_are_finite_and_count_undefined_points(tmp
     reader = [r for r in rows if r["run"] == "ideal-reader"]
     assert all(int(r["count"]) + int(r["undefined"]) == 12 for r in reader)
     assert "of scored positions have probability 0 as a document" in capsys.readouterr().err
+
+
+def test_curves_append_refuses_a_run_already_in_the_table_unless_replace(tmp_path, capsys):
+    import csv
+    import os
+
+    import evaluate
+
+    config = tmp_path / "world.yaml"
+    config.write_text("world: {n_tasks: 2, n_entities: 3, n_properties: 4, vocab_size: 8, seed: 1}\ncontext_length: 32\n"
+                      "icl: {k_values: [3], prompts_per_task: 4, batch_size: 4}\n")
+    out = tmp_path / "curves.csv"
+    base = ["curves", "--ideal", "--data-config", str(config), "--out", str(out), "--device", "cpu"]
+    assert evaluate.main(base) == 0
+    before = out.read_text()
+    assert evaluate.main([*base, "--append"]) == 2
+    assert "already has rows of run ideal; pass --replace" in capsys.readouterr().err
+    assert out.read_text() == before
+    assert evaluate.main([*base, "--append", "--replace"]) == 0
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(before.splitlines()) - 1  # replaced, not duplicated
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (out.stat().st_mode & 0o777) == 0o666 & ~mask

@@ -144,3 +144,33 @@ def test_params_json_carries_standard_errors_shaped_like_the_parameters(tmp_path
         if entry["law"] == "bayesian_scoring" and entry["split"] == "interpolation":
             assert all(np.isfinite(entry["stderr"][k]).all() for k in ("priors", "K", "gamma", "beta"))
             assert entry["stderr"]["K"] < 0.5 * entry["params"]["K"]
+
+
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_an_unusable_out_is_refused_before_any_fit(tmp_path, capsys, where):
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a directory")
+    out = blocker if where == "file" else blocker / "fits"
+    curves = tmp_path / "curves.csv"
+    write_table(curves, synthetic_rows())
+    assert evaluate.main(["fit", "--curves", str(curves), "--out", str(out), "--starts", "3"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --out") and "fitted" not in captured.err, err
+    assert blocker.read_text() == "not a directory"
+
+
+def test_a_report_directory_is_replaced_whole_with_the_users_modes(tmp_path):
+    import os
+
+    out = tmp_path / "fits"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older report")
+    code, out = fit(tmp_path, synthetic_rows(), "--laws", "power", "--no-plots")
+    assert code == 0
+    assert not (out / "stale.txt").exists() and (out / "fits.csv").exists()
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~mask
+    assert ((out / "fits.csv").stat().st_mode & 0o777) == 0o666 & ~mask
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fits.")]
