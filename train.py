@@ -30,6 +30,7 @@ from datamodules.ginc_datamodule import GincDataModule
 from datamodules.world import WorldConfig
 from lightning_modules.callbacks import CurvesWriter, FinalExport, RunInfo
 from lightning_modules.gpt import resolve_spec
+from lightning_modules.gpt import read_checkpoint, read_pretrained
 from lightning_modules.icl_eval import ARCH_KEYS, exact_curve_rows, ideal_references, read_source, reader_curve_rows
 from lightning_modules.lm_module import CausalLMModule
 
@@ -100,6 +101,8 @@ class TrainCLI(LightningCLI):
             if not args.init_from:
                 raise RunConfigError(f"stage {run.stage} starts from a pretrained model: pass --model.init_from runs/NAME/checkpoints/last.ckpt (or runs/NAME/hf)")
             src = read_source(args.init_from)  # the architecture and the world are the pretrained run's
+            if src.path.is_dir():
+                read_pretrained(src.path)  # broken weights stop here, before the run directory exists
             for key in ARCH_KEYS:
                 setattr(args, key, src.model.get(key))
             data.world, data.context_length = Namespace(**src.data["world"]), src.data["context_length"]
@@ -112,6 +115,9 @@ class TrainCLI(LightningCLI):
                 raise RunConfigError("give either run.direction with run.tasks or data.train_weights, not both")
             world = WorldConfig(**{k: v for k, v in vars(data.world or Namespace()).items() if not k.startswith("__")})
             data.train_weights = post_training_weights(world.weights, run.direction, run.tasks or [])
+        if run.checkpoint_every is not None and run.checkpoint_every < 1:
+            raise RunConfigError(f"run.checkpoint_every must be >= 1 (training steps between last.ckpt saves), got "
+                                 f"{run.checkpoint_every}; leave it out to save at each validation")
         max_steps = cfg.trainer.max_steps
         if max_steps is None or max_steps < 1:
             raise RunConfigError("set trainer.max_steps (the GINC stream is endless, so it is the length of training)")
@@ -130,13 +136,16 @@ class TrainCLI(LightningCLI):
         if ckpt_path not in (None, "last"):
             if not Path(ckpt_path).is_file():
                 raise FileNotFoundError(f"ckpt_path {ckpt_path} does not exist; pass runs/NAME/checkpoints/last.ckpt or --run.name NAME --ckpt_path last")
+            read_checkpoint(ckpt_path)
             return root / run.name if run.name else Path(ckpt_path).resolve().parent.parent
         name = run.name or f"{model_label}-{run.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = root / name
         if ckpt_path is None and (run_dir / "checkpoints").exists():
             raise RunConfigError(f"run directory {run_dir} already has checkpoints; pick another --run.name or resume it with --ckpt_path last")
-        if ckpt_path == "last" and not (run_dir / "checkpoints" / "last.ckpt").is_file():
-            raise FileNotFoundError(f"nothing to resume: {run_dir}/checkpoints/last.ckpt does not exist; check --run.name")
+        if ckpt_path == "last":
+            if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+                raise FileNotFoundError(f"nothing to resume: {run_dir}/checkpoints/last.ckpt does not exist; check --run.name")
+            read_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # a broken file stops here, with one line
         return run_dir
 
     def instantiate_trainer(self, **kwargs) -> object:

@@ -68,7 +68,8 @@ class CurvesWriter(L.Callback):
         if trainer.sanity_checking or not rows or not trainer.is_global_zero:
             return
         step = trainer.global_step
-        write_curves([{**r, "run": self.info.run, **self.info.columns(step)} for r in rows], self.path, append=True)
+        # replace: a run resumed from before an evaluation it already wrote evaluates that step again
+        write_curves([{**r, "run": self.info.run, **self.info.columns(step)} for r in rows], self.path, append=True, replace=True)
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if loggers and self._reference_rows is None:
             self._reference_rows = self.references(pl_module.device) if self.references else {}

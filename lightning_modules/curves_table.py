@@ -22,12 +22,14 @@ def write_curves(rows: Iterable[Mapping[str, object]], path: str | os.PathLike, 
     if append and path.exists():
         with path.open(newline="") as f:
             old = list(csv.DictReader(f))
-        runs = {str(r["run"]) for r in rows}
-        present = sorted(runs & {r["run"] for r in old})
+        # a run's own table holds one block per evaluation: a block is a run at one step
+        block = lambda r: (str(r["run"]), str(r.get("step", "") or ""))  # noqa: E731
+        new = {block(r) for r in rows}
+        present = sorted({run + (f" (step {step})" if step else "") for run, step in new & {block(r) for r in old}})
         if present and not replace:
             raise ValueError(f"{path} already has rows of run {', '.join(present)}; pass --replace to overwrite them, "
                              "or label the new rows with another --run")
-        old = [r for r in old if r["run"] not in runs]
+        old = [r for r in old if block(r) not in new]
     extra: list[str] = []
     for row in [*old, *rows]:
         extra += [key for key in row if key not in CURVE_COLUMNS and key not in extra]

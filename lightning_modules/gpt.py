@@ -6,6 +6,9 @@ be overridden (`n_layer`, `n_embd`, `n_head`, `n_positions`), which is how small
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
 
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -67,3 +70,21 @@ def build_gpt(spec: GPTSpec, vocab_size: int, bos_id: int, pad_id: int) -> GPT2L
     model = GPT2LMHeadModel(config)
     model.loss_type = "ForCausalLM"  # left unset, HF warns on every forward: a graph break under torch.compile
     return model
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by train.py (they hold config objects, so not weights-only), or one clear error."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as exc:  # a truncated or foreign file fails in many ways (zip, pickle, EOF, ...)
+        raise ModelConfigError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:80]}); "
+                               "pass a checkpoints/last.ckpt written by train.py, or the run's hf/ directory") from None
+
+
+def read_pretrained(path: str | Path) -> GPT2LMHeadModel:
+    """A run's hf/ export, or one clear error when its files are broken."""
+    try:
+        return GPT2LMHeadModel.from_pretrained(path)
+    except Exception as exc:  # a corrupt safetensors or config file
+        raise ModelConfigError(f"{path} is not a loadable HF export ({type(exc).__name__}: {str(exc).splitlines()[0][:80]}); "
+                               "export it again or pass the run's checkpoints/last.ckpt") from None

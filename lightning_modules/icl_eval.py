@@ -25,6 +25,7 @@ from datamodules.sampling import shots_for_context, split_demonstrations
 from datamodules.world import GincWorld
 from lightning_modules.callbacks import DATA_FILE, RUN_INFO_KEY, RunInfo, plain
 from lightning_modules.icl_metric import ICLCurveMetric, curve_rows, label_scores
+from lightning_modules.gpt import read_checkpoint, read_pretrained
 
 ARCH_KEYS = ("size", "n_layer", "n_embd", "n_head", "n_positions", "dropout", "vocab_size")
 _DATA_KEYS = tuple(inspect.signature(GincDataModule.__init__).parameters)[1:]
@@ -51,7 +52,7 @@ def read_source(path: str | Path) -> Source:
         meta = json.loads((path / DATA_FILE).read_text())
         data, info, step = meta["data"], meta.get(RUN_INFO_KEY), meta.get("step", 0)
     elif path.is_file():
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # our own checkpoints hold config objects
+        ckpt = read_checkpoint(path)
         if "datamodule_hyper_parameters" not in ckpt:
             raise ValueError(f"{path} was not written by train.py (no GINC datamodule settings inside); use a run's checkpoint")
         model, data = plain(dict(ckpt["hyper_parameters"])), plain(dict(ckpt["datamodule_hyper_parameters"]))
@@ -65,7 +66,7 @@ def read_source(path: str | Path) -> Source:
 def load_model(path: str | Path) -> GPT2LMHeadModel:
     path = Path(path)
     if path.is_dir():
-        return GPT2LMHeadModel.from_pretrained(path)
+        return read_pretrained(path)
     from lightning_modules.lm_module import CausalLMModule  # lm_module imports this file's neighbours
     from lightning_modules import dpo  # noqa: F401  (imported so that DPO checkpoints, a CausalLMModule subclass, may load)
 

@@ -22,7 +22,7 @@ from transformers import GPT2LMHeadModel
 
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.sampling import shots_for_context
-from lightning_modules.gpt import GPTSpec, ModelConfigError, build_gpt, resolve_spec
+from lightning_modules.gpt import GPTSpec, ModelConfigError, build_gpt, read_checkpoint, read_pretrained, resolve_spec
 from lightning_modules.icl_metric import ICLCurveMetric, curve_rows, label_scores
 
 
@@ -58,14 +58,18 @@ def load_gpt_weights(model: GPT2LMHeadModel, source: str | Path) -> None:
     """Copy weights from a Lightning checkpoint of this module or an HF export directory."""
     source = Path(source)
     if source.is_dir():
-        state = GPT2LMHeadModel.from_pretrained(source).state_dict()
+        state = read_pretrained(source).state_dict()
     else:
-        ckpt = torch.load(source, map_location="cpu", weights_only=False)  # our own checkpoints carry config objects
+        ckpt = read_checkpoint(source)
         state = {k.removeprefix("gpt."): v for k, v in ckpt["state_dict"].items() if k.startswith("gpt.")}
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ModelConfigError(f"{source} holds a different model than configured ({str(exc).splitlines()[0]}); use its size") from None
+
+
+class NonFiniteError(ValueError):
+    """Training diverged: the message says when and what to change."""
 
 
 class CausalLMModule(L.LightningModule):
@@ -138,8 +142,19 @@ class CausalLMModule(L.LightningModule):
         ids = batch["input_ids"]
         loss = self.gpt(input_ids=ids, labels=ids).loss
         self.log("train/loss", loss)  # a device tensor: read only when the logger flushes
+        # checked when the logger reads the loss anyway, so a GPU never waits for it on other steps
+        if self.log_flush_step() and not bool(torch.isfinite(loss)):
+            raise NonFiniteError(f"training loss became {loss.item()} by step {self.global_step + 1}; lower "
+                                 "--model.optim.lr or set --trainer.gradient_clip_val 1.0 (the last checkpoint is "
+                                 "from before it)")
         self.log_rates(ids.numel())
         return loss
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Never write non-finite weights over the last good checkpoint."""
+        if not all(bool(torch.isfinite(v).all()) for v in checkpoint["state_dict"].values() if v.is_floating_point()):
+            raise NonFiniteError(f"the weights became non-finite by step {self.global_step}; lower --model.optim.lr or "
+                                 "set --trainer.gradient_clip_val 1.0 (the last checkpoint is from before it)")
 
     def log_flush_step(self) -> bool:
         """Whether the logger writes this step's values."""

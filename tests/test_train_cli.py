@@ -62,3 +62,46 @@ def test_tiny_run_dir_export_and_evaluate(tmp_path):
         for a, b in zip(source, final):
             assert (a["run"], a["k"], a["task"], a["shots"], a["count"]) == (b["run"], b["k"], b["task"], b["shots"], b["count"])
             assert float(a["prob"]) == pytest.approx(float(b["prob"]), abs=1e-5)
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_only_finite_checkpoints(tmp_path, capsys):
+    code = run_train(tmp_path, "--model.optim.lr", "1e6", "--trainer.max_steps", "40", "--trainer.val_check_interval", "2",
+                     "--run.name", "diverges")
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "non-finite" in err[-1] or "became nan" in err[-1], err[-3:]
+    run = tmp_path / "runs" / "diverges"
+    assert not (run / "hf").exists()
+    for ckpt in run.rglob("*.ckpt"):
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), ckpt
+
+
+@pytest.mark.parametrize("target", ["init_from", "resume", "curves", "hf_init"])
+def test_a_broken_checkpoint_is_one_line(tmp_path, capsys, target):
+    assert run_train(tmp_path, "--run.name", "good") == 0
+    run = tmp_path / "runs" / "good"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    if target == "hf_init":
+        weights = run / "hf" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+        code = run_train(tmp_path, "--run.stage", "sft", "--run.direction", "favor", "--run.tasks", "[0]",
+                         "--model.init_from", str(run / "hf"), "--run.name", "sft")
+    else:
+        ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 3])
+        if target == "init_from":
+            code = run_train(tmp_path, "--run.stage", "sft", "--run.direction", "favor", "--run.tasks", "[0]",
+                             "--model.init_from", str(ckpt), "--run.name", "sft")
+        elif target == "resume":
+            code = run_train(tmp_path, "--run.name", "good", "--ckpt_path", "last", "--trainer.max_steps", "12")
+        else:
+            code = evaluate.main(["curves", "--ckpt", str(ckpt), "--out", str(tmp_path / "c.csv")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and ("not a readable checkpoint" in err[-1] or "not a loadable HF export" in err[-1]), err[-3:]
+    assert not (tmp_path / "runs" / "sft").exists() and not (tmp_path / "c.csv").exists()
+
+
+def test_checkpoint_every_must_be_positive(tmp_path, capsys):
+    assert run_train(tmp_path, "--run.checkpoint_every", "-3") == 2
+    assert "run.checkpoint_every must be >= 1" in capsys.readouterr().err
