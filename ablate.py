@@ -22,6 +22,8 @@ import shutil
 import sys
 import time
 import traceback
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +36,35 @@ DIRECTIONS = ("favor", "disfavor")
 
 class AblationConfigError(ValueError):
     """The ablation YAML is wrong; the message names the setting and the fix."""
+
+
+def _is_a(value: object, kind: object) -> bool:
+    """Whether a YAML value fits a dataclass annotation (int, float, str, list[...], dict[...], ... | None)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_a(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_is_a(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_is_a(k, args[0]) and _is_a(v, args[1]) for k, v in value.items())
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is type(None):
+        return value is None
+    return isinstance(kind, type) and isinstance(value, kind)
+
+
+def _describe(kind: object) -> str:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    if origin is dict:
+        return f"a mapping of {_describe(args[0])} to {_describe(args[1])}"
+    return {int: "an integer", float: "a number", str: "text", type(None): "null"}.get(kind, str(kind))
 
 
 @dataclass
@@ -70,11 +101,21 @@ class AblationConfig:
     def load(cls, path: Path) -> "AblationConfig":
         if not path.is_file():
             raise FileNotFoundError(f"ablation config {path} does not exist; see configs/ablations/")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise AblationConfigError(f"{path} is not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
+        if not isinstance(raw, dict):
+            raise AblationConfigError(f"{path} must be a mapping of settings, got {type(raw).__name__}")
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(raw) - known)
         if unknown:
             raise AblationConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        hints = typing.get_type_hints(cls)
+        for name, value in raw.items():
+            if not _is_a(value, hints[name]):
+                raise AblationConfigError(f"{path}: {name} is {value!r}, which is not {_describe(hints[name])}; "
+                                          "fix that setting")
         try:
             cfg = cls(**raw)
         except TypeError as exc:

@@ -73,3 +73,20 @@ def test_bad_ablation_config(tmp_path, capsys):
     assert ablate.main(["--config", str(_grid(tmp_path, "bad", methods=["rlhf"]))]) == 2
     assert "unknown method 'rlhf'" in capsys.readouterr().err
     assert ablate.main(["--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: x\nsizes: [gpt2-1l]\npretrain_steps: abc\n", "pretrain_steps is 'abc', which is not an integer"),
+    ("name: x\nsizes: [gpt2-1l]\namounts: 32\n", "amounts is 32, which is not a list of an integer"),
+    ("name: x\nsizes: [gpt2-1l\n", "is not valid YAML"),
+    ("- a\n- b\n", "must be a mapping of settings"),
+    ("name: x\nsizes: [gpt2-1l]\nfit_fraction: 0.5\nlaws: [power, 3]\n", "laws is ['power', 3], which is not a list of text or null"),
+])
+def test_bad_ablation_yaml_is_one_line(tmp_path, capsys, text, message):
+    import ablate
+
+    cfg = tmp_path / "grid.yaml"
+    cfg.write_text(text)
+    assert ablate.main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
