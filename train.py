@@ -123,6 +123,8 @@ class TrainCLI(LightningCLI):
             raise RunConfigError("set trainer.max_steps (the GINC stream is endless, so it is the length of training)")
         spec = resolve_spec(args.size, **{k: getattr(args, k) for k in ARCH_KEYS[1:6]})
         self.run_dir = self._run_dir(run, cfg.get("ckpt_path"), spec.label)
+        if self.subcommand != "fit":  # validate/predict read a run; they write their results somewhere new
+            self.run_dir = self.run_dir.parent / f"{self.run_dir.name}-{self.subcommand}-{time.strftime('%Y%m%d-%H%M%S')}"
         post = stage.needs_init
         amount = data.train_documents or "stream"
         self.run_info = RunInfo(run=f"{spec.label}/{run.stage}" + (f"-{run.direction or 'mix'}-{amount}" if post else ""),
@@ -242,6 +244,11 @@ _UNION_ERROR = "Does not validate against any of the Union subtypes"
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     torch.set_float32_matmul_precision("high")  # TF32 for what runs outside bf16 autocast on GPUs
+    if argv and argv[0] == "test":
+        print("error: train.py has no test split to run `test` on (the GINC stream has no held-out test set); "
+              "use `python train.py validate --config CONFIG --ckpt_path CKPT` or `python evaluate.py curves --ckpt CKPT`",
+              file=sys.stderr)
+        return 2
     try:
         if not argv:
             run_quickstart()

@@ -105,3 +105,15 @@ def test_a_broken_checkpoint_is_one_line(tmp_path, capsys, target):
 def test_checkpoint_every_must_be_positive(tmp_path, capsys):
     assert run_train(tmp_path, "--run.checkpoint_every", "-3") == 2
     assert "run.checkpoint_every must be >= 1" in capsys.readouterr().err
+
+
+def test_validate_writes_somewhere_new_and_test_is_one_line(tmp_path, capsys):
+    assert run_train(tmp_path, "--run.name", "good") == 0
+    run = tmp_path / "runs" / "good"
+    config, curves = (run / "config.yaml").read_text(), (run / "curves.csv").read_text()
+    assert train.main(["validate", "--config", "configs/tiny.yaml", "--run.root", str(tmp_path / "runs"),
+                       "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]) == 0
+    assert (run / "config.yaml").read_text() == config and (run / "curves.csv").read_text() == curves
+    assert [p.name for p in (tmp_path / "runs").iterdir() if p.name.startswith("good-validate-")]
+    assert train.main(["test", "--config", "configs/tiny.yaml"]) == 2
+    assert "has no test split" in capsys.readouterr().err
