@@ -153,11 +153,15 @@ class TrainCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> object:
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
         run = cfg.run
-        ckpt = ModelCheckpoint(dirpath=self.run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min",
-                               save_top_k=1, save_last=True, every_n_train_steps=run.checkpoint_every, enable_version_counter=False)
+        # last.ckpt on its own schedule; best.ckpt only when a validation has just scored the weights it
+        # saves (one callback for both saved step-225 weights with the step-200 score)
+        ckpt = ModelCheckpoint(dirpath=self.run_dir / "checkpoints", save_top_k=0, save_last=True,
+                               every_n_train_steps=run.checkpoint_every, enable_version_counter=False)
+        best = ModelCheckpoint(dirpath=self.run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min",
+                               save_top_k=1, enable_version_counter=False)
         data = self.datamodule
         references = (lambda device: ideal_references(data, device)) if isinstance(data, GincDataModule) else None
-        mine = [ckpt, CurvesWriter(self.run_dir / "curves.csv", self.run_info, references), FinalExport(self.run_dir, self.run_info)]
+        mine = [ckpt, best, CurvesWriter(self.run_dir / "curves.csv", self.run_info, references), FinalExport(self.run_dir, self.run_info)]
         trainer_cfg = cfg.trainer
         callbacks = [*(trainer_cfg.get("callbacks") or []), *mine]
         logger = trainer_cfg.get("logger")

@@ -117,3 +117,16 @@ def test_validate_writes_somewhere_new_and_test_is_one_line(tmp_path, capsys):
     assert [p.name for p in (tmp_path / "runs").iterdir() if p.name.startswith("good-validate-")]
     assert train.main(["test", "--config", "configs/tiny.yaml"]) == 2
     assert "has no test split" in capsys.readouterr().err
+
+
+def test_best_checkpoint_holds_the_weights_its_score_was_measured_on(tmp_path):
+    assert run_train(tmp_path, "--run.name", "b", "--run.checkpoint_every", "3", "--trainer.max_steps", "12",
+                     "--trainer.val_check_interval", "4") == 0
+    ckpts = tmp_path / "runs" / "b" / "checkpoints"
+    best = torch.load(ckpts / "best.ckpt", map_location="cpu", weights_only=False)
+    assert best["global_step"] % 4 == 0, best["global_step"]  # saved right after a validation
+    with (tmp_path / "runs" / "b" / "curves.csv").open() as f:
+        steps = {int(r["step"]) for r in csv.DictReader(f)}
+    assert best["global_step"] in steps
+    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 12
