@@ -19,8 +19,11 @@ from __future__ import annotations
 import csv
 import math
 import statistics
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -330,7 +333,11 @@ class ShiftResult:
     fits: dict[int, dict[str, ModelFit]]  # k -> model name -> fit
 
 
-def analyse_shift(groups: list[CurveGroup], config: ShiftConfig, prompt_probs: dict | None = None) -> ShiftResult:
+def analyse_shift(groups: list[CurveGroup], config: ShiftConfig, prompt_probs: dict | None = None,
+                  stream: TextIO | None = None) -> ShiftResult:
+    """Joint and free fits of every k of the baseline's model, with intervals; progress goes to `stream`
+    (default: stderr)."""
+    stream = stream or sys.stderr
     config.validate()
     rng = np.random.default_rng(config.seed)
     alpha = (1.0 - config.level) / 2.0
@@ -341,7 +348,13 @@ def analyse_shift(groups: list[CurveGroup], config: ShiftConfig, prompt_probs: d
         if C < 2:
             raise ValueError(f"only the baseline was measured at k {cond.k}; add post-trained runs of the same model")
         resamples = resample_table(cond, config.resamples, rng, prompt_probs)
-        fits[cond.k] = {name: fit_model(cond, name == "shared", config, resamples) for name in FITS}
+        fits[cond.k] = {}
+        for name in FITS:
+            t0 = time.perf_counter()
+            print(f"shift k={cond.k}: {name} fit of {C} conditions x {M} tasks, then {config.resamples} resampled "
+                  f"tables x {config.starts} starts ...", file=stream, flush=True)
+            fits[cond.k][name] = fit_model(cond, name == "shared", config, resamples)
+            print(f"shift k={cond.k}: {name} fit done in {time.perf_counter() - t0:.1f}s", file=stream, flush=True)
         base_p0 = cond.prob[0][:, 0]
         thresholds = np.full(M, config.threshold) if config.threshold is not None else base_p0
         horizon = 10.0 * cond.shots.max()
