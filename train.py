@@ -14,6 +14,7 @@ Bad settings end in one `error:` line and exit status 2 before anything is writt
 from __future__ import annotations
 
 import csv
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.world import WorldConfig
-from lightning_modules.callbacks import CurvesWriter, FinalExport, RunInfo
+from lightning_modules.callbacks import CurvesWriter, FinalExport, RunInfo, StepProgressBar
 from lightning_modules.gpt import resolve_spec
 from lightning_modules.gpt import read_checkpoint, read_pretrained
 from lightning_modules.icl_eval import ARCH_KEYS, exact_curve_rows, ideal_references, read_source, reader_curve_rows
@@ -161,7 +162,8 @@ class TrainCLI(LightningCLI):
                                save_top_k=1, enable_version_counter=False)
         data = self.datamodule
         references = (lambda device: ideal_references(data, device)) if isinstance(data, GincDataModule) else None
-        mine = [ckpt, best, CurvesWriter(self.run_dir / "curves.csv", self.run_info, references), FinalExport(self.run_dir, self.run_info)]
+        bar = [StepProgressBar(refresh_rate=cfg.trainer.get("log_every_n_steps") or 50)] if cfg.trainer.get("enable_progress_bar", True) is not False else []
+        mine = [*bar, ckpt, best, CurvesWriter(self.run_dir / "curves.csv", self.run_info, references), FinalExport(self.run_dir, self.run_info)]
         trainer_cfg = cfg.trainer
         callbacks = [*(trainer_cfg.get("callbacks") or []), *mine]
         logger = trainer_cfg.get("logger")
@@ -245,8 +247,18 @@ def cli_main(args: Sequence[str]) -> TrainCLI:
 _UNION_ERROR = "Does not validate against any of the Union subtypes"
 
 
+class _NoTips(logging.Filter):
+    """Drop Lightning's advertisement for a cloud logger from every run's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoTips) for f in tips.filters):
+        tips.addFilter(_NoTips())
     torch.set_float32_matmul_precision("high")  # TF32 for what runs outside bf16 autocast on GPUs
     if argv and argv[0] == "test":
         print("error: train.py has no test split to run `test` on (the GINC stream has no held-out test set); "

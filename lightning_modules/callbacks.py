@@ -18,7 +18,10 @@ import matplotlib
 
 matplotlib.use("Agg")  # figures are rendered to files and TensorBoard only
 import matplotlib.pyplot as plt  # noqa: E402
+from lightning.pytorch.callbacks import TQDMProgressBar  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 from analysis.output import umask  # noqa: E402
 from lightning_modules.curves_table import write_curves  # noqa: E402
@@ -105,6 +108,30 @@ def curve_figure(rows: list[dict], k: int, title: str, references: dict[str, lis
     return fig
 
 
+class StepProgressBar(TQDMProgressBar):
+    """The GINC stream is endless, so epochs mean nothing: the bar counts optimizer steps up to max_steps
+    (from where a resumed run stands) and shows the training loss and tokens/s. It refreshes every
+    `refresh_rate` steps, when the logger reads those values anyway."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: object) -> None:
+        super().on_train_epoch_start(trainer)
+        self.train_progress_bar.reset(total=trainer.max_steps)
+        self.train_progress_bar.initial = trainer.global_step
+        self.train_progress_bar.set_description("steps")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.train_progress_bar is not None and self._should_update(step, trainer.max_steps):
+            self.train_progress_bar.n = step
+            shown = {name: f"{trainer.callback_metrics[key].item():{fmt}}" for name, key, fmt in
+                     (("loss", "train/loss", ".3f"), ("tok/s", "train/tokens_per_s", ".3g")) if key in trainer.callback_metrics}
+            self.train_progress_bar.set_postfix(shown)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        return {k: v for k, v in super().get_metrics(trainer, pl_module).items() if k != "v_num"}
+
+
 class FinalExport(L.Callback):
     """At the end of training: last.ckpt holds the final step, and `save_pretrained` writes <run>/hf with
     the GINC data settings and run info beside it (what `evaluate.py curves` needs)."""
@@ -116,7 +143,7 @@ class FinalExport(L.Callback):
         ckpt = trainer.checkpoint_callback
         # periodic saves (every_n_train_steps) need not fall on the last step; every rank joins the save
         if ckpt is not None and getattr(ckpt, "_last_global_step_saved", None) != trainer.global_step:
-            trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.ckpt")
+            trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.ckpt", weights_only=False)  # full, to resume
         if trainer.is_global_zero:
             self._export(trainer, pl_module)
 
@@ -124,6 +151,7 @@ class FinalExport(L.Callback):
         path = self.run_dir / "hf"
         tmp = Path(tempfile.mkdtemp(dir=self.run_dir, prefix=".hf-"))
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private
+        hf_logging.disable_progress_bar()  # no "Writing model shards" bar in every run's output
         pl_module.gpt.save_pretrained(tmp)
         export = {"data": plain(dict(trainer.datamodule.hparams)), RUN_INFO_KEY: asdict(self.info), "step": trainer.global_step}
         (tmp / DATA_FILE).write_text(json.dumps(export, indent=1))

@@ -84,11 +84,12 @@ def model_curve_rows(model: GPT2LMHeadModel, data: GincDataModule, run: str, dev
     return curve_rows(metric.compute(), data.icl.k_values, run, **extra)
 
 
-def exact_curve_rows(data: GincDataModule, run: str = "exact", weights: object = None, device: str | torch.device = "cpu", **extra: object) -> list[dict]:
+def exact_curve_rows(data: GincDataModule, run: str = "exact", weights: object = None, device: str | torch.device = "cpu",
+                     progress: bool = True, **extra: object) -> list[dict]:
     """The exact Bayesian learner's curve rows on the same prompts (prior = `weights`, default the world's)."""
     learner = ExactLearner(GincWorld.build(data.world).to(device), weights)
     metric = _metric(data).to(device)
-    for batch in _progress(data.icl_dataloader(), run):
+    for batch in _progress(data.icl_dataloader(), run, progress):
         k, labels = batch["k"], batch["labels"].to(device)
         x, shown = split_demonstrations(batch["input_ids"].to(device), k, labels.shape[1])
         pred = learner.predict_demos(x, labels, shown if data.icl.demo_format == "sampled" else None)
@@ -97,13 +98,13 @@ def exact_curve_rows(data: GincDataModule, run: str = "exact", weights: object =
 
 
 def reader_curve_rows(data: GincDataModule, run: str = "reader", weights: object = None,
-                      device: str | torch.device = "cpu", **extra: object) -> list[dict]:
+                      device: str | torch.device = "cpu", progress: bool = True, **extra: object) -> list[dict]:
     """The document reader's curve rows on the same prompts: the Bayes-optimal documents-only model
     reading each prompt as one document. Points whose prefix no document can produce are left out of
     the means and counted in the `undefined` column; the share of them is printed."""
     reader = DocumentReader(GincWorld.build(data.world).to(device), weights)
     metric = _metric(data).to(device)
-    for batch in _progress(data.icl_dataloader(), run):
+    for batch in _progress(data.icl_dataloader(), run, progress):
         labels, pos = batch["labels"].to(device), batch["label_pos"].to(device)
         out = reader.read(batch["input_ids"].to(device), next_tokens=True)
         scores = out.next_log_prob.gather(1, (pos - 1)[..., None].expand(-1, -1, out.next_log_prob.shape[-1]))
@@ -112,23 +113,26 @@ def reader_curve_rows(data: GincDataModule, run: str = "reader", weights: object
                       scores.argmax(-1) == labels, defined)
     sums = metric.compute()
     total = float(sums["count"].sum() + sums["undefined"].sum())
-    print(f"{run}: {float(sums['undefined'].sum()) / max(total, 1):.1%} of scored positions have probability 0 as "
-          "a document (the reader has no prediction there; counted in the `undefined` column)", file=sys.stderr)
+    if progress:
+        print(f"{run}: {float(sums['undefined'].sum()) / max(total, 1):.1%} of scored positions have probability 0 as "
+              "a document (the reader has no prediction there; counted in the `undefined` column)", file=sys.stderr)
     return curve_rows(sums, data.icl.k_values, run, undefined_column=True, **extra)
 
 
 def ideal_references(data: GincDataModule, device: str | torch.device = "cpu") -> dict[str, list[dict]]:
     """Both ideal learners' curves on a data module's ICL prompts: what a trained model is drawn beside."""
-    return {"exact Bayesian": exact_curve_rows(data, "exact", device=device),
-            "document reader": reader_curve_rows(data, "reader", device=device)}
+    return {"exact Bayesian": exact_curve_rows(data, "exact", device=device, progress=False),
+            "document reader": reader_curve_rows(data, "reader", device=device, progress=False)}
 
 
-def _progress(loader: DataLoader, run: str) -> Iterator[dict]:
-    """The loader's batches, counting them on stderr (one line, rewritten)."""
+def _progress(loader: DataLoader, run: str, show: bool = True) -> Iterator[dict]:
+    """The loader's batches, counting them on stderr (one line, rewritten) when `show`."""
     for i, batch in enumerate(loader):
-        print(f"\r{run}: ICL batch {i + 1}/{len(loader)}", end="", file=sys.stderr, flush=True)
+        if show:
+            print(f"\r{run}: ICL batch {i + 1}/{len(loader)}", end="", file=sys.stderr, flush=True)
         yield batch
-    print(file=sys.stderr)
+    if show:
+        print(file=sys.stderr)
 
 
 def _metric(data: GincDataModule) -> ICLCurveMetric:
