@@ -61,7 +61,7 @@ STAGES = {
 
 @dataclass
 class RunConfig:
-    """stage: one of STAGES. name: the run directory under root (default <model>-<stage>-<time>).
+    """stage: pretrain, sft or dpo. name: the run directory under root (default <model>-<stage>-<time>).
     direction/tasks: post-training favours (trains on `tasks` only) or disfavours (trains on all but
     `tasks`) and sets data.train_weights from the world's weights. checkpoint_every: steps between
     last.ckpt saves (default: at each validation). eval_at_start: validate before the first step."""
@@ -237,8 +237,19 @@ def run_quickstart(root: str = "runs") -> None:
     print(f"\nquickstart took {time.perf_counter() - began:.0f} s on {'GPU' if on_gpu else 'CPU'}; runs in {pre.run_dir.parent} (tensorboard --logdir {root})")
 
 
-def cli_main(args: Sequence[str]) -> TrainCLI:
-    return TrainCLI(CausalLMModule, GincDataModule, subclass_mode_model=True, subclass_mode_data=True, args=list(args),
+HELP = f"""Train GPT-2 on the GINC world. `python train.py` with no arguments runs the quickstart (a small
+pretraining and SFT run on the CPU or GPU, then ICL curves beside both ideal learners). Otherwise:
+`python train.py fit --config configs/pretrain.yaml [--run.stage {{{','.join(STAGES)}}}] ...`. Stages:
+pretrain (from scratch), sft and dpo (from --model.init_from, favouring or disfavouring --run.tasks).
+`python train.py fit --help` lists every option with its default; the model's own options (size, n_embd,
+optim.lr, ...) are listed by `python train.py fit --model.help CausalLMModule`."""
+
+
+def cli_main(args: Sequence[str] | None) -> TrainCLI:
+    """The CLI on `args`, or on the command line itself when None."""
+    return TrainCLI(CausalLMModule, GincDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                    args=None if args is None else list(args),
+                    parser_kwargs={"description": HELP, "default_env": False},
                     seed_everything_default=0,  # same seed, same initial weights: runs compare and resume exactly
                     trainer_defaults={"use_distributed_sampler": False},  # the datamodule shards by rank itself
                     save_config_kwargs={"overwrite": True})
@@ -255,6 +266,7 @@ class _NoTips(logging.Filter):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _NoTips) for f in tips.filters):
@@ -269,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not argv:
             run_quickstart()
         else:
-            cli_main(argv)
+            cli_main(None if from_command_line else argv)
     except (ValueError, FileNotFoundError) as exc:
         while str(exc).startswith(_UNION_ERROR) and exc.__cause__ is not None:
             exc = exc.__cause__  # jsonargparse builds the data module inside a Union check that wraps its error
