@@ -250,6 +250,9 @@ def cli_main(args: Sequence[str] | None) -> TrainCLI:
     return TrainCLI(CausalLMModule, GincDataModule, subclass_mode_model=True, subclass_mode_data=True,
                     args=None if args is None else list(args),
                     parser_kwargs={"description": HELP, "default_env": False},
+                    # the module's optimizer is --model.optim (AdamW with warmup and cosine decay); Lightning's
+                    # generic --optimizer/--lr_scheduler would be built before the model has its parameters
+                    auto_configure_optimizers=False,
                     seed_everything_default=0,  # same seed, same initial weights: runs compare and resume exactly
                     trainer_defaults={"use_distributed_sampler": False},  # the datamodule shards by rank itself
                     save_config_kwargs={"overwrite": True})

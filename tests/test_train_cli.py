@@ -130,3 +130,9 @@ def test_best_checkpoint_holds_the_weights_its_score_was_measured_on(tmp_path):
     assert best["global_step"] in steps
     last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 12
+
+
+def test_no_generic_optimizer_is_offered(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["fit", "--help"])
+    assert "--optimizer" not in capsys.readouterr().out
