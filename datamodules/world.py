@@ -149,3 +149,15 @@ class GincWorld:
     def transition_matrix(self, task: int) -> torch.Tensor:
         """The [E*P, E*P] transition over hidden states of one task (Kronecker product of the two chains)."""
         return torch.kron(self.entity_transition, self.property_transition[task])
+
+
+def world_tokenizer(vocab_size: int) -> "PreTrainedTokenizerFast":
+    """A tokenizer of the world's token ids, for exported models: `<d>` the delimiter (0), `t1` ..
+    `t{vocab_size-1}` the emissions, then `<pad>` and `<bos>`; text is tokens separated by spaces."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    names = ["<d>", *[f"t{i}" for i in range(1, vocab_size)], "<pad>", "<bos>"]
+    core = Tokenizer(models.WordLevel({name: i for i, name in enumerate(names)}, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", pad_token="<pad>", unk_token="<pad>")

@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from analysis.output import umask  # noqa: E402
+from datamodules.world import world_tokenizer  # noqa: E402
 from lightning_modules.curves_table import write_curves  # noqa: E402
 
 RUN_INFO_KEY = "run_info"
@@ -153,6 +154,8 @@ class FinalExport(L.Callback):
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private
         hf_logging.disable_progress_bar()  # no "Writing model shards" bar in every run's output
         pl_module.gpt.save_pretrained(tmp)
+        # token ids: emissions, then PAD and BOS (WorldConfig.model_vocab_size = vocab_size + 2)
+        world_tokenizer(pl_module.gpt.config.vocab_size - 2).save_pretrained(tmp)
         export = {"data": plain(dict(trainer.datamodule.hparams)), RUN_INFO_KEY: asdict(self.info), "step": trainer.global_step}
         (tmp / DATA_FILE).write_text(json.dumps(export, indent=1))
         if path.exists():

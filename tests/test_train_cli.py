@@ -5,7 +5,7 @@ import csv
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import evaluate
 import train
@@ -49,6 +49,10 @@ def test_tiny_run_dir_export_and_evaluate(tmp_path):
     assert {r["run"] for r in rows} == {"gpt2-1l-d32/pretrain"} and {r["layers"] for r in rows} == {"1"}
 
     hf = AutoModelForCausalLM.from_pretrained(run / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(run / "hf")  # maps the world's tokens, PAD and BOS
+    assert len(tokenizer) == hf.config.vocab_size == 22
+    assert tokenizer("<bos> t3 t7 <d> t19")["input_ids"] == [21, 3, 7, 0, 19]
+    assert tokenizer.decode([21, 3, 0]) == "<bos> t3 <d>" and tokenizer.pad_token_id == 20
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert torch.equal(hf.state_dict()["transformer.h.0.mlp.c_fc.weight"], last["gpt.transformer.h.0.mlp.c_fc.weight"])
 
