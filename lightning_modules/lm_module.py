@@ -72,6 +72,11 @@ class NonFiniteError(ValueError):
     """Training diverged: the message says when and what to change."""
 
 
+def diverged(what: str, step: int) -> NonFiniteError:
+    return NonFiniteError(f"{what} became non-finite by step {step}; lower --model.optim.lr or set "
+                          "--trainer.gradient_clip_val 1.0 (the last checkpoint is from before it)")
+
+
 class CausalLMModule(L.LightningModule):
     """GPT-2 trained on next-token prediction; validation gives the loss and the ICL curves."""
 
@@ -144,17 +149,14 @@ class CausalLMModule(L.LightningModule):
         self.log("train/loss", loss)  # a device tensor: read only when the logger flushes
         # checked when the logger reads the loss anyway, so a GPU never waits for it on other steps
         if self.log_flush_step() and not bool(torch.isfinite(loss)):
-            raise NonFiniteError(f"training loss became {loss.item()} by step {self.global_step + 1}; lower "
-                                 "--model.optim.lr or set --trainer.gradient_clip_val 1.0 (the last checkpoint is "
-                                 "from before it)")
+            raise diverged(f"the training loss ({loss.item()})", self.global_step + 1)
         self.log_rates(ids.numel())
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Never write non-finite weights over the last good checkpoint."""
         if not all(bool(torch.isfinite(v).all()) for v in checkpoint["state_dict"].values() if v.is_floating_point()):
-            raise NonFiniteError(f"the weights became non-finite by step {self.global_step}; lower --model.optim.lr or "
-                                 "set --trainer.gradient_clip_val 1.0 (the last checkpoint is from before it)")
+            raise diverged("the weights", self.global_step)
 
     def log_flush_step(self) -> bool:
         """Whether the logger writes this step's values."""
@@ -195,6 +197,8 @@ class CausalLMModule(L.LightningModule):
         if dataloader_idx == 0:
             ids = batch["input_ids"]
             loss = self.gpt(input_ids=ids, labels=ids).loss
+            if not bool(torch.isfinite(loss)):  # validation is rare enough to read the loss every batch
+                raise diverged(f"the validation loss ({loss.item()})", self.global_step)
             self.log("val/loss", loss, add_dataloader_idx=False, sync_dist=True, batch_size=ids.shape[0])
             if "floor" in batch:  # how far the model is from having learned the world's documents
                 for name, floor in (("val/excess_loss", batch["floor"]), ("val/excess_loss_task", batch["task_floor"])):

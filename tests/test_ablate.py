@@ -69,6 +69,16 @@ def test_failed_cell_is_reported_and_the_others_finish(finished, tmp_path):
     assert any(r["run"].endswith("sft-favor-32") for r in _table(out / "curves.csv"))
 
 
+def test_a_diverging_cell_is_reported_failed(finished, tmp_path):
+    pretrained = finished / "whole" / "t" / "gpt2-1l" / "pretrain" / "hf"
+    config = _grid(tmp_path, "diverging", pretrained={"gpt2-1l": str(pretrained)}, methods=["sft"], directions=["favor"],
+                   posttrain_overrides=["--model.optim.lr", "1e30"])
+    assert ablate.main(["--config", str(config)]) == 1
+    out = tmp_path / "diverging" / "t"
+    assert "| gpt2-1l/sft-favor-32 | failed" in (out / "report.md").read_text()
+    assert not (out / "gpt2-1l" / "sft-favor-32" / "DONE").exists()
+
+
 def test_bad_ablation_config(tmp_path, capsys):
     assert ablate.main(["--config", str(_grid(tmp_path, "bad", methods=["rlhf"]))]) == 2
     assert "unknown method 'rlhf'" in capsys.readouterr().err
