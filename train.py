@@ -168,7 +168,8 @@ class TrainCLI(LightningCLI):
         callbacks = [*(trainer_cfg.get("callbacks") or []), *mine]
         logger = trainer_cfg.get("logger")
         if logger is None or logger is True:
-            logger = TensorBoardLogger(save_dir=self.run_dir.parent, name=self.run_dir.name, version="", default_hp_metric=False)
+            # hp_metric: the HParams view lists the run's hyperparameters with its latest validation loss
+            logger = TensorBoardLogger(save_dir=self.run_dir.parent, name=self.run_dir.name, version="", default_hp_metric=True)
         return super().instantiate_trainer(callbacks=callbacks, logger=logger, default_root_dir=self.run_dir, **kwargs)
 
     def before_fit(self) -> None:

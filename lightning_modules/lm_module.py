@@ -200,6 +200,7 @@ class CausalLMModule(L.LightningModule):
             if not bool(torch.isfinite(loss)):  # validation is rare enough to read the loss every batch
                 raise diverged(f"the validation loss ({loss.item()})", self.global_step)
             self.log("val/loss", loss, add_dataloader_idx=False, sync_dist=True, batch_size=ids.shape[0])
+            self.log("hp_metric", loss, add_dataloader_idx=False, sync_dist=True, batch_size=ids.shape[0])
             if "floor" in batch:  # how far the model is from having learned the world's documents
                 for name, floor in (("val/excess_loss", batch["floor"]), ("val/excess_loss_task", batch["task_floor"])):
                     self.log(name, loss.float() - floor.float(), add_dataloader_idx=False, sync_dist=True,

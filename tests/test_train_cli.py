@@ -48,6 +48,13 @@ def test_tiny_run_dir_export_and_evaluate(tmp_path):
     assert {r["step"] for r in rows} == {"0", "4", "8"}  # before training, then every 4 steps
     assert {r["run"] for r in rows} == {"gpt2-1l-d32/pretrain"} and {r["layers"] for r in rows} == {"1"}
 
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(sorted(run.glob("events.out.tfevents.*"))[-1]))
+    events.Reload()
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")  # TensorBoard's HParams view
+    assert "hp_metric" in events.Tags()["scalars"] and "val/excess_loss" in events.Tags()["scalars"]
+
     hf = AutoModelForCausalLM.from_pretrained(run / "hf")
     tokenizer = AutoTokenizer.from_pretrained(run / "hf")  # maps the world's tokens, PAD and BOS
     assert len(tokenizer) == hf.config.vocab_size == 22
