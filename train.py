@@ -17,6 +17,7 @@ import csv
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _NoTips) for f in tips.filters):
         tips.addFilter(_NoTips())
+    # Lightning's pytree helper uses a torch API that torch deprecated; it warns in every run, and no
+    # user of train.py can act on it
+    warnings.filterwarnings("ignore", module=r"lightning\.pytorch\.utilities\._pytree")
     torch.set_float32_matmul_precision("high")  # TF32 for what runs outside bf16 autocast on GPUs
     if argv and argv[0] == "test":
         print("error: train.py has no test split to run `test` on (the GINC stream has no held-out test set); "

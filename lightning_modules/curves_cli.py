@@ -8,7 +8,8 @@ from lightning_modules.curves_table import write_curves
 
 
 def add_curves_command(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("curves", help="measure ICL curves and write the curves table")
+    p = subparsers.add_parser("curves", help="measure ICL curves and write the curves table",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", nargs="+", type=Path, help="Lightning checkpoints or HF export dirs of our GPT-2 runs")
     src.add_argument("--ideal", action="store_true", help="the exact Bayesian learner of the GINC world")
