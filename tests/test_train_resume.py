@@ -61,3 +61,9 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
     assert curves_at(tmp_path / "whole", "10") == curves_at(killed, "10") != []
+    # best.ckpt: the same weights, from the same validation, with or without the interruption
+    best_whole = torch.load(tmp_path / "whole" / "checkpoints" / "best.ckpt", weights_only=False)
+    best_killed = torch.load(killed / "checkpoints" / "best.ckpt", weights_only=False)
+    assert best_whole["global_step"] == best_killed["global_step"] and best_whole["global_step"] % 5 == 0
+    for key in best_whole["state_dict"]:
+        assert torch.equal(best_whole["state_dict"][key], best_killed["state_dict"][key]), key
