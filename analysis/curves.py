@@ -1,4 +1,4 @@
-"""Read and validate a curves table (DESIGN.md contract) into curve groups, one per (run, k)."""
+"""Read and validate a curves table (docs/design.md) into curve groups, one per (run, k)."""
 from __future__ import annotations
 
 import csv

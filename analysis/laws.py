@@ -1,4 +1,4 @@
-"""The six ICL laws of DESIGN.md, evaluated in log space, with analytic Jacobians for fitting.
+"""The six ICL laws of docs/design.md, evaluated in log space, with analytic Jacobians for fitting.
 
 Every law maps an unconstrained parameter vector theta (one per fitted group) to log p, the log
 expected probability of the next label, for a group's curves laid out as [conditions C, tasks M,

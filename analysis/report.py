@@ -1,4 +1,4 @@
-"""Fit outputs (DESIGN.md): fits.csv, params.json, report.md and one plot per (run, k)."""
+"""Fit outputs (docs/design.md): fits.csv, params.json, report.md and one plot per (run, k)."""
 from __future__ import annotations
 
 import json

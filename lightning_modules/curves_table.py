@@ -1,4 +1,4 @@
-"""The curves table (DESIGN.md contract): one row per (run, k, task, shots)."""
+"""The curves table (docs/design.md): one row per (run, k, task, shots)."""
 from __future__ import annotations
 
 import csv
