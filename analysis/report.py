@@ -5,16 +5,14 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from analysis.fitting import RIDGE, FitConfig, FitResult, predict  # noqa: E402
-from analysis.laws import BAYESIAN_NAMES  # noqa: E402
-from analysis.output import markdown_table, safe_name, shots_grid, write_csv  # noqa: E402
+from analysis.fitting import RIDGE, FitConfig, FitResult, predict
+from analysis.laws import BAYESIAN_NAMES
+from analysis.output import markdown_table, safe_name, shots_grid, write_csv
 
 FIT_COLUMNS = ("run", "k", "law", "split", "nrmse", "nrmse_nll", "n_params", "loss", "converged", "fit_fraction")
 
@@ -57,9 +55,10 @@ def plot_group(results: list[FitResult], path: Path) -> None:
     g = results[0].group
     splits = list(dict.fromkeys(r.split for r in results))
     M = g.n_tasks
-    fig, axes = plt.subplots(len(splits), M, figsize=(3.2 * M, 2.8 * len(splits)), squeeze=False, sharex=True)
+    fig = Figure(figsize=(3.2 * M, 2.8 * len(splits)))  # no pyplot: nothing global to set at import
+    axes = fig.subplots(len(splits), M, squeeze=False, sharex=True)
     grid = torch.as_tensor(shots_grid(float(g.shots.max())))
-    colors = dict(zip(dict.fromkeys(r.law for r in results), plt.cm.tab10.colors))
+    colors = dict(zip(dict.fromkeys(r.law for r in results), colormaps["tab10"].colors))
     for row, split in enumerate(splits):
         shown = [r for r in results if r.split == split]
         first_fraction = shown[0].fraction
@@ -82,7 +81,6 @@ def plot_group(results: list[FitResult], path: Path) -> None:
     fig.suptitle(g.label)
     fig.tight_layout()
     fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
 
 
 def undetermined_names(result: FitResult) -> list[str]:

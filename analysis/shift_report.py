@@ -4,16 +4,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
 import matplotlib.ticker
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from analysis.output import markdown_table, shots_grid, write_csv  # noqa: E402
-from analysis.shift import ShiftConfig, ShiftResult, condition_label, log_prob  # noqa: E402
+from analysis.output import markdown_table, shots_grid, write_csv
+from analysis.shift import ShiftConfig, ShiftResult, condition_label, log_prob
 
 COMPARISON_COLUMNS = ("k", "fit", "n_params", "chi2", "aic", "bic", "heldout_nrmse", "converged", "preferred")
 
@@ -34,7 +33,7 @@ def _yerr(mid: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> list[np.ndarray]:
 
 def _colours(labels: list[str]) -> list:
     """One colour family per method and direction (SFT/DPO x favour/disfavour), darker for larger amounts."""
-    families = {"favor": plt.cm.Blues, "disfavor": plt.cm.Reds}
+    families = {"favor": "Blues", "disfavor": "Reds"}
     out = []
     for label in labels:
         family = families.get("disfavor" if "disfavor" in label else "favor" if "favor" in label else "", None)
@@ -42,8 +41,8 @@ def _colours(labels: list[str]) -> list:
                 (x.split("-")[0] == label.split("-")[0])]
         shade = 0.45 + 0.5 * (same.index(label) + 1) / (len(same) + 1) if family else 0
         if family is not None and label.split("-")[0] == "dpo":
-            family = plt.cm.Purples if family is plt.cm.Blues else plt.cm.Oranges
-        out.append(family(shade) if family else (0.2, 0.2, 0.2, 1.0))
+            family = "Purples" if family == "Blues" else "Oranges"
+        out.append(colormaps[family](shade) if family else (0.2, 0.2, 0.2, 1.0))
     return out
 
 
@@ -58,7 +57,8 @@ def plot_parameters(result: ShiftResult, k: int, M: int, path: Path) -> None:
     labels = [r["condition"] for r in shared[::M]]
     x = np.arange(len(labels))
     knowledge = [key for key in ("gamma", "beta", "P_diag") if key in shared[0]]
-    fig, axes = plt.subplots(1, 2 + len(knowledge), figsize=(4.2 * (2 + len(knowledge)), 3.8))
+    fig = Figure(figsize=(4.2 * (2 + len(knowledge)), 3.8))
+    axes = fig.subplots(1, 2 + len(knowledge))
     offsets = 0.6 * (np.arange(M) - (M - 1) / 2) / max(M, 1)  # tasks side by side within a condition
     for i in range(M):
         mid, lo, hi = (_series(shared, key, M)[:, i] for key in ("prior", "prior_lo", "prior_hi"))
@@ -86,7 +86,6 @@ def plot_parameters(result: ShiftResult, k: int, M: int, path: Path) -> None:
     fig.suptitle(f"k = {k}: conditions ordered by method, direction and amount", y=1.08)
     fig.tight_layout()
     fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
 
 
 def plot_curves(result: ShiftResult, k: int, config: ShiftConfig, path: Path) -> None:
@@ -96,7 +95,8 @@ def plot_curves(result: ShiftResult, k: int, config: ShiftConfig, path: Path) ->
     grid = torch.as_tensor(shots_grid(float(cond.shots.max())))
     fit = result.fits[k]["shared"]
     curves = log_prob(config.law, fit.theta[0], grid, M, C, True).exp().numpy()
-    fig, axes = plt.subplots(1, M, figsize=(3.4 * M, 3.4), squeeze=False)
+    fig = Figure(figsize=(3.4 * M, 3.4))
+    axes = fig.subplots(1, M, squeeze=False)
     colors = _colours([condition_label(g) for g in cond.groups])
     for i, ax in enumerate(axes[0]):
         for c in range(C):
@@ -106,12 +106,11 @@ def plot_curves(result: ShiftResult, k: int, config: ShiftConfig, path: Path) ->
         ax.set_title(f"task {i}", fontsize=9)
         ax.set_xlabel("shots")
     axes[0, 0].set_ylabel("p(label)")
-    handles = [plt.Line2D([], [], color=colors[c], marker=".", label=g.run) for c, g in enumerate(cond.groups)]
+    handles = [Line2D([], [], color=colors[c], marker=".", label=g.run) for c, g in enumerate(cond.groups)]
     fig.legend(handles=handles, fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(f"k = {k}: measured (dots) and joint fit (lines)")
     fig.tight_layout()
     fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
 
 
 def plot_reemergence(result: ShiftResult, path: Path) -> bool:
@@ -120,7 +119,8 @@ def plot_reemergence(result: ShiftResult, path: Path) -> bool:
            and np.isfinite(float(r["measured_shots_to_recover"])) and np.isfinite(float(r["shots_to_recover"]))]
     if not pts:
         return False
-    fig, ax = plt.subplots(figsize=(5, 4.5))
+    fig = Figure(figsize=(5, 4.5))
+    ax = fig.subplots()
     m = np.array([float(r["measured_shots_to_recover"]) for r in pts])
     p = np.array([float(r["shots_to_recover"]) for r in pts])
     lo = np.array([float(r["shots_to_recover_lo"]) for r in pts])
@@ -141,7 +141,6 @@ def plot_reemergence(result: ShiftResult, path: Path) -> bool:
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
     return True
 
 

@@ -14,18 +14,15 @@ from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
 import lightning as L
-import matplotlib
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # figures are rendered to files and TensorBoard only
-import matplotlib.pyplot as plt  # noqa: E402
-from lightning.pytorch.callbacks import TQDMProgressBar  # noqa: E402
-from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+from transformers.utils import logging as hf_logging
 
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-from analysis.output import umask  # noqa: E402
-from datamodules.world import world_tokenizer  # noqa: E402
-from lightning_modules.curves_table import write_curves  # noqa: E402
+from analysis.output import umask
+from datamodules.world import world_tokenizer
+from lightning_modules.curves_table import write_curves
 
 RUN_INFO_KEY = "run_info"
 DATA_FILE = "ginc_data.json"  # beside an HF export: the datamodule settings it was trained on, and its RunInfo
@@ -86,10 +83,11 @@ class CurvesWriter(L.Callback):
         checkpoint[RUN_INFO_KEY] = asdict(self.info)
 
 
-def curve_figure(rows: list[dict], k: int, title: str, references: dict[str, list[dict]] | None = None) -> plt.Figure:
+def curve_figure(rows: list[dict], k: int, title: str, references: dict[str, list[dict]] | None = None) -> Figure:
     """Accuracy (and probability, dashed) of the label against shots, one colour per task; each
     reference curve set drawn in black as its accuracy averaged over tasks."""
-    fig, ax = plt.subplots(figsize=(5.6, 3.2))
+    fig = Figure(figsize=(5.6, 3.2))  # no pyplot: nothing global to set at import
+    ax = fig.subplots()
     for task in sorted({r["task"] for r in rows if r["k"] == k}):
         pts = sorted((r["shots"], r["acc"], r["prob"]) for r in rows if r["k"] == k and r["task"] == task)
         line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"task {task}")
