@@ -22,6 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datamodules.manyshot import load_shots, train_tokenizer  # noqa: E402
 from lightning_modules.curves_cli import add_curves_command  # noqa: E402
+from lightning_modules.gpt import resolve_device  # noqa: E402
 from lightning_modules.llm_curves import LLMCurveConfig, group_by_type, llm_curve_rows, load_local_lm  # noqa: E402
 
 DATASET = Path(__file__).resolve().parents[1] / "examples" / "manyshot" / "pirate_persona.jsonl"
@@ -42,7 +43,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--k", type=int, default=1, help="answer tokens scored")
     args = parser.parse_args()
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     shots = load_shots(DATASET)
     tokenizer = train_tokenizer([f"{s.question}\n{s.answer}" for s in shots], vocab_size=2000)
     with tempfile.TemporaryDirectory() as tmp:

@@ -72,6 +72,11 @@ def build_gpt(spec: GPTSpec, vocab_size: int, bos_id: int, pad_id: int) -> GPT2L
     return model
 
 
+def resolve_device(name: str) -> str:
+    """`auto` -> cuda where a GPU is visible, else cpu; any other name is kept."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """A checkpoint written by train.py (they hold config objects, so not weights-only), or one clear error."""
     try:

@@ -13,7 +13,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from analysis.cli import one_thread
 from analysis.curves import read_curves
@@ -25,6 +24,7 @@ from analysis.shift_report import write_shift_outputs
 from datamodules.config_io import load_datamodule_config
 from datamodules.world import check_weights
 from lightning_modules.curves_table import write_curves
+from lightning_modules.gpt import resolve_device
 from lightning_modules.icl_eval import exact_curve_rows
 
 MODEL = "truth"
@@ -60,7 +60,7 @@ def add_ladder_command(subparsers: argparse._SubParsersAction) -> None:
 
 def run_ladder(args: argparse.Namespace) -> None:
     data = load_datamodule_config(args.data_config, k_values=args.k, prompts_per_task=args.prompts)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     M = data.world.n_tasks
     if not 0 <= args.task < M:
         raise ValueError(f"--task {args.task} is out of range for a world of {M} tasks")

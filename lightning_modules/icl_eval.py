@@ -25,7 +25,7 @@ from datamodules.sampling import shots_for_context, split_demonstrations
 from datamodules.world import GincWorld
 from lightning_modules.callbacks import DATA_FILE, RUN_INFO_KEY, RunInfo, plain
 from lightning_modules.icl_metric import ICLCurveMetric, curve_rows, label_scores
-from lightning_modules.gpt import read_checkpoint, read_pretrained
+from lightning_modules.gpt import read_checkpoint, read_pretrained, resolve_device
 
 ARCH_KEYS = ("size", "n_layer", "n_embd", "n_head", "n_positions", "dropout", "vocab_size")
 _DATA_KEYS = tuple(inspect.signature(GincDataModule.__init__).parameters)[1:]
@@ -144,7 +144,7 @@ def checkpoint_curve_rows(args: argparse.Namespace) -> list[dict]:
     """`evaluate.py curves --ckpt ...`: rows labelled and annotated like the run's own curves.csv."""
     if args.run and len(args.ckpt) > 1:
         raise ValueError("--run labels one source; with several --ckpt leave it out (each run's own label is used)")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = torch.device(resolve_device(args.device))
     given = read_data_settings(args.data_config) if args.data_config is not None else {}
     rows: list[dict] = []
     for path in args.ckpt:

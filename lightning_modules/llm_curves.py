@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from datamodules.manyshot import ManyShotPrompt, Shot, build_prompt, load_shots, resolve_format
+from lightning_modules.gpt import resolve_device
 
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -65,8 +66,7 @@ def load_local_lm(model_dir: str | Path, device: str = "auto") -> tuple[PreTrain
         raise ValueError(f"--hf-model {model_dir}: no weight files (*.safetensors or *.bin); {hint}")
     if not any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
         raise ValueError(f"--hf-model {model_dir}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); {hint}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     on_gpu = device.startswith("cuda")
     if on_gpu and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no GPU is visible; use --device cpu or auto")
