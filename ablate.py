@@ -27,7 +27,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from datamodules.config_io import read_yaml_mapping
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 METHODS = ("sft", "dpo")
@@ -101,12 +101,7 @@ class AblationConfig:
     def load(cls, path: Path) -> "AblationConfig":
         if not path.is_file():
             raise FileNotFoundError(f"ablation config {path} does not exist; see configs/ablations/")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise AblationConfigError(f"{path} is not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
-        if not isinstance(raw, dict):
-            raise AblationConfigError(f"{path} must be a mapping of settings, got {type(raw).__name__}")
+        raw = read_yaml_mapping(path, "ablation config", AblationConfigError)
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(raw) - known)
         if unknown:

@@ -10,17 +10,23 @@ from datamodules.ginc_datamodule import GincDataModule
 from datamodules.world import WorldConfigError
 
 
+def read_yaml_mapping(path: Path, what: str, error: type[ValueError]) -> dict:
+    """A YAML file of settings as a dict; one `error` line (naming `what` the file is) when it is not."""
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise error(f"{what} {path} is not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
+    if not isinstance(cfg, dict):
+        raise error(f"{what} {path} must be a mapping of settings, got {type(cfg).__name__}")
+    return cfg
+
+
 def read_data_settings(path: str | Path) -> dict:
     """The GincDataModule arguments a YAML file gives, checked against the module's signature."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data config {path} does not exist; pass a YAML such as configs/data/ginc.yaml")
-    try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise WorldConfigError(f"data config {path} is not valid YAML ({str(exc).splitlines()[0]}); fix the file") from exc
-    if not isinstance(cfg, dict):
-        raise WorldConfigError(f"data config {path} must be a mapping of settings, got {type(cfg).__name__}")
+    cfg = read_yaml_mapping(path, "data config", WorldConfigError)
     cfg = cfg.get("data", cfg)
     cfg = dict(cfg.get("init_args", cfg))
     known = set(inspect.signature(GincDataModule.__init__).parameters) - {"self"}
