@@ -27,7 +27,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datamodules.config_io import read_yaml_mapping
+from datamodules.settings_file import read_yaml_mapping
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 METHODS = ("sft", "dpo")

@@ -4,21 +4,10 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-import yaml
 
 from datamodules.ginc_datamodule import GincDataModule
+from datamodules.settings_file import read_yaml_mapping
 from datamodules.world import WorldConfigError
-
-
-def read_yaml_mapping(path: Path, what: str, error: type[ValueError]) -> dict:
-    """A YAML file of settings as a dict; one `error` line (naming `what` the file is) when it is not."""
-    try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise error(f"{what} {path} is not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
-    if not isinstance(cfg, dict):
-        raise error(f"{what} {path} must be a mapping of settings, got {type(cfg).__name__}")
-    return cfg
 
 
 def read_data_settings(path: str | Path) -> dict:

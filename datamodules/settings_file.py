@@ -1,0 +1,18 @@
+"""Reading a YAML file of settings, with one clear error line; kept free of heavy imports, so that a
+command can check its config before it loads torch or Lightning."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+
+def read_yaml_mapping(path: Path, what: str, error: type[ValueError]) -> dict:
+    """A YAML file of settings as a dict; one `error` line (naming `what` the file is) when it is not."""
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise error(f"{what} {path} is not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
+    if not isinstance(cfg, dict):
+        raise error(f"{what} {path} must be a mapping of settings, got {type(cfg).__name__}")
+    return cfg
