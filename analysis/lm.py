@@ -37,7 +37,7 @@ class LMResult:
     theta: torch.Tensor  # [B, D]
     cost: torch.Tensor  # [B], 0.5 |r|^2 of the data; inf where never finite
     objective: torch.Tensor  # [B], cost + 0.5 ridge |theta|^2, what was minimised
-    converged: torch.Tensor  # [B] bool: at a stationary point by the XTOL step criterion
+    converged: torch.Tensor  # [B] bool: at a stationary point by the XTOL/FTOL tests
     iterations: int
 
 

@@ -340,7 +340,6 @@ def analyse_shift(groups: list[CurveGroup], config: ShiftConfig, prompt_probs: d
     stream = stream or sys.stderr
     config.validate()
     rng = np.random.default_rng(config.seed)
-    alpha = (1.0 - config.level) / 2.0
     rows, comparison, fits = [], [], {}
     conditions = select_conditions(groups, config.baseline)
     for cond in conditions:
@@ -376,21 +375,20 @@ def analyse_shift(groups: list[CurveGroup], config: ShiftConfig, prompt_probs: d
                           M, C, shared)[..., 0].exp().numpy()
             for c, g in enumerate(cond.groups):
                 se = fit.stderr[c]
-                quantities = {"prior": (np.array(point[c]["priors"]), np.array([b[c]["priors"] for b in boot]),
-                                        np.array(se["priors"]), "logit")}
-                K_b = np.array([b[c]["K"] for b in boot])
-                know_se = _knowledge(se)
-                for key, value in _knowledge(point[c]).items():
-                    vals = np.array([_knowledge(b[c])[key] for b in boot])
-                    quantities[key] = (value, vals, know_se[key], "logit")
+                # per task: estimate [M], resampled estimates [R, M], standard error [M], link scale
+                quantities = {
+                    "prior": (np.array(point[c]["priors"]), np.array([b[c]["priors"] for b in boot]),
+                              np.array(se["priors"]), "logit"),
+                    "K": (np.full(M, point[c]["K"]), np.array([[b[c]["K"]] * M for b in boot]),
+                          np.full(M, se["K"]), "log"),
+                    **{key: (value, np.array([_knowledge(b[c])[key] for b in boot]), _knowledge(se)[key], "logit")
+                       for key, value in _knowledge(point[c]).items()},
+                }
                 for i in range(M):
                     row = {"run": g.run, "k": cond.k, "task": i, "fit": name, "condition": condition_label(g),
                            **{col: g.extra.get(col, "") for col in CONDITION_COLUMNS}}
                     loose = []
-                    for key, (value, vals, err, link) in [("prior", quantities["prior"]),
-                                                          ("K", (np.full(M, point[c]["K"]), K_b[:, None].repeat(M, 1),
-                                                                 np.full(M, se["K"]), "log")),
-                                                          *[(k, q) for k, q in quantities.items() if k != "prior"]]:
+                    for key, (value, vals, err, link) in quantities.items():
                         lo, hi = link_interval(value[i], vals[:, i], err[i], link, config.level)
                         row.update({key: value[i], f"{key}_lo": lo, f"{key}_hi": hi, f"{key}_se": err[i]})
                         if undetermined(value[i], err[i]):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.settings_file import read_yaml_mapping
 from datamodules.world import WorldConfigError
