@@ -203,6 +203,7 @@ class GincDataModule(L.LightningDataModule):
         if not 0.0 <= demo_rate <= 1.0:
             raise WorldConfigError(f"demo_rate must be in [0, 1] (a share of training blocks), got {demo_rate}")
         self.demo_rate = demo_rate
+        self._val_items: dict[tuple[int, int], list[dict]] = {}  # validation blocks with their floor, per shard
         self.save_hyperparameters()
 
     def _rank(self) -> tuple[int, int]:
@@ -226,11 +227,12 @@ class GincDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> list[DataLoader]:
         rank, world_size = self._rank()
-        n_batches = math.ceil(self.val_documents / self.batch_size)
-        val = DocumentBlocks(self.world, self.context_length, self.batch_size, self.train_weights, "val")
-        reader = DocumentReader(GincWorld.build(self.world), val.weights)
-        val_items = [with_floor(val.batch(i), reader) for i in range(rank, n_batches, world_size)]
-        return [DataLoader(val_items, batch_size=None), self.icl_dataloader()]
+        if (rank, world_size) not in self._val_items:  # a run validates before fit, then during it: build once
+            n_batches = math.ceil(self.val_documents / self.batch_size)
+            val = DocumentBlocks(self.world, self.context_length, self.batch_size, self.train_weights, "val")
+            reader = DocumentReader(GincWorld.build(self.world), val.weights)
+            self._val_items[rank, world_size] = [with_floor(val.batch(i), reader) for i in range(rank, n_batches, world_size)]
+        return [DataLoader(self._val_items[rank, world_size], batch_size=None), self.icl_dataloader()]
 
     def icl_dataloader(self) -> DataLoader:
         rank, world_size = self._rank()
