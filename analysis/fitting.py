@@ -236,6 +236,11 @@ def theta_covariance(law_name: str, batch: Batch, theta: torch.Tensor, space: st
     return s2[:, None, None] * cov
 
 
+def undetermined(value: object, stderr: object) -> np.ndarray:
+    """Where the data do not determine a parameter: its standard error exceeds its value (or is not finite)."""
+    return ~(np.asarray(stderr, dtype=float) <= np.abs(np.asarray(value, dtype=float)))
+
+
 def named_stderr(law_name: str, theta: torch.Tensor, cov: torch.Tensor, M: int, C: int = 1) -> dict:
     """Standard errors of the interpretable parameters (delta method), keyed and shaped like `named`."""
     law = get_law(law_name)

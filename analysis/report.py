@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 import numpy as np
 import torch
 
-from analysis.fitting import RIDGE, FitConfig, FitResult, predict
+from analysis.fitting import RIDGE, FitConfig, FitResult, predict, undetermined
 from analysis.laws import BAYESIAN_NAMES
 from analysis.output import markdown_table, safe_name, shots_grid, write_csv
 
@@ -87,8 +87,7 @@ def undetermined_names(result: FitResult) -> list[str]:
     """Parameters whose standard error exceeds their value: the data do not pin them down."""
     names = []
     for key, value in result.params.items():
-        values, errors = np.atleast_1d(np.array(value, dtype=float)), np.atleast_1d(np.array(result.stderr[key], dtype=float))
-        for index in zip(*np.nonzero(~(errors <= np.abs(values)))):
+        for index in zip(*np.nonzero(np.atleast_1d(undetermined(value, result.stderr[key])))):
             names.append(key + ("" if np.ndim(value) == 0 else "[" + ",".join(map(str, index)) + "]"))
     return names
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from analysis.curves import CONDITION_COLUMNS, CurveGroup
-from analysis.fitting import Batch, fit_batch, named_stderr, nrmse, predict, theta_covariance
+from analysis.fitting import Batch, fit_batch, named_stderr, nrmse, predict, theta_covariance, undetermined
 from analysis.laws import BAYESIAN_NAMES, BayesianLaw, get_law
 from analysis.synthetic import noise_sd
 
@@ -318,11 +318,6 @@ def shots_interval(point: float, boot: np.ndarray, level: float) -> tuple[float,
         return float(np.quantile(np.where(never, np.inf, boot), alpha, method="inverted_cdf")), math.inf
     lo, hi = link_interval(point, boot, math.inf if never.all() else 0.0, "log1p", level)
     return lo, (math.inf if never.mean() > alpha else hi)
-
-
-def undetermined(value: float, stderr: float) -> bool:
-    """Not determined by the data: a standard error above the value itself (or none at all)."""
-    return not np.isfinite(stderr) or stderr > abs(value)
 
 
 @dataclass
