@@ -12,6 +12,7 @@ import torch
 
 from analysis.fitting import RIDGE, FitConfig, FitResult, predict, undetermined
 from analysis.laws import BAYESIAN_NAMES
+from analysis.lm import FTOL, XTOL
 from analysis.output import markdown_table, safe_name, shots_grid, write_csv
 
 FIT_COLUMNS = ("run", "k", "law", "split", "nrmse", "nrmse_nll", "n_params", "loss", "converged", "fit_fraction")
@@ -125,8 +126,8 @@ def write_fit_outputs(results: list[FitResult], config: FitConfig, curves_path: 
         "shots and evaluates the rest.", "",
         "## Mean NRMSE over groups", "", summary_table(results), "",
         "## Convergence", "",
-        "A fit converged when, from its parameters, the Gauss-Newton step is below 1e-9 x (1 + max |theta|) "
-        "in every unconstrained parameter or the gain it predicts is below 1e-10 of the objective: a "
+        f"A fit converged when, from its parameters, the Gauss-Newton step is below {XTOL:g} x (1 + max |theta|) "
+        f"in every unconstrained parameter or the gain it predicts is below {FTOL:g} of the objective: a "
         f"stationary point of the least-squares loss (plus a prior {RIDGE:g} times as informative as one "
         f"point on each unconstrained parameter), reached within {config.max_iter} iterations.", "",
         f"{len(results) - len(failed)} of {len(results)} fits converged."

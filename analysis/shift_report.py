@@ -32,17 +32,19 @@ def _yerr(mid: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> list[np.ndarray]:
 
 
 def _colours(labels: list[str]) -> list:
-    """One colour family per method and direction (SFT/DPO x favour/disfavour), darker for larger amounts."""
-    families = {"favor": "Blues", "disfavor": "Reds"}
+    """One colour family per method and direction (blues: SFT favour, reds: SFT disfavour, purples and
+    oranges: DPO favour and disfavour), darker for larger amounts; grey for the rest (the baseline)."""
+    def family(label: str) -> str | None:
+        parts = label.split("-")  # e.g. posttrain-dpo-favor-64
+        direction = "disfavor" if "disfavor" in parts else "favor" if "favor" in parts else None
+        return None if direction is None else {("favor", False): "Blues", ("disfavor", False): "Reds",
+                                               ("favor", True): "Purples", ("disfavor", True): "Oranges"}[direction, "dpo" in parts]
+
+    names = [family(label) for label in labels]
     out = []
-    for label in labels:
-        family = families.get("disfavor" if "disfavor" in label else "favor" if "favor" in label else "", None)
-        same = [x for x in labels if family is not None and (("disfavor" in x) == ("disfavor" in label)) and
-                (x.split("-")[0] == label.split("-")[0])]
-        shade = 0.45 + 0.5 * (same.index(label) + 1) / (len(same) + 1) if family else 0
-        if family is not None and label.split("-")[0] == "dpo":
-            family = "Purples" if family == "Blues" else "Oranges"
-        out.append(colormaps[family](shade) if family else (0.2, 0.2, 0.2, 1.0))
+    for label, name in zip(labels, names):
+        same = [other for other, n in zip(labels, names) if n == name]
+        out.append(colormaps[name](0.45 + 0.5 * (same.index(label) + 1) / (len(same) + 1)) if name else (0.2, 0.2, 0.2, 1.0))
     return out
 
 
