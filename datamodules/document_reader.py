@@ -33,7 +33,7 @@ class DocumentReader:
         self.world, self.M, self.S, self.V = world, cfg.n_tasks, cfg.n_states, cfg.vocab_size
         w = check_weights(cfg.weights if weights is None else weights, cfg.n_tasks, "reader weights")
         self.log_prior = torch.as_tensor(w, dtype=torch.float64, device=world.device).log()
-        self.transition = torch.stack([world.transition_matrix(m) for m in range(self.M)])  # [M, S, S]
+        self.transition = world.transition_matrices()  # [M, S, S]
         emit = world.emission.reshape(-1)
         self.emits = torch.zeros(self.S, self.V, dtype=torch.float64, device=world.device)
         self.emits[torch.arange(self.S, device=world.device), emit] = 1.0  # [S, V]

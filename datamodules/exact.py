@@ -65,7 +65,7 @@ class ExactLearner:
         label = world.label_token.reshape(self.M, -1)[:, pre].permute(1, 0, 2)
         self.pre_label = torch.where(self.preimage[:, None, :] >= 0, label, -1)
         # next-token distribution from every preimage entry: [V, M, R, V], 0 on padding ("sampled" format)
-        rows = torch.stack([world.transition_matrix(m) for m in range(self.M)])[:, pre] * valid[None, :, :, None]
+        rows = world.transition_matrices()[:, pre] * valid[None, :, :, None]
         nxt = torch.zeros(*rows.shape[:-1], self.V, dtype=torch.float64, device=dev)
         self.next_token = nxt.index_add_(-1, flat, rows).permute(1, 0, 2, 3).contiguous()
 

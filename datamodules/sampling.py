@@ -49,7 +49,7 @@ class ChainSampler:
 
     def __init__(self, world: GincWorld) -> None:
         self.n_states = S = world.config.n_states
-        joint = torch.stack([world.transition_matrix(m) for m in range(world.config.n_tasks)])
+        joint = world.transition_matrices()
         accept, alias = alias_table(joint.reshape(-1, S))
         self.accept = accept.reshape(-1).float()
         self.alias_scaled = (alias.reshape(-1) * S).int()  # pre-multiplied by S: a step's table index is one addition

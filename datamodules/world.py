@@ -150,6 +150,10 @@ class GincWorld:
         """The [E*P, E*P] transition over hidden states of one task (Kronecker product of the two chains)."""
         return torch.kron(self.entity_transition, self.property_transition[task])
 
+    def transition_matrices(self) -> torch.Tensor:
+        """Every task's transition over hidden states, [M, E*P, E*P]."""
+        return torch.stack([self.transition_matrix(m) for m in range(self.config.n_tasks)])
+
 
 def world_tokenizer(vocab_size: int) -> "PreTrainedTokenizerFast":
     """A tokenizer of the world's token ids, for exported models: `<d>` the delimiter (0), `t1` ..
