@@ -197,28 +197,25 @@ def run_cell(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None
     return "done"
 
 
-def final_curves(model: Path) -> list[dict]:
-    """ICL curves of a finished run's final model (its HF export or a checkpoint), labelled as the run."""
-    from lightning_modules.icl_eval import checkpoint_curve_rows
-
-    args = argparse.Namespace(ckpt=[model], run=None, data_config=None, k=None, prompts=None, batch_size=16, device="auto")
-    return checkpoint_curve_rows(args)
-
-
-def true_priors(model: Path) -> list[str]:
-    """--true-priors for the shift report: the pretraining mixture, when it is not uniform."""
-    from lightning_modules.icl_eval import read_source
+def true_priors(model: Path) -> list[float] | None:
+    """The pretraining mixture, to set beside the fitted priors in the shift report, when it is not uniform."""
+    from evaluation.run_artifacts import read_source
 
     weights = (read_source(model).data.get("world") or {}).get("weights")
     if not weights or max(weights) - min(weights) < 1e-9:
-        return []
-    return ["--true-priors", *map(str, weights)]
+        return None
+    return [float(w) for w in weights]
 
 
 def run_grid(cfg: AblationConfig, stop_after: int | None = None) -> int:
     """Run (or resume) the grid; write curves.csv, fits/, shift/ and report.md. Returns the number of failed cells."""
-    import evaluate
-    from lightning_modules.curves_table import write_curves
+    # heavy imports (torch, lightning) only once a grid is to run
+    from analysis.fitting import FitConfig
+    from analysis.report import summary_table
+    from analysis.shift import ShiftConfig
+    from evaluation.curves_table import write_curves
+    from evaluation.ginc_curves import checkpoint_curve_rows
+    from evaluation.reports import fit_table, shift_table
 
     out = Path(cfg.root) / cfg.name
     status: dict[str, str] = {}
@@ -244,23 +241,32 @@ def run_grid(cfg: AblationConfig, stop_after: int | None = None) -> int:
                 cells.append(cell)
         if pretrained.exists():
             models[size] = pretrained
-    baselines = {size: final_curves(model) for size, model in models.items()}
+    baselines = {size: checkpoint_curve_rows([model]) for size, model in models.items()}
     rows = [r for size_rows in baselines.values() for r in size_rows]
-    rows += [r for c in cells if status[c.name] in ("done", "skipped") for r in final_curves(out / c.name / "hf")]
+    rows += [r for c in cells if status[c.name] in ("done", "skipped") for r in checkpoint_curve_rows([out / c.name / "hf"])]
     failed = [name for name, s in status.items() if s.startswith("failed")]
     for name in failed:
         print(f"[ablate] FAILED {name}: {status[name]}", flush=True)
     if not rows:
         raise AblationConfigError(f"no model of {cfg.name} finished, so there are no curves; see {out}/*/*/train.log")
     curves = write_curves(rows, out / "curves.csv")
-    fit_args = ["fit", "--curves", str(curves), "--out", str(out / "fits"), "--fit-fraction", str(cfg.fit_fraction)]
-    codes = [evaluate.main(fit_args + (["--laws", *cfg.laws] if cfg.laws else []))]
+    analyses = 0  # fit and shift reports that could not be made
+    fit_config = FitConfig(fractions=(cfg.fit_fraction,), **({"laws": tuple(cfg.laws)} if cfg.laws else {}))
+    try:
+        results, _ = fit_table(curves, out / "fits", fit_config)
+        print(summary_table(results), flush=True)
+    except (ValueError, FileNotFoundError) as exc:  # bad grid settings or unreadable curves: reported, not raised
+        print(f"[ablate] fits failed: {exc}", flush=True)
+        analyses += 1
     for size, base_rows in baselines.items():
-        shift_args = ["shift", "--curves", str(curves), "--baseline", base_rows[0]["run"], "--out", str(out / "shift" / size),
-                      "--resamples", str(cfg.shift_resamples), *true_priors(models[size])]
-        codes.append(evaluate.main(shift_args))
+        shift_config = ShiftConfig(baseline=base_rows[0]["run"], resamples=cfg.shift_resamples)
+        try:
+            shift_table(curves, out / "shift" / size, shift_config, true_priors=true_priors(models[size]))
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"[ablate] shift of {size} failed: {exc}", flush=True)
+            analyses += 1
     write_report(cfg, out, status)
-    return len(failed) + sum(c != 0 for c in codes)
+    return len(failed) + analyses
 
 
 def write_report(cfg: AblationConfig, out: Path, status: dict[str, str]) -> None:

@@ -7,28 +7,15 @@
     python evaluate.py shift --curves curves.csv --baseline RUN --out shift/
     python evaluate.py ladder --data-config configs/data/ginc-gradual.yaml --out ground-truth/
 
-Each sub-command lives with the code it drives; this file only wires them together, and turns
-bad input into one `error:` line and exit status 2.
+The sub-commands are parsed in evaluation/cli.py, which calls the evaluation package's functions;
+this file turns bad input into one `error:` line and exit status 2.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
-
-def build_parser() -> argparse.ArgumentParser:
-    from analysis.cli import add_fit_command, add_shift_command
-    from lightning_modules.curves_cli import add_curves_command
-    from lightning_modules.ground_truth import add_ladder_command
-
-    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_curves_command(sub)
-    add_fit_command(sub)
-    add_shift_command(sub)
-    add_ladder_command(sub)
-    return parser
+from evaluation.cli import build_parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,6 @@ Bad settings end in one `error:` line and exit status 2 before anything is writt
 """
 from __future__ import annotations
 
-import csv
 import logging
 import sys
 import time
@@ -29,11 +28,14 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from datamodules.ginc_datamodule import GincDataModule
+from datamodules.settings_file import read_yaml_mapping
 from datamodules.world import WorldConfig
-from lightning_modules.callbacks import CurvesWriter, FinalExport, RunInfo, StepProgressBar
-from lightning_modules.gpt import resolve_spec
-from lightning_modules.gpt import read_checkpoint, read_pretrained
-from lightning_modules.icl_eval import ARCH_KEYS, exact_curve_rows, ideal_references, read_source, reader_curve_rows
+from evaluation.curves_table import read_rows
+from evaluation.ginc_curves import ideal_references
+from evaluation.quickstart_report import quickstart_report
+from evaluation.run_artifacts import ARCH_KEYS, RunInfo, read_source
+from lightning_modules.callbacks import CurvesWriter, FinalExport, StepProgressBar
+from lightning_modules.gpt import SPEC_FIELDS, GPTSpec, read_checkpoint, read_pretrained, resolve_spec
 from lightning_modules.lm_module import CausalLMModule
 
 
@@ -53,6 +55,8 @@ class Stage:
 
 
 GINC = "datamodules.ginc_datamodule.GincDataModule"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# A stage sets the classes of its run; a new kind of post-training is one more entry here
 STAGES = {
     "pretrain": Stage("lightning_modules.lm_module.CausalLMModule", GINC, "", needs_init=False),
     "sft": Stage("lightning_modules.lm_module.CausalLMModule", GINC, "sft", needs_init=True),
@@ -85,72 +89,121 @@ def post_training_weights(world_weights: Sequence[float], direction: str, tasks:
     return [float(w) if k else 0.0 for w, k in zip(world_weights, keep)]
 
 
+def stage_of(argv: Sequence[str]) -> Stage:
+    """The stage that `--run.stage` flags and `run.stage` in `--config` files name (the last one wins, as
+    in the parse itself); pretraining where none does."""
+    options = [tuple(arg.split("=", 1)) if arg.startswith("--") and "=" in arg else (arg, value)
+               for arg, value in zip(argv, [*argv[1:], ""])]
+    name = "pretrain"
+    for option, value in options:
+        if option == "--run.stage":
+            name = value
+        elif option == "--config" and Path(value).is_file():
+            run = read_yaml_mapping(Path(value), "config", RunConfigError).get("run")
+            name = run.get("stage", name) if isinstance(run, dict) else name
+    if name not in STAGES:
+        raise RunConfigError(f"unknown run.stage {name!r}; choose one of {', '.join(STAGES)}")
+    return STAGES[name]
+
+
+def with_stage_classes(argv: Sequence[str]) -> list[str]:
+    """argv with the stage's module and datamodule classes set right after the subcommand, so that the
+    configs and flags after it fill in their settings."""
+    at = next((i for i, arg in enumerate(argv) if arg in SUBCOMMANDS), None)
+    if at is None:  # --help, --version: nothing to set
+        return list(argv)
+    stage = stage_of(argv[at + 1:])
+    return [*argv[:at + 1], "--model", stage.module, "--data", stage.data, *argv[at + 1:]]
+
+
+def inherit_pretrained(model: Namespace, data: Namespace) -> None:
+    """A post-training run takes the architecture and the world of the run it starts from."""
+    src = read_source(model.init_from)
+    if src.path.is_dir():
+        read_pretrained(src.path)  # broken weights stop here, before the run directory exists
+    for key in ARCH_KEYS:
+        setattr(model, key, src.model.get(key))
+    data.world, data.context_length = Namespace(**src.data["world"]), src.data["context_length"]
+
+
+def post_training_mixture(run: RunConfig, data: Namespace) -> None:
+    """run.direction with run.tasks sets data.train_weights from the world's mixture."""
+    if run.direction not in ("favor", "disfavor"):
+        raise RunConfigError(f"run.direction {run.direction!r} needs a post-training stage and one of favor, disfavor")
+    if data.train_weights is not None:
+        raise RunConfigError("give either run.direction with run.tasks or data.train_weights, not both")
+    world = WorldConfig(**{k: v for k, v in vars(data.world or Namespace()).items() if not k.startswith("__")})
+    data.train_weights = post_training_weights(world.weights, run.direction, run.tasks or [])
+
+
+def check_schedule(run: RunConfig, trainer: Namespace) -> None:
+    if run.checkpoint_every is not None and run.checkpoint_every < 1:
+        raise RunConfigError(f"run.checkpoint_every must be >= 1 (training steps between last.ckpt saves), got "
+                             f"{run.checkpoint_every}; leave it out to save at each validation")
+    if trainer.max_steps is None or trainer.max_steps < 1:
+        raise RunConfigError("set trainer.max_steps (the GINC stream is endless, so it is the length of training)")
+
+
+def run_directory(run: RunConfig, ckpt_path: str | None, model_label: str) -> Path:
+    """runs/NAME: new for a fresh run (refused if it has checkpoints), the run's own to resume it."""
+    root = Path(run.root)
+    if ckpt_path == "last" and run.name is None:
+        raise RunConfigError("--ckpt_path last needs --run.name NAME (the run to resume), or give the checkpoint's path")
+    if ckpt_path not in (None, "last"):
+        if not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path {ckpt_path} does not exist; pass runs/NAME/checkpoints/last.ckpt or --run.name NAME --ckpt_path last")
+        read_checkpoint(ckpt_path)
+        return root / run.name if run.name else Path(ckpt_path).resolve().parent.parent
+    name = run.name or f"{model_label}-{run.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = root / name
+    if ckpt_path is None and (run_dir / "checkpoints").exists():
+        raise RunConfigError(f"run directory {run_dir} already has checkpoints; pick another --run.name or resume it with --ckpt_path last")
+    if ckpt_path == "last":
+        if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+            raise FileNotFoundError(f"nothing to resume: {run_dir}/checkpoints/last.ckpt does not exist; check --run.name")
+        read_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # a broken file stops here, with one line
+    return run_dir
+
+
+def run_info(run: RunConfig, stage: Stage, spec: GPTSpec, data: Namespace) -> RunInfo:
+    """The labels of the run's curve rows."""
+    amount = data.train_documents or "stream"
+    post = stage.needs_init
+    return RunInfo(run=f"{spec.label}/{run.stage}" + (f"-{run.direction or 'mix'}-{amount}" if post else ""),
+                   stage="posttrain" if post else "pretrain", method=stage.method, direction=run.direction or "",
+                   amount=amount if post else "", layers=spec.n_layer, target=" ".join(map(str, run.tasks or [])))
+
+
 class TrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_class_arguments(RunConfig, "run")
-        parser.set_defaults({"model": {"class_path": STAGES["pretrain"].module}, "data": {"class_path": GINC}})
+
+    def parse_arguments(self, parser, args) -> None:
+        self.config = parser.parse_args(with_stage_classes(sys.argv[1:] if args is None else args))
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        run, model, data = cfg.run, cfg.model, cfg.data.init_args
-        if run.stage not in STAGES:
-            raise RunConfigError(f"unknown run.stage {run.stage!r}; choose one of {', '.join(STAGES)}")
+        run, model, data = cfg.run, cfg.model.init_args, cfg.data.init_args
         stage = STAGES[run.stage]
-        if (model.class_path, cfg.data.class_path) != (stage.module, stage.data):
-            raise RunConfigError(f"stage {run.stage} trains {stage.module} on {stage.data}; set model.class_path and data.class_path to them")
-        args = model.init_args
-        if stage.needs_init:
-            if not args.init_from:
-                raise RunConfigError(f"stage {run.stage} starts from a pretrained model: pass --model.init_from runs/NAME/checkpoints/last.ckpt (or runs/NAME/hf)")
-            src = read_source(args.init_from)  # the architecture and the world are the pretrained run's
-            if src.path.is_dir():
-                read_pretrained(src.path)  # broken weights stop here, before the run directory exists
-            for key in ARCH_KEYS:
-                setattr(args, key, src.model.get(key))
-            data.world, data.context_length = Namespace(**src.data["world"]), src.data["context_length"]
-        elif args.init_from:
+        if (cfg.model.class_path, cfg.data.class_path) != (stage.module, stage.data):
+            raise RunConfigError(f"stage {run.stage} trains {stage.module} on {stage.data}; drop the model or data class_path "
+                                 "your config sets, or add a stage for them to train.STAGES")
+        if stage.needs_init and not model.init_from:
+            raise RunConfigError(f"stage {run.stage} starts from a pretrained model: pass --model.init_from runs/NAME/checkpoints/last.ckpt (or runs/NAME/hf)")
+        if not stage.needs_init and model.init_from:
             raise RunConfigError(f"stage {run.stage} trains from scratch; drop model.init_from or pick a post-training stage")
+        if stage.needs_init:
+            inherit_pretrained(model, data)
         if run.direction is not None:
-            if run.direction not in ("favor", "disfavor") or not stage.needs_init:
+            if not stage.needs_init:
                 raise RunConfigError(f"run.direction {run.direction!r} needs a post-training stage and one of favor, disfavor")
-            if data.train_weights is not None:
-                raise RunConfigError("give either run.direction with run.tasks or data.train_weights, not both")
-            world = WorldConfig(**{k: v for k, v in vars(data.world or Namespace()).items() if not k.startswith("__")})
-            data.train_weights = post_training_weights(world.weights, run.direction, run.tasks or [])
-        if run.checkpoint_every is not None and run.checkpoint_every < 1:
-            raise RunConfigError(f"run.checkpoint_every must be >= 1 (training steps between last.ckpt saves), got "
-                                 f"{run.checkpoint_every}; leave it out to save at each validation")
-        max_steps = cfg.trainer.max_steps
-        if max_steps is None or max_steps < 1:
-            raise RunConfigError("set trainer.max_steps (the GINC stream is endless, so it is the length of training)")
-        spec = resolve_spec(args.size, **{k: getattr(args, k) for k in ARCH_KEYS[1:6]})
-        self.run_dir = self._run_dir(run, cfg.get("ckpt_path"), spec.label)
+            post_training_mixture(run, data)
+        check_schedule(run, cfg.trainer)
+        spec = resolve_spec(model.size, **{key: getattr(model, key) for key in SPEC_FIELDS})
+        self.run_dir = run_directory(run, cfg.get("ckpt_path"), spec.label)
         if self.subcommand != "fit":  # validate/predict read a run; they write their results somewhere new
             self.run_dir = self.run_dir.parent / f"{self.run_dir.name}-{self.subcommand}-{time.strftime('%Y%m%d-%H%M%S')}"
-        post = stage.needs_init
-        amount = data.train_documents or "stream"
-        self.run_info = RunInfo(run=f"{spec.label}/{run.stage}" + (f"-{run.direction or 'mix'}-{amount}" if post else ""),
-                                stage="posttrain" if post else "pretrain", method=stage.method, direction=run.direction or "",
-                                amount=amount if post else "", layers=spec.n_layer, target=" ".join(map(str, run.tasks or [])))
-
-    def _run_dir(self, run: RunConfig, ckpt_path: str | None, model_label: str) -> Path:
-        root = Path(run.root)
-        if ckpt_path == "last" and run.name is None:
-            raise RunConfigError("--ckpt_path last needs --run.name NAME (the run to resume), or give the checkpoint's path")
-        if ckpt_path not in (None, "last"):
-            if not Path(ckpt_path).is_file():
-                raise FileNotFoundError(f"ckpt_path {ckpt_path} does not exist; pass runs/NAME/checkpoints/last.ckpt or --run.name NAME --ckpt_path last")
-            read_checkpoint(ckpt_path)
-            return root / run.name if run.name else Path(ckpt_path).resolve().parent.parent
-        name = run.name or f"{model_label}-{run.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = root / name
-        if ckpt_path is None and (run_dir / "checkpoints").exists():
-            raise RunConfigError(f"run directory {run_dir} already has checkpoints; pick another --run.name or resume it with --ckpt_path last")
-        if ckpt_path == "last":
-            if not (run_dir / "checkpoints" / "last.ckpt").is_file():
-                raise FileNotFoundError(f"nothing to resume: {run_dir}/checkpoints/last.ckpt does not exist; check --run.name")
-            read_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # a broken file stops here, with one line
-        return run_dir
+        self.run_info = run_info(run, stage, spec, data)
 
     def instantiate_trainer(self, **kwargs) -> object:
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -181,32 +234,6 @@ class TrainCLI(LightningCLI):
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
 
 
-def final_curves(run_dir: Path) -> list[dict]:
-    """The rows of a run's last evaluation in its curves.csv."""
-    with (run_dir / "curves.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    last = max(int(r["step"]) for r in rows)
-    return [{**r, "k": int(r["k"]), "task": int(r["task"]), "shots": int(r["shots"]), "acc": float(r["acc"])} for r in rows if int(r["step"]) == last]
-
-
-def accuracy_table(curves: dict[str, list[dict]], k: int, favoured: Sequence[int], shots: Sequence[int]) -> str:
-    """ICL accuracy by shots, averaged over the favoured tasks and over the others, for each named curve set."""
-    lines = [f"{'':28}" + "".join(f"{s:>7}" for s in shots)]
-    for group in ("favoured", "others"):
-        for name, rows in curves.items():
-            acc = [[r["acc"] for r in rows if r["k"] == k and r["shots"] == s and (r["task"] in favoured) == (group == "favoured")] for s in shots]
-            lines.append(f"{group if name == next(iter(curves)) else '':9}{name:19}"
-                         + "".join(f"{sum(a) / len(a):7.2f}" if a else f"{'-':>7}" for a in acc))
-    return "\n".join(lines)
-
-
-def curve_gap(rows: list[dict], reference: list[dict], k: int) -> float:
-    """Mean absolute accuracy difference at k over the (task, shots >= 1) points both curves have."""
-    ref = {(r["task"], r["shots"]): float(r["acc"]) for r in reference if r["k"] == k and r["shots"] >= 1}
-    diffs = [abs(float(r["acc"]) - ref[r["task"], r["shots"]]) for r in rows if r["k"] == k and (r["task"], r["shots"]) in ref]
-    return sum(diffs) / max(len(diffs), 1)
-
-
 def run_quickstart(root: str = "runs") -> None:
     """Pretrain a small GPT-2 on a small world, SFT it to favour one task, and print ICL accuracy before
     and after next to the exact Bayesian learner on the same prompts (configs/quickstart*.yaml)."""
@@ -219,23 +246,9 @@ def run_quickstart(root: str = "runs") -> None:
     pre = cli_main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--run.name", f"{name}/pretrain", *common])
     sft = cli_main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(CONFIGS / "quickstart-sft.yaml"),
                     "--model.init_from", str(pre.run_dir / "checkpoints" / "last.ckpt"), "--run.name", f"{name}/sft", *common])
-    favoured = sft.config_init["fit"].run.tasks
-    data = sft.datamodule
-    curves = {"pretrained": final_curves(pre.run_dir), "after SFT-favour": final_curves(sft.run_dir),
-              "exact Bayesian": exact_curve_rows(data), "document reader": reader_curve_rows(data)}
-    k = min(data.icl.k_values)
-    n = max(r["shots"] for r in curves["exact Bayesian"] if r["k"] == k)
-    shots = sorted({0, 1, 2, 4, 8, n} & set(range(n + 1)))
-    others = [t for t in range(data.world.n_tasks) if t not in favoured]
-    print(f"\nICL accuracy by shots, k={k}: favoured = task(s) {favoured}, others = mean of tasks {others}")
-    print(accuracy_table(curves, k, favoured, shots))
     loss = {key: pre.trainer.callback_metrics[key].item() for key in ("val/loss", "val/excess_loss")}
-    gap = {name: curve_gap(curves["pretrained"], curves[name], k) for name in ("exact Bayesian", "document reader")}
-    print(f"The exact learner knows the prompt format; the document reader is the best a model of documents alone can do "
-          f"('-': no prompt it can read). The pretrained model ({loss['val/loss']:.3f} nats/token, "
-          f"{loss['val/excess_loss']:.3f} above the world's floor) is closer to the "
-          f"{min(gap, key=gap.get)} (mean accuracy gap after 1+ shots: exact {gap['exact Bayesian']:.2f}, "
-          f"reader {gap['document reader']:.2f}).")
+    print(quickstart_report(read_rows(pre.run_dir / "curves.csv"), read_rows(sft.run_dir / "curves.csv"),
+                            sft.datamodule, sft.config_init["fit"].run.tasks, loss))
     print(f"\nquickstart took {time.perf_counter() - began:.0f} s on {'GPU' if on_gpu else 'CPU'}; runs in {pre.run_dir.parent} (tensorboard --logdir {root})")
 
 

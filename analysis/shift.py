@@ -16,22 +16,19 @@ value is marked as not determined by the data.
 """
 from __future__ import annotations
 
-import csv
 import math
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TextIO
 
 import numpy as np
 import torch
 
-from analysis.curves import CONDITION_COLUMNS, CurveGroup
+from analysis.curves import CONDITION_COLUMNS, CurveGroup, standard_error
 from analysis.fitting import Batch, fit_batch, named_stderr, nrmse, predict, theta_covariance, undetermined
 from analysis.laws import BAYESIAN_NAMES, BayesianLaw, get_law
-from analysis.synthetic import noise_sd
 
 FITS = ("shared", "free")
 
@@ -77,7 +74,7 @@ class Conditions:
 
     @property
     def sd(self) -> np.ndarray:
-        return noise_sd(np.nan_to_num(self.prob, nan=0.5), np.nan_to_num(self.count, nan=1.0))
+        return standard_error(np.nan_to_num(self.prob, nan=0.5), np.nan_to_num(self.count, nan=1.0))
 
 
 @dataclass
@@ -210,37 +207,6 @@ def resample_table(cond: Conditions, R: int, rng: np.random.Generator,
                 cols = np.searchsorted(cond.shots, g.shots)
                 sample[:, c, i][:, cols] = table[pick].mean(1)
     return sample
-
-
-def read_prompt_table(path: Path) -> dict:
-    """Per-prompt probabilities: CSV with run, k, task, prompt, shots, prob -> {(run, k, task): [prompts, S]}."""
-    if not path.is_file():
-        raise FileNotFoundError(f"per-prompt table {path} not found; drop --prompt-table to resample from counts")
-    cells: dict = {}
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        need = ("run", "k", "task", "prompt", "shots", "prob")
-        missing = [c for c in need if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; a per-prompt table needs {', '.join(need)}")
-        for line, row in enumerate(reader, start=2):
-            try:
-                key = (row["run"], int(row["k"]), int(row["task"]))
-                prob = float(row["prob"])
-                cells.setdefault(key, {})[(int(row["prompt"]), int(row["shots"]))] = prob
-            except ValueError:
-                raise ValueError(f"{path} line {line}: k, task, prompt, shots must be integers and prob a number") from None
-            if not 0.0 <= prob <= 1.0:
-                raise ValueError(f"{path} line {line}: prob = {prob} is outside [0, 1]")
-    out = {}
-    for key, pts in cells.items():
-        prompts = sorted({p for p, _ in pts})
-        shots = sorted({s for _, s in pts})
-        if len(pts) != len(prompts) * len(shots):
-            raise ValueError(f"{path}: run {key[0]}, k {key[1]}, task {key[2]} lacks some (prompt, shots) rows; "
-                             "every prompt needs every shot count")
-        out[key] = np.array([[pts[(p, s)] for s in shots] for p in prompts])
-    return out
 
 
 def crossing(shots: np.ndarray, prob: np.ndarray, threshold: float) -> float:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from analysis.curves import CurveGroup
+from analysis.curves import CurveGroup, standard_error
 from analysis.laws import get_law
 
 
@@ -20,28 +20,10 @@ def law_prob(law_name: str, params: dict, shots: np.ndarray, M: int, C: int = 1)
     return log_p[0].exp().numpy()
 
 
-def noise_sd(prob: np.ndarray, count: np.ndarray | float) -> np.ndarray:
-    """Standard error of a mean of `count` per-prompt probabilities, taken as Bernoulli-like: sqrt(p(1-p)/count).
-
-    p is kept half a prompt away from 0 and 1 so that a measured 0 or 1 still gets a non-zero error."""
-    count = np.asarray(count, dtype=np.float64)
-    p = np.clip(prob, 0.5 / count, 1.0 - 0.5 / count)
-    return np.sqrt(p * (1.0 - p) / count)
-
-
 def add_noise(prob: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
     """Measured means: the true p plus the sampling error of `count` prompts, kept inside (0, 1)."""
-    noisy = prob + rng.standard_normal(prob.shape) * noise_sd(prob, count)
+    noisy = prob + rng.standard_normal(prob.shape) * standard_error(prob, count)
     return np.clip(noisy, 1e-6, 1.0 - 1e-6)
-
-
-def curve_rows(run: str, k: int, shots: np.ndarray, prob: np.ndarray, count: int, **extra) -> list[dict]:
-    """Rows of the curves table for prob [M, S]; nll is -log of the mean, acc is left unmeasured."""
-    return [
-        {"run": run, "k": k, "task": i, "shots": int(s), "prob": float(prob[i, j]), "nll": float(-np.log(prob[i, j])),
-         "acc": "", "count": count, **extra}
-        for i in range(prob.shape[0]) for j, s in enumerate(shots)
-    ]
 
 
 def synthetic_group(run: str, k: int, law_name: str, params: dict, shots: np.ndarray, M: int, count: int,

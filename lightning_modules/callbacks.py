@@ -1,16 +1,12 @@
 """Callbacks of a training run: the curves table per evaluation, ICL images in TensorBoard, the HF export.
 
-`RunInfo` is what a run's curve rows carry besides the contract's columns; it is also stored in every
-checkpoint and export, so curves measured later from them get the same labels.
+The run's `RunInfo` (what its curve rows carry besides the contract's columns) is stored in every
+checkpoint and export, so curves measured later from them get the same labels (evaluation.run_artifacts).
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -18,40 +14,8 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 
-from transformers.utils import logging as hf_logging
-
-from analysis.output import umask
-from datamodules.world import world_tokenizer
-from lightning_modules.curves_table import write_curves
-
-RUN_INFO_KEY = "run_info"
-DATA_FILE = "ginc_data.json"  # beside an HF export: the datamodule settings it was trained on, and its RunInfo
-
-
-def plain(value: object) -> object:
-    """Dataclasses (e.g. WorldConfig) and numpy scalars inside hyperparameters -> JSON/YAML-friendly values."""
-    if is_dataclass(value):
-        value = asdict(value)
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value.item() if hasattr(value, "item") else value
-
-
-@dataclass
-class RunInfo:
-    run: str  # curves-table label, e.g. gpt2-4l/pretrain, gpt2-4l/sft-favor-500
-    stage: str  # pretrain | posttrain
-    method: str  # "" for pretraining, else sft (dpo, ...)
-    direction: str  # favor | disfavor | "" (pretraining)
-    amount: int | str  # post-training documents, "" for pretraining
-    layers: int
-    target: str  # favoured/disfavoured tasks, space separated
-
-    def columns(self, step: int) -> dict[str, object]:
-        return {"step": step, "stage": self.stage, "method": self.method, "direction": self.direction,
-                "amount": self.amount, "layers": self.layers, "target": self.target}
+from evaluation.curves_table import write_curves
+from evaluation.run_artifacts import RUN_INFO_KEY, RunInfo, write_export
 
 
 class CurvesWriter(L.Callback):
@@ -144,18 +108,4 @@ class FinalExport(L.Callback):
         if ckpt is not None and getattr(ckpt, "_last_global_step_saved", None) != trainer.global_step:
             trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.ckpt", weights_only=False)  # full, to resume
         if trainer.is_global_zero:
-            self._export(trainer, pl_module)
-
-    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        path = self.run_dir / "hf"
-        tmp = Path(tempfile.mkdtemp(dir=self.run_dir, prefix=".hf-"))
-        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private
-        hf_logging.disable_progress_bar()  # no "Writing model shards" bar in every run's output
-        pl_module.gpt.save_pretrained(tmp)
-        # token ids: emissions, then PAD and BOS (WorldConfig.model_vocab_size = vocab_size + 2)
-        world_tokenizer(pl_module.gpt.config.vocab_size - 2).save_pretrained(tmp)
-        export = {"data": plain(dict(trainer.datamodule.hparams)), RUN_INFO_KEY: asdict(self.info), "step": trainer.global_step}
-        (tmp / DATA_FILE).write_text(json.dumps(export, indent=1))
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
+            write_export(self.run_dir, pl_module.gpt, trainer.datamodule.hparams, self.info, trainer.global_step)

@@ -5,7 +5,7 @@ be overridden (`n_layer`, `n_embd`, `n_head`, `n_positions`), which is how small
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -33,14 +33,15 @@ class GPTSpec:
         return f"gpt2-{self.n_layer}l" + ("" if self.n_embd == 768 else f"-d{self.n_embd}")
 
 
+SPEC_FIELDS = tuple(f.name for f in fields(GPTSpec))  # the architecture, as the model's flags name it
 NAMED_SIZES = {f"gpt2-{n}l": GPTSpec(n_layer=n) for n in NAMED_LAYERS}
 
 
-def resolve_spec(size: str, **overrides: int | float | None) -> GPTSpec:
-    """The named size with the given fields overridden (None keeps the named value)."""
-    if size not in NAMED_SIZES:
+def resolve_spec(size: str | None, **overrides: int | float | None) -> GPTSpec:
+    """The named size (None: GPTSpec's defaults) with the given fields overridden (None keeps its value)."""
+    if size is not None and size not in NAMED_SIZES:
         raise ModelConfigError(f"unknown model size {size!r}; choose one of {', '.join(NAMED_SIZES)} (and override n_layer/n_embd/... for others)")
-    spec = replace(NAMED_SIZES[size], **{k: v for k, v in overrides.items() if v is not None})
+    spec = replace(NAMED_SIZES[size] if size else GPTSpec(), **{k: v for k, v in overrides.items() if v is not None})
     for name in ("n_layer", "n_embd", "n_head", "n_positions"):
         if getattr(spec, name) < 1:
             raise ModelConfigError(f"{name} must be >= 1, got {getattr(spec, name)}")
@@ -70,6 +71,12 @@ def build_gpt(spec: GPTSpec, vocab_size: int, bos_id: int, pad_id: int) -> GPT2L
     model = GPT2LMHeadModel(config)
     model.loss_type = "ForCausalLM"  # left unset, HF warns on every forward: a graph break under torch.compile
     return model
+
+
+def spec_of(config: GPT2Config) -> GPTSpec:
+    """The spec a GPT-2 config was built from (`build_gpt`'s inverse)."""
+    return GPTSpec(n_layer=config.n_layer, n_embd=config.n_embd, n_head=config.n_head, n_positions=config.n_positions,
+                   dropout=config.resid_pdrop)
 
 
 def resolve_device(name: str) -> str:

@@ -14,6 +14,8 @@ import torch
 from torchmetrics import Metric
 from transformers import GPT2LMHeadModel
 
+from evaluation.curves_table import curve_row
+
 
 def label_scores(model: GPT2LMHeadModel, input_ids: torch.Tensor, label_pos: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability [b, n] of each label given its prefix, and whether it is the top-1 token [b, n]."""
@@ -61,7 +63,7 @@ def curve_rows(sums: dict[str, torch.Tensor], k_values: Sequence[int], run: str,
     prob, nll, hits = (sums[name].cpu() / count.clamp_min(1) for name in ("prob", "nll", "hits"))
     rows = []
     for i, t, s in count.nonzero().tolist():
-        rows.append({"run": run, "k": k_values[i], "task": t, "shots": s, "prob": prob[i, t, s].item(),
-                     "nll": nll[i, t, s].item(), "acc": hits[i, t, s].item(), "count": int(count[i, t, s]),
-                     **({"undefined": int(undefined[i, t, s])} if undefined_column else {}), **extra})
+        rows.append(curve_row(run, k_values[i], t, s, prob[i, t, s].item(), nll[i, t, s].item(), hits[i, t, s].item(),
+                              int(count[i, t, s]), **({"undefined": int(undefined[i, t, s])} if undefined_column else {}),
+                              **extra))
     return rows

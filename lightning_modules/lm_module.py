@@ -82,7 +82,7 @@ class CausalLMModule(L.LightningModule):
 
     def __init__(
         self,
-        size: str = "gpt2-4l",
+        size: str | None = "gpt2-4l",
         n_layer: int | None = None,
         n_embd: int | None = None,
         n_head: int | None = None,
@@ -94,7 +94,7 @@ class CausalLMModule(L.LightningModule):
         init_from: str | None = None,
         log_shots: list[int] | None = None,
     ) -> None:
-        """size: a named GPT-2 size, fields overridden by n_layer.. dropout. vocab_size: None = the world's.
+        """size: a named GPT-2 size (null: GPTSpec's defaults), fields overridden by n_layer.. dropout. vocab_size: None = the world's.
         compile: torch.compile the model (None = only on GPU). init_from: checkpoint or HF export to start
         from (SFT). log_shots: shot counts whose ICL accuracy is logged as scalars (the last one always is)."""
         super().__init__()

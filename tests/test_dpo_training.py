@@ -16,7 +16,7 @@ from datamodules.sampling import GincSampler
 from datamodules.world import GincWorld, WorldConfig, WorldConfigError
 from lightning_modules.dpo import PreferenceModule, sequence_logps
 from lightning_modules.gpt import ModelConfigError
-from lightning_modules.icl_eval import load_model
+from evaluation.ginc_curves import load_model
 from lightning_modules.lm_module import CausalLMModule
 
 WORLD = dict(n_tasks=3, n_entities=4, n_properties=4, vocab_size=20, distinct_emissions=True, seed=0)

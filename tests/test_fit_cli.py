@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import evaluate
-from analysis.synthetic import curve_rows, law_prob
+from analysis.synthetic import law_prob
+from evaluation.curves_table import prob_rows
 
 M = 3
 PARAMS = {"priors": [0.5, 0.3, 0.2], "K": 0.8, "gamma": [0.9, 0.8, 0.85], "beta": [0.3, 0.2, 0.25]}
@@ -24,7 +25,7 @@ def synthetic_rows(shots=np.arange(41.0), runs=("m/pretrain", "m/sft-favor-50"))
     rng = np.random.default_rng(0)
     truth = law_prob("bayesian_sampling", PARAMS, shots, M)[0]
     return [row for run in runs
-            for row in curve_rows(run, 3, shots, np.clip(truth + rng.normal(0, 0.01, truth.shape), 0.01, 0.99), 1000,
+            for row in prob_rows(run, 3, shots, np.clip(truth + rng.normal(0, 0.01, truth.shape), 0.01, 0.99), 1000,
                                   layers=2)]
 
 

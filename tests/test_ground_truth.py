@@ -4,7 +4,7 @@ import csv
 import numpy as np
 
 import evaluate
-from lightning_modules.ground_truth import ladder_weights
+from evaluation.ladder import ladder_weights
 
 WORLD = """world: {n_tasks: 3, n_entities: 4, n_properties: 5, vocab_size: 12, property_smoothing: 0.6, seed: 1}
 context_length: 128

@@ -6,8 +6,9 @@ import pytest
 
 import evaluate
 from analysis.curves import CurveGroup
-from analysis.shift import ShiftConfig, analyse_shift, crossing, read_prompt_table, resample_table, select_conditions
-from analysis.synthetic import add_noise, curve_rows, law_prob
+from analysis.shift import ShiftConfig, analyse_shift, crossing, resample_table, select_conditions
+from analysis.synthetic import add_noise, law_prob
+from evaluation.curves_table import prob_rows, read_prompt_table
 
 M = 4
 SHOTS = np.arange(0.0, 61.0)
@@ -112,7 +113,7 @@ def test_prompt_bootstrap_resamples_prompts(tmp_path):
 
 
 def write_curves_csv(path, groups):
-    rows = [row for g in groups for row in curve_rows(g.run, g.k, g.shots, g.prob, 1000, **g.extra)]
+    rows = [row for g in groups for row in prob_rows(g.run, g.k, g.shots, g.prob, 1000, **g.extra)]
     columns = list(dict.fromkeys(k for r in rows for k in r))
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, restval="")

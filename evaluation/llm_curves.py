@@ -7,7 +7,6 @@ curve is the joint probability of the first k answer tokens given everything bef
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 import math
 import sys
@@ -20,7 +19,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from datamodules.manyshot import ManyShotPrompt, Shot, build_prompt, load_shots, resolve_format
+from evaluation.curves_table import curve_row
+from evaluation.manyshot import ManyShotPrompt, Shot, build_prompt, load_shots, resolve_format
 from lightning_modules.gpt import resolve_device
 
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
@@ -167,8 +167,8 @@ def score_prompts(model: PreTrainedModel, prompts: Sequence[ManyShotPrompt], k_m
     return scores
 
 
-def curve_rows(scores: dict[str, list[PromptScores]], config: LLMCurveConfig) -> list[dict]:
-    """Average the prompts of each answer type into curve rows (run, k, task, shots, prob, nll, acc, count)."""
+def answer_type_rows(scores: dict[str, list[PromptScores]], config: LLMCurveConfig) -> list[dict]:
+    """Average the prompts of each answer type (task) into curve rows, one per (k, task, shots)."""
     rows = []
     for task, name in enumerate(sorted(scores)):
         for k in config.ks:
@@ -180,13 +180,9 @@ def curve_rows(scores: dict[str, list[PromptScores]], config: LLMCurveConfig) ->
                     by_shot.setdefault(shot, []).append((lp, hit))
             for shot, vals in sorted(by_shot.items()):
                 lps = [lp for lp, _ in vals]
-                rows.append({
-                    "run": config.run, "k": k, "task": task, "shots": shot,
-                    "prob": sum(math.exp(lp) for lp in lps) / len(vals),
-                    "nll": -sum(lps) / len(vals),
-                    "acc": sum(hit for _, hit in vals) / len(vals),
-                    "count": len(vals), "answer_type": name,
-                })
+                rows.append(curve_row(config.run, k, task, shot, sum(math.exp(lp) for lp in lps) / len(vals),
+                                      -sum(lps) / len(vals), sum(hit for _, hit in vals) / len(vals), len(vals),
+                                      answer_type=name))
     return rows
 
 
@@ -202,28 +198,11 @@ def llm_curve_rows(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, b
     print(f"scored {len(flat)} prompts of {tokens:.0f} tokens on average in {seconds:.2f} s "
           f"({seconds / len(flat):.3f} s per prompt)", file=sys.stderr)
     it = iter(scored)
-    return curve_rows({name: [next(it) for _ in prompts[name]] for name in sorted(prompts)}, config)
+    return answer_type_rows({name: [next(it) for _ in prompts[name]] for name in sorted(prompts)}, config)
 
 
-def config_from_args(args: argparse.Namespace) -> LLMCurveConfig:
-    """The `--hf-model` flags of `evaluate.py curves` as a config, checked."""
-    if args.dataset is None:
-        raise ValueError("--hf-model needs --dataset FILE.jsonl (rows {question, answer, answer_type})")
-    ks = tuple(sorted(set(args.k or (1,))))
-    checks = [("--k", min(ks)), ("--prompts", args.prompts), ("--shots", args.shots),
-              ("--max-length", args.max_length), ("--batch-size", args.batch_size)]
-    for flag, value in checks:
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} {value}: must be a positive integer")
-    return LLMCurveConfig(
-        run=args.run or Path(args.hf_model).name, ks=ks, shuffles=args.prompts or 5, shots=args.shots,
-        max_length=args.max_length, prompt_format=args.format, seed=args.seed, batch_size=args.batch_size,
-    )
-
-
-def hf_curve_rows(args: argparse.Namespace) -> list[dict]:
-    """`evaluate.py curves --hf-model DIR --dataset FILE.jsonl`: the curve rows of a local HF causal LM."""
-    config = config_from_args(args)
-    by_type = group_by_type(load_shots(args.dataset), config.shots)  # before the model: bad data fails fast
-    model, tokenizer = load_local_lm(args.hf_model, args.device)
+def hf_curve_rows(model_dir: str | Path, dataset: str | Path, config: LLMCurveConfig, device: str = "auto") -> list[dict]:
+    """The curve rows of a local HF causal LM on a JSONL dataset of {question, answer, answer_type} rows."""
+    by_type = group_by_type(load_shots(dataset), config.shots)  # before the model: bad data fails fast
+    model, tokenizer = load_local_lm(model_dir, device)
     return llm_curve_rows(model, tokenizer, by_type, config)

@@ -9,13 +9,13 @@ predicted against measured reemergence for the disfavoured conditions.
 """
 from __future__ import annotations
 
-import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from analysis.cli import one_thread
-from analysis.curves import read_curves
 from analysis.fitting import FitConfig, FitResult, fit_groups
 from analysis.output import atomic_dir, markdown_table
 from analysis.report import summary_table, write_fit_outputs
@@ -23,9 +23,10 @@ from analysis.shift import ShiftConfig, ShiftResult, analyse_shift
 from analysis.shift_report import write_shift_outputs
 from datamodules.config_io import load_datamodule_config
 from datamodules.world import check_weights
-from lightning_modules.curves_table import write_curves
+from evaluation.curves_table import read_curves, write_curves
+from evaluation.ginc_curves import exact_curve_rows
+from evaluation.reports import one_thread
 from lightning_modules.gpt import resolve_device
-from lightning_modules.icl_eval import exact_curve_rows
 
 MODEL = "truth"
 
@@ -41,35 +42,38 @@ def ladder_weights(base: np.ndarray, task: int, strengths: list[float]) -> dict[
     return out
 
 
-def add_ladder_command(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("ladder", help="curves of exact learners with known priors, then fit and shift on them",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-config", type=Path, required=True, help="YAML with the GINC world and ICL settings")
-    p.add_argument("--out", type=Path, required=True, help="directory for curves.csv, fits/, shift/ and report.md")
-    p.add_argument("--task", type=int, default=0, help="the task favoured and disfavoured")
-    p.add_argument("--strengths", type=float, nargs="+", default=[2.0, 4.0, 16.0],
-                   help="factors the task's weight is multiplied (favour) or divided (disfavour) by")
-    p.add_argument("--k", type=int, nargs="+", help="example lengths (default: the data config's)")
-    p.add_argument("--prompts", type=int, help="prompts per (k, task) (default: the data config's)")
-    p.add_argument("--law", default="bayesian_scoring", help="Bayesian law of the shift report")
-    p.add_argument("--resamples", type=int, default=100, help="resampled tables for the shift intervals")
-    p.add_argument("--starts", type=int, default=16, help="optimiser starts per fit")
-    p.add_argument("--device", default="auto", help="where the exact learners run: cpu, cuda, or auto")
-    p.set_defaults(func=run_ladder)
+@dataclass(frozen=True)
+class LadderConfig:
+    """data_config: YAML with the GINC world and ICL settings; task: the task favoured and disfavoured;
+    strengths: factors its weight is multiplied (favour) or divided (disfavour) by; k_values, prompts:
+    override the data config's; law, resamples, starts: of the shift report; device: of the learners."""
+
+    data_config: Path
+    task: int = 0
+    strengths: tuple[float, ...] = (2.0, 4.0, 16.0)
+    k_values: tuple[int, ...] | None = None
+    prompts: int | None = None
+    law: str = "bayesian_scoring"
+    resamples: int = 100
+    starts: int = 16
+    device: str = "auto"
 
 
-def run_ladder(args: argparse.Namespace) -> None:
-    data = load_datamodule_config(args.data_config, k_values=args.k, prompts_per_task=args.prompts)
-    device = resolve_device(args.device)
+def run_ladder(config: LadderConfig, out: str | os.PathLike) -> tuple[list[FitResult], ShiftResult]:
+    """Curves of the ladder's learners, all laws fitted to them, and the shift report with what it
+    recovered of the truth: curves.csv, fits/, shift/ and report.md in `out`, written whole."""
+    data = load_datamodule_config(config.data_config, k_values=list(config.k_values) if config.k_values else None,
+                                  prompts_per_task=config.prompts)
+    device = resolve_device(config.device)
     M = data.world.n_tasks
-    if not 0 <= args.task < M:
-        raise ValueError(f"--task {args.task} is out of range for a world of {M} tasks")
-    if any(not s > 1.0 for s in args.strengths):
-        raise ValueError(f"--strengths {args.strengths} must all be above 1 (1 is the baseline itself)")
-    shift_config = ShiftConfig(baseline=f"{MODEL}/pretrain", law=args.law, resamples=args.resamples, starts=args.starts)
+    if not 0 <= config.task < M:
+        raise ValueError(f"--task {config.task} is out of range for a world of {M} tasks")
+    if any(not s > 1.0 for s in config.strengths):
+        raise ValueError(f"--strengths {list(config.strengths)} must all be above 1 (1 is the baseline itself)")
+    shift_config = ShiftConfig(baseline=f"{MODEL}/pretrain", law=config.law, resamples=config.resamples, starts=config.starts)
     shift_config.validate()
-    conditions = ladder_weights(check_weights(data.world.weights, M), args.task, args.strengths)
-    with atomic_dir(args.out) as tmp:
+    conditions = ladder_weights(check_weights(data.world.weights, M), config.task, list(config.strengths))
+    with atomic_dir(out) as tmp:
         rows = []
         for name, weights in conditions.items():
             direction, _, strength = name.partition("-")
@@ -79,7 +83,7 @@ def run_ladder(args: argparse.Namespace) -> None:
         write_curves(rows, tmp / "curves.csv")
         groups = read_curves(tmp / "curves.csv")
         with one_thread():
-            fit_config = FitConfig(starts=args.starts)
+            fit_config = FitConfig(starts=config.starts)
             results = fit_groups(groups, fit_config)
             (tmp / "fits").mkdir()
             write_fit_outputs(results, fit_config, Path("curves.csv"), tmp / "fits", plots=True)
@@ -87,18 +91,17 @@ def run_ladder(args: argparse.Namespace) -> None:
             (tmp / "shift").mkdir()
             write_shift_outputs(shift, shift_config, Path("curves.csv"), tmp / "shift",
                                 conditions["pretrain"].tolist())
-        (tmp / "report.md").write_text(ladder_report(conditions, shift, shift_config, args, results))
-    print(summary_table(results))
-    print(f"wrote {args.out}/curves.csv, fits/, shift/, report.md")
+        (tmp / "report.md").write_text(ladder_report(conditions, shift, shift_config, config, results))
+    return results, shift
 
 
 def ladder_report(conditions: dict[str, np.ndarray], shift: ShiftResult, config: ShiftConfig,
-                  args: argparse.Namespace, fits: list[FitResult]) -> str:
+                  ladder: LadderConfig, fits: list[FitResult]) -> str:
     """What the analysis recovered of the known truth."""
     lines = ["# Ground-truth ladder", "",
-             f"Exact Bayesian learners of `{args.data_config}` with their prior set to known conditions: the "
-             f"world's mixture, then task {args.task} favoured or disfavoured by {', '.join(f'{s:g}' for s in args.strengths)} "
-             f"(its weight multiplied or divided, the rest renormalised). Shift law: `{args.law}` (joint fit: P shared, "
+             f"Exact Bayesian learners of `{ladder.data_config}` with their prior set to known conditions: the "
+             f"world's mixture, then task {ladder.task} favoured or disfavoured by {', '.join(f'{s:g}' for s in ladder.strengths)} "
+             f"(its weight multiplied or divided, the rest renormalised). Shift law: `{ladder.law}` (joint fit: P shared, "
              "priors and K per condition). The law is only an approximation of the exact learner (it predicts the "
              "zero-shot probability from the prior alone, while the learner already conditions on the query), so a "
              "bias here measures that gap, not noise.", "",
@@ -116,14 +119,14 @@ def ladder_report(conditions: dict[str, np.ndarray], shift: ShiftResult, config:
                   f"intervals cover the truth in {covered.sum()} of {len(covered)} cases.", "",
                   "Bias by task (fitted - true, averaged over conditions): "
                   + ", ".join(f"task {i}: {np.mean((est - truth)[i::M]):+.3f}" for i in range(M)), "",
-                  markdown_table(["condition", f"true prior of task {args.task}", "fitted [lo, hi]", "covered"],
+                  markdown_table(["condition", f"true prior of task {ladder.task}", "fitted [lo, hi]", "covered"],
                                  [[r["run"].split("/", 1)[1], float(truth[j]),
                                    f"{r['prior']:.3f} [{r['prior_lo']:.3f}, {r['prior_hi']:.3f}]", bool(covered[j])]
-                                  for j, r in enumerate(shared) if r["task"] == args.task]), ""]
+                                  for j, r in enumerate(shared) if r["task"] == ladder.task]), ""]
         verdict = {c["fit"]: c for c in shift.comparison if c["k"] == k}
         lines += [f"Shared P vs free (P does not move here): BIC {verdict['shared']['bic']} vs {verdict['free']['bic']}, "
                   f"so the {'shared' if verdict['shared']['preferred'] else 'free'} fit is preferred.", ""]
-        recover = [r for r in shared if r["shots_to_recover"] != "" and r["task"] == args.task]
+        recover = [r for r in shared if r["shots_to_recover"] != "" and r["task"] == ladder.task]
         if recover:
             lines += ["Reemergence of the disfavoured task (shots to return to its baseline zero-shot probability):", "",
                       markdown_table(["condition", "predicted [lo, hi]", "measured"],

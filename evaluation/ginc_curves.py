@@ -1,75 +1,40 @@
-"""ICL curves outside training: from Lightning checkpoints or HF exports of our runs, and of the exact learner.
+"""ICL curves on GINC prompts outside training: of our runs' checkpoints and HF exports, and of the two
+ideal learners (the exact Bayesian learner, which knows the prompt format, and the document reader,
+which knows only documents).
 
 Uses the training path's own pieces (`label_scores`, `ICLCurveMetric`, `curve_rows`) on the prompts
 of the run's datamodule, so curves measured here equal those logged during validation.
 """
 from __future__ import annotations
 
-import argparse
-import inspect
-import json
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 from transformers import GPT2LMHeadModel
 
-from datamodules.config_io import read_data_settings, with_icl_overrides
+from datamodules.config_io import load_datamodule_config, read_data_settings, with_icl_overrides
 from datamodules.document_reader import DocumentReader
 from datamodules.exact import ExactLearner
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.sampling import shots_for_context, split_demonstrations
 from datamodules.world import GincWorld
-from lightning_modules.callbacks import DATA_FILE, RUN_INFO_KEY, RunInfo, plain
+from evaluation.run_artifacts import read_source
+from lightning_modules.dpo import PreferenceModule  # noqa: F401  (a DPO checkpoint names this class; loading needs it imported)
+from lightning_modules.gpt import read_pretrained, resolve_device
 from lightning_modules.icl_metric import ICLCurveMetric, curve_rows, label_scores
-from lightning_modules.gpt import read_checkpoint, read_pretrained, resolve_device
+from lightning_modules.lm_module import CausalLMModule
 
-ARCH_KEYS = ("size", "n_layer", "n_embd", "n_head", "n_positions", "dropout", "vocab_size")
-_DATA_KEYS = tuple(inspect.signature(GincDataModule.__init__).parameters)[1:]
-
-
-@dataclass
-class Source:
-    """What a checkpoint or HF export of a run says about itself."""
-
-    path: Path
-    model: dict  # the module's hyperparameters (architecture at least)
-    data: dict  # the GincDataModule arguments it was trained with
-    info: RunInfo | None  # labels of its curve rows
-    step: int
-
-
-def read_source(path: str | Path) -> Source:
-    path = Path(path)
-    if path.is_dir():
-        if not (path / "config.json").is_file() or not (path / DATA_FILE).is_file():
-            raise FileNotFoundError(f"{path} is not an HF export of a run (needs config.json and {DATA_FILE}); point at a run's hf/ directory or a .ckpt")
-        cfg = json.loads((path / "config.json").read_text())
-        model = {"size": "gpt2-1l", **{k: cfg[k] for k in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")}}
-        meta = json.loads((path / DATA_FILE).read_text())
-        data, info, step = meta["data"], meta.get(RUN_INFO_KEY), meta.get("step", 0)
-    elif path.is_file():
-        ckpt = read_checkpoint(path)
-        if "datamodule_hyper_parameters" not in ckpt:
-            raise ValueError(f"{path} was not written by train.py (no GINC datamodule settings inside); use a run's checkpoint")
-        model, data = plain(dict(ckpt["hyper_parameters"])), plain(dict(ckpt["datamodule_hyper_parameters"]))
-        info, step = ckpt.get(RUN_INFO_KEY), ckpt.get("global_step", 0)
-    else:
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a run's checkpoints/last.ckpt (or best.ckpt) or its hf/ directory")
-    data = {k: v for k, v in data.items() if k in _DATA_KEYS}
-    return Source(path, model, data, RunInfo(**info) if info else None, int(step))
+LEARNERS = ("exact", "reader", "both")
 
 
 def load_model(path: str | Path) -> GPT2LMHeadModel:
+    """The GPT-2 of a run's checkpoint or HF export."""
     path = Path(path)
     if path.is_dir():
         return read_pretrained(path)
-    from lightning_modules.lm_module import CausalLMModule  # lm_module imports this file's neighbours
-    from lightning_modules import dpo  # noqa: F401  (imported so that DPO checkpoints, a CausalLMModule subclass, may load)
-
     return CausalLMModule.load_from_checkpoint(path, map_location="cpu", init_from=None).gpt
 
 
@@ -140,18 +105,40 @@ def _metric(data: GincDataModule) -> ICLCurveMetric:
     return ICLCurveMetric(data.icl.k_values, data.world.n_tasks, max(shots))
 
 
-def checkpoint_curve_rows(args: argparse.Namespace) -> list[dict]:
-    """`evaluate.py curves --ckpt ...`: rows labelled and annotated like the run's own curves.csv."""
-    if args.run and len(args.ckpt) > 1:
+def checkpoint_curve_rows(paths: Sequence[str | Path], run: str | None = None, data_config: str | Path | None = None,
+                          k_values: Sequence[int] | None = None, prompts: int | None = None, batch_size: int = 16,
+                          device: str = "auto") -> list[dict]:
+    """Curve rows of runs' checkpoints or HF exports, labelled and annotated like the runs' own curves.csv.
+
+    The prompts are each run's own (its datamodule settings), with the world or ICL settings of
+    `data_config` and the given k values, prompts per (k, task) and batch size put over them.
+    `run` relabels the rows of a single source."""
+    if run and len(paths) > 1:
         raise ValueError("--run labels one source; with several --ckpt leave it out (each run's own label is used)")
-    device = torch.device(resolve_device(args.device))
-    given = read_data_settings(args.data_config) if args.data_config is not None else {}
+    target = torch.device(resolve_device(device))
+    given = read_data_settings(data_config) if data_config is not None else {}
     rows: list[dict] = []
-    for path in args.ckpt:
+    for path in paths:
         src = read_source(path)
         settings = {**src.data, **given, "icl": {**(src.data.get("icl") or {}), **(given.get("icl") or {})}}
-        data = GincDataModule(**with_icl_overrides(settings, args.k or None, args.prompts or None, args.batch_size))
-        extra = src.info.columns(src.step) if src.info else {"step": src.step}
-        label = args.run or (src.info.run if src.info else src.path.stem)
-        rows += model_curve_rows(load_model(path), data, label, device, **extra)
+        data = GincDataModule(**with_icl_overrides(settings, list(k_values or []) or None, prompts, batch_size))
+        rows += model_curve_rows(load_model(path), data, run or src.label, target, **src.columns())
+    return rows
+
+
+def ideal_curve_rows(data_config: str | Path, learner: str = "exact", run: str | None = None,
+                     weights: Sequence[float] | None = None, k_values: Sequence[int] | None = None,
+                     prompts: int | None = None, batch_size: int = 16, device: str = "auto") -> list[dict]:
+    """Curve rows of the ideal learners on a data config's ICL prompts: the exact learner (run `run`), the
+    document reader (run `run`-reader) or both; their prior is `weights` (default: the world's mixture)."""
+    if learner not in LEARNERS:
+        raise ValueError(f"unknown learner {learner!r}; choose one of {', '.join(LEARNERS)}")
+    data = load_datamodule_config(data_config, k_values=list(k_values or []) or None, prompts_per_task=prompts,
+                                  icl_batch_size=batch_size)
+    target = resolve_device(device)
+    rows = []
+    if learner in ("exact", "both"):
+        rows += exact_curve_rows(data, run or "ideal", weights, target)
+    if learner in ("reader", "both"):
+        rows += reader_curve_rows(data, f"{run or 'ideal'}-reader", weights, target)
     return rows

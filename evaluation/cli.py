@@ -1,0 +1,192 @@
+"""`evaluate.py` sub-commands: curves, fit, shift and ladder. Argument parsing, and the glue that turns
+flags into calls of the library functions (evaluation.ginc_curves, llm_curves, reports, ladder)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from analysis.fitting import SPLITS, FitConfig
+from analysis.laws import LAW_NAMES
+from analysis.report import summary_table
+from analysis.shift import ShiftConfig
+from evaluation.curves_table import write_curves
+
+if TYPE_CHECKING:
+    from evaluation.llm_curves import LLMCurveConfig
+
+def add_curves_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("curves", help="measure ICL curves and write the curves table",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", nargs="+", type=Path, help="Lightning checkpoints or HF export dirs of our GPT-2 runs")
+    src.add_argument("--ideal", action="store_true", help="the exact Bayesian learner of the GINC world")
+    src.add_argument("--hf-model", type=Path, help="a local Hugging Face causal-LM directory (with --dataset)")
+    p.add_argument("--out", type=Path, required=True, help="curves CSV to write")
+    p.add_argument("--append", action="store_true", help="append to --out instead of replacing it (refused for a run "
+                   "already in the table, unless --replace)")
+    p.add_argument("--replace", action="store_true", help="with --append: replace the rows of runs already in the table")
+    p.add_argument("--run", help="run label (default: derived from the source)")
+    # GINC sources (--ckpt, --ideal)
+    p.add_argument("--data-config", type=Path, help="YAML with the GINC world and ICL settings (default: the checkpoint's own)")
+    p.add_argument("--k", type=int, nargs="+", help="GINC: example lengths (default: the data config's); --hf-model: answer tokens scored")
+    p.add_argument("--prompts", type=int, help="GINC: prompts per (k, task) (default: the data config's); --hf-model: shuffles per answer type (default 5)")
+    p.add_argument("--weights", type=float, nargs="+", help="--ideal: mixture weights of the learner's prior (default: the world's)")
+    p.add_argument("--learner", choices=("exact", "reader", "both"), default="exact",
+                   help="--ideal: the exact learner (knows the prompt format; run RUN), the document reader (the "
+                        "Bayes-optimal documents-only model; run RUN-reader), or both")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (for long LLM prompts, 1-4)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    # real LLM source (--hf-model)
+    p.add_argument("--dataset", type=Path, help="--hf-model: JSONL rows {question, answer, answer_type}")
+    p.add_argument("--shots", type=int, help="--hf-model: demonstrations per prompt (default: all rows of the type that fit)")
+    p.add_argument("--max-length", type=int, help="--hf-model: prompt tokens (default: the model's context length)")
+    p.add_argument("--format", choices=("auto", "chat", "plain"), default="auto",
+                   help="--hf-model: chat template or plain User:/Assistant: turns (auto: chat when the tokenizer has a template)")
+    p.add_argument("--seed", type=int, default=0, help="--hf-model: seed of the shuffles")
+    p.set_defaults(func=run_curves)
+
+
+
+def run_curves(args: argparse.Namespace) -> None:
+    ginc = {"k_values": args.k, "prompts": args.prompts, "batch_size": args.batch_size, "device": args.device}
+    if args.ideal:
+        from evaluation.ginc_curves import ideal_curve_rows
+
+        if args.data_config is None:
+            raise ValueError("--ideal needs --data-config (a YAML with the GINC world and ICL settings, e.g. configs/data/ginc.yaml)")
+        rows = ideal_curve_rows(args.data_config, args.learner, args.run, args.weights, **ginc)
+    elif args.ckpt:
+        from evaluation.ginc_curves import checkpoint_curve_rows
+
+        rows = checkpoint_curve_rows(args.ckpt, args.run, args.data_config, **ginc)
+    else:
+        from evaluation.llm_curves import hf_curve_rows
+
+        rows = hf_curve_rows(args.hf_model, args.dataset, llm_config(args), args.device)
+    path = write_curves(rows, args.out, append=args.append, replace=args.replace)
+    print(f"wrote {len(rows)} rows to {path}")
+
+
+def llm_config(args: argparse.Namespace) -> LLMCurveConfig:
+    """The `--hf-model` flags as a config, checked."""
+    from evaluation.llm_curves import LLMCurveConfig
+
+    if args.dataset is None:
+        raise ValueError("--hf-model needs --dataset FILE.jsonl (rows {question, answer, answer_type})")
+    ks = tuple(sorted(set(args.k or (1,))))
+    checks = [("--k", min(ks)), ("--prompts", args.prompts), ("--shots", args.shots),
+              ("--max-length", args.max_length), ("--batch-size", args.batch_size)]
+    for flag, value in checks:
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: must be a positive integer")
+    return LLMCurveConfig(
+        run=args.run or Path(args.hf_model).name, ks=ks, shuffles=args.prompts or 5, shots=args.shots,
+        max_length=args.max_length, prompt_format=args.format, seed=args.seed, batch_size=args.batch_size,
+    )
+
+
+def add_fit_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("fit", help="fit the ICL laws to a curves table and report NRMSE",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--curves", type=Path, required=True, help="curves CSV (docs: the curves table)")
+    p.add_argument("--step", type=int, help="evaluation step to read from a run's own table (default: each run's last)")
+    p.add_argument("--out", type=Path, required=True, help="directory for fits.csv, params.json, report.md, plots/")
+    p.add_argument("--laws", nargs="+", default=list(LAW_NAMES), help=f"laws to fit (default: all of {' '.join(LAW_NAMES)})")
+    p.add_argument("--splits", nargs="+", default=list(SPLITS), help="interpolation and/or extrapolation")
+    p.add_argument("--fit-fraction", type=float, nargs="+", default=[0.1],
+                   help="extrapolation fits shots <= f x max shots; several values run several extrapolations")
+    p.add_argument("--loss", choices=("prob", "nll"), default="prob", help="squared error in probability or NLL space")
+    p.add_argument("--starts", type=int, default=16, help="optimiser starts per fit, read off the curves; the best is kept")
+    p.add_argument("--max-iter", type=int, default=300, help="Levenberg-Marquardt iteration limit")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random starts")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.set_defaults(func=run_fit)
+
+
+def run_fit(args: argparse.Namespace) -> None:
+    from evaluation.reports import fit_table
+
+    config = FitConfig(laws=tuple(args.laws), splits=tuple(args.splits), fractions=tuple(args.fit_fraction),
+                       space=args.loss, starts=args.starts, seed=args.seed, max_iter=args.max_iter)
+    results, skipped = fit_table(args.curves, args.out, config, args.step, plots=not args.no_plots)
+    for line in skipped:
+        print(f"skipped {line}")
+    print(summary_table(results))
+    print(f"wrote {args.out}/fits.csv, params.json, report.md" + ("" if args.no_plots else ", plots/"))
+
+
+def add_shift_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "shift", help="how post-training moved priors, K and task knowledge, with intervals",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Runs of one model at one k are its conditions. A run's model is its `model` or `layers` "
+                    "column, else its label before '/' (gpt2-4l/sft-favor-50 -> gpt2-4l); runs without a '/' "
+                    "all belong to one model. Intervals: normal bootstrap intervals on the logit (probabilities), "
+                    "log (K) or log(1 + n) (shots) scale, each resampled table fitted like the table itself; "
+                    "the larger of the resampled and the curvature standard deviation sets the width, so every "
+                    "interval contains its estimate. 'inf' shots: no recovery within 10x the measured shots.")
+    p.add_argument("--curves", type=Path, required=True, help="curves CSV with the baseline and post-trained runs")
+    p.add_argument("--step", type=int, help="evaluation step to read from a run's own table (default: each run's last)")
+    p.add_argument("--baseline", required=True, help="run label of the pretrained model (the reference condition)")
+    p.add_argument("--out", type=Path, required=True, help="directory for shift.csv, comparison.csv, report.md, plots/")
+    p.add_argument("--law", default="bayesian_sampling", help="Bayesian law to fit: bayesian, bayesian_sampling or bayesian_scoring")
+    p.add_argument("--holdout-fraction", type=float, default=0.5, help="held-out comparison fits shots <= f x max")
+    p.add_argument("--resamples", type=int, default=100, help="resampled tables for the intervals")
+    p.add_argument("--level", type=float, default=0.95, help="interval coverage")
+    p.add_argument("--threshold", type=float, help="reemergence threshold (default: the baseline's zero-shot probability of each task)")
+    p.add_argument("--prompt-table", type=Path, help="per-prompt CSV (run, k, task, prompt, shots, prob) to bootstrap prompts")
+    p.add_argument("--true-priors", type=float, nargs="+", help="true pretraining mixture weights, to compare with the fitted priors")
+    p.add_argument("--starts", type=int, default=16, help="optimiser starts per fit (the same for every resampled table)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the starts and the resampling")
+    p.set_defaults(func=run_shift)
+
+
+def run_shift(args: argparse.Namespace) -> None:
+    from evaluation.reports import shift_table
+
+    config = ShiftConfig(baseline=args.baseline, law=args.law, holdout_fraction=args.holdout_fraction,
+                         resamples=args.resamples, level=args.level, threshold=args.threshold,
+                         starts=args.starts, seed=args.seed)
+    result = shift_table(args.curves, args.out, config, args.step, args.prompt_table, args.true_priors)
+    for row in result.comparison:
+        print(f"k={row['k']} {row['fit']}: BIC {row['bic']}, held-out NRMSE {row['heldout_nrmse']}"
+              + ("  (preferred)" if row["preferred"] else ""))
+    print(f"wrote {args.out}/shift.csv, comparison.csv, report.md, plots/")
+
+
+def add_ladder_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("ladder", help="curves of exact learners with known priors, then fit and shift on them",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-config", type=Path, required=True, help="YAML with the GINC world and ICL settings")
+    p.add_argument("--out", type=Path, required=True, help="directory for curves.csv, fits/, shift/ and report.md")
+    p.add_argument("--task", type=int, default=0, help="the task favoured and disfavoured")
+    p.add_argument("--strengths", type=float, nargs="+", default=[2.0, 4.0, 16.0],
+                   help="factors the task's weight is multiplied (favour) or divided (disfavour) by")
+    p.add_argument("--k", type=int, nargs="+", help="example lengths (default: the data config's)")
+    p.add_argument("--prompts", type=int, help="prompts per (k, task) (default: the data config's)")
+    p.add_argument("--law", default="bayesian_scoring", help="Bayesian law of the shift report")
+    p.add_argument("--resamples", type=int, default=100, help="resampled tables for the shift intervals")
+    p.add_argument("--starts", type=int, default=16, help="optimiser starts per fit")
+    p.add_argument("--device", default="auto", help="where the exact learners run: cpu, cuda, or auto")
+    p.set_defaults(func=run_ladder)
+
+
+def run_ladder(args: argparse.Namespace) -> None:
+    from evaluation.ladder import LadderConfig, run_ladder as ladder
+
+    config = LadderConfig(args.data_config, args.task, tuple(args.strengths), tuple(args.k) if args.k else None,
+                          args.prompts, args.law, args.resamples, args.starts, args.device)
+    results, _ = ladder(config, args.out)
+    print(summary_table(results))
+    print(f"wrote {args.out}/curves.csv, fits/, shift/, report.md")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evaluate.py", description="Evaluate models and curves: ICL curves, law fits, post-training shift.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_curves_command(sub)
+    add_fit_command(sub)
+    add_shift_command(sub)
+    add_ladder_command(sub)
+    return parser

@@ -1,0 +1,118 @@
+"""What a training run leaves behind for evaluation, and how it is read back.
+
+A run's checkpoints hold the module's and the datamodule's hyperparameters and the run's `RunInfo`;
+its HF export (<run>/hf) holds the weights, a tokenizer, and `ginc_data.json` with the datamodule
+settings, the RunInfo and the step. `read_source` reads either into one `Source`, so curves measured
+later carry the run's own labels, and post-training starts from the pretrained run's architecture
+and world.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.utils import logging as hf_logging
+
+from analysis.output import umask
+from datamodules.ginc_datamodule import GincDataModule
+from datamodules.world import world_tokenizer
+from lightning_modules.gpt import SPEC_FIELDS, read_checkpoint, spec_of
+
+RUN_INFO_KEY = "run_info"  # in a checkpoint, and in DATA_FILE
+DATA_FILE = "ginc_data.json"  # beside an HF export: the datamodule settings it was trained on, its RunInfo and step
+ARCH_KEYS = ("size", *SPEC_FIELDS, "vocab_size")  # the model's flags that fix its architecture
+_DATA_KEYS = tuple(inspect.signature(GincDataModule.__init__).parameters)[1:]
+
+
+def plain(value: object) -> object:
+    """Dataclasses (e.g. WorldConfig) and numpy scalars inside hyperparameters -> JSON/YAML-friendly values."""
+    if is_dataclass(value):
+        value = asdict(value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value.item() if hasattr(value, "item") else value
+
+
+@dataclass
+class RunInfo:
+    """What a run's curve rows carry besides the contract's columns."""
+
+    run: str  # curves-table label, e.g. gpt2-4l/pretrain, gpt2-4l/sft-favor-500
+    stage: str  # pretrain | posttrain
+    method: str  # "" for pretraining, else sft (dpo, ...)
+    direction: str  # favor | disfavor | "" (pretraining)
+    amount: int | str  # post-training documents, "" for pretraining
+    layers: int
+    target: str  # favoured/disfavoured tasks, space separated
+
+    def columns(self, step: int) -> dict[str, object]:
+        return {"step": step, "stage": self.stage, "method": self.method, "direction": self.direction,
+                "amount": self.amount, "layers": self.layers, "target": self.target}
+
+
+@dataclass
+class Source:
+    """What a checkpoint or HF export of a run says about itself."""
+
+    path: Path
+    model: dict  # the module's hyperparameters: ARCH_KEYS at least
+    data: dict  # the GincDataModule arguments it was trained with
+    info: RunInfo | None  # labels of its curve rows
+    step: int
+
+    @property
+    def label(self) -> str:
+        """The run's curves-table label, or the file's name for a source without RunInfo."""
+        return self.info.run if self.info else self.path.stem
+
+    def columns(self) -> dict[str, object]:
+        """The extra columns of its curve rows."""
+        return self.info.columns(self.step) if self.info else {"step": self.step}
+
+
+def write_export(run_dir: Path, gpt: GPT2LMHeadModel, data_hparams: dict, info: RunInfo, step: int) -> Path:
+    """Write <run_dir>/hf: the model by `save_pretrained`, the world's tokenizer and DATA_FILE; swapped in
+    whole, so a reader never sees half an export."""
+    path = run_dir / "hf"
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".hf-"))
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar in every run's output
+    gpt.save_pretrained(tmp)
+    # token ids: emissions, then PAD and BOS (WorldConfig.model_vocab_size = vocab_size + 2)
+    world_tokenizer(gpt.config.vocab_size - 2).save_pretrained(tmp)
+    export = {"data": plain(dict(data_hparams)), RUN_INFO_KEY: asdict(info), "step": step}
+    (tmp / DATA_FILE).write_text(json.dumps(export, indent=1))
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+    return path
+
+
+def read_source(path: str | Path) -> Source:
+    """A run's checkpoint (.ckpt) or HF export directory, or one clear error."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file() or not (path / DATA_FILE).is_file():
+            raise FileNotFoundError(f"{path} is not an HF export of a run (needs config.json and {DATA_FILE}); point at a run's hf/ directory or a .ckpt")
+        config = GPT2Config.from_json_file(path / "config.json")
+        model = {"size": None, **asdict(spec_of(config)), "vocab_size": config.vocab_size}
+        meta = json.loads((path / DATA_FILE).read_text())
+        data, info, step = meta["data"], meta.get(RUN_INFO_KEY), meta.get("step", 0)
+    elif path.is_file():
+        ckpt = read_checkpoint(path)
+        if "datamodule_hyper_parameters" not in ckpt:
+            raise ValueError(f"{path} was not written by train.py (no GINC datamodule settings inside); use a run's checkpoint")
+        model, data = plain(dict(ckpt["hyper_parameters"])), plain(dict(ckpt["datamodule_hyper_parameters"]))
+        info, step = ckpt.get(RUN_INFO_KEY), ckpt.get("global_step", 0)
+    else:
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a run's checkpoints/last.ckpt (or best.ckpt) or its hf/ directory")
+    data = {k: v for k, v in data.items() if k in _DATA_KEYS}
+    return Source(path, model, data, RunInfo(**info) if info else None, int(step))
