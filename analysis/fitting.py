@@ -241,6 +241,19 @@ def undetermined(value: object, stderr: object) -> np.ndarray:
     return ~(np.asarray(stderr, dtype=float) <= np.abs(np.asarray(value, dtype=float)))
 
 
+def flat_params(params: dict) -> dict[str, float]:
+    """Named parameters (scalars and arrays) as one float per entry: K, priors[0], P[1,2], ..."""
+    out = {}
+    for key, value in params.items():
+        array = np.asarray(value, dtype=float)
+        if array.ndim == 0:
+            out[key] = float(array)
+        else:
+            for index, entry in np.ndenumerate(array):
+                out[f"{key}[{','.join(map(str, index))}]"] = float(entry)
+    return out
+
+
 def named_stderr(law_name: str, theta: torch.Tensor, cov: torch.Tensor, M: int, C: int = 1) -> dict:
     """Standard errors of the interpretable parameters (delta method), keyed and shaped like `named`."""
     law = get_law(law_name)

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 import numpy as np
 import torch
 
-from analysis.fitting import RIDGE, FitConfig, FitResult, predict, undetermined
+from analysis.fitting import RIDGE, FitConfig, FitResult, flat_params, predict, undetermined
 from analysis.laws import BAYESIAN_NAMES
 from analysis.lm import FTOL, XTOL
 from analysis.output import markdown_table, safe_name, shots_grid, write_csv
@@ -86,11 +86,8 @@ def plot_group(results: list[FitResult], path: Path) -> None:
 
 def undetermined_names(result: FitResult) -> list[str]:
     """Parameters whose standard error exceeds their value: the data do not pin them down."""
-    names = []
-    for key, value in result.params.items():
-        for index in zip(*np.nonzero(np.atleast_1d(undetermined(value, result.stderr[key])))):
-            names.append(key + ("" if np.ndim(value) == 0 else "[" + ",".join(map(str, index)) + "]"))
-    return names
+    stderr = flat_params(result.stderr)
+    return [name for name, value in flat_params(result.params).items() if undetermined(value, stderr[name])]
 
 
 def write_fit_outputs(results: list[FitResult], config: FitConfig, curves_path: Path, out: Path, plots: bool,
