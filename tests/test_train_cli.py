@@ -28,6 +28,7 @@ def run_train(tmp_path, *extra: str) -> int:
         (["--run.stage", "rlhf"], "unknown run.stage 'rlhf'"),
         (["--data.context_length", "128"], "exceeds the model's n_positions 64"),
         (["--ckpt_path", "last"], "--ckpt_path last needs --run.name"),
+        (["--model.class_path", "lightning_modules.dpo.PreferenceModule"], "stage pretrain trains lightning_modules.lm_module.CausalLMModule"),
     ],
 )
 def test_config_errors_give_one_line_and_write_nothing(tmp_path, capsys, extra, message):
@@ -36,6 +37,21 @@ def test_config_errors_give_one_line_and_write_nothing(tmp_path, capsys, extra, 
     assert err[-1].startswith("error: ") and message in err[-1], err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("config.yaml"))
+
+
+@pytest.mark.parametrize(("extra", "module", "data"), [
+    ([], "lightning_modules.lm_module.CausalLMModule", "datamodules.ginc_datamodule.GincDataModule"),
+    (["--run.stage", "dpo"], "lightning_modules.dpo.PreferenceModule", "datamodules.preference_datamodule.PreferenceDataModule"),
+    (["--config", "configs/dpo-favor.yaml"], "lightning_modules.dpo.PreferenceModule", "datamodules.preference_datamodule.PreferenceDataModule"),
+    (["--run.stage=dpo"], "lightning_modules.dpo.PreferenceModule", "datamodules.preference_datamodule.PreferenceDataModule"),
+])
+def test_the_stage_sets_the_module_and_data_classes(capsys, extra, module, data):
+    """--run.stage, or run.stage in a config, picks the classes; the last one named wins, as in the parse."""
+    with pytest.raises(SystemExit) as stop:
+        train.main([*TINY, *extra, "--print_config"])
+    assert stop.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert f"class_path: {module}" in printed and f"class_path: {data}" in printed, printed
 
 
 def test_tiny_run_dir_export_and_evaluate(tmp_path):
