@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from jsonargparse import Namespace
+from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -35,7 +35,7 @@ from evaluation.ginc_curves import ideal_references
 from evaluation.quickstart_report import quickstart_report
 from evaluation.run_artifacts import ARCH_KEYS, RunInfo, read_source
 from lightning_modules.callbacks import CurvesWriter, FinalExport, StepProgressBar
-from lightning_modules.gpt import SPEC_FIELDS, GPTSpec, read_checkpoint, read_pretrained, resolve_spec
+from lightning_modules.gpt import SPEC_FIELDS, GPTSpec, read_checkpoint, read_pretrained, resolve_device, resolve_spec
 from lightning_modules.lm_module import CausalLMModule
 
 
@@ -98,7 +98,7 @@ def stage_of(argv: Sequence[str]) -> Stage:
     for option, value in options:
         if option == "--run.stage":
             name = value
-        elif option == "--config" and Path(value).is_file():
+        elif option in ("--config", "-c") and Path(value).is_file():
             run = read_yaml_mapping(Path(value), "config", RunConfigError).get("run")
             name = run.get("stage", name) if isinstance(run, dict) else name
     if name not in STAGES:
@@ -116,6 +116,17 @@ def with_stage_classes(argv: Sequence[str]) -> list[str]:
     return [*argv[:at + 1], "--model", stage.module, "--data", stage.data, *argv[at + 1:]]
 
 
+def check_stage(run: RunConfig, stage: Stage, model: Namespace, data: Namespace) -> None:
+    """The classes and the starting point fit the stage."""
+    if (model.class_path, data.class_path) != (stage.module, stage.data):
+        raise RunConfigError(f"stage {run.stage} trains {stage.module} on {stage.data}; drop the model or data class_path "
+                             "your config sets, or add a stage for them to train.STAGES")
+    if stage.needs_init and not model.init_args.init_from:
+        raise RunConfigError(f"stage {run.stage} starts from a pretrained model: pass --model.init_from runs/NAME/checkpoints/last.ckpt (or runs/NAME/hf)")
+    if not stage.needs_init and model.init_args.init_from:
+        raise RunConfigError(f"stage {run.stage} trains from scratch; drop model.init_from or pick a post-training stage")
+
+
 def inherit_pretrained(model: Namespace, data: Namespace) -> None:
     """A post-training run takes the architecture and the world of the run it starts from."""
     src = read_source(model.init_from)
@@ -126,9 +137,9 @@ def inherit_pretrained(model: Namespace, data: Namespace) -> None:
     data.world, data.context_length = Namespace(**src.data["world"]), src.data["context_length"]
 
 
-def post_training_mixture(run: RunConfig, data: Namespace) -> None:
+def post_training_mixture(run: RunConfig, stage: Stage, data: Namespace) -> None:
     """run.direction with run.tasks sets data.train_weights from the world's mixture."""
-    if run.direction not in ("favor", "disfavor"):
+    if run.direction not in ("favor", "disfavor") or not stage.needs_init:
         raise RunConfigError(f"run.direction {run.direction!r} needs a post-training stage and one of favor, disfavor")
     if data.train_weights is not None:
         raise RunConfigError("give either run.direction with run.tasks or data.train_weights, not both")
@@ -144,8 +155,16 @@ def check_schedule(run: RunConfig, trainer: Namespace) -> None:
         raise RunConfigError("set trainer.max_steps (the GINC stream is endless, so it is the length of training)")
 
 
-def run_directory(run: RunConfig, ckpt_path: str | None, model_label: str) -> Path:
-    """runs/NAME: new for a fresh run (refused if it has checkpoints), the run's own to resume it."""
+def run_directory(run: RunConfig, ckpt_path: str | None, model_label: str, subcommand: str) -> Path:
+    """runs/NAME: new for a fresh run (refused if it has checkpoints), the run's own to resume it; validate
+    and predict read a run and write their results beside it, in runs/NAME-validate-TIME."""
+    run_dir = _run_directory(run, ckpt_path, model_label)
+    if subcommand != "fit":
+        return run_dir.parent / f"{run_dir.name}-{subcommand}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return run_dir
+
+
+def _run_directory(run: RunConfig, ckpt_path: str | None, model_label: str) -> Path:
     root = Path(run.root)
     if ckpt_path == "last" and run.name is None:
         raise RunConfigError("--ckpt_path last needs --run.name NAME (the run to resume), or give the checkpoint's path")
@@ -185,24 +204,14 @@ class TrainCLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         run, model, data = cfg.run, cfg.model.init_args, cfg.data.init_args
         stage = STAGES[run.stage]
-        if (cfg.model.class_path, cfg.data.class_path) != (stage.module, stage.data):
-            raise RunConfigError(f"stage {run.stage} trains {stage.module} on {stage.data}; drop the model or data class_path "
-                                 "your config sets, or add a stage for them to train.STAGES")
-        if stage.needs_init and not model.init_from:
-            raise RunConfigError(f"stage {run.stage} starts from a pretrained model: pass --model.init_from runs/NAME/checkpoints/last.ckpt (or runs/NAME/hf)")
-        if not stage.needs_init and model.init_from:
-            raise RunConfigError(f"stage {run.stage} trains from scratch; drop model.init_from or pick a post-training stage")
+        check_stage(run, stage, cfg.model, cfg.data)
         if stage.needs_init:
             inherit_pretrained(model, data)
         if run.direction is not None:
-            if not stage.needs_init:
-                raise RunConfigError(f"run.direction {run.direction!r} needs a post-training stage and one of favor, disfavor")
-            post_training_mixture(run, data)
+            post_training_mixture(run, stage, data)
         check_schedule(run, cfg.trainer)
         spec = resolve_spec(model.size, **{key: getattr(model, key) for key in SPEC_FIELDS})
-        self.run_dir = run_directory(run, cfg.get("ckpt_path"), spec.label)
-        if self.subcommand != "fit":  # validate/predict read a run; they write their results somewhere new
-            self.run_dir = self.run_dir.parent / f"{self.run_dir.name}-{self.subcommand}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.run_dir = run_directory(run, cfg.get("ckpt_path"), spec.label, self.subcommand)
         self.run_info = run_info(run, stage, spec, data)
 
     def instantiate_trainer(self, **kwargs) -> object:
@@ -238,7 +247,7 @@ def run_quickstart(root: str = "runs") -> None:
     """Pretrain a small GPT-2 on a small world, SFT it to favour one task, and print ICL accuracy before
     and after next to the exact Bayesian learner on the same prompts (configs/quickstart*.yaml)."""
     began = time.perf_counter()
-    on_gpu = torch.cuda.is_available()
+    on_gpu = resolve_device("auto") == "cuda"
     if not on_gpu:
         torch.set_num_threads(1)  # a model this small runs several times faster on one thread than on two contended ones
     common = ["--run.root", root, *(["--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed"] if on_gpu else [])]
@@ -264,7 +273,8 @@ def cli_main(args: Sequence[str] | None) -> TrainCLI:
     """The CLI on `args`, or on the command line itself when None."""
     return TrainCLI(CausalLMModule, GincDataModule, subclass_mode_model=True, subclass_mode_data=True,
                     args=None if args is None else list(args),
-                    parser_kwargs={"description": HELP, "default_env": False},
+                    # a bad flag raises, so main() can say it in one line instead of printing the whole usage
+                    parser_kwargs={"description": HELP, "default_env": False, "exit_on_error": False},
                     # the module's optimizer is --model.optim (AdamW with warmup and cosine decay); Lightning's
                     # generic --optimizer/--lr_scheduler would be built before the model has its parameters
                     auto_configure_optimizers=False,
@@ -274,6 +284,22 @@ def cli_main(args: Sequence[str] | None) -> TrainCLI:
 
 
 _UNION_ERROR = "Does not validate against any of the Union subtypes"
+
+
+def flag_error(message: str) -> str:
+    """jsonargparse's report of a bad flag or config value, on one line: the key and, for a model or data
+    setting, the reason its class gave (not the list of every type the key could have been)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if _UNION_ERROR in message:
+        start = next((i for i, line in enumerate(lines) if line.startswith("- Problem with given class_path")), None)
+        if start is not None:
+            reason = []
+            for line in lines[start + 1:]:
+                if line.startswith(("- ", "Given value")):
+                    break
+                reason.append(line)
+            lines = [lines[0].rstrip(":") + ":", *reason]
+    return " ".join(lines)
 
 
 class _NoTips(logging.Filter):
@@ -303,6 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_quickstart()
         else:
             cli_main(None if from_command_line else argv)
+    except ArgumentError as exc:
+        print(f"error: {flag_error(str(exc))} (`python train.py fit --help` lists every option)", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as exc:
         while str(exc).startswith(_UNION_ERROR) and exc.__cause__ is not None:
             exc = exc.__cause__  # jsonargparse builds the data module inside a Union check that wraps its error

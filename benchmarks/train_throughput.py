@@ -44,7 +44,7 @@ from transformers.utils.logging import disable_progress_bar
 from datamodules.ginc_datamodule import DocumentBlocks, GincDataModule, ICLConfig, ICLPromptSet
 from datamodules.sampling import shots_for_context
 from datamodules.world import WorldConfig
-from lightning_modules.gpt import GPTSpec, build_gpt, resolve_spec
+from lightning_modules.gpt import GPTSpec, build_gpt, resolve_device, resolve_spec
 from lightning_modules.icl_metric import ICLCurveMetric, curve_rows
 from lightning_modules.lm_module import CausalLMModule, OptimConfig, adamw_with_schedule
 
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)  # keep the log to the benchmark's own lines
     disable_progress_bar()
     warnings.filterwarnings("ignore", category=UserWarning)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(resolve_device("auto"))
     if device.type == "cpu":
         torch.set_num_threads(1)  # CPU numbers only show the paths run; threads spinning against other jobs made them 10x slower
     peak, peak_label = peak_flops(device, cfg.peak_tflops)

@@ -39,6 +39,19 @@ def test_config_errors_give_one_line_and_write_nothing(tmp_path, capsys, extra, 
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("config.yaml"))
 
 
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--model.betaa", "3"], "Parser key \"model\": Option 'betaa' is not accepted"),
+    (["--data.batch_size", "x"], "Parser key \"batch_size\": Expected a <class 'int'>. Got value: x"),
+    (["--trainer.max_steps", "abc"], "Parser key \"trainer.max_steps\""),
+    (["--config", "nothere.yaml"], "File does not exist"),
+])
+def test_bad_flags_are_one_line_not_the_usage(tmp_path, capsys, extra, message):
+    assert run_train(tmp_path, *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0] and "--help" in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize(("extra", "module", "data"), [
     ([], "lightning_modules.lm_module.CausalLMModule", "datamodules.ginc_datamodule.GincDataModule"),
     (["--run.stage", "dpo"], "lightning_modules.dpo.PreferenceModule", "datamodules.preference_datamodule.PreferenceDataModule"),
