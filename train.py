@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -90,16 +91,23 @@ def post_training_weights(world_weights: Sequence[float], direction: str, tasks:
 
 
 def stage_of(argv: Sequence[str]) -> Stage:
-    """The stage that `--run.stage` flags and `run.stage` in `--config` files name (the last one wins, as
-    in the parse itself); pretraining where none does."""
+    """The stage that `--run.stage`, `--run` (a file or inline YAML) and `run.stage` in `--config` files
+    name (the last one wins, as in the parse itself); pretraining where none does."""
     options = [tuple(arg.split("=", 1)) if arg.startswith("--") and "=" in arg else (arg, value)
                for arg, value in zip(argv, [*argv[1:], ""])]
     name = "pretrain"
     for option, value in options:
         if option == "--run.stage":
             name = value
-        elif option in ("--config", "-c") and Path(value).is_file():
-            run = read_yaml_mapping(Path(value), "config", RunConfigError).get("run")
+        elif option in ("--config", "-c", "--run") and Path(value).is_file():
+            settings = read_yaml_mapping(Path(value), "config", RunConfigError)
+            run = settings if option == "--run" else settings.get("run")
+            name = run.get("stage", name) if isinstance(run, dict) else name
+        elif option == "--run":  # inline, e.g. --run '{stage: dpo, tasks: [0]}'
+            try:
+                run = yaml.safe_load(value)
+            except yaml.YAMLError:
+                run = None  # the parse itself reports it
             name = run.get("stage", name) if isinstance(run, dict) else name
     if name not in STAGES:
         raise RunConfigError(f"unknown run.stage {name!r}; choose one of {', '.join(STAGES)}")

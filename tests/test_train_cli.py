@@ -57,6 +57,7 @@ def test_bad_flags_are_one_line_not_the_usage(tmp_path, capsys, extra, message):
     (["--run.stage", "dpo"], "lightning_modules.dpo.PreferenceModule", "datamodules.preference_datamodule.PreferenceDataModule"),
     (["--config", "configs/dpo-favor.yaml"], "lightning_modules.dpo.PreferenceModule", "datamodules.preference_datamodule.PreferenceDataModule"),
     (["--run.stage=dpo"], "lightning_modules.dpo.PreferenceModule", "datamodules.preference_datamodule.PreferenceDataModule"),
+    (["--run", "{stage: dpo, tasks: [0]}"], "lightning_modules.dpo.PreferenceModule", "datamodules.preference_datamodule.PreferenceDataModule"),
 ])
 def test_the_stage_sets_the_module_and_data_classes(capsys, extra, module, data):
     """--run.stage, or run.stage in a config, picks the classes; the last one named wins, as in the parse."""
