@@ -19,7 +19,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from analysis.curves import CurveGroup
-from analysis.laws import LAW_NAMES, BayesianLaw, CurveLaw, as_lists, get_law
+from analysis.laws import LAW_NAMES, BayesianLaw, as_lists, get_law
 from analysis.lm import normal_equations, levenberg_marquardt
 
 SPLITS = ("interpolation", "extrapolation")

@@ -10,9 +10,13 @@ The whole world is a pure function of `WorldConfig`, its seed included.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 DELIMITER = 0
 
@@ -155,7 +159,7 @@ class GincWorld:
         return torch.stack([self.transition_matrix(m) for m in range(self.config.n_tasks)])
 
 
-def world_tokenizer(vocab_size: int) -> "PreTrainedTokenizerFast":
+def world_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     """A tokenizer of the world's token ids, for exported models: `<d>` the delimiter (0), `t1` ..
     `t{vocab_size-1}` the emissions, then `<pad>` and `<bos>`; text is tokens separated by spaces."""
     from tokenizers import Tokenizer, models, pre_tokenizers

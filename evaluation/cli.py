@@ -15,6 +15,7 @@ from evaluation.curves_table import write_curves
 if TYPE_CHECKING:
     from evaluation.llm_curves import LLMCurveConfig
 
+
 def add_curves_command(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("curves", help="measure ICL curves and write the curves table",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -47,8 +48,8 @@ def add_curves_command(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_curves)
 
 
-
 def run_curves(args: argparse.Namespace) -> None:
+    # each source's modules are imported only when used: `evaluate.py fit` need not load transformers
     ginc = {"k_values": args.k, "prompts": args.prompts, "batch_size": args.batch_size, "device": args.device}
     if args.ideal:
         from evaluation.ginc_curves import ideal_curve_rows

@@ -10,7 +10,6 @@ predicted against measured reemergence for the disfavoured conditions.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
