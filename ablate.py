@@ -185,14 +185,20 @@ def run_cell(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None
     cell_dir.mkdir(parents=True, exist_ok=True)
     print(f"[ablate] {cell.name}: python train.py {' '.join(args)}", flush=True)
     began = time.perf_counter()
-    try:
-        with (cell_dir / "train.log").open("a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            code = train.main(args)
-    except Exception as exc:  # a crashing cell must not take the grid down
-        (cell_dir / "error.txt").write_text(traceback.format_exc())
-        return f"failed: {type(exc).__name__}: {exc}".splitlines()[0]
-    if code != 0 or not (cell_dir / "hf").is_dir():
-        return f"failed: train.py exited {code} (see {cell_dir / 'train.log'})"
+    train.quiet_lightning()
+    with (cell_dir / "train.log").open("a") as log:
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):  # the cell's own log
+                train.cli_main(args)
+        except train.USER_ERRORS as exc:  # bad settings or a diverged run: the reason goes in the report
+            reason = train.error_line(exc)
+            print(f"error: {reason}", file=log)
+            return f"failed: {reason}".splitlines()[0]
+        except Exception as exc:  # a crash (a bug, CUDA): its traceback is kept, and the grid goes on
+            (cell_dir / "error.txt").write_text(traceback.format_exc())
+            return f"failed: {type(exc).__name__}: {exc}".splitlines()[0]
+    if not (cell_dir / "hf").is_dir():
+        return f"failed: training ended without an export (see {cell_dir / 'train.log'})"
     (cell_dir / "DONE").write_text(f"{time.perf_counter() - began:.1f} s\n")
     return "done"
 

@@ -317,16 +317,32 @@ class _NoTips(logging.Filter):
         return "litlogger" not in record.getMessage()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from_command_line = argv is None
-    argv = sys.argv[1:] if argv is None else list(argv)
+USER_ERRORS = (ArgumentError, ValueError, FileNotFoundError)  # bad flags, settings or files, and diverged runs
+
+
+def error_line(exc: Exception) -> str:
+    """One line for a user error: what is wrong and the fix."""
+    if isinstance(exc, ArgumentError):
+        return f"{flag_error(str(exc))} (`python train.py fit --help` lists every option)"
+    while str(exc).startswith(_UNION_ERROR) and exc.__cause__ is not None:
+        exc = exc.__cause__  # jsonargparse builds the data module inside a Union check that wraps its error
+    return str(exc)
+
+
+def quiet_lightning() -> None:
+    """Drop the log lines no user of train.py can act on; TF32 for what runs outside bf16 autocast on GPUs."""
     tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _NoTips) for f in tips.filters):
         tips.addFilter(_NoTips())
-    # Lightning's pytree helper uses a torch API that torch deprecated; it warns in every run, and no
-    # user of train.py can act on it
+    # Lightning's pytree helper uses a torch API that torch deprecated; it warns in every run
     warnings.filterwarnings("ignore", module=r"lightning\.pytorch\.utilities\._pytree")
-    torch.set_float32_matmul_precision("high")  # TF32 for what runs outside bf16 autocast on GPUs
+    torch.set_float32_matmul_precision("high")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from_command_line = argv is None
+    argv = sys.argv[1:] if argv is None else list(argv)
+    quiet_lightning()
     if argv and argv[0] == "test":
         print("error: train.py has no test split to run `test` on (the GINC stream has no held-out test set); "
               "use `python train.py validate --config CONFIG --ckpt_path CKPT` or `python evaluate.py curves --ckpt CKPT`",
@@ -337,13 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_quickstart()
         else:
             cli_main(None if from_command_line else argv)
-    except ArgumentError as exc:
-        print(f"error: {flag_error(str(exc))} (`python train.py fit --help` lists every option)", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as exc:
-        while str(exc).startswith(_UNION_ERROR) and exc.__cause__ is not None:
-            exc = exc.__cause__  # jsonargparse builds the data module inside a Union check that wraps its error
-        print(f"error: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
     return 0
 

@@ -66,6 +66,7 @@ def test_failed_cell_is_reported_and_the_others_finish(finished, tmp_path):
     out = tmp_path / "failing" / "t"
     report = (out / "report.md").read_text()
     assert "| gpt2-1l/sft-disfavor-32 | failed" in report and "| gpt2-1l/sft-favor-32 | done |" in report
+    assert "all zero" in report.split("sft-disfavor-32 | failed", 1)[1].splitlines()[0]  # the reason, not just the verdict
     assert any(r["run"].endswith("sft-favor-32") for r in _table(out / "curves.csv"))
 
 
@@ -75,7 +76,8 @@ def test_a_diverging_cell_is_reported_failed(finished, tmp_path):
                    posttrain_overrides=["--model.optim.lr", "1e30"])
     assert ablate.main(["--config", str(config)]) == 1
     out = tmp_path / "diverging" / "t"
-    assert "| gpt2-1l/sft-favor-32 | failed" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| gpt2-1l/sft-favor-32 | failed" in report and "non-finite" in report
     assert not (out / "gpt2-1l" / "sft-favor-32" / "DONE").exists()
 
 
