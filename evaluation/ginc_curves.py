@@ -84,10 +84,20 @@ def reader_curve_rows(data: GincDataModule, run: str = "reader", weights: object
     return curve_rows(sums, data.icl.k_values, run, undefined_column=True, **extra)
 
 
+_REFERENCES: dict[tuple[str, str, int, str], dict[str, list[dict]]] = {}
+
+
 def ideal_references(data: GincDataModule, device: str | torch.device = "cpu") -> dict[str, list[dict]]:
-    """Both ideal learners' curves on a data module's ICL prompts: what a trained model is drawn beside."""
-    return {"exact Bayesian": exact_curve_rows(data, "exact", device=device, progress=False),
-            "document reader": reader_curve_rows(data, "reader", device=device, progress=False)}
+    """Both ideal learners' curves on a data module's ICL prompts: what a trained model is drawn beside.
+
+    The prompts are a function of the world, the ICL settings and the context length, so the curves are
+    computed once per process for each of those: every cell of an ablation grid shares them (16 s of
+    CPU for each run on configs/data/ginc.yaml otherwise)."""
+    key = (repr(data.world), repr(data.icl), data.context_length, str(device))
+    if key not in _REFERENCES:
+        _REFERENCES[key] = {"exact Bayesian": exact_curve_rows(data, "exact", device=device, progress=False),
+                            "document reader": reader_curve_rows(data, "reader", device=device, progress=False)}
+    return _REFERENCES[key]
 
 
 def _progress(loader: DataLoader, run: str, show: bool = True) -> Iterator[dict]:

@@ -115,3 +115,24 @@ def test_curves_append_refuses_a_run_already_in_the_table_unless_replace(tmp_pat
     mask = os.umask(0)
     os.umask(mask)
     assert (out.stat().st_mode & 0o777) == 0o666 & ~mask
+
+
+def test_reference_curves_are_computed_once_per_world_and_prompt_set(monkeypatch):
+    """An ablation grid's runs share the ideal learners' curves; another world or prompt set gets its own."""
+    from datamodules.ginc_datamodule import GincDataModule
+    from evaluation import ginc_curves
+
+    calls = []
+    real = ginc_curves.exact_curve_rows
+    monkeypatch.setattr(ginc_curves, "exact_curve_rows", lambda data, *a, **kw: calls.append(data) or real(data, *a, **kw))
+    monkeypatch.setattr(ginc_curves, "_REFERENCES", {})
+
+    def data(seed: int, prompts: int, **extra) -> GincDataModule:
+        return GincDataModule(world={"n_tasks": 2, "n_entities": 3, "n_properties": 4, "vocab_size": 8, "seed": seed},
+                              context_length=32, icl={"k_values": [3], "prompts_per_task": prompts, "batch_size": 4}, **extra)
+
+    first = ginc_curves.ideal_references(data(1, 4))
+    again = ginc_curves.ideal_references(data(1, 4, train_documents=16))  # post-training data, same prompts
+    assert again is first and len(calls) == 1
+    assert ginc_curves.ideal_references(data(2, 4)) != first and len(calls) == 2
+    assert ginc_curves.ideal_references(data(1, 8))["exact Bayesian"][0]["count"] == 8 and len(calls) == 3
