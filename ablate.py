@@ -15,7 +15,6 @@ the exit status, and the other cells still run.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import shutil
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datamodules.settings_file import read_yaml_mapping
+from evaluation.arguments import OneLineParser
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 METHODS = ("sft", "dpo")
@@ -285,7 +285,7 @@ def write_report(cfg: AblationConfig, out: Path, status: dict[str, str]) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="ablate.py", description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, required=True, help="ablation YAML (configs/ablations/*.yaml)")
     parser.add_argument("--stop-after", type=int, help="stop after training this many cells (rerun to finish)")
     args = parser.parse_args(argv)

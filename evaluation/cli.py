@@ -10,6 +10,7 @@ from analysis.fitting import SPLITS, FitConfig
 from analysis.laws import LAW_NAMES
 from analysis.report import summary_table
 from analysis.shift import ShiftConfig
+from evaluation.arguments import OneLineParser
 from evaluation.curves_table import write_curves
 
 if TYPE_CHECKING:
@@ -184,7 +185,7 @@ def run_ladder(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evaluate.py", description="Evaluate models and curves: ICL curves, law fits, post-training shift.")
+    parser = OneLineParser(prog="evaluate.py", description="Evaluate models and curves: ICL curves, law fits, post-training shift.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_curves_command(sub)
     add_fit_command(sub)

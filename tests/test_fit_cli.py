@@ -175,3 +175,15 @@ def test_a_report_directory_is_replaced_whole_with_the_users_modes(tmp_path):
     assert (out.stat().st_mode & 0o777) == 0o777 & ~mask
     assert ((out / "fits.csv").stat().st_mode & 0o777) == 0o666 & ~mask
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fits.")]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["fit"], "error: evaluate.py fit: the following arguments are required: --curves, --out (`python evaluate.py fit --help`"),
+    (["fitt"], "error: evaluate.py: argument command: invalid choice: 'fitt'"),
+    (["fit", "--curves", "c.csv", "--out", "o", "--starts", "many"], "argument --starts: invalid int value: 'many'"),
+])
+def test_bad_flags_are_one_line_naming_the_help(capsys, argv, message):
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and message in err[0], err
