@@ -71,19 +71,14 @@ def run_curves(args: argparse.Namespace) -> None:
 
 
 def llm_config(args: argparse.Namespace) -> LLMCurveConfig:
-    """The `--hf-model` flags as a config, checked."""
+    """The `--hf-model` flags as a config."""
     from evaluation.llm_curves import LLMCurveConfig
 
     if args.dataset is None:
         raise ValueError("--hf-model needs --dataset FILE.jsonl (rows {question, answer, answer_type})")
-    ks = tuple(sorted(set(args.k or (1,))))
-    checks = [("--k", min(ks)), ("--prompts", args.prompts), ("--shots", args.shots),
-              ("--max-length", args.max_length), ("--batch-size", args.batch_size)]
-    for flag, value in checks:
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} {value}: must be a positive integer")
-    return LLMCurveConfig(
-        run=args.run or Path(args.hf_model).name, ks=ks, shuffles=args.prompts or 5, shots=args.shots,
+    return LLMCurveConfig(  # it checks its values itself
+        run=args.run or Path(args.hf_model).name, ks=tuple(sorted(set(args.k or (1,)))),
+        shuffles=5 if args.prompts is None else args.prompts, shots=args.shots,
         max_length=args.max_length, prompt_format=args.format, seed=args.seed, batch_size=args.batch_size,
     )
 

@@ -38,6 +38,16 @@ class LLMCurveConfig:
     seed: int = 0
     batch_size: int = 4
 
+    def __post_init__(self) -> None:
+        flags = {"ks": "--k", "shuffles": "--prompts", "shots": "--shots", "max_length": "--max-length", "batch_size": "--batch-size"}
+        for name, flag in flags.items():
+            values = getattr(self, name)
+            for value in values if name == "ks" else [values]:
+                if value is not None and value < 1:
+                    raise ValueError(f"{flag} {value}: must be a positive integer ({name} of the LLM curve settings)")
+        if not self.ks:
+            raise ValueError("--k: give at least one number of answer tokens to score")
+
 
 @dataclass
 class PromptScores:

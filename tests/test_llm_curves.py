@@ -133,3 +133,13 @@ def test_bad_input_fails_with_one_clear_line(case: str, needle: str, tmp_path: P
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and needle in err and "\n" not in err
     assert not out.exists()
+
+
+def test_llm_curve_settings_check_themselves():
+    """A notebook building the settings gets the same one-line errors as the CLI's flags."""
+    for field, flag in (("shuffles", "--prompts"), ("batch_size", "--batch-size"), ("max_length", "--max-length")):
+        with pytest.raises(ValueError, match=f"^{flag} 0: must be a positive integer"):
+            LLMCurveConfig("r", **{field: 0})
+    with pytest.raises(ValueError, match="^--k 0: must be a positive integer"):
+        LLMCurveConfig("r", ks=(1, 0))
+    assert LLMCurveConfig("r", ks=(1, 4), shots=3).ks == (1, 4)
