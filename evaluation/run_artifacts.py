@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
-from analysis.output import umask
+from analysis.output import atomic_dir
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.world import world_tokenizer
 from lightning_modules.gpt import SPEC_FIELDS, read_checkpoint, spec_of
@@ -82,17 +79,13 @@ def write_export(run_dir: Path, gpt: GPT2LMHeadModel, data_hparams: dict, info: 
     """Write <run_dir>/hf: the model by `save_pretrained`, the world's tokenizer and DATA_FILE; swapped in
     whole, so a reader never sees half an export."""
     path = run_dir / "hf"
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".hf-"))
-    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar in every run's output
-    gpt.save_pretrained(tmp)
-    # token ids: emissions, then PAD and BOS (WorldConfig.model_vocab_size = vocab_size + 2)
-    world_tokenizer(gpt.config.vocab_size - 2).save_pretrained(tmp)
-    export = {"data": plain(dict(data_hparams)), RUN_INFO_KEY: asdict(info), "step": step}
-    (tmp / DATA_FILE).write_text(json.dumps(export, indent=1))
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+    with atomic_dir(path) as tmp:
+        gpt.save_pretrained(tmp)
+        # token ids: emissions, then PAD and BOS (WorldConfig.model_vocab_size = vocab_size + 2)
+        world_tokenizer(gpt.config.vocab_size - 2).save_pretrained(tmp)
+        export = {"data": plain(dict(data_hparams)), RUN_INFO_KEY: asdict(info), "step": step}
+        (tmp / DATA_FILE).write_text(json.dumps(export, indent=1))
     return path
 
 
