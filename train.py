@@ -99,19 +99,26 @@ def stage_of(argv: Sequence[str]) -> Stage:
     for option, value in options:
         if option == "--run.stage":
             name = value
-        elif option in ("--config", "-c", "--run") and Path(value).is_file():
-            settings = read_yaml_mapping(Path(value), "config", RunConfigError)
-            run = settings if option == "--run" else settings.get("run")
-            name = run.get("stage", name) if isinstance(run, dict) else name
-        elif option == "--run":  # inline, e.g. --run '{stage: dpo, tasks: [0]}'
-            try:
-                run = yaml.safe_load(value)
-            except yaml.YAMLError:
-                run = None  # the parse itself reports it
-            name = run.get("stage", name) if isinstance(run, dict) else name
+            continue
+        if option in ("--config", "-c") and Path(value).is_file():
+            run = read_yaml_mapping(Path(value), "config", RunConfigError).get("run")
+        elif option == "--run":  # a file, or inline YAML such as --run '{stage: dpo, tasks: [0]}'
+            run = read_yaml_mapping(Path(value), "config", RunConfigError) if Path(value).is_file() else _inline(value)
+        else:
+            continue
+        if isinstance(run, dict):
+            name = run.get("stage", name)
     if name not in STAGES:
         raise RunConfigError(f"unknown run.stage {name!r}; choose one of {', '.join(STAGES)}")
     return STAGES[name]
+
+
+def _inline(text: str) -> object:
+    """Inline YAML, or None where it does not parse (the parse itself reports that)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
 
 
 def with_stage_classes(argv: Sequence[str]) -> list[str]:
