@@ -36,7 +36,8 @@ from evaluation.ginc_curves import ideal_references
 from evaluation.quickstart_report import quickstart_report
 from evaluation.run_artifacts import ARCH_KEYS, RunInfo, read_source
 from lightning_modules.callbacks import CurvesWriter, FinalExport, StepProgressBar
-from lightning_modules.gpt import SPEC_FIELDS, GPTSpec, read_checkpoint, read_pretrained, resolve_device, resolve_spec
+from lightning_modules.gpt import (SPEC_FIELDS, GPTSpec, read_checkpoint, read_pretrained, resolve_device, resolve_spec,
+                                  training_threads)
 from lightning_modules.lm_module import CausalLMModule
 
 
@@ -70,7 +71,8 @@ class RunConfig:
     """stage: pretrain, sft or dpo. name: the run directory under root (default <model>-<stage>-<time>).
     direction/tasks: post-training favours (trains on `tasks` only) or disfavours (trains on all but
     `tasks`) and sets data.train_weights from the world's weights. checkpoint_every: steps between
-    last.ckpt saves (default: at each validation). eval_at_start: validate before the first step."""
+    last.ckpt saves (default: at each validation). eval_at_start: validate before the first step.
+    cpu_threads: torch's CPU threads for the run (default one: see lightning_modules.gpt.training_threads)."""
 
     stage: str = "pretrain"
     name: str | None = None
@@ -79,6 +81,7 @@ class RunConfig:
     tasks: list[int] | None = None
     checkpoint_every: int | None = None
     eval_at_start: bool = True
+    cpu_threads: int | None = None
 
 
 def post_training_weights(world_weights: Sequence[float], direction: str, tasks: Sequence[int]) -> list[float]:
@@ -225,6 +228,7 @@ class TrainCLI(LightningCLI):
         if run.direction is not None:
             post_training_mixture(run, stage, data)
         check_schedule(run, cfg.trainer)
+        torch.set_num_threads(training_threads(run.cpu_threads))
         spec = resolve_spec(model.size, **{key: getattr(model, key) for key in SPEC_FIELDS})
         self.run_dir = run_directory(run, cfg.get("ckpt_path"), spec.label, self.subcommand)
         self.run_info = run_info(run, stage, spec, data)
@@ -263,8 +267,6 @@ def run_quickstart(root: str = "runs") -> None:
     and after next to the exact Bayesian learner on the same prompts (configs/quickstart*.yaml)."""
     began = time.perf_counter()
     on_gpu = resolve_device("auto") == "cuda"
-    if not on_gpu:
-        torch.set_num_threads(1)  # a model this small runs several times faster on one thread than on two contended ones
     common = ["--run.root", root, *(["--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed"] if on_gpu else [])]
     name = f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}"
     pre = cli_main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--run.name", f"{name}/pretrain", *common])

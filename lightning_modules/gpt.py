@@ -84,6 +84,15 @@ def resolve_device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
+def training_threads(requested: int | None = None) -> int:
+    """CPU threads for training: `requested`, or one. The models a CPU trains here are small, so a second
+    thread buys little on an idle machine, and on a shared one threads that wait for each other while
+    another job holds a core made training many times slower (benchmarks/train_threads.py)."""
+    if requested is not None and requested < 1:
+        raise ValueError(f"run.cpu_threads must be >= 1, got {requested}; leave it out for one thread")
+    return requested or 1
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """A checkpoint written by train.py (they hold config objects, so not weights-only), or one clear error."""
     try:

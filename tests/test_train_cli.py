@@ -28,6 +28,7 @@ def run_train(tmp_path, *extra: str) -> int:
         (["--run.stage", "rlhf"], "unknown run.stage 'rlhf'"),
         (["--data.context_length", "128"], "exceeds the model's n_positions 64"),
         (["--ckpt_path", "last"], "--ckpt_path last needs --run.name"),
+        (["--run.cpu_threads", "0"], "run.cpu_threads must be >= 1"),
         (["--model.class_path", "lightning_modules.dpo.PreferenceModule"], "stage pretrain trains lightning_modules.lm_module.CausalLMModule"),
     ],
 )
@@ -146,6 +147,17 @@ def test_a_broken_checkpoint_is_one_line(tmp_path, capsys, target):
 def test_checkpoint_every_must_be_positive(tmp_path, capsys):
     assert run_train(tmp_path, "--run.checkpoint_every", "-3") == 2
     assert "run.checkpoint_every must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("extra", "threads"), [([], 1), (["--run.cpu_threads", "2"], 2)])
+def test_training_runs_on_the_threads_it_is_given(tmp_path, extra, threads):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert run_train(tmp_path, "--trainer.max_steps", "1", "--run.eval_at_start", "false", *extra) == 0
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_validate_writes_somewhere_new_and_test_is_one_line(tmp_path, capsys):
