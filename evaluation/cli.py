@@ -153,7 +153,7 @@ def run_shift(args: argparse.Namespace) -> None:
 
 
 def add_ladder_command(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("ladder", help="curves of exact learners with known priors, then fit and shift on them",
+    p = subparsers.add_parser("ladder", help="curves of ideal learners with known priors, then fit and shift on them",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-config", type=Path, required=True, help="YAML with the GINC world and ICL settings")
     p.add_argument("--out", type=Path, required=True, help="directory for curves.csv, fits/, shift/ and report.md")
@@ -165,7 +165,9 @@ def add_ladder_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--law", default="bayesian_scoring", help="Bayesian law of the shift report")
     p.add_argument("--resamples", type=int, default=100, help="resampled tables for the shift intervals")
     p.add_argument("--starts", type=int, default=16, help="optimiser starts per fit")
-    p.add_argument("--device", default="auto", help="where the exact learners run: cpu, cuda, or auto")
+    p.add_argument("--learner", choices=("exact", "reader"), default="exact",
+                   help="the exact Bayesian learner (knows the prompt format) or the document reader (knows documents only)")
+    p.add_argument("--device", default="auto", help="where the learners run: cpu, cuda, or auto")
     p.set_defaults(func=run_ladder)
 
 
@@ -173,7 +175,7 @@ def run_ladder(args: argparse.Namespace) -> None:
     from evaluation.ladder import LadderConfig, run_ladder as ladder
 
     config = LadderConfig(args.data_config, args.task, tuple(args.strengths), tuple(args.k) if args.k else None,
-                          args.prompts, args.law, args.resamples, args.starts, args.device)
+                          args.prompts, args.law, args.resamples, args.starts, args.device, args.learner)
     results, _ = ladder(config, args.out)
     print(summary_table(results))
     print(f"wrote {args.out}/curves.csv, fits/, shift/, report.md")

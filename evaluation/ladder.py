@@ -1,11 +1,15 @@
 """`evaluate.py ladder`: a ground-truth ladder for the law fits and the shift report.
 
-Exact Bayesian learners of one world whose prior over tasks is set to known conditions: the world's
+Ideal learners of one world whose prior over tasks is set to known conditions: the world's
 own mixture (the baseline), then one task favoured or disfavoured at several strengths (its weight
 multiplied or divided by each strength, the rest renormalised). Their curves go through `fit` and
 `shift` like a model's, and the report says how well the analysis recovers what is known: the priors
 and their moves (bias, interval coverage), whether it keeps P shared where P truly does not move, and
 predicted against measured reemergence for the disfavoured conditions.
+
+The learner is the exact Bayesian learner (it knows the prompt format) or the document reader (the
+Bayes-optimal model of the documents alone, which is what a pretrained model imitates): the second
+checks the analysis on the learner trained models are measured against.
 """
 from __future__ import annotations
 
@@ -23,11 +27,12 @@ from analysis.shift_report import write_shift_outputs
 from datamodules.config_io import load_datamodule_config
 from datamodules.world import check_weights
 from evaluation.curves_table import read_curves, write_curves
-from evaluation.ginc_curves import exact_curve_rows
+from evaluation.ginc_curves import exact_curve_rows, reader_curve_rows
 from evaluation.reports import one_thread
 from lightning_modules.gpt import resolve_device
 
 MODEL = "truth"
+LEARNERS = {"exact": exact_curve_rows, "reader": reader_curve_rows}
 
 
 def ladder_weights(base: np.ndarray, task: int, strengths: list[float]) -> dict[str, np.ndarray]:
@@ -45,7 +50,8 @@ def ladder_weights(base: np.ndarray, task: int, strengths: list[float]) -> dict[
 class LadderConfig:
     """data_config: YAML with the GINC world and ICL settings; task: the task favoured and disfavoured;
     strengths: factors its weight is multiplied (favour) or divided (disfavour) by; k_values, prompts:
-    override the data config's; law, resamples, starts: of the shift report; device: of the learners."""
+    override the data config's; law, resamples, starts: of the shift report; device: of the learners;
+    learner: exact (the exact Bayesian learner) or reader (the document reader)."""
 
     data_config: Path
     task: int = 0
@@ -56,11 +62,14 @@ class LadderConfig:
     resamples: int = 100
     starts: int = 16
     device: str = "auto"
+    learner: str = "exact"
 
 
 def run_ladder(config: LadderConfig, out: str | os.PathLike) -> tuple[list[FitResult], ShiftResult]:
     """Curves of the ladder's learners, all laws fitted to them, and the shift report with what it
     recovered of the truth: curves.csv, fits/, shift/ and report.md in `out`, written whole."""
+    if config.learner not in LEARNERS:
+        raise ValueError(f"--learner {config.learner!r} is not a ladder learner; choose one of {', '.join(LEARNERS)}")
     data = load_datamodule_config(config.data_config, k_values=list(config.k_values) if config.k_values else None,
                                   prompts_per_task=config.prompts)
     device = resolve_device(config.device)
@@ -78,7 +87,7 @@ def run_ladder(config: LadderConfig, out: str | os.PathLike) -> tuple[list[FitRe
             direction, _, strength = name.partition("-")
             extra = {"stage": "pretrain"} if name == "pretrain" else {
                 "stage": "prior", "method": "prior", "direction": direction, "amount": strength}
-            rows += exact_curve_rows(data, f"{MODEL}/{name}", weights.tolist(), device, **extra)
+            rows += LEARNERS[config.learner](data, f"{MODEL}/{name}", weights.tolist(), device, **extra)
         write_curves(rows, tmp / "curves.csv")
         groups = read_curves(tmp / "curves.csv")
         with one_thread():
@@ -97,11 +106,12 @@ def run_ladder(config: LadderConfig, out: str | os.PathLike) -> tuple[list[FitRe
 def ladder_report(conditions: dict[str, np.ndarray], shift: ShiftResult, config: ShiftConfig,
                   ladder: LadderConfig, fits: list[FitResult]) -> str:
     """What the analysis recovered of the known truth."""
+    learner = {"exact": "Exact Bayesian learners", "reader": "Document readers"}[ladder.learner]
     lines = ["# Ground-truth ladder", "",
-             f"Exact Bayesian learners of `{ladder.data_config}` with their prior set to known conditions: the "
+             f"{learner} of `{ladder.data_config}` with their prior set to known conditions: the "
              f"world's mixture, then task {ladder.task} favoured or disfavoured by {', '.join(f'{s:g}' for s in ladder.strengths)} "
              f"(its weight multiplied or divided, the rest renormalised). Shift law: `{ladder.law}` (joint fit: P shared, "
-             "priors and K per condition). The law is only an approximation of the exact learner (it predicts the "
+             "priors and K per condition). The law is only an approximation of the learner (it predicts the "
              "zero-shot probability from the prior alone, while the learner already conditions on the query), so a "
              "bias here measures that gap, not noise.", "",
              "## Fits of all laws", "", summary_table(fits), ""]

@@ -1,7 +1,8 @@
-"""A tiny ground-truth ladder: exact learners with known priors, then fit and shift on their curves."""
+"""A tiny ground-truth ladder: ideal learners with known priors, then fit and shift on their curves."""
 import csv
 
 import numpy as np
+import pytest
 
 import evaluate
 from evaluation.ladder import ladder_weights
@@ -19,12 +20,13 @@ def test_ladder_weights_favour_and_disfavour_one_task():
     assert list(w) == ["pretrain", "favor-4", "disfavor-4"]
 
 
-def test_tiny_ladder_moves_the_favoured_prior_the_right_way(tmp_path, capsys):
+@pytest.mark.parametrize("learner", ["exact", "reader"])
+def test_tiny_ladder_moves_the_favoured_prior_the_right_way(tmp_path, capsys, learner):
     config = tmp_path / "world.yaml"
     config.write_text(WORLD)
     out = tmp_path / "ladder"
     assert evaluate.main(["ladder", "--data-config", str(config), "--out", str(out), "--strengths", "8",
-                          "--resamples", "10", "--starts", "8", "--device", "cpu"]) == 0
+                          "--resamples", "10", "--starts", "8", "--device", "cpu", "--learner", learner]) == 0
     with (out / "shift" / "shift.csv").open() as f:
         rows = [r for r in csv.DictReader(f) if r["fit"] == "shared" and r["task"] == "0"]
     prior = {r["run"].split("/")[1]: float(r["prior"]) for r in rows}
@@ -33,4 +35,5 @@ def test_tiny_ladder_moves_the_favoured_prior_the_right_way(tmp_path, capsys):
         assert float(r["prior_lo"]) <= float(r["prior"]) <= float(r["prior_hi"])
     report = (out / "report.md").read_text()
     assert "intervals cover the truth in" in report and "Shared P vs free" in report
+    assert report.count({"exact": "Exact Bayesian learners", "reader": "Document readers"}[learner]) == 1
     assert (out / "fits" / "fits.csv").exists() and (out / "curves.csv").exists()
