@@ -31,12 +31,17 @@ def task_evidence(log_prior: torch.Tensor, task_log_prob: torch.Tensor) -> torch
     return log_prior + task_log_prob.cumsum(1)
 
 
-def mixture_next_log_prob(evidence: torch.Tensor, task_next_prob: torch.Tensor) -> torch.Tensor:
-    """log p(next token | x_<=t) [N, L, V] of the mixture whose tasks have `evidence` [N, L, M] and next-token
-    distributions `task_next_prob` [N, L, M, V]; -inf everywhere after an impossible prefix."""
+def mixture_next_prob(evidence: torch.Tensor, task_next_prob: torch.Tensor) -> torch.Tensor:
+    """p(next token | x_<=t) [N, L, V] of the mixture whose tasks have `evidence` [N, L, M] and next-token
+    distributions `task_next_prob` [N, L, M, V]; 0 everywhere after an impossible prefix."""
     ok = torch.isfinite(evidence).any(-1, keepdim=True)
     post = torch.softmax(torch.where(ok, evidence, 0.0), -1)  # a row of -inf would give NaN
-    return torch.where(ok, (post[..., None] * task_next_prob).sum(-2), 0.0).log()
+    return torch.where(ok, (post[..., None] * task_next_prob).sum(-2), 0.0)
+
+
+def mixture_next_log_prob(evidence: torch.Tensor, task_next_prob: torch.Tensor) -> torch.Tensor:
+    """log of `mixture_next_prob`: -inf everywhere after an impossible prefix."""
+    return mixture_next_prob(evidence, task_next_prob).log()
 
 
 class DocumentReader:

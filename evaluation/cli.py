@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from analysis.fitting import SPLITS, FitConfig
 from analysis.laws import LAW_NAMES
+from analysis.output import check_output_dir
 from analysis.report import summary_table
 from analysis.shift import ShiftConfig
 from evaluation.arguments import OneLineParser
@@ -126,6 +127,7 @@ def add_shift_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--curves", type=Path, required=True, help="curves CSV with the baseline and post-trained runs")
     p.add_argument("--step", type=int, help="evaluation step to read from a run's own table (default: each run's last)")
     p.add_argument("--baseline", required=True, help="run label of the pretrained model (the reference condition)")
+    p.add_argument("--k", type=int, nargs="+", help="example lengths to analyse (default: every k of the table)")
     p.add_argument("--out", type=Path, required=True, help="directory for shift.csv, comparison.csv, report.md, plots/")
     p.add_argument("--law", default="bayesian_sampling", help="Bayesian law to fit: bayesian, bayesian_sampling or bayesian_scoring")
     p.add_argument("--holdout-fraction", type=float, default=0.5, help="held-out comparison fits shots <= f x max")
@@ -145,7 +147,7 @@ def run_shift(args: argparse.Namespace) -> None:
     config = ShiftConfig(baseline=args.baseline, law=args.law, holdout_fraction=args.holdout_fraction,
                          resamples=args.resamples, level=args.level, threshold=args.threshold,
                          starts=args.starts, seed=args.seed)
-    result = shift_table(args.curves, args.out, config, args.step, args.prompt_table, args.true_priors)
+    result = shift_table(args.curves, args.out, config, args.step, args.prompt_table, args.true_priors, args.k)
     for row in result.comparison:
         print(f"k={row['k']} {row['fit']}: BIC {row['bic']}, held-out NRMSE {row['heldout_nrmse']}"
               + ("  (preferred)" if row["preferred"] else ""))
@@ -181,6 +183,31 @@ def run_ladder(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/curves.csv, fits/, shift/, report.md")
 
 
+def add_reader_prior_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("reader-prior", help="the document reader's prior that best predicts each model (law-free)",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              description="For each run, the prior over tasks with which the document reader of its "
+                                          "world best predicts the model: the mean KL(model || reader) over every "
+                                          "position of held-out ICL prompts and documents, minimised over the prior. "
+                                          "Needs a world with property_smoothing > 0 (else the KL is infinite).")
+    p.add_argument("--ckpt", nargs="+", type=Path, required=True, help="Lightning checkpoints or HF export dirs of our GPT-2 runs")
+    p.add_argument("--out", type=Path, required=True, help="CSV to write (run, prior_0.., kl, kl_world, positions, ...)")
+    p.add_argument("--prompts", type=int, default=32, help="ICL prompts per (k, task), from each run's own ICL settings")
+    p.add_argument("--documents", type=int, default=64, help="held-out documents of the world's mixture")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    p.set_defaults(func=run_reader_prior)
+
+
+def run_reader_prior(args: argparse.Namespace) -> None:
+    from evaluation.reader_prior import reader_prior_rows, write_reader_priors
+
+    if args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a directory; pass a CSV file path")
+    check_output_dir(args.out.resolve().parent)
+    rows = reader_prior_rows(args.ckpt, args.prompts, args.documents, args.device)
+    print(f"wrote {len(rows)} rows to {write_reader_priors(rows, args.out)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="evaluate.py", description="Evaluate models and curves: ICL curves, law fits, post-training shift.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -188,4 +215,5 @@ def build_parser() -> argparse.ArgumentParser:
     add_fit_command(sub)
     add_shift_command(sub)
     add_ladder_command(sub)
+    add_reader_prior_command(sub)
     return parser
