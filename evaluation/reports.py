@@ -49,12 +49,19 @@ def fit_table(curves: str | os.PathLike, out: str | os.PathLike, config: FitConf
 
 
 def shift_table(curves: str | os.PathLike, out: str | os.PathLike, config: ShiftConfig, step: int | None = None,
-                prompt_table: str | os.PathLike | None = None, true_priors: Sequence[float] | None = None) -> ShiftResult:
+                prompt_table: str | os.PathLike | None = None, true_priors: Sequence[float] | None = None,
+                k_values: Sequence[int] | None = None) -> ShiftResult:
     """How post-training moved each model's law parameters, from the conditions in a curves table; writes
     shift.csv, comparison.csv, report.md and plots/ into `out`. `prompt_table` (per-prompt probabilities)
-    resamples prompts for the intervals; `true_priors` (the pretraining mixture) is set beside the fit."""
+    resamples prompts for the intervals; `true_priors` (the pretraining mixture) is set beside the fit;
+    `k_values` keeps only those k (default: every k of the table)."""
     config.validate()
     groups = read_curves(curves, step)
+    if k_values:
+        missing = sorted(set(k_values) - {g.k for g in groups})
+        if missing:
+            raise ValueError(f"--k {missing} is not in {curves}; it has k = {sorted({g.k for g in groups})}")
+        groups = [g for g in groups if g.k in k_values]
     M = next((g.n_tasks for g in groups if g.run == config.baseline), None)
     if true_priors is not None and M is not None and len(true_priors) != M:
         raise ValueError(f"--true-priors has {len(true_priors)} weights but the curves have {M} tasks")
