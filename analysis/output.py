@@ -60,6 +60,16 @@ def write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict]) -> None:
         writer.writerows(rows)
 
 
+def write_rows(rows: Sequence[dict], path: str | os.PathLike) -> Path:
+    """Rows as a CSV (the union of their keys as columns, in first-seen order), swapped in whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    write_csv(tmp, list(dict.fromkeys(key for row in rows for key in row)), rows)
+    os.replace(tmp, path)
+    return path
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -3,12 +3,13 @@ flags into calls of the library functions (evaluation.ginc_curves, llm_curves, r
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from analysis.fitting import SPLITS, FitConfig
 from analysis.laws import LAW_NAMES
-from analysis.output import check_output_dir
+from analysis.output import check_output_dir, write_rows
 from analysis.report import summary_table
 from analysis.shift import ShiftConfig
 from evaluation.arguments import OneLineParser
@@ -183,29 +184,54 @@ def run_ladder(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/curves.csv, fits/, shift/, report.md")
 
 
-def add_reader_prior_command(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("reader-prior", help="the document reader's prior that best predicts each model (law-free)",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                              description="For each run, the prior over tasks with which the document reader of its "
-                                          "world best predicts the model: the mean KL(model || reader) over every "
-                                          "position of held-out ICL prompts and documents, minimised over the prior. "
-                                          "Needs a world with property_smoothing > 0 (else the KL is infinite).")
+def _per_model_parser(subparsers: argparse._SubParsersAction, name: str, help: str, description: str, columns: str,
+                      prompts: int) -> argparse.ArgumentParser:
+    """A command that measures each given run against its world's document reader and writes one CSV."""
+    p = subparsers.add_parser(name, help=help, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", nargs="+", type=Path, required=True, help="Lightning checkpoints or HF export dirs of our GPT-2 runs")
-    p.add_argument("--out", type=Path, required=True, help="CSV to write (run, prior_0.., kl, kl_world, positions, ...)")
-    p.add_argument("--prompts", type=int, default=32, help="ICL prompts per (k, task), from each run's own ICL settings")
-    p.add_argument("--documents", type=int, default=64, help="held-out documents of the world's mixture")
+    p.add_argument("--out", type=Path, required=True, help=f"CSV to write ({columns})")
+    p.add_argument("--prompts", type=int, default=prompts, help="ICL prompts per (k, task), from each run's own ICL settings")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    return p
+
+
+def add_reader_prior_command(subparsers: argparse._SubParsersAction) -> None:
+    p = _per_model_parser(subparsers, "reader-prior", "the document reader's prior that best predicts each model (law-free)",
+                          "For each run, the prior over tasks with which the document reader of its world best predicts "
+                          "the model: the mean KL(model || reader) over every position of held-out ICL prompts and "
+                          "documents, minimised over the prior. Needs a world with property_smoothing > 0 (else the KL "
+                          "is infinite).", "run, prior_0.., kl, kl_world, positions, ...", 32)
+    p.add_argument("--documents", type=int, default=64, help="held-out documents of the world's mixture")
     p.set_defaults(func=run_reader_prior)
 
 
 def run_reader_prior(args: argparse.Namespace) -> None:
-    from evaluation.reader_prior import reader_prior_rows, write_reader_priors
+    from evaluation.reader_prior import reader_prior_rows
 
+    _write_per_model(args, lambda: reader_prior_rows(args.ckpt, args.prompts, args.documents, args.device))
+
+
+def add_reader_gap_command(subparsers: argparse._SubParsersAction) -> None:
+    p = _per_model_parser(subparsers, "reader-gap", "how closely each model's ICL curve follows the document reader's",
+                          "For each run and k: the mean over tasks and shots of |model - reader| target probability on "
+                          "the same prompts, its bootstrap standard error over prompts, and the value that prompt noise "
+                          "alone gives.", "run, k, gap, gap_se, noise, signed, prompts, ...", 256)
+    p.add_argument("--k", type=int, nargs="+", help="example lengths (default: each run's own)")
+    p.set_defaults(func=run_reader_gap)
+
+
+def run_reader_gap(args: argparse.Namespace) -> None:
+    from evaluation.reader_gap import reader_gap_rows
+
+    _write_per_model(args, lambda: reader_gap_rows(args.ckpt, args.prompts, args.k, args.device))
+
+
+def _write_per_model(args: argparse.Namespace, measure: Callable[[], list[dict]]) -> None:
     if args.out.is_dir():
         raise ValueError(f"--out {args.out} is a directory; pass a CSV file path")
     check_output_dir(args.out.resolve().parent)
-    rows = reader_prior_rows(args.ckpt, args.prompts, args.documents, args.device)
-    print(f"wrote {len(rows)} rows to {write_reader_priors(rows, args.out)}")
+    rows = measure()
+    print(f"wrote {len(rows)} rows to {write_rows(rows, args.out)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,4 +242,5 @@ def build_parser() -> argparse.ArgumentParser:
     add_shift_command(sub)
     add_ladder_command(sub)
     add_reader_prior_command(sub)
+    add_reader_gap_command(sub)
     return parser

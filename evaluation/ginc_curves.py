@@ -70,18 +70,23 @@ def reader_curve_rows(data: GincDataModule, run: str = "reader", weights: object
     reader = DocumentReader(GincWorld.build(data.world).to(device), weights)
     metric = _metric(data).to(device)
     for batch in _progress(data.icl_dataloader(), run, progress):
-        labels, pos = batch["labels"].to(device), batch["label_pos"].to(device)
-        out = reader.read(batch["input_ids"].to(device), next_tokens=True)
-        scores = out.next_log_prob.gather(1, (pos - 1)[..., None].expand(-1, -1, out.next_log_prob.shape[-1]))
-        defined = out.possible.gather(1, pos - 1)
-        metric.update(batch["k"], batch["task"], scores.gather(-1, labels[..., None]).squeeze(-1),
-                      scores.argmax(-1) == labels, defined)
+        metric.update(batch["k"], batch["task"], *reader_label_scores(reader, batch, device))
     sums = metric.compute()
     total = float(sums["count"].sum() + sums["undefined"].sum())
     if progress:
         print(f"{run}: {float(sums['undefined'].sum()) / max(total, 1):.1%} of scored positions have probability 0 as "
               "a document (the reader has no prediction there; counted in the `undefined` column)", file=sys.stderr)
     return curve_rows(sums, data.icl.k_values, run, undefined_column=True, **extra)
+
+
+def reader_label_scores(reader: DocumentReader, batch: dict, device: str | torch.device
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reader's log-probability [b, n] of each label of an ICL batch, whether it is the reader's top-1
+    token, and whether the reader has a prediction there at all (its prefix is possible as a document)."""
+    labels, pos = batch["labels"].to(device), batch["label_pos"].to(device)
+    out = reader.read(batch["input_ids"].to(device), next_tokens=True)
+    scores = out.next_log_prob.gather(1, (pos - 1)[..., None].expand(-1, -1, out.next_log_prob.shape[-1]))
+    return scores.gather(-1, labels[..., None]).squeeze(-1), scores.argmax(-1) == labels, out.possible.gather(1, pos - 1)
 
 
 _REFERENCES: dict[tuple[str, str, int, str], dict[str, list[dict]]] = {}

@@ -12,7 +12,6 @@ knowledge of the tasks that post-training changed, which no prior can express.
 from __future__ import annotations
 
 import math
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +20,6 @@ from pathlib import Path
 import torch
 from transformers import GPT2LMHeadModel
 
-from analysis.output import write_csv
 from datamodules.config_io import with_icl_overrides
 from datamodules.document_reader import DocumentReader, mixture_next_prob, task_evidence
 from datamodules.ginc_datamodule import DocumentBlocks, GincDataModule
@@ -138,14 +136,3 @@ def reader_prior_rows(paths: Sequence[str | Path], prompts: int = 32, documents:
         rows.append({"run": src.label, **{f"prior_{i}": p for i, p in enumerate(fit.prior)}, "kl": fit.kl,
                      "kl_world": fit.kl_world, "kl_prompts": fit.kl_prompts, "kl_documents": fit.kl_documents, "outside": fit.outside, "positions": fit.positions, **src.columns()})
     return rows
-
-
-def write_reader_priors(rows: list[dict], path: str | Path) -> Path:
-    """The rows as a CSV, swapped in whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    tmp = path.parent / f".{path.name}.tmp"
-    write_csv(tmp, columns, rows)
-    os.replace(tmp, path)
-    return path

@@ -1,0 +1,99 @@
+"""How closely a model's ICL curve follows the document reader's, with a standard error over prompts.
+
+Both score the same prompts, so the comparison is paired: for each (k, task, shots) the mean over prompts
+of (model - reader) target probability, then the mean of its absolute value over tasks and shots. That
+mean of absolute values is biased upwards by the prompts' noise (|noise| > 0 even when the curves agree),
+so the bootstrap over prompts gives both its standard error and the value the noise alone would give
+(`noise`: the same statistic on the differences centred per point), to read the gap against.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import GPT2LMHeadModel
+
+from datamodules.config_io import with_icl_overrides
+from datamodules.document_reader import DocumentReader
+from datamodules.ginc_datamodule import GincDataModule
+from datamodules.world import GincWorld
+from evaluation.ginc_curves import load_model, reader_label_scores
+from evaluation.run_artifacts import read_source
+from lightning_modules.gpt import resolve_device
+from lightning_modules.icl_metric import label_scores
+
+
+@dataclass(frozen=True)
+class ReaderGap:
+    k: int
+    gap: float  # mean over tasks and shots of |mean over prompts of (model - reader)|
+    gap_se: float  # its bootstrap standard error over prompts
+    noise: float  # what the same statistic gives when the curves agree and only the prompts' noise is left
+    signed: float  # mean over tasks and shots of (model - reader): < 0 where the model lags the reader
+    prompts: int  # prompts per task
+
+
+@torch.no_grad()
+def paired_differences(model: GPT2LMHeadModel, data: GincDataModule, device: str | torch.device = "cpu"
+                       ) -> dict[int, list[np.ndarray]]:
+    """k -> one array per task [prompts, shots] of model minus reader target probability (NaN where the
+    reader has no prediction)."""
+    device = torch.device(device)
+    model = model.to(device).eval()
+    reader = DocumentReader(GincWorld.build(data.world).to(device))
+    parts: dict[tuple[int, int], list[np.ndarray]] = {}
+    for batch in data.icl_dataloader():
+        logp, _ = label_scores(model, batch["input_ids"].to(device), batch["label_pos"].to(device), batch["labels"].to(device))
+        reader_logp, _, defined = reader_label_scores(reader, batch, device)
+        diff = torch.where(defined, logp.double().exp() - reader_logp.exp(), torch.nan)
+        parts.setdefault((batch["k"], batch["task"]), []).append(diff.cpu().numpy())
+    out: dict[int, list[np.ndarray]] = {}
+    for (k, _), arrays in sorted(parts.items()):
+        out.setdefault(k, []).append(np.concatenate(arrays))
+    return out
+
+
+def gap_statistic(diffs: Sequence[np.ndarray], resamples: int = 200, seed: int = 0) -> tuple[float, float, float]:
+    """(gap, its bootstrap standard error, the noise level) from one k's per-task paired differences."""
+    rng = np.random.default_rng(seed)
+    gaps, noise = [], []
+    for d in diffs:
+        idx = rng.integers(0, d.shape[0], size=(resamples, d.shape[0]))
+        means = np.nanmean(d[idx], axis=1)  # [resamples, shots]
+        gaps.append(np.abs(means))
+        noise.append(np.abs(means - np.nanmean(d, axis=0)))
+    point = float(np.mean([np.nanmean(np.abs(np.nanmean(d, axis=0))) for d in diffs]))
+    boot = np.mean([np.nanmean(g, axis=1) for g in gaps], axis=0)
+    return point, float(boot.std(ddof=1)), float(np.mean([np.nanmean(n) for n in noise]))
+
+
+def reader_gaps(model: GPT2LMHeadModel, data: GincDataModule, device: str | torch.device = "cpu") -> list[ReaderGap]:
+    """The gap between the model's and the reader's ICL curves at each of the data module's k values."""
+    rows = []
+    for k, diffs in paired_differences(model, data, device).items():
+        gap, se, noise = gap_statistic(diffs)
+        signed = float(np.mean([np.nanmean(d) for d in diffs]))
+        rows.append(ReaderGap(k, gap, se, noise, signed, min(d.shape[0] for d in diffs)))
+    return rows
+
+
+def reader_gap_rows(paths: Sequence[str | Path], prompts: int = 256, k_values: Sequence[int] | None = None,
+                    device: str = "auto") -> list[dict]:
+    """One row per (run, k) of runs' checkpoints or HF exports: the gap to the reader on `prompts` prompts
+    per (k, task) of the run's own world and ICL settings."""
+    if prompts < 2:
+        raise ValueError(f"--prompts must be >= 2 (a standard error needs two prompts), got {prompts}")
+    rows = []
+    for path in paths:
+        src = read_source(path)
+        data = GincDataModule(**with_icl_overrides(src.data, list(k_values) if k_values else None, prompts))
+        for g in reader_gaps(load_model(path), data, resolve_device(device)):
+            print(f"{src.label} k={g.k}: |model - reader| {g.gap:.4f} +- {g.gap_se:.4f} (noise alone {g.noise:.4f}; "
+                  f"signed {g.signed:+.4f}; {g.prompts} prompts per task)", file=sys.stderr, flush=True)
+            rows.append({"run": src.label, "k": g.k, "gap": g.gap, "gap_se": g.gap_se, "noise": g.noise,
+                         "signed": g.signed, "prompts": g.prompts, **src.columns()})
+    return rows
