@@ -75,7 +75,9 @@ class AblationConfig:
     run on `tasks`; amounts count documents (SFT) or pairs (DPO), seen `epochs` times in batches of
     batch_size. evals_per_cell: ICL evaluations during a cell. overrides: extra train.py flags for every
     run (e.g. --trainer.devices 8); pretrain_overrides, posttrain_overrides: for those runs only (e.g. lr).
-    fit_fraction, laws: for evaluate.py fit; shift_resamples: for evaluate.py shift's intervals."""
+    fit_fraction, laws: for evaluate.py fit; shift_resamples: for evaluate.py shift's intervals.
+    reader_prompts: prompts per (k, task) for each model's reader prior (evaluate.py reader-prior);
+    gap_prompts: prompts per (k, task) for the pretrained models' gap to the document reader."""
 
     name: str
     sizes: list[str]
@@ -96,6 +98,8 @@ class AblationConfig:
     fit_fraction: float = 0.1
     laws: list[str] | None = None
     shift_resamples: int = 100
+    reader_prompts: int = 32
+    gap_prompts: int = 256
 
     @classmethod
     def load(cls, path: Path) -> "AblationConfig":
@@ -127,9 +131,11 @@ class AblationConfig:
                 raise AblationConfigError(f"{path}: unknown direction {direction!r}; choose from {', '.join(DIRECTIONS)}")
         if any(a < 0 for a in self.amounts) or not self.amounts:
             raise AblationConfigError(f"{path}: amounts must be >= 0 (0 = the pretrained model), got {self.amounts}")
-        for value, what in ((self.epochs, "epochs"), (self.batch_size, "batch_size"), (self.pretrain_steps, "pretrain_steps"), (self.evals_per_cell, "evals_per_cell")):
-            if value < 1:
-                raise AblationConfigError(f"{path}: {what} must be >= 1, got {value}")
+        for value, what, least in ((self.epochs, "epochs", 1), (self.batch_size, "batch_size", 1),
+                                   (self.pretrain_steps, "pretrain_steps", 1), (self.evals_per_cell, "evals_per_cell", 1),
+                                   (self.reader_prompts, "reader_prompts", 1), (self.gap_prompts, "gap_prompts", 2)):
+            if value < least:
+                raise AblationConfigError(f"{path}: {what} must be >= {least}, got {value}")
         for size, ckpt in self.pretrained.items():
             if size not in self.sizes:
                 raise AblationConfigError(f"{path}: pretrained names size {size!r}, which is not in sizes {self.sizes}")
@@ -213,6 +219,13 @@ def true_priors(model: Path) -> list[float] | None:
     return [float(w) for w in weights]
 
 
+def smoothed(model: Path) -> bool:
+    """Whether a model's world has property_smoothing > 0, which the reader prior's KL needs."""
+    from evaluation.run_artifacts import read_source
+
+    return float((read_source(model).data.get("world") or {}).get("property_smoothing", 0.0)) > 0
+
+
 def run_grid(cfg: AblationConfig, stop_after: int | None = None) -> int:
     """Run (or resume) the grid; write curves.csv, fits/, shift/ and report.md. Returns the number of failed cells."""
     # heavy imports (torch, lightning) only once a grid is to run
@@ -221,6 +234,9 @@ def run_grid(cfg: AblationConfig, stop_after: int | None = None) -> int:
     from analysis.shift import ShiftConfig
     from evaluation.curves_table import write_curves
     from evaluation.ginc_curves import checkpoint_curve_rows
+    from evaluation.reader_gap import reader_gap_rows
+    from analysis.output import write_rows
+    from evaluation.reader_prior import reader_prior_rows
     from evaluation.reports import fit_table, shift_table
 
     out = Path(cfg.root) / cfg.name
@@ -258,29 +274,52 @@ def run_grid(cfg: AblationConfig, stop_after: int | None = None) -> int:
     curves = write_curves(rows, out / "curves.csv")
     analyses = 0  # fit and shift reports that could not be made
     fit_config = FitConfig(fractions=(cfg.fit_fraction,), **({"laws": tuple(cfg.laws)} if cfg.laws else {}))
+    results = []
     try:
         results, _ = fit_table(curves, out / "fits", fit_config)
         print(summary_table(results), flush=True)
     except (ValueError, FileNotFoundError) as exc:  # bad grid settings or unreadable curves: reported, not raised
         print(f"[ablate] fits failed: {exc}", flush=True)
         analyses += 1
+    shifts = {}
     for size, base_rows in baselines.items():
         shift_config = ShiftConfig(baseline=base_rows[0]["run"], resamples=cfg.shift_resamples)
         try:
-            shift_table(curves, out / "shift" / size, shift_config, true_priors=true_priors(models[size]))
+            shifts[size] = shift_table(curves, out / "shift" / size, shift_config, true_priors=true_priors(models[size]))
         except (ValueError, FileNotFoundError) as exc:
             print(f"[ablate] shift of {size} failed: {exc}", flush=True)
             analyses += 1
-    write_report(cfg, out, status)
+    print("[ablate] reader priors of every model, and the pretrained models' gap to the document reader", flush=True)
+    trained = [*models.values(), *(out / c.name / "hf" for c in cells if status[c.name] in ("done", "skipped"))]
+    # the KL to the reader is finite only where every transition is possible
+    reader = reader_prior_rows([m for m in trained if smoothed(m)], cfg.reader_prompts)
+    if reader:
+        write_rows(reader, out / "reader_prior.csv")
+    gaps = reader_gap_rows(list(models.values()), cfg.gap_prompts)
+    write_rows(gaps, out / "reader_gap.csv")
+    write_report(cfg, out, status, shifts, results, {r["run"]: r for r in reader}, gaps)
     return len(failed) + analyses
 
 
-def write_report(cfg: AblationConfig, out: Path, status: dict[str, str]) -> None:
+def write_report(cfg: AblationConfig, out: Path, status: dict[str, str], shifts: dict, results: list,
+                 reader: dict[str, dict], gaps: list[dict]) -> None:
+    """report.md: each cell's status, then what the grid found (evaluation/grid_report.py)."""
+    from evaluation.grid_report import extrapolation_section, gap_section, prior_section, reemergence_section
+
     lines = [f"# Ablation {cfg.name}", "", f"Sizes {', '.join(cfg.sizes)}; methods {', '.join(cfg.methods)}; directions "
              f"{', '.join(cfg.directions)}; tasks {cfg.tasks}; amounts {cfg.amounts} (x{cfg.epochs} epochs, batch {cfg.batch_size}).", "",
              "| cell | status |", "| --- | --- |", *[f"| {n} | {s} |" for n, s in status.items()], "",
              "- combined curves: `curves.csv`", "- law fits: `fits/report.md`",
-             *[f"- shift of {size}: `shift/{size}/report.md`" for size in cfg.sizes], ""]
+             *[f"- shift of {size}: `shift/{size}/report.md`" for size in shifts],
+             "- reader priors (law-free): " + ("`reader_prior.csv`" if reader else "none: the world has no property_smoothing, so "
+                                                "no prior makes the KL to the reader finite"),
+             "- gaps to the document reader: `reader_gap.csv`", "",
+             "## What the grid shows", "", *gap_section(gaps)]
+    for size, shift in shifts.items():
+        lines += [f"## {size}", "", *prior_section(shift, cfg.tasks[0], reader), "### Reemergence", "",
+                  *reemergence_section(shift)]
+    lines += ["## Laws in extrapolation", "", f"Fit on shots <= {cfg.fit_fraction:g} x the largest, scored on the rest, "
+              "over every cell's curves:", "", *extrapolation_section(results)]
     (out / "report.md").write_text("\n".join(lines))
 
 

@@ -15,9 +15,11 @@ def _grid(tmp_path: Path, root: str, **extra) -> Path:
         "name": "t", "root": str(tmp_path / root), "sizes": ["gpt2-1l"], "base_configs": [str(BASE)],
         "pretrain_steps": 30, "pretrain_overrides": ["--model.optim.lr", "3e-3", "--model.optim.warmup_steps", "5"],
         "posttrain_overrides": ["--model.optim.lr", "1e-3", "--model.optim.warmup_steps", "1"],
-        "overrides": ["--data.context_length", "32", "--model.n_positions", "32", "--data.icl", "{k_values: [3], prompts_per_task: 8, batch_size: 8}"],
+        "overrides": ["--data.context_length", "32", "--model.n_positions", "32", "--data.icl", "{k_values: [3], prompts_per_task: 8, batch_size: 8}",
+                      "--data.world.property_smoothing", "0.5"],
         "methods": ["sft", "dpo"], "directions": ["favor"], "tasks": [0], "amounts": [0, 32], "batch_size": 16,
-        "evals_per_cell": 1, "fit_fraction": 0.5, "laws": ["power", "bayesian_sampling"], "shift_resamples": 4, **extra,
+        "evals_per_cell": 1, "fit_fraction": 0.5, "laws": ["power", "bayesian_sampling"], "shift_resamples": 4,
+        "reader_prompts": 4, "gap_prompts": 4, **extra,
     }
     path = tmp_path / f"{root}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -43,7 +45,27 @@ def test_grid_writes_curves_fits_and_shift(finished):
     assert len(runs) == 3 and any(r.endswith("/pretrain") for r in runs)
     assert {r["method"] for r in rows} == {"", "sft", "dpo"} and {r["amount"] for r in rows} == {"", "32"}
     assert (out / "fits" / "fits.csv").is_file() and (out / "shift" / "gpt2-1l" / "shift.csv").is_file()
-    assert "| gpt2-1l/sft-favor-32 | done |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| gpt2-1l/sft-favor-32 | done |" in report
+
+
+def test_grid_reports_what_it_found(finished):
+    """Every cell's law-fitted and reader prior beside each other, the verdicts, and the gap to the reader."""
+    out = finished / "whole" / "t"
+    with (out / "reader_prior.csv").open() as f:
+        reader = {r["run"]: r for r in csv.DictReader(f)}
+    assert set(reader) == {r["run"] for r in _table(out / "curves.csv")}
+    assert all(abs(sum(float(r[f"prior_{i}"]) for i in range(3)) - 1) < 1e-9 and float(r["kl"]) <= float(r["kl_world"]) + 1e-9
+               for r in reader.values())
+    with (out / "reader_gap.csv").open() as f:
+        gaps = list(csv.DictReader(f))
+    assert [(g["run"], g["k"]) for g in gaps] == [("gpt2-1l-d64/pretrain", "3")] and float(gaps[0]["gap_se"]) > 0
+    report = (out / "report.md").read_text()
+    for line in ("### k = 3: task 0's prior", "- sft favor: law prior", "- dpo favor: law prior", "reader prior",
+                 "shared P vs free: BIC", "### Reemergence", "## Laws in extrapolation", "Pretrained models against the document reader"):
+        assert line in report, line
+    sft = next(line for line in report.splitlines() if line.startswith("| sft-favor | 32 |"))
+    assert f"{float(reader['gpt2-1l-d64/sft-favor-32']['prior_0']):.3f}" in sft
 
 
 def test_interrupted_grid_resumes_to_the_same_table(finished, tmp_path):
