@@ -31,9 +31,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.settings_file import read_yaml_mapping
 from datamodules.world import WorldConfig
-from evaluation.curves_table import read_rows
 from evaluation.ginc_curves import ideal_references
-from evaluation.quickstart_report import quickstart_report
+from evaluation.quickstart_report import analyse_quickstart
 from evaluation.run_artifacts import ARCH_KEYS, RunInfo, read_source
 from lightning_modules.callbacks import CurvesWriter, FinalExport, StepProgressBar
 from lightning_modules.gpt import (SPEC_FIELDS, GPTSpec, read_checkpoint, read_pretrained, resolve_device, resolve_spec,
@@ -262,20 +261,29 @@ class TrainCLI(LightningCLI):
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
 
 
-def run_quickstart(root: str = "runs") -> None:
-    """Pretrain a small GPT-2 on a small world, SFT it to favour one task, and print ICL accuracy before
-    and after next to the exact Bayesian learner on the same prompts (configs/quickstart*.yaml)."""
+def run_quickstart(root: str = "runs", overrides: Sequence[str] = ()) -> None:
+    """Pretrain a small GPT-2 on the small gradual world, SFT it to favour and to disfavour task 0, and print
+    each model's ICL curve beside both ideal learners, task 0's fitted prior before and after, and when the
+    suppressed tasks re-emerge (configs/small-gradual.yaml, configs/quickstart*.yaml). `overrides`: train.py
+    flags for every run (the tests shorten it so)."""
     began = time.perf_counter()
     on_gpu = resolve_device("auto") == "cuda"
-    common = ["--run.root", root, *(["--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed"] if on_gpu else [])]
+    world = ["--config", str(CONFIGS / "small-gradual.yaml"), "--config", str(CONFIGS / "quickstart.yaml")]
+    common = ["--run.root", root, *(["--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed"] if on_gpu else []),
+              *overrides]
     name = f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}"
-    pre = cli_main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--run.name", f"{name}/pretrain", *common])
-    sft = cli_main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(CONFIGS / "quickstart-sft.yaml"),
-                    "--model.init_from", str(pre.run_dir / "checkpoints" / "last.ckpt"), "--run.name", f"{name}/sft", *common])
+    pre = cli_main(["fit", *world, "--run.name", f"{name}/pretrain", *common])
+    posts = {f"after SFT-{label}": cli_main(
+        ["fit", *world, "--config", str(CONFIGS / "quickstart-sft.yaml"), "--run.direction", direction,
+         "--model.init_from", str(pre.run_dir / "checkpoints" / "last.ckpt"), "--run.name", f"{name}/sft-{direction}", *common])
+        for direction, label in (("favor", "favour"), ("disfavor", "disfavour"))}
     loss = {key: pre.trainer.callback_metrics[key].item() for key in ("val/loss", "val/excess_loss")}
-    print(quickstart_report(read_rows(pre.run_dir / "curves.csv"), read_rows(sft.run_dir / "curves.csv"),
-                            sft.datamodule, sft.config_init["fit"].run.tasks, loss))
-    print(f"\nquickstart took {time.perf_counter() - began:.0f} s on {'GPU' if on_gpu else 'CPU'}; runs in {pre.run_dir.parent} (tensorboard --logdir {root})")
+    favoured = next(iter(posts.values())).config_init["fit"].run.tasks
+    out = pre.run_dir.parent
+    print(analyse_quickstart({"pretrained": pre.run_dir, **{label: run.run_dir for label, run in posts.items()}},
+                             pre.datamodule, favoured, min(pre.datamodule.icl.k_values), loss, out / "analysis"))
+    print(f"\nquickstart took {time.perf_counter() - began:.0f} s on {'GPU' if on_gpu else 'CPU'}; runs and analysis "
+          f"(curves.csv, shift/, reader_prior.csv) in {out} (tensorboard --logdir {root})")
 
 
 HELP = f"""Train GPT-2 on the GINC world. `python train.py` with no arguments runs the quickstart (a small

@@ -1,47 +1,111 @@
-"""What the quickstart prints: ICL accuracy before and after SFT beside both ideal learners, and which
-of them the pretrained model is closer to."""
+"""What the quickstart prints: each model's ICL curve beside both ideal learners, the favoured task's
+fitted prior before and after post-training (the shift analysis, with intervals, and the law-free
+reader prior), and when the suppressed tasks re-emerge, predicted against measured."""
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
+from analysis.output import write_rows
+from analysis.shift import ShiftConfig, ShiftResult
 from datamodules.ginc_datamodule import GincDataModule
-from evaluation.ginc_curves import exact_curve_rows, reader_curve_rows
+from evaluation.curves_table import read_rows, write_curves
+from evaluation.ginc_curves import ideal_references
+from evaluation.reader_prior import reader_prior_rows
+from evaluation.reports import shift_table
 
 
-def accuracy_table(curves: dict[str, list[dict]], k: int, favoured: Sequence[int], shots: Sequence[int]) -> str:
-    """ICL accuracy by shots, averaged over the favoured tasks and over the others, for each named curve set."""
-    lines = [f"{'':28}" + "".join(f"{s:>7}" for s in shots)]
+def probability_table(curves: Mapping[str, list[dict]], k: int, favoured: Sequence[int], shots: Sequence[int]) -> str:
+    """Mean target probability by shots at k, over the favoured tasks and over the others, for each named curve set."""
+    lines = [f"{'':30}" + "".join(f"{s:>7}" for s in shots)]
     for group in ("favoured", "others"):
-        for name, rows in curves.items():
-            acc = [[r["acc"] for r in rows if r["k"] == k and r["shots"] == s and (r["task"] in favoured) == (group == "favoured")] for s in shots]
-            lines.append(f"{group if name == next(iter(curves)) else '':9}{name:19}"
-                         + "".join(f"{sum(a) / len(a):7.2f}" if a else f"{'-':>7}" for a in acc))
+        for j, (name, rows) in enumerate(curves.items()):
+            prob = [[float(r["prob"]) for r in rows if r["k"] == k and r["shots"] == s
+                     and (r["task"] in favoured) == (group == "favoured")] for s in shots]
+            lines.append(f"{group if j == 0 else '':9}{name:21}" + "".join(f"{sum(p) / len(p):7.3f}" if p else f"{'-':>7}" for p in prob))
     return "\n".join(lines)
 
 
 def curve_gap(rows: list[dict], reference: list[dict], k: int) -> float:
-    """Mean absolute accuracy difference at k over the (task, shots >= 1) points both curves have."""
-    ref = {(r["task"], r["shots"]): float(r["acc"]) for r in reference if r["k"] == k and r["shots"] >= 1}
-    diffs = [abs(float(r["acc"]) - ref[r["task"], r["shots"]]) for r in rows if r["k"] == k and (r["task"], r["shots"]) in ref]
+    """Mean absolute target-probability difference at k over the (task, shots) points both curves have."""
+    ref = {(r["task"], r["shots"]): float(r["prob"]) for r in reference if r["k"] == k}
+    diffs = [abs(float(r["prob"]) - ref[r["task"], r["shots"]]) for r in rows if r["k"] == k and (r["task"], r["shots"]) in ref]
     return sum(diffs) / max(len(diffs), 1)
 
 
-def quickstart_report(pretrained: list[dict], after_sft: list[dict], data: GincDataModule, favoured: Sequence[int],
-                      loss: Mapping[str, float]) -> str:
-    """The table and the verdict, from the two runs' final curve rows, the ideal learners' rows on the same
-    prompts, and the pretrained model's validation `loss` (val/loss, val/excess_loss)."""
-    curves = {"pretrained": pretrained, "after SFT-favour": after_sft,
-              "exact Bayesian": exact_curve_rows(data), "document reader": reader_curve_rows(data)}
-    k = min(data.icl.k_values)
-    n = max(r["shots"] for r in curves["exact Bayesian"] if r["k"] == k)
-    shots = sorted({0, 1, 2, 4, 8, n} & set(range(n + 1)))
-    others = [t for t in range(data.world.n_tasks) if t not in favoured]
-    gap = {name: curve_gap(curves["pretrained"], curves[name], k) for name in ("exact Bayesian", "document reader")}
+def _interval(row: dict, key: str) -> str:
+    return f"{row[key]:.3f} [{row[f'{key}_lo']:.3f}, {row[f'{key}_hi']:.3f}]"
+
+
+def _shots(value: float) -> str:
+    return "never" if not math.isfinite(value) else f"{value:.1f}"
+
+
+def prior_table(shift: ShiftResult, runs: Mapping[str, str], task: int, reader: Mapping[str, dict]) -> str:
+    """The task's prior in each run: the shift analysis's shared fit with its interval, and the reader prior."""
+    rows = {r["run"]: r for r in shift.rows if r["fit"] == "shared" and r["task"] == task}
+    lines = [f"{'':22}{'law-fitted prior [95%]':>28}{'reader prior':>15}{'KL left (nats)':>16}"]
+    for name, run in runs.items():
+        note = " (not determined)" if "prior" in rows[run]["undetermined"].split(";") else ""
+        lines.append(f"{name:22}{_interval(rows[run], 'prior') + note:>28}{reader[name][f'prior_{task}']:15.3f}"
+                     f"{reader[name]['kl']:16.4f}")
+    return "\n".join(lines)
+
+
+def reemergence_lines(shift: ShiftResult, runs: Mapping[str, str]) -> list[str]:
+    """For each suppressed task of each post-trained run: shots to return to the baseline's zero-shot probability."""
+    names = {run: name for name, run in runs.items()}
+    lines = []
+    for r in shift.rows:
+        if r["fit"] == "shared" and r["run"] in names and r["shots_to_recover"] != "":
+            lo, hi = _shots(r["shots_to_recover_lo"]), _shots(r["shots_to_recover_hi"])
+            lines.append(f"  {names[r['run']]}, task {r['task']} (back to {r['threshold']:.3f}): predicted "
+                         f"{_shots(r['shots_to_recover'])} [{lo}, {hi}], measured {_shots(r['measured_shots_to_recover'])}")
+    return lines or ["  no task is suppressed below its baseline zero-shot probability"]
+
+
+def quickstart_report(curves: Mapping[str, list[dict]], runs: Mapping[str, str], favoured: Sequence[int], k: int,
+                      loss: Mapping[str, float], shift: ShiftResult, reader: Mapping[str, dict]) -> str:
+    """The report from each model's final curve rows and the ideal learners' (`curves`: name -> rows, the
+    models first, then "exact Bayesian" and "document reader"), the models' run labels (`runs`: name -> run),
+    the pretrained model's validation `loss` (val/loss, val/excess_loss), the shift analysis at k and the
+    reader prior rows (`reader`: name -> row of `reader_prior_rows`)."""
+    n = max(r["shots"] for r in curves["document reader"] if r["k"] == k)
+    shots = sorted({0, 1, 2, 4, 8, 16, 32, 64, n} & set(range(n + 1)))
+    base = next(iter(runs))
+    others = sorted({int(r["task"]) for r in curves[base]} - set(favoured))
+    gap = {name: curve_gap(curves[base], curves[name], k) for name in ("exact Bayesian", "document reader")}
+    comparison = {c["fit"]: c for c in shift.comparison if c["k"] == k}
     return "\n".join([
-        f"\nICL accuracy by shots, k={k}: favoured = task(s) {favoured}, others = mean of tasks {others}",
-        accuracy_table(curves, k, favoured, shots),
-        f"The exact learner knows the prompt format; the document reader is the best a model of documents alone can do "
-        f"('-': no prompt it can read). The pretrained model ({loss['val/loss']:.3f} nats/token, "
-        f"{loss['val/excess_loss']:.3f} above the world's floor) is closer to the "
-        f"{min(gap, key=gap.get)} (mean accuracy gap after 1+ shots: exact {gap['exact Bayesian']:.2f}, "
-        f"reader {gap['document reader']:.2f})."])
+        f"\nProbability of the right label by shots, k={k}: favoured = task(s) {list(favoured)}, others = mean of tasks {others}",
+        probability_table(curves, k, favoured, shots),
+        f"The exact learner knows the prompt format; the document reader knows only documents (the best a model of "
+        f"documents can do). The pretrained model ({loss['val/loss']:.3f} nats/token, {loss['val/excess_loss']:.3f} above "
+        f"the documents' floor) is closer to the {min(gap, key=gap.get)}: mean |model - learner| over tasks and shots "
+        f"{gap['document reader']:.3f} to the reader, {gap['exact Bayesian']:.3f} to the exact learner.",
+        f"\nPrior of task {favoured[0]} (shift analysis, k={k}: P shared, priors and K per model; reader prior: the prior "
+        "with which the document reader best predicts the model, by KL on held-out prompts and documents)",
+        prior_table(shift, runs, favoured[0], reader),
+        f"Shared P vs free: BIC {comparison['shared']['bic']:.1f} vs {comparison['free']['bic']:.1f}, so the "
+        f"{'shared' if comparison['shared']['preferred'] else 'free'} fit is preferred "
+        f"({'post-training looks like a move of priors' if comparison['shared']['preferred'] else 'post-training changed more than the priors'}).",
+        "\nRe-emergence of suppressed tasks with shots (predicted by the shared fit [95%], measured on the curve):",
+        *reemergence_lines(shift, runs)])
+
+
+def analyse_quickstart(run_dirs: Mapping[str, Path], data: GincDataModule, favoured: Sequence[int], k: int,
+                       loss: Mapping[str, float], out: Path, resamples: int = 30) -> str:
+    """The quickstart's analysis of its runs (`run_dirs`: name -> run directory, the pretrained one first):
+    their final curves in one table (out/curves.csv), the shift analysis at k (out/shift/), the reader
+    priors of their exports (out/reader_prior.csv), and the report."""
+    finals = {name: read_rows(run_dir / "curves.csv") for name, run_dir in run_dirs.items()}
+    runs = {name: rows[0]["run"] for name, rows in finals.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    table = write_curves([r for rows in finals.values() for r in rows], out / "curves.csv")
+    shift = shift_table(table, out / "shift", ShiftConfig(baseline=runs[next(iter(runs))], resamples=resamples),
+                        k_values=[k])
+    rows = reader_prior_rows([run_dir / "hf" for run_dir in run_dirs.values()], prompts=16)
+    write_rows(rows, out / "reader_prior.csv")
+    return quickstart_report({**finals, **ideal_references(data)}, runs, favoured, k, loss, shift,
+                             dict(zip(run_dirs, rows)))

@@ -189,3 +189,22 @@ def test_no_generic_optimizer_is_offered(capsys):
     with pytest.raises(SystemExit):
         train.main(["fit", "--help"])
     assert "--optimizer" not in capsys.readouterr().out
+
+
+def test_the_quickstart_reports_curves_priors_and_reemergence(tmp_path, capsys):
+    """The quickstart's whole path on a few steps and prompts: three runs, the table of both ideal learners,
+    the favoured task's prior from the shift analysis and the reader, re-emergence, and its outputs."""
+    train.quiet_lightning()
+    train.run_quickstart(str(tmp_path / "runs"), ["--trainer.max_steps", "6", "--trainer.val_check_interval", "3",
+                                                  "--data.icl.prompts_per_task", "8", "--data.icl.k_values", "[2]",
+                                                  "--data.val_documents", "16", "--trainer.enable_progress_bar", "false"])
+    out = capsys.readouterr().out
+    for line in ("favoured pretrained", "after SFT-favour", "after SFT-disfavour", "exact Bayesian", "document reader",
+                 "Prior of task 0", "Shared P vs free", "Re-emergence of suppressed tasks", "quickstart took"):
+        assert line in out, line
+    (analysis,) = (tmp_path / "runs").glob("quickstart-*/analysis")
+    assert {p.name for p in analysis.iterdir()} >= {"curves.csv", "shift", "reader_prior.csv"}
+    with (analysis / "reader_prior.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"].split("/")[1] for r in rows] == ["pretrain", "sft-favor-256", "sft-disfavor-256"]
+    assert all(abs(sum(float(r[f"prior_{i}"]) for i in range(3)) - 1) < 1e-9 for r in rows)
