@@ -31,16 +31,23 @@ def _interval(row: Mapping, key: str) -> str:
     return f"{row[key]:.3f} [{row[f'{key}_lo']:.3f}, {row[f'{key}_hi']:.3f}]{note}"
 
 
-def trajectory_verdict(direction: str, amounts: Sequence[float], values: Sequence[float]) -> str:
+def trajectory_verdict(direction: str, amounts: Sequence[float], values: Sequence[float],
+                       lo: Sequence[float] | None = None, hi: Sequence[float] | None = None, tol: float = 1e-3) -> str:
     """Whether `values` (the baseline's first) move monotonically with the amount, up for favour and
-    down for disfavour."""
+    down for disfavour; with intervals (`lo`, `hi`), how many steps the other way leave the intervals."""
     order = np.argsort(amounts, kind="stable")
     v = np.asarray(values, dtype=float)[order]
-    steps = np.diff(v) if direction == "favor" else -np.diff(v)
-    if np.all(steps >= 0):
+    sign = 1.0 if direction == "favor" else -1.0
+    back = np.flatnonzero(sign * np.diff(v) < -tol)
+    if not len(back):
         return "monotone"
-    wrong = int(np.sum(steps < 0))
-    return f"not monotone ({wrong} of {len(steps)} steps go the other way)"
+    text = f"not monotone ({len(back)} of {len(v) - 1} steps go the other way"
+    if lo is not None and hi is not None:
+        low, high = np.asarray(lo, dtype=float)[order], np.asarray(hi, dtype=float)[order]
+        # a step back is real only where the two intervals do not overlap
+        real = sum((high[i + 1] < low[i]) if sign > 0 else (low[i + 1] > high[i]) for i in back)
+        text += f", {real} beyond their intervals"
+    return text + ")"
 
 
 def prior_section(shift: ShiftResult, task: int, reader: Mapping[str, Mapping]) -> list[str]:
@@ -62,7 +69,8 @@ def prior_section(shift: ShiftResult, task: int, reader: Mapping[str, Mapping]) 
                 law = [float(r["prior"]) for r in series]
                 last = cells[-1]
                 outside = not float(last["prior_lo"]) <= float(base["prior"]) <= float(last["prior_hi"])
-                verdict = (f"- {method} {direction}: law prior {trajectory_verdict(direction, amounts, law)} "
+                bounds = [[float(r[key]) for r in series] for key in ("prior_lo", "prior_hi")]
+                verdict = (f"- {method} {direction}: law prior {trajectory_verdict(direction, amounts, law, *bounds)} "
                            f"({' -> '.join(f'{v:.3f}' for v in law)}); at {last['amount']} the interval "
                            f"[{last['prior_lo']:.3f}, {last['prior_hi']:.3f}] "
                            f"{'excludes' if outside else 'includes'} the baseline's {base['prior']:.3f}")

@@ -45,10 +45,10 @@ def _shots(value: float) -> str:
 def prior_table(shift: ShiftResult, runs: Mapping[str, str], task: int, reader: Mapping[str, dict]) -> str:
     """The task's prior in each run: the shift analysis's shared fit with its interval, and the reader prior."""
     rows = {r["run"]: r for r in shift.rows if r["fit"] == "shared" and r["task"] == task}
-    lines = [f"{'':22}{'law-fitted prior [95%]':>28}{'reader prior':>15}{'KL left (nats)':>16}"]
+    lines = [f"{'':22}{'law-fitted prior [95%]':>40}{'reader prior':>15}{'KL left (nats)':>16}"]
     for name, run in runs.items():
         note = " (not determined)" if "prior" in rows[run]["undetermined"].split(";") else ""
-        lines.append(f"{name:22}{_interval(rows[run], 'prior') + note:>28}{reader[name][f'prior_{task}']:15.3f}"
+        lines.append(f"{name:22}{_interval(rows[run], 'prior') + note:>40}{reader[name][f'prior_{task}']:15.3f}"
                      f"{reader[name]['kl']:16.4f}")
     return "\n".join(lines)
 

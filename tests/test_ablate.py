@@ -124,3 +124,14 @@ def test_bad_ablation_yaml_is_one_line(tmp_path, capsys, text, message):
     assert ablate.main(["--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_trajectory_verdict_counts_steps_back_and_whether_they_leave_the_intervals():
+    from evaluation.grid_report import trajectory_verdict
+
+    assert trajectory_verdict("favor", [0, 32, 64], [0.3, 0.5, 0.9]) == "monotone"
+    assert trajectory_verdict("disfavor", [0, 64, 32], [0.3, 0.05, 0.1]) == "monotone"  # ordered by amount
+    assert trajectory_verdict("favor", [0, 32, 64], [0.3, 1.0, 0.99], [0.2, 0.9, 0.95], [0.4, 1.0, 1.0]) == \
+        "not monotone (1 of 2 steps go the other way, 0 beyond their intervals)"
+    assert trajectory_verdict("favor", [0, 32, 64], [0.3, 0.9, 0.5], [0.2, 0.8, 0.4], [0.4, 1.0, 0.6]) == \
+        "not monotone (1 of 2 steps go the other way, 1 beyond their intervals)"
