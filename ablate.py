@@ -231,11 +231,11 @@ def run_grid(cfg: AblationConfig, stop_after: int | None = None) -> int:
     # heavy imports (torch, lightning) only once a grid is to run
     from analysis.fitting import FitConfig
     from analysis.report import summary_table
+    from analysis.output import write_rows
     from analysis.shift import ShiftConfig
     from evaluation.curves_table import write_curves
     from evaluation.ginc_curves import checkpoint_curve_rows
     from evaluation.reader_gap import reader_gap_rows
-    from analysis.output import write_rows
     from evaluation.reader_prior import reader_prior_rows
     from evaluation.reports import fit_table, shift_table
 

@@ -17,6 +17,12 @@ from analysis.shift import ShiftConfig, ShiftResult, condition_label, log_prob
 COMPARISON_COLUMNS = ("k", "fit", "n_params", "chi2", "aic", "bic", "heldout_nrmse", "converged", "preferred")
 
 
+def interval_text(row: dict, key: str, fmt: str = ".3f") -> str:
+    """A shift.csv value with its interval, `value [lo, hi]`, marked when the data do not determine it."""
+    note = " (not determined)" if key in str(row.get("undetermined", "")).split(";") else ""
+    return f"{row[key]:{fmt}} [{row[f'{key}_lo']:{fmt}}, {row[f'{key}_hi']:{fmt}}]{note}"
+
+
 def _rows(result: ShiftResult, k: int, fit: str) -> list[dict]:
     return [r for r in result.rows if r["k"] == k and r["fit"] == fit]
 
@@ -170,12 +176,9 @@ def write_shift_outputs(result: ShiftResult, config: ShiftConfig, curves_path: P
     for cond in result.conditions:
         k, M = cond.k, cond.prob.shape[1]
         shared = _rows(result, k, "shared")
-        nd = lambda r, key: " (not determined)" if key in r["undetermined"].split(";") else ""  # noqa: E731
         lines += [f"## k = {k}: priors and K (joint fit)", "", markdown_table(
             ["condition", "K [lo, hi]", *[f"prior {i} [lo, hi]" for i in range(M)]],
-            [[r0["condition"], f"{r0['K']:.3g} [{r0['K_lo']:.3g}, {r0['K_hi']:.3g}]{nd(r0, 'K')}",
-              *[f"{r['prior']:.3f} [{r['prior_lo']:.3f}, {r['prior_hi']:.3f}]{nd(r, 'prior')}"
-                for r in shared[c * M:(c + 1) * M]]]
+            [[r0["condition"], interval_text(r0, "K", ".3g"), *[interval_text(r, "prior") for r in shared[c * M:(c + 1) * M]]]
              for c, r0 in enumerate(shared[::M])]), ""]
         if true_priors is not None:
             base = [float(r["prior"]) for r in shared[:M]]
@@ -188,8 +191,7 @@ def write_shift_outputs(result: ShiftResult, config: ShiftConfig, curves_path: P
                       "(inf: not within 10x the measured shots, or, measured, not within the measured shots).", "",
                       markdown_table(["condition", "task", "threshold", "predicted [lo, hi]", "measured"],
                                      [[r["condition"], r["task"], float(r["threshold"]),
-                                       f"{r['shots_to_recover']:.3g} [{r['shots_to_recover_lo']:.3g}, "
-                                       f"{r['shots_to_recover_hi']:.3g}]", r["measured_shots_to_recover"]]
+                                       interval_text(r, "shots_to_recover", ".3g"), r["measured_shots_to_recover"]]
                                       for r in recover]), ""]
         plot_parameters(result, k, M, out / f"plots/parameters_k{k}.png")
         plot_curves(result, k, config, out / f"plots/curves_k{k}.png")

@@ -17,6 +17,7 @@ import numpy as np
 from analysis.fitting import FitResult
 from analysis.output import markdown_table
 from analysis.shift import ShiftResult
+from analysis.shift_report import interval_text
 
 
 def _amount(row: Mapping) -> float:
@@ -26,9 +27,9 @@ def _amount(row: Mapping) -> float:
         return 0.0
 
 
-def _interval(row: Mapping, key: str) -> str:
-    note = " (not determined)" if key in str(row.get("undetermined", "")).split(";") else ""
-    return f"{row[key]:.3f} [{row[f'{key}_lo']:.3f}, {row[f'{key}_hi']:.3f}]{note}"
+def _reader_cells(fit: Mapping, task: int) -> list[str]:
+    """The reader prior of `task` and the KL left, or dashes where the model has no reader prior."""
+    return [f"{fit[f'prior_{task}']:.3f}", f"{fit['kl']:.4f}"] if fit else ["-", "-"]
 
 
 def trajectory_verdict(direction: str, amounts: Sequence[float], values: Sequence[float],
@@ -79,13 +80,9 @@ def prior_section(shift: ShiftResult, task: int, reader: Mapping[str, Mapping]) 
                     verdict += (f"; reader prior {trajectory_verdict(direction, amounts, kl_prior)} "
                                 f"({' -> '.join(f'{v:.3f}' for v in kl_prior)})")
                 verdicts.append(verdict)
-                for r in cells:
-                    fit = reader.get(r["run"], {})
-                    table.append([f"{method}-{direction}", r["amount"], _interval(r, "prior"),
-                                  f"{fit[f'prior_{task}']:.3f}" if fit else "-", f"{fit['kl']:.4f}" if fit else "-"])
-        fit = reader.get(base["run"], {})
-        table.insert(0, ["baseline", 0, _interval(base, "prior"), f"{fit[f'prior_{task}']:.3f}" if fit else "-",
-                         f"{fit['kl']:.4f}" if fit else "-"])
+                table += [[f"{method}-{direction}", r["amount"], interval_text(r, "prior"),
+                           *_reader_cells(reader.get(r["run"], {}), task)] for r in cells]
+        table.insert(0, ["baseline", 0, interval_text(base, "prior"), *_reader_cells(reader.get(base["run"], {}), task)])
         comparison = {c["fit"]: c for c in shift.comparison if c["k"] == k}
         shared, free = comparison["shared"], comparison["free"]
         lines += [f"### k = {k}: task {task}'s prior", "", markdown_table(
@@ -109,8 +106,8 @@ def reemergence_section(shift: ShiftResult) -> list[str]:
         return ["No task fell below its baseline zero-shot probability: nothing to re-emerge.", ""]
     inside = sum(float(r["shots_to_recover_lo"]) <= float(r["measured_shots_to_recover"]) <= float(r["shots_to_recover_hi"])
                  for r in rows)
-    table = [[r["k"], r["condition"], r["task"], f"{r['shots_to_recover']:.3g} [{r['shots_to_recover_lo']:.3g}, "
-              f"{r['shots_to_recover_hi']:.3g}]", r["measured_shots_to_recover"]] for r in rows]
+    table = [[r["k"], r["condition"], r["task"], interval_text(r, "shots_to_recover", ".3g"), r["measured_shots_to_recover"]]
+             for r in rows]
     return [f"Measured shots inside the predicted 95% interval: {inside} of {len(rows)} (inf: not within 10x the "
             "measured shots, or, measured, not within them).", "",
             markdown_table(["k", "cell", "task", "predicted [95%]", "measured"], table), ""]

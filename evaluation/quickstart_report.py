@@ -9,6 +9,7 @@ from pathlib import Path
 
 from analysis.output import write_rows
 from analysis.shift import ShiftConfig, ShiftResult
+from analysis.shift_report import interval_text
 from datamodules.ginc_datamodule import GincDataModule
 from evaluation.curves_table import read_rows, write_curves
 from evaluation.ginc_curves import ideal_references
@@ -34,10 +35,6 @@ def curve_gap(rows: list[dict], reference: list[dict], k: int) -> float:
     return sum(diffs) / max(len(diffs), 1)
 
 
-def _interval(row: dict, key: str) -> str:
-    return f"{row[key]:.3f} [{row[f'{key}_lo']:.3f}, {row[f'{key}_hi']:.3f}]"
-
-
 def _shots(value: float) -> str:
     return "never" if not math.isfinite(value) else f"{value:.1f}"
 
@@ -47,8 +44,7 @@ def prior_table(shift: ShiftResult, runs: Mapping[str, str], task: int, reader: 
     rows = {r["run"]: r for r in shift.rows if r["fit"] == "shared" and r["task"] == task}
     lines = [f"{'':22}{'law-fitted prior [95%]':>40}{'reader prior':>15}{'KL left (nats)':>16}"]
     for name, run in runs.items():
-        note = " (not determined)" if "prior" in rows[run]["undetermined"].split(";") else ""
-        lines.append(f"{name:22}{_interval(rows[run], 'prior') + note:>40}{reader[name][f'prior_{task}']:15.3f}"
+        lines.append(f"{name:22}{interval_text(rows[run], 'prior'):>40}{reader[name][f'prior_{task}']:15.3f}"
                      f"{reader[name]['kl']:16.4f}")
     return "\n".join(lines)
 
