@@ -102,14 +102,16 @@ def _residual_fn(law, batch: Batch, space: str, owner: Callable[[torch.Tensor], 
 
         def fn(theta, rows):
             g = owner(rows)
-            log_p, jac = law.log_prob_and_jacobian(theta, batch.shots[g], M, C)
+            log_p, jac_P, jac_own = law.log_prob_and_jacobian_blocks(theta, batch.shots[g], M, C)
             w, y = batch.weight[g], (batch.prob[g] if space == "prob" else batch.nll[g])
             if space == "prob":
                 p = log_p.exp()
-                r, dr = w * (p - y), (w * p)[..., None] * jac
+                r, scale = w * (p - y), (w * p)[..., None]
             else:
-                r, dr = w * (-log_p - y), -w[..., None] * jac
-            return r.reshape(len(rows), -1), dr.reshape(len(rows), -1, theta.shape[1])
+                r, scale = w * (-log_p - y), -w[..., None]
+            A = len(rows)
+            return r.reshape(A, -1), (scale * jac_P).reshape(A, C * M * jac_P.shape[3], -1), (scale * jac_own).reshape(A, C, -1, M)
+
 
         return fn
 
@@ -161,9 +163,10 @@ def fit_batch(
     max_iter: int = 300,
     extra_starts: torch.Tensor | None = None,
     progress: Callable[[int, int], None] | None = None,
+    gain_tol: float = 0.0,
 ) -> BatchFit:
     """Fit one law to every group of the batch at once from `starts` data-driven starts per group;
-    extra_starts [G, E, D] are tried beside them (e.g. a known good point)."""
+    extra_starts [G, E, D] are tried beside them (e.g. a known good point); gain_tol: see levenberg_marquardt."""
     law = get_law(law_name)
     G, C, M = batch.dims
     gen = torch.Generator().manual_seed(seed)  # starts are drawn on the CPU, the same on any device
@@ -176,6 +179,7 @@ def fit_batch(
         result = levenberg_marquardt(
             _residual_fn(law, batch, space, lambda rows: rows // R), init.reshape(G * R, -1), max_iter,
             ridge=ridge.repeat_interleave(R), progress=progress, starts_of=torch.arange(G * R, device=dev) // R,
+            gain_tol=gain_tol,
         )
         objective, cost = result.objective.reshape(G, R), result.cost.reshape(G, R)
         conv = result.converged.reshape(G, R)

@@ -77,7 +77,17 @@ class BayesianLaw:
         return self._evaluate(theta, shots, M, C, jacobian=False)[0]
 
     def log_prob_and_jacobian(self, theta: torch.Tensor, shots: torch.Tensor, M: int, C: int):
-        """log p [B, C, M, S] and d log p / d theta [B, C, M, S, D]."""
+        """log p [B, C, M, S] and d log p / d theta [B, C, M, S, D], dense."""
+        log_p, jac_P, jac_own = self.log_prob_and_jacobian_blocks(theta, shots, M, C)
+        # each condition's priors and K only move that condition's points
+        own = jac_own[:, :, :, :, None, :] * torch.eye(C, dtype=theta.dtype, device=theta.device)[:, None, None, :, None]
+        return log_p, torch.cat([jac_P, own.flatten(-2)], -1)
+
+    def log_prob_and_jacobian_blocks(self, theta: torch.Tensor, shots: torch.Tensor, M: int, C: int):
+        """log p [B, C, M, S] and the Jacobian's nonzero blocks: d log p / d (P part) [B, C, M, S, p_size]
+        and d log p / d (own condition's M - 1 prior logits, log K) [B, C, M, S, M]. A joint fit's
+        Jacobian is zero between a condition's points and another condition's parameters; keeping
+        only these blocks makes its normal equations C times cheaper to form."""
         return self._evaluate(theta, shots, M, C, jacobian=True)
 
     def _evaluate(self, theta, shots, M, C, jacobian):
@@ -92,11 +102,9 @@ class BayesianLaw:
         (lse1, w1), (lse0, w0) = _lse_softmax(e1), _lse_softmax(e0)
         d_rho = w1 - w0  # d log p / d log rho_m, and also d / d prior logit_m since sum_m d_rho = 0
         d_K = (K * n * lp * d_rho).sum(-1, keepdim=True)  # d log p / d log K
-        # each condition's priors and K only move that condition's points
-        own = torch.cat([d_rho[..., : M - 1], d_K], -1)[:, :, :, :, None, :] * torch.eye(C, dtype=theta.dtype, device=theta.device)[:, None, None, :, None]
         d_P = (K * n + 1) * w1 - K * n * w0  # d log p_i / d log P_im, for row i only
         jac_P = self._p_jacobian(d_P, theta[:, : self.p_size(M)], M)
-        return lse1 - lse0, torch.cat([jac_P, own.flatten(-2)], -1)
+        return lse1 - lse0, jac_P, torch.cat([d_rho[..., : M - 1], d_K], -1)
 
     def _p_jacobian(self, d_P: torch.Tensor, p_raw: torch.Tensor, M: int) -> torch.Tensor:
         """Chain d log p_i / d log P_im [B, C, M(i), S, M(m)] to the P part of theta."""

@@ -21,8 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# residual_fn(theta [A, D], rows [A]) -> residuals [A, N], jacobian [A, N, D] for batch rows `rows`.
-ResidualFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# residual_fn(theta [A, D], rows [A]) -> residuals [A, N] and the Jacobian for batch rows `rows`: either
+# dense [A, N, D], or as (shared [A, N, Ds], own [A, C, N / C, Do]) where the last C * Do parameters
+# come in C blocks and block c moves only residuals c * N / C to (c + 1) * N / C (a joint fit's
+# per-condition parameters).
+ResidualFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
 
 # converged: the Gauss-Newton step from the point is below XTOL * (1 + max |theta|) in every parameter,
 # or the gain it predicts is below FTOL of the objective (as MINPACK's tests on step and predicted gain)
@@ -41,17 +44,29 @@ class LMResult:
     iterations: int
 
 
-def normal_equations(r: torch.Tensor, J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """J^T J [A, D, D], J^T r [A, D] and the cost 0.5 |r|^2 [A] (inf where not finite), row by row."""
+def normal_equations(r: torch.Tensor, J: torch.Tensor, J_own: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """J^T J [A, D, D], J^T r [A, D] and the cost 0.5 |r|^2 [A] (inf where not finite), row by row;
+    with J_own, J is the shared columns and J_own the per-condition blocks (see ResidualFn)."""
     if r.device.type == "cpu":
-        rn, Jn = r.numpy(), J.numpy()
-        Jt = Jn.transpose(0, 2, 1)
-        A, g = np.matmul(Jt, Jn), np.matmul(Jt, rn[..., None])[..., 0]
-        c = torch.from_numpy(0.5 * np.square(rn).sum(-1))
-        A, g = torch.from_numpy(A), torch.from_numpy(g)
+        mm = lambda a, b: torch.from_numpy(np.matmul(a.numpy(), b.numpy()))  # noqa: E731
     else:
-        A, g, c = J.transpose(1, 2) @ J, torch.einsum("bn,bnd->bd", r, J), 0.5 * (r * r).sum(-1)
-    return A, g, torch.where(torch.isfinite(c), c, torch.full_like(c, float("inf")))
+        mm = torch.matmul
+    cost = 0.5 * (r * r).sum(-1) if r.device.type != "cpu" else torch.from_numpy(0.5 * np.square(r.numpy()).sum(-1))
+    Jt = J.transpose(-1, -2)
+    A, g = mm(Jt, J), mm(Jt, r[..., None])[..., 0]
+    if J_own is not None:
+        B, C, Nc, Do = J_own.shape
+        Ds = J.shape[-1]
+        r_c, Ot = r.reshape(B, C, Nc, 1), J_own.transpose(-1, -2)
+        cross = mm(J.reshape(B, C, Nc, Ds).transpose(-1, -2), J_own)  # [B, C, Ds, Do]
+        own = torch.zeros(B, C, Do, C, Do, dtype=r.dtype, device=r.device)
+        diag = torch.arange(C, device=r.device)
+        own[:, diag, :, diag, :] = mm(Ot, J_own).transpose(0, 1)
+        cross = cross.transpose(1, 2).reshape(B, Ds, C * Do)
+        A = torch.cat([torch.cat([A, cross], -1), torch.cat([cross.transpose(1, 2), own.reshape(B, C * Do, C * Do)], -1)], 1)
+        g = torch.cat([g, mm(Ot, r_c)[..., 0].reshape(B, C * Do)], -1)
+    return A, g, torch.where(torch.isfinite(cost), cost, torch.full_like(cost, float("inf")))
 
 
 def solve_spd(H: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,9 +97,9 @@ def _evaluate(residual_fn: ResidualFn, theta: torch.Tensor, rows: torch.Tensor):
     """Normal equations of `rows` at theta, in chunks of rows so the Jacobian never gets huge (the
     first chunk's Jacobian tells how many rows fit in CHUNK_ELEMENTS)."""
     first = min(len(rows), 64)
-    r, J = residual_fn(theta[:first], rows[:first])
-    parts = [normal_equations(r, J)]
-    step = max(1, CHUNK_ELEMENTS // max(J[0].numel(), 1))
+    r, *J = residual_fn(theta[:first], rows[:first])
+    parts = [normal_equations(r, *J)]
+    step = max(1, CHUNK_ELEMENTS // max(sum(j[0].numel() for j in J), 1))
     parts += [normal_equations(*residual_fn(theta[i:i + step], rows[i:i + step])) for i in range(first, len(rows), step)]
     return tuple(torch.cat(p) for p in zip(*parts))
 
@@ -98,6 +113,7 @@ def levenberg_marquardt(
     progress: Callable[[int, int], None] | None = None,
     starts_of: torch.Tensor | None = None,
     prune_ratio: float = 1.05,
+    gain_tol: float = 0.0,
 ) -> LMResult:
     """Minimise 0.5 |r_b(theta_b)|^2 + 0.5 ridge_b |theta_b|^2 for every row b.
 
@@ -112,7 +128,11 @@ def levenberg_marquardt(
 
     starts_of [B] names the problem each row is a start of: every other iteration, a start whose
     objective is above (prune_ratio + 2 / iteration) x the best start of its problem is dropped (left
-    unconverged). The margin is wide while starts still descend and narrows as they settle."""
+    unconverged). The margin is wide while starts still descend and narrows as they settle.
+
+    gain_tol (objective units) also counts a row as converged once its Gauss-Newton step would gain
+    less than that: for fits whose objective is chi-square / 2, the optimum is then within about
+    sqrt(2 gain_tol) standard errors, which is precise enough where only a spread is wanted."""
     theta = theta0.clone()
     B, D = theta.shape
     dev = theta.device
@@ -141,7 +161,7 @@ def levenberg_marquardt(
         delta, ok, gn_step, gn_ok = steps[:n], ok[:n], steps[n:], ok[n:]
         gn_gain = -0.5 * (grad * gn_step).sum(-1)
         at_optimum = gn_ok & ((gn_step.abs().amax(-1) <= XTOL * (1.0 + th.abs().amax(-1)))
-                              | (gn_gain <= FTOL * obj[idx].abs()))
+                              | (gn_gain <= torch.clamp(FTOL * obj[idx].abs(), min=gain_tol)))
         converged[idx] = at_optimum & torch.isfinite(obj[idx])
         trial = th + torch.where(ok[:, None], delta, torch.zeros_like(delta))
         A_new, g_new, cost_new = _evaluate(residual_fn, trial, idx)
