@@ -9,8 +9,6 @@ come from J^T J at the optimum.
 """
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,6 +19,7 @@ from scipy.optimize import linear_sum_assignment
 from analysis.curves import CurveGroup
 from analysis.laws import LAW_NAMES, BayesianLaw, as_lists, get_law
 from analysis.lm import normal_equations, levenberg_marquardt
+from analysis.progress import Progress
 
 SPLITS = ("interpolation", "extrapolation")
 SPACES = ("prob", "nll")
@@ -333,17 +332,6 @@ def stack_groups(groups: list[CurveGroup], fit_masks: list[np.ndarray]) -> Batch
                  t([np.nan_to_num(g.nll)[None] for g in groups]), t([fm[None].astype(np.float64) for fm in fit_masks]))
 
 
-def _progress(law_name: str, total: int, stream) -> Callable[[int, int], None]:
-    last = [time.perf_counter()]
-
-    def report(it: int, active: int) -> None:
-        if time.perf_counter() - last[0] > 2.0:
-            last[0] = time.perf_counter()
-            print(f"  {law_name}: iteration {it}, {active}/{total} starts still improving", file=stream, flush=True)
-
-    return report
-
-
 @dataclass
 class FitJob:
     group: CurveGroup
@@ -369,33 +357,41 @@ def skipped_fits(jobs: list[FitJob], config: FitConfig) -> list[str]:
 def fit_groups(groups: list[CurveGroup], config: FitConfig, stream=None) -> list[FitResult]:
     """Fit every law to every group on every split; one batched optimisation per (law, tasks, shots grid).
     Fits that `skipped_fits` names are left out. Progress goes to `stream` (default: stderr)."""
-    stream = stream or sys.stderr
     jobs = plan_fits(groups, config)
-    results: list[FitResult] = []
-    for li, law_name in enumerate(config.laws, start=1):
-        law = get_law(law_name)
-        t0 = time.perf_counter()
+    plan = []  # (law, (M, S), jobs of that shape the law can fit)
+    for law_name in config.laws:
         todo = [j for j in jobs if unfittable(j.group, law_name, j.split, j.fraction, j.fit_mask, j.eval_mask) is None]
-        for M, S in sorted({(j.group.n_tasks, len(j.group.shots)) for j in todo}):
-            bucket = [j for j in todo if (j.group.n_tasks, len(j.group.shots)) == (M, S)]
-            batch = stack_groups([j.group for j in bucket], [j.fit_mask for j in bucket]).to(config.device)
-            total = len(bucket) * config.starts * (1 if isinstance(law, BayesianLaw) else M)
-            fit = fit_batch(law_name, batch, config.space, config.starts, config.seed, config.max_iter,
-                            progress=_progress(law_name, total, stream))
-            log_p = predict(law_name, fit.theta, batch.shots, M)[:, 0].cpu().numpy()
-            cpu = batch.to("cpu")
-            theta, loss, converged = fit.theta.cpu(), fit.loss.cpu(), fit.converged.cpu()
-            cov = theta_covariance(law_name, cpu, theta, config.space)
-            for row, j in enumerate(bucket):
-                n_fit = max(int(j.fit_mask.sum()), 1)
-                results.append(FitResult(
-                    group=j.group, law=law_name, split=j.split, fraction=j.fraction,
-                    nrmse=nrmse(np.exp(log_p[row]), j.group.prob, j.eval_mask),
-                    nrmse_nll=nrmse(-log_p[row], j.group.nll, j.eval_mask),
-                    n_params=law.n_params(M), loss=float(2 * loss[row]) / n_fit, converged=bool(converged[row]),
-                    params=law.named(theta[row], M), stderr=named_stderr(law_name, theta[row], cov[row], M),
-                    theta=theta[row],
-                ))
-        print(f"fitted {law_name} ({li}/{len(config.laws)}): {len(todo)} fits x {config.starts} starts "
-              f"in {time.perf_counter() - t0:.1f}s", file=stream, flush=True)
+        shapes = sorted({(j.group.n_tasks, len(j.group.shots)) for j in todo})
+        plan += [(law_name, shape, [j for j in todo if (j.group.n_tasks, len(j.group.shots)) == shape]) for shape in shapes]
+
+    def work(law_name: str, M: int, S: int, bucket: list) -> float:
+        """Jacobian entries of the bucket's fits, a proxy for their time: baselines' curves are independent."""
+        law = get_law(law_name)
+        return len(bucket) * law.n_params(M) * S * (M if isinstance(law, BayesianLaw) else 1)
+
+    progress = Progress(f"fit of {len(groups)} curve groups, {len(config.laws)} laws",
+                        sum(work(law, *shape, b) for law, shape, b in plan), stream)
+    results: list[FitResult] = []
+    for law_name, (M, S), bucket in plan:
+        law = get_law(law_name)
+        batch = stack_groups([j.group for j in bucket], [j.fit_mask for j in bucket]).to(config.device)
+        total = len(bucket) * config.starts * (1 if isinstance(law, BayesianLaw) else M)
+        fit = fit_batch(law_name, batch, config.space, config.starts, config.seed, config.max_iter,
+                        progress=lambda it, active: progress.update(0, f"iteration {it}, {active}/{total} starts improving"))
+        log_p = predict(law_name, fit.theta, batch.shots, M)[:, 0].cpu().numpy()
+        cpu = batch.to("cpu")
+        theta, loss, converged = fit.theta.cpu(), fit.loss.cpu(), fit.converged.cpu()
+        cov = theta_covariance(law_name, cpu, theta, config.space)
+        for row, j in enumerate(bucket):
+            n_fit = max(int(j.fit_mask.sum()), 1)
+            results.append(FitResult(
+                group=j.group, law=law_name, split=j.split, fraction=j.fraction,
+                nrmse=nrmse(np.exp(log_p[row]), j.group.prob, j.eval_mask),
+                nrmse_nll=nrmse(-log_p[row], j.group.nll, j.eval_mask),
+                n_params=law.n_params(M), loss=float(2 * loss[row]) / n_fit, converged=bool(converged[row]),
+                params=law.named(theta[row], M), stderr=named_stderr(law_name, theta[row], cov[row], M),
+                theta=theta[row],
+            ))
+        progress.done(work(law_name, M, S, bucket), f"{law_name}: {len(bucket)} fits of {M} tasks x {S} shots done")
+    progress.close()
     return results

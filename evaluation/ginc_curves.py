@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import GPT2LMHeadModel
 
+from analysis.progress import Progress
 from datamodules.config_io import load_datamodule_config, read_data_settings, with_icl_overrides
 from datamodules.document_reader import DocumentReader
 from datamodules.exact import ExactLearner
@@ -106,13 +107,16 @@ def ideal_references(data: GincDataModule, device: str | torch.device = "cpu") -
 
 
 def _progress(loader: DataLoader, run: str, show: bool = True) -> Iterator[dict]:
-    """The loader's batches, counting them on stderr (one line, rewritten) when `show`."""
+    """The loader's batches, with progress on stderr when `show`: a line rewritten on a terminal, one
+    line when done in a log."""
+    progress = Progress(f"{run}: ICL prompts", len(loader)) if show else None
     for i, batch in enumerate(loader):
-        if show:
-            print(f"\r{run}: ICL batch {i + 1}/{len(loader)}", end="", file=sys.stderr, flush=True)
         yield batch
-    if show:
-        print(file=sys.stderr)
+        if progress:
+            progress.update(1, f"batch {i + 1}/{len(loader)}")
+    if progress:
+        progress.done(0, f"{len(loader)} batches done")
+        progress.close()
 
 
 def _metric(data: GincDataModule) -> ICLCurveMetric:
