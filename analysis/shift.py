@@ -2,13 +2,14 @@
 
 The runs of one model and k are its conditions (pretrained baseline, SFT/DPO at several amounts).
 The joint fit shares P (or gamma, beta) across conditions and gives each its own priors and K; the free
-fit refits everything per condition. Both are weighted least squares with each point's sampling error
+fit refits everything per condition, starting also from the joint fit's values, so it is never worse. Both are weighted least squares with each point's sampling error
 sqrt(p(1-p)/count), i.e. maximum likelihood under that Gaussian noise model, so their chi-square,
 AIC and BIC compare them; so does NRMSE on held-out late shots.
 
 Intervals are normal bootstrap intervals on a link scale (logit for probabilities, log for K,
 log(1 + n) for shots): estimate +- z x the standard deviation of the resampled estimates there, each
-resampled table fitted by the same multi-start procedure as the table itself. They always contain
+resampled table fitted from the table's own fit (near its optimum) and a few starts of its own, until
+a step would gain less than 0.001 in chi-square / 2. They always contain
 the estimate and stay inside the parameter's range. Where the resampled fits agree more closely than
 the curvature of the fit allows (all stopping at the same place in a direction the data leave open),
 the curvature's standard deviation is used instead, and a parameter whose standard error exceeds its
@@ -17,9 +18,10 @@ value is marked as not determined by the data.
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import statistics
-import sys
-import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -29,8 +31,12 @@ import torch
 from analysis.curves import CONDITION_COLUMNS, CurveGroup, standard_error
 from analysis.fitting import Batch, fit_batch, named_stderr, nrmse, predict, theta_covariance, undetermined
 from analysis.laws import BAYESIAN_NAMES, BayesianLaw, get_law
+from analysis.progress import Progress
 
 FITS = ("shared", "free")
+# A resampled fit stops once a Gauss-Newton step would gain less than this in chi-square / 2: the
+# optimum is then within about sqrt(2 x 1e-3) = 0.045 standard errors, far below the spread it measures.
+RESAMPLE_GAIN_TOL = 1e-3
 
 
 @dataclass
@@ -42,8 +48,10 @@ class ShiftConfig:
     level: float = 0.95
     threshold: float | None = None
     starts: int = 16
+    resample_starts: int = 2
     seed: int = 0
     max_iter: int = 300
+    workers: int = 0  # processes for the k values; 0: one per k when the table is large (see workers_for)
 
     def validate(self) -> None:
         if self.law not in BAYESIAN_NAMES:
@@ -52,6 +60,12 @@ class ShiftConfig:
             raise ValueError(f"--holdout-fraction {self.holdout_fraction} must lie strictly between 0 and 1")
         if not 0.0 < self.level < 1.0:
             raise ValueError(f"--level {self.level} must lie strictly between 0 and 1")
+        if self.starts < 1:
+            raise ValueError(f"--starts {self.starts} must be at least 1")
+        if self.workers < 0:
+            raise ValueError(f"--workers {self.workers} must be 0 (automatic) or more")
+        if self.resample_starts < 0:
+            raise ValueError(f"--resample-starts {self.resample_starts} must be 0 or more")
         if self.resamples < 2:
             raise ValueError("--resamples must be at least 2 to give an interval")
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
@@ -88,6 +102,7 @@ class ModelFit:
     chi2: float
     heldout_nrmse: float
     converged: bool
+    held_theta: torch.Tensor = field(repr=False)  # the fit to early shots, like theta
     resampled: torch.Tensor = field(repr=False)  # [R, ...] thetas of the resampled fits
 
 
@@ -149,9 +164,9 @@ def _batch(cond: Conditions, prob: np.ndarray, fit_mask: np.ndarray, shared: boo
 
 
 def _fit(cond: Conditions, prob: np.ndarray, fit_mask: np.ndarray, shared: bool, config: ShiftConfig,
-         extra_starts: torch.Tensor | None = None):
-    return fit_batch(config.law, _batch(cond, prob, fit_mask, shared), starts=config.starts, seed=config.seed,
-                     max_iter=config.max_iter, extra_starts=extra_starts)
+         starts: int, extra_starts: torch.Tensor | None = None, gain_tol: float = 0.0):
+    return fit_batch(config.law, _batch(cond, prob, fit_mask, shared), starts=starts, seed=config.seed,
+                     max_iter=config.max_iter, extra_starts=extra_starts, gain_tol=gain_tol)
 
 
 def log_prob(law_name: str, theta: torch.Tensor, shots: torch.Tensor, M: int, C: int, shared: bool) -> torch.Tensor:
@@ -162,23 +177,37 @@ def log_prob(law_name: str, theta: torch.Tensor, shots: torch.Tensor, M: int, C:
     return lp.reshape(*lead, C, M, -1)
 
 
-def fit_model(cond: Conditions, shared: bool, config: ShiftConfig, resamples: np.ndarray) -> ModelFit:
-    """Fit on all shots (for the criterion and the parameters), on early shots (for held-out NRMSE),
-    and on each resampled table by the same multi-start procedure, with the full fit as one more start
-    (for the intervals)."""
+def per_condition_thetas(law_name: str, theta: torch.Tensor, M: int, C: int) -> torch.Tensor:
+    """A joint theta [D] as C single-condition thetas [C, D']: the shared P part with each condition's own block."""
+    p = get_law(law_name).p_size(M)
+    return torch.cat([theta[:p].expand(C, p), theta[p:].reshape(C, M)], 1)
+
+
+def fit_model(cond: Conditions, config: ShiftConfig, resamples: np.ndarray, nested_in: ModelFit | None = None) -> ModelFit:
+    """The joint fit, or, given the joint fit as `nested_in`, the free fit, which also starts from the
+    joint fit's parameters of each condition: the free model contains the joint one, so its fit is never
+    worse, and a condition whose curves the data-driven starts miss still gets its optimum.
+
+    Fits on all shots (for the criterion and the parameters) and on early shots (for held-out NRMSE)
+    use `starts` starts each; each resampled table (for the intervals) starts from the full fit, which
+    lies near its optimum, and from `resample_starts` more read off that table."""
+    shared = nested_in is None
     C, M, S = cond.prob.shape
     law = get_law(config.law)
-    full = _fit(cond, cond.prob[None], cond.mask, shared, config)
     cut = config.holdout_fraction * cond.shots[cond.mask.any((0, 1))].max()
     early = cond.mask & (cond.shots <= cut)
-    held = _fit(cond, cond.prob[None], early, shared, config)
+    joint = (None, None) if shared else [per_condition_thetas(config.law, t, M, C)[:, None]
+                                         for t in (nested_in.theta[0], nested_in.held_theta[0])]
+    full = _fit(cond, cond.prob[None], cond.mask, shared, config, config.starts, joint[0])
+    held = _fit(cond, cond.prob[None], early, shared, config, config.starts, joint[1])
     shots = torch.as_tensor(cond.shots, dtype=torch.float64)
     theta_held = held.theta[0] if shared else held.theta
     pred = log_prob(config.law, theta_held, shots, M, C, shared).exp().numpy()
     heldout = nrmse(pred, np.nan_to_num(cond.prob), cond.mask & ~early)
     R = resamples.shape[0]
     start = full.theta[None].expand(R, -1, -1) if shared else full.theta[None, :, None].expand(R, C, 1, -1)
-    boot = _fit(cond, resamples, cond.mask, shared, config, extra_starts=start.reshape(R * (1 if shared else C), 1, -1))
+    boot = _fit(cond, resamples, cond.mask, shared, config, config.resample_starts,
+                start.reshape(R * (1 if shared else C), 1, -1), gain_tol=RESAMPLE_GAIN_TOL)
     n_params = law.n_params(M, C) if shared else C * law.n_params(M)
     resampled = boot.theta.reshape(R, -1) if shared else boot.theta.reshape(R, C, -1)
     cov = theta_covariance(config.law, _batch(cond, cond.prob[None], cond.mask, shared), full.theta, noise_known=True)
@@ -188,7 +217,7 @@ def fit_model(cond: Conditions, shared: bool, config: ShiftConfig, resamples: np
     else:
         stderr = [named_stderr(config.law, full.theta[c], cov[c], M) for c in range(C)]
     return ModelFit("shared" if shared else "free", full.theta, stderr, n_params, float(2 * full.loss.sum()),
-                    heldout, bool(full.converged.all()), resampled)
+                    heldout, bool(full.converged.all()), held.theta, resampled)
 
 
 def resample_table(cond: Conditions, R: int, rng: np.random.Generator,
@@ -222,13 +251,30 @@ def crossing(shots: np.ndarray, prob: np.ndarray, threshold: float) -> float:
 
 
 def predicted_crossings(law_name: str, theta: torch.Tensor, shared: bool, M: int, C: int, horizon: float,
-                        thresholds: np.ndarray) -> np.ndarray:
-    """Shots at which the law's p_i(n) first reaches threshold_i, per condition and task [..., C, M]; inf beyond horizon."""
+                        thresholds: np.ndarray, refine: int = 10) -> np.ndarray:
+    """Shots at which the law's p_i(n) first reaches threshold_i, per condition and task [..., C, M]; inf beyond horizon.
+
+    The law is evaluated on every `refine`-th point of a fine grid (0.05 shots to 20, then 0.2% steps),
+    and on the fine points only between the last coarse point below and the first at or above."""
     grid = np.concatenate([np.arange(0.0, 20.0, 0.05), np.geomspace(20.0, horizon, 2000)])
-    p = log_prob(law_name, theta, torch.as_tensor(grid), M, C, shared).exp().numpy()
-    flat = p.reshape(-1, M, len(grid))
-    out = np.array([[crossing(grid, row[i], thresholds[i]) for i in range(M)] for row in flat])
-    return out.reshape(p.shape[:-1])
+    lead = theta.shape[:-1] if shared else theta.shape[:-2]
+    single = theta.reshape(-1, theta.shape[-1])
+    if shared:
+        single = torch.cat([per_condition_thetas(law_name, t, M, C) for t in single])
+    coarse = np.arange(0, len(grid) + refine - 1, refine).clip(max=len(grid) - 1)
+    p = predict(law_name, single, torch.as_tensor(grid[coarse]), M)[:, 0].exp().numpy()  # [N, M, coarse]
+    reached = p >= thresholds[None, :, None]
+    first = np.where(reached.any(-1), reached.argmax(-1), -1)  # [N, M]
+    out = np.full(first.shape, math.inf)
+    out[first == 0] = grid[0]
+    rows, tasks = np.nonzero(first > 0)
+    if len(rows):
+        window = coarse[first[rows, tasks] - 1][:, None] + np.arange(refine + 1)  # fine points in between
+        window = window.clip(max=len(grid) - 1)
+        fine = predict(law_name, single[rows], torch.as_tensor(grid[window]), M).exp().numpy()
+        fine = fine[np.arange(len(rows)), 0, tasks]  # [pairs, refine + 1]
+        out[rows, tasks] = [crossing(grid[w], f, thresholds[i]) for w, f, i in zip(window, fine, tasks)]
+    return out.reshape(*lead, C, M)
 
 
 def named_per_condition(law_name: str, theta: torch.Tensor, shared: bool, M: int, C: int) -> list[dict]:
@@ -286,6 +332,62 @@ def shots_interval(point: float, boot: np.ndarray, level: float) -> tuple[float,
     return lo, (math.inf if never.mean() > alpha else hi)
 
 
+# Below this many resampled points per k, starting worker processes (about 2 s each) costs more than it saves.
+PARALLEL_MIN_POINTS = 1_000_000
+
+
+def workers_for(conditions: list[Conditions], config: ShiftConfig) -> int:
+    """Processes to fit the k values in: `config.workers`, or with 0, one per k up to the CPUs this
+    process may use, when the tables are large enough to pay for starting them."""
+    if config.workers:
+        return min(config.workers, len(conditions))
+    points = config.resamples * max(int(c.mask.sum()) for c in conditions)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cpus, len(conditions)) if points >= PARALLEL_MIN_POINTS else 1
+
+
+def _one_thread_worker() -> None:
+    """Each worker fits on one thread, torch's and BLAS's: the processes are the parallelism."""
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(1)
+    threadpool_limits(limits=1)
+
+
+def fit_all(conditions: list[Conditions], resamples: list[np.ndarray], config: ShiftConfig,
+            stream: TextIO | None = None) -> dict[int, dict[str, ModelFit]]:
+    """The joint, then the free fit of every k, the k values in parallel processes (`workers_for`);
+    a fit does not depend on where it runs. Progress and the time left go to `stream` (default stderr)."""
+    C, M, _ = conditions[0].prob.shape
+    progress = Progress(f"shift of {C} conditions x {M} tasks, {config.resamples} resamples", 2 * len(conditions), stream)
+    fits: dict[int, dict[str, ModelFit]] = {cond.k: {} for cond in conditions}
+    workers = workers_for(conditions, config)
+
+    def record(k: int, fit: ModelFit) -> None:
+        fits[k][fit.name] = fit
+        progress.done(1, f"k={k} {fit.name} fit done")
+
+    if workers == 1:
+        for cond, sample in zip(conditions, resamples):
+            for _ in FITS:
+                progress.update(0, f"k={cond.k}: fitting")
+                record(cond.k, fit_model(cond, config, sample, fits[cond.k].get("shared")))
+    else:
+        context = multiprocessing.get_context("spawn")  # fork after torch has started threads can hang
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread_worker) as pool:
+            pending = {pool.submit(fit_model, cond, config, sample): (cond, sample)
+                       for cond, sample in zip(conditions, resamples)}
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    cond, sample = pending.pop(future)
+                    record(cond.k, future.result())
+                    if len(fits[cond.k]) == 1:
+                        pending[pool.submit(fit_model, cond, config, sample, fits[cond.k]["shared"])] = (cond, sample)
+    progress.close()
+    return fits
+
+
 @dataclass
 class ShiftResult:
     rows: list[dict]  # shift.csv
@@ -298,23 +400,17 @@ def analyse_shift(groups: list[CurveGroup], config: ShiftConfig, prompt_probs: d
                   stream: TextIO | None = None) -> ShiftResult:
     """Joint and free fits of every k of the baseline's model, with intervals; progress goes to `stream`
     (default: stderr)."""
-    stream = stream or sys.stderr
     config.validate()
     rng = np.random.default_rng(config.seed)
-    rows, comparison, fits = [], [], {}
+    rows, comparison = [], []
     conditions = select_conditions(groups, config.baseline)
     for cond in conditions:
-        C, M, S = cond.prob.shape
-        if C < 2:
+        if len(cond.groups) < 2:
             raise ValueError(f"only the baseline was measured at k {cond.k}; add post-trained runs of the same model")
-        resamples = resample_table(cond, config.resamples, rng, prompt_probs)
-        fits[cond.k] = {}
-        for name in FITS:
-            t0 = time.perf_counter()
-            print(f"shift k={cond.k}: {name} fit of {C} conditions x {M} tasks, then {config.resamples} resampled "
-                  f"tables x {config.starts} starts ...", file=stream, flush=True)
-            fits[cond.k][name] = fit_model(cond, name == "shared", config, resamples)
-            print(f"shift k={cond.k}: {name} fit done in {time.perf_counter() - t0:.1f}s", file=stream, flush=True)
+    resamples = [resample_table(cond, config.resamples, rng, prompt_probs) for cond in conditions]
+    fits = fit_all(conditions, resamples, config, stream)
+    for cond in conditions:
+        C, M, S = cond.prob.shape
         base_p0 = cond.prob[0][:, 0]
         thresholds = np.full(M, config.threshold) if config.threshold is not None else base_p0
         horizon = 10.0 * cond.shots.max()

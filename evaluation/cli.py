@@ -122,7 +122,8 @@ def add_shift_command(subparsers: argparse._SubParsersAction) -> None:
         description="Runs of one model at one k are its conditions. A run's model is its `model` or `layers` "
                     "column, else its label before '/' (gpt2-4l/sft-favor-50 -> gpt2-4l); runs without a '/' "
                     "all belong to one model. Intervals: normal bootstrap intervals on the logit (probabilities), "
-                    "log (K) or log(1 + n) (shots) scale, each resampled table fitted like the table itself; "
+                    "log (K) or log(1 + n) (shots) scale, each resampled table fitted from the table's own fit and "
+                    "--resample-starts more starts; "
                     "the larger of the resampled and the curvature standard deviation sets the width, so every "
                     "interval contains its estimate. 'inf' shots: no recovery within 10x the measured shots.")
     p.add_argument("--curves", type=Path, required=True, help="curves CSV with the baseline and post-trained runs")
@@ -137,7 +138,11 @@ def add_shift_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, help="reemergence threshold (default: the baseline's zero-shot probability of each task)")
     p.add_argument("--prompt-table", type=Path, help="per-prompt CSV (run, k, task, prompt, shots, prob) to bootstrap prompts")
     p.add_argument("--true-priors", type=float, nargs="+", help="true pretraining mixture weights, to compare with the fitted priors")
-    p.add_argument("--starts", type=int, default=16, help="optimiser starts per fit (the same for every resampled table)")
+    p.add_argument("--starts", type=int, default=16, help="optimiser starts of the joint and free fits of the table")
+    p.add_argument("--resample-starts", type=int, default=2,
+                   help="starts per resampled table, beside the table's own fit")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes fitting the k values at once (0: one per k and CPU when the table is large)")
     p.add_argument("--seed", type=int, default=0, help="seed of the starts and the resampling")
     p.set_defaults(func=run_shift)
 
@@ -147,7 +152,8 @@ def run_shift(args: argparse.Namespace) -> None:
 
     config = ShiftConfig(baseline=args.baseline, law=args.law, holdout_fraction=args.holdout_fraction,
                          resamples=args.resamples, level=args.level, threshold=args.threshold,
-                         starts=args.starts, seed=args.seed)
+                         starts=args.starts, resample_starts=args.resample_starts, workers=args.workers,
+                         seed=args.seed)
     result = shift_table(args.curves, args.out, config, args.step, args.prompt_table, args.true_priors, args.k)
     for row in result.comparison:
         print(f"k={row['k']} {row['fit']}: BIC {row['bic']}, held-out NRMSE {row['heldout_nrmse']}"
