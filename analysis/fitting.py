@@ -109,6 +109,8 @@ def _residual_fn(law, batch: Batch, space: str, owner: Callable[[torch.Tensor], 
             else:
                 r, scale = w * (-log_p - y), -w[..., None]
             A = len(rows)
+            if C == 1:  # nothing to save: one dense Jacobian, as ordinary fits have always been formed
+                return r.reshape(A, -1), (scale * torch.cat([jac_P, jac_own], -1)).reshape(A, M * jac_P.shape[3], -1)
             return r.reshape(A, -1), (scale * jac_P).reshape(A, C * M * jac_P.shape[3], -1), (scale * jac_own).reshape(A, C, -1, M)
 
 
