@@ -18,7 +18,7 @@ from scipy.optimize import linear_sum_assignment
 
 from analysis.curves import CurveGroup
 from analysis.laws import LAW_NAMES, BayesianLaw, as_lists, get_law
-from analysis.lm import normal_equations, levenberg_marquardt
+from analysis.lm import LMResult, Stacked, levenberg_marquardt, normal_equations
 from analysis.progress import Progress
 
 SPLITS = ("interpolation", "extrapolation")
@@ -168,36 +168,77 @@ def fit_batch(
 ) -> BatchFit:
     """Fit one law to every group of the batch at once from `starts` data-driven starts per group;
     extra_starts [G, E, D] are tried beside them (e.g. a known good point); gain_tol: see levenberg_marquardt."""
+    return fit_batches(law_name, [batch], space, starts, seed, max_iter, [extra_starts], progress, gain_tol)[0]
+
+
+def fit_batches(
+    law_name: str,
+    batches: list[Batch],
+    space: str = "prob",
+    starts: int = 8,
+    seed: int = 0,
+    max_iter: int = 300,
+    extra_starts: list[torch.Tensor | None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    gain_tol: float = 0.0,
+) -> list[BatchFit]:
+    """`fit_batch` of several batches (of other shapes, the same parameter count) in one optimisation
+    loop: each keeps its own residuals, and the rows of all advance together, so the loop's fixed cost
+    per iteration is paid once, not once per batch. Each batch's fit equals its fit alone."""
     law = get_law(law_name)
+    extra_starts = extra_starts or [None] * len(batches)
+    parts, inits, ridges, n_starts = [], [], [], []
+    for batch, extra in zip(batches, extra_starts):
+        G, C, M = batch.dims
+        gen = torch.Generator().manual_seed(seed)  # starts are drawn on the CPU, the same on any device
+        dev = batch.prob.device
+        if isinstance(law, BayesianLaw):
+            init = law.starts(starts, batch.prob, batch.weight, batch.shots, gen)
+            init = init if extra is None else torch.cat([init, extra.to(dev)], 1)
+            R = init.shape[1]
+            rows, per_row = init.reshape(G * R, -1), ridge_of(batch).repeat_interleave(R)
+        else:
+            P = law.per_curve
+            init = law.starts(starts, _first_nll(batch).cpu(), gen).to(dev)  # [R, G*C*M, P]
+            if extra is not None:
+                extra = extra.reshape(G, -1, C * M, P).transpose(0, 1).reshape(-1, G * C * M, P)
+                init = torch.cat([init, extra.to(dev)], 0)
+            R = init.shape[0]
+            rows = init.transpose(0, 1).reshape(-1, P)  # curve-major: row = curve * R + start
+            per_row = ridge_of(batch).repeat_interleave(C * M * R)
+        parts.append(_residual_fn(law, batch, space, lambda r, R=R: r // R))
+        inits.append(rows)
+        ridges.append(per_row)
+        n_starts.append(R)
+    if len(set(n_starts)) > 1:
+        raise ValueError("batches fitted together need the same number of starts per fit")
+    sizes = [len(rows) for rows in inits]
+    theta0 = torch.cat(inits)
+    result = levenberg_marquardt(
+        Stacked(parts, sizes) if len(parts) > 1 else parts[0], theta0, max_iter, ridge=torch.cat(ridges),
+        progress=progress, starts_of=torch.arange(len(theta0), device=theta0.device) // n_starts[0],
+        gain_tol=gain_tol,
+    )
+    fits, offset = [], 0
+    for batch, size in zip(batches, sizes):
+        rows = slice(offset, offset + size)
+        offset += size
+        part = LMResult(result.theta[rows], result.cost[rows], result.objective[rows], result.converged[rows],
+                        result.iterations)
+        fits.append(_best_starts(law, batch, part, n_starts[0]))
+    return fits
+
+
+def _best_starts(law, batch: Batch, result: LMResult, R: int) -> BatchFit:
+    """Each group's best start (each curve's, for the baselines), hypotheses in canonical order."""
     G, C, M = batch.dims
-    gen = torch.Generator().manual_seed(seed)  # starts are drawn on the CPU, the same on any device
-    dev = batch.prob.device
-    ridge = ridge_of(batch)
+    dev = result.theta.device
     if isinstance(law, BayesianLaw):
-        init = law.starts(starts, batch.prob, batch.weight, batch.shots, gen)
-        init = init if extra_starts is None else torch.cat([init, extra_starts.to(dev)], 1)
-        R = init.shape[1]
-        result = levenberg_marquardt(
-            _residual_fn(law, batch, space, lambda rows: rows // R), init.reshape(G * R, -1), max_iter,
-            ridge=ridge.repeat_interleave(R), progress=progress, starts_of=torch.arange(G * R, device=dev) // R,
-            gain_tol=gain_tol,
-        )
         objective, cost = result.objective.reshape(G, R), result.cost.reshape(G, R)
         conv = result.converged.reshape(G, R)
         theta = result.theta.reshape(G, R, -1)
     else:
         P = law.per_curve
-        init = law.starts(starts, _first_nll(batch).cpu(), gen).to(dev)  # [R, G*C*M, P]
-        if extra_starts is not None:
-            extra = extra_starts.reshape(G, -1, C * M, P).transpose(0, 1).reshape(-1, G * C * M, P)
-            init = torch.cat([init, extra.to(dev)], 0)
-        R = init.shape[0]
-        rows = init.transpose(0, 1).reshape(-1, P)  # curve-major: row = curve * R + start
-        result = levenberg_marquardt(
-            _residual_fn(law, batch, space, lambda r: r // R), rows, max_iter,
-            ridge=ridge.repeat_interleave(C * M * R), progress=progress,
-            starts_of=torch.arange(rows.shape[0], device=dev) // R,
-        )
         # starts are independent per curve, so the best start is chosen per curve
         obj_c = result.objective.reshape(G * C * M, R)
         best = obj_c.argmin(1)
@@ -357,43 +398,51 @@ def skipped_fits(jobs: list[FitJob], config: FitConfig) -> list[str]:
 
 
 def fit_groups(groups: list[CurveGroup], config: FitConfig, stream=None) -> list[FitResult]:
-    """Fit every law to every group on every split; one batched optimisation per (law, tasks, shots grid).
-    Fits that `skipped_fits` names are left out. Progress goes to `stream` (default: stderr)."""
+    """Fit every law to every group on every split: the groups of one (tasks, shots grid) shape form one
+    batch, and a law's batches with the same parameter count run in one optimisation loop. Fits that
+    `skipped_fits` names are left out. Progress goes to `stream` (default: stderr)."""
     jobs = plan_fits(groups, config)
-    plan = []  # (law, (M, S), jobs of that shape the law can fit)
+    plan = []  # (law, loop key, buckets: jobs of one (M, S) shape the law can fit)
     for law_name in config.laws:
+        law = get_law(law_name)
         todo = [j for j in jobs if unfittable(j.group, law_name, j.split, j.fraction, j.fit_mask, j.eval_mask) is None]
         shapes = sorted({(j.group.n_tasks, len(j.group.shots)) for j in todo})
-        plan += [(law_name, shape, [j for j in todo if (j.group.n_tasks, len(j.group.shots)) == shape]) for shape in shapes]
+        buckets = [[j for j in todo if (j.group.n_tasks, len(j.group.shots)) == shape] for shape in shapes]
+        # a Bayesian law's parameter count depends on the tasks; a baseline's (per curve) does not
+        keys = sorted({b[0].group.n_tasks if isinstance(law, BayesianLaw) else 0 for b in buckets})
+        plan += [(law_name, [b for b in buckets if (b[0].group.n_tasks if isinstance(law, BayesianLaw) else 0) == key])
+                 for key in keys]
 
-    def work(law_name: str, M: int, S: int, bucket: list) -> float:
+    def work(law_name: str, bucket: list) -> float:
         """Jacobian entries of the bucket's fits, a proxy for their time: baselines' curves are independent."""
-        law = get_law(law_name)
+        law, M, S = get_law(law_name), bucket[0].group.n_tasks, len(bucket[0].group.shots)
         return len(bucket) * law.n_params(M) * S * (M if isinstance(law, BayesianLaw) else 1)
 
     progress = Progress(f"fit of {len(groups)} curve groups, {len(config.laws)} laws",
-                        sum(work(law, *shape, b) for law, shape, b in plan), stream)
+                        sum(work(law, b) for law, buckets in plan for b in buckets), stream)
     results: list[FitResult] = []
-    for law_name, (M, S), bucket in plan:
+    for law_name, buckets in plan:
         law = get_law(law_name)
-        batch = stack_groups([j.group for j in bucket], [j.fit_mask for j in bucket]).to(config.device)
-        total = len(bucket) * config.starts * (1 if isinstance(law, BayesianLaw) else M)
-        fit = fit_batch(law_name, batch, config.space, config.starts, config.seed, config.max_iter,
-                        progress=lambda it, active: progress.update(0, f"iteration {it}, {active}/{total} starts improving"))
-        log_p = predict(law_name, fit.theta, batch.shots, M)[:, 0].cpu().numpy()
-        cpu = batch.to("cpu")
-        theta, loss, converged = fit.theta.cpu(), fit.loss.cpu(), fit.converged.cpu()
-        cov = theta_covariance(law_name, cpu, theta, config.space)
-        for row, j in enumerate(bucket):
-            n_fit = max(int(j.fit_mask.sum()), 1)
-            results.append(FitResult(
-                group=j.group, law=law_name, split=j.split, fraction=j.fraction,
-                nrmse=nrmse(np.exp(log_p[row]), j.group.prob, j.eval_mask),
-                nrmse_nll=nrmse(-log_p[row], j.group.nll, j.eval_mask),
-                n_params=law.n_params(M), loss=float(2 * loss[row]) / n_fit, converged=bool(converged[row]),
-                params=law.named(theta[row], M), stderr=named_stderr(law_name, theta[row], cov[row], M),
-                theta=theta[row],
-            ))
-        progress.done(work(law_name, M, S, bucket), f"{law_name}: {len(bucket)} fits of {M} tasks x {S} shots done")
+        batches = [stack_groups([j.group for j in b], [j.fit_mask for j in b]).to(config.device) for b in buckets]
+        total = sum(len(b) * config.starts * (1 if isinstance(law, BayesianLaw) else b[0].group.n_tasks) for b in buckets)
+        fits = fit_batches(law_name, batches, config.space, config.starts, config.seed, config.max_iter,
+                           progress=lambda it, active: progress.update(0, f"iteration {it}, {active}/{total} starts improving"))
+        for bucket, batch, fit in zip(buckets, batches, fits):
+            M = bucket[0].group.n_tasks
+            log_p = predict(law_name, fit.theta, batch.shots, M)[:, 0].cpu().numpy()
+            theta, loss, converged = fit.theta.cpu(), fit.loss.cpu(), fit.converged.cpu()
+            cov = theta_covariance(law_name, batch.to("cpu"), theta, config.space)
+            for row, j in enumerate(bucket):
+                n_fit = max(int(j.fit_mask.sum()), 1)
+                results.append(FitResult(
+                    group=j.group, law=law_name, split=j.split, fraction=j.fraction,
+                    nrmse=nrmse(np.exp(log_p[row]), j.group.prob, j.eval_mask),
+                    nrmse_nll=nrmse(-log_p[row], j.group.nll, j.eval_mask),
+                    n_params=law.n_params(M), loss=float(2 * loss[row]) / n_fit, converged=bool(converged[row]),
+                    params=law.named(theta[row], M), stderr=named_stderr(law_name, theta[row], cov[row], M),
+                    theta=theta[row],
+                ))
+        shapes = ", ".join(f"{len(b)} of {b[0].group.n_tasks} tasks x {len(b[0].group.shots)} shots" for b in buckets)
+        progress.done(sum(work(law_name, b) for b in buckets), f"{law_name} done ({shapes})")
     progress.close()
     return results

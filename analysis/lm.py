@@ -93,7 +93,32 @@ def solve_spd(H: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return x, ok & torch.isfinite(x).all(-1)
 
 
-def _evaluate(residual_fn: ResidualFn, theta: torch.Tensor, rows: torch.Tensor):
+@dataclass
+class Stacked:
+    """Several problems' residual functions as one: the first sizes[0] rows are fns[0]'s rows 0, 1, ...,
+    the next sizes[1] are fns[1]'s, and so on. Their residuals may differ in length (another shots
+    grid); only the parameter count must agree, as the normal equations are what the loop sees."""
+
+    fns: list[ResidualFn]
+    sizes: list[int]
+
+
+def _evaluate(residual_fn: ResidualFn | Stacked, theta: torch.Tensor, rows: torch.Tensor):
+    if isinstance(residual_fn, Stacked):
+        D, B = theta.shape[1], len(rows)
+        A = torch.empty(B, D, D, dtype=theta.dtype, device=theta.device)
+        g, cost = torch.empty(B, D, dtype=theta.dtype, device=theta.device), torch.empty(B, dtype=theta.dtype, device=theta.device)
+        start = 0
+        for fn, size in zip(residual_fn.fns, residual_fn.sizes):
+            mine = ((rows >= start) & (rows < start + size)).nonzero().squeeze(-1)
+            if len(mine):
+                A[mine], g[mine], cost[mine] = _evaluate(fn, theta[mine], rows[mine] - start)
+            start += size
+        return A, g, cost
+    return _evaluate_rows(residual_fn, theta, rows)
+
+
+def _evaluate_rows(residual_fn: ResidualFn, theta: torch.Tensor, rows: torch.Tensor):
     """Normal equations of `rows` at theta, in chunks of rows so the Jacobian never gets huge (the
     first chunk's Jacobian tells how many rows fit in CHUNK_ELEMENTS)."""
     first = min(len(rows), 64)
@@ -105,7 +130,7 @@ def _evaluate(residual_fn: ResidualFn, theta: torch.Tensor, rows: torch.Tensor):
 
 
 def levenberg_marquardt(
-    residual_fn: ResidualFn,
+    residual_fn: ResidualFn | Stacked,
     theta0: torch.Tensor,
     max_iter: int = 300,
     ridge: torch.Tensor | float = 0.0,

@@ -67,3 +67,21 @@ def test_a_group_fits_exactly_the_same_alone_as_in_any_batch(law_name):
         together, row = fit(members), members.index(groups[2])
         assert torch.equal(together.theta[row], alone.theta[0]), law_name
         assert torch.equal(together.loss[row], alone.loss[0]) and together.converged[row] == alone.converged[0]
+
+
+@pytest.mark.parametrize("law_name", ["bayesian", "power"])
+def test_batches_of_other_shapes_in_one_loop_fit_as_each_alone(law_name):
+    from analysis.fitting import fit_batches
+
+    rng = np.random.default_rng(4)
+    params = {"priors": [0.5, 0.3, 0.2], "K": 0.4, "gamma": [0.8, 0.7, 0.75], "beta": [0.3, 0.2, 0.35]}
+    shapes = [np.arange(19.0), np.arange(41.0)]
+    batches = []
+    for shots in shapes:
+        groups = [synthetic_group(f"r{j}", 3, "bayesian_scoring", params, shots, M, 300, rng)[0] for j in range(3)]
+        batches.append(stack_groups(groups, [g.mask for g in groups]))
+    together = fit_batches(law_name, batches, starts=4, seed=3, max_iter=120)
+    for batch, fit in zip(batches, together):
+        alone = fit_batch(law_name, batch, starts=4, seed=3, max_iter=120)
+        assert torch.equal(fit.theta, alone.theta) and torch.equal(fit.loss, alone.loss)
+        assert torch.equal(fit.converged, alone.converged)

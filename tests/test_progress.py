@@ -41,7 +41,7 @@ def test_durations_read_as_a_person_would_write_them():
     assert [duration(s) for s in (3.21, 245, 3720)] == ["3.2s", "4m05s", "1h02m"]
 
 
-def test_a_fit_logs_one_line_per_law_and_shape():
+def test_a_fit_logs_one_line_per_law():
     rng = np.random.default_rng(0)
     params = {"priors": [0.5, 0.5], "K": 0.5, "gamma": [0.8, 0.7], "beta": [0.3, 0.2]}
     groups = [synthetic_group("a", 3, "bayesian_sampling", params, np.arange(20.0), 2, 100, rng)[0],
@@ -49,4 +49,5 @@ def test_a_fit_logs_one_line_per_law_and_shape():
     log = io.StringIO()
     fit_groups(groups, FitConfig(laws=("bayesian_sampling", "power"), starts=2), stream=log)
     lines = log.getvalue().splitlines()
-    assert len(lines) == 4 and lines[-1].startswith("fit of 2 curve groups, 2 laws: 100% power: ")
+    assert len(lines) == 2 and lines[-1].startswith("fit of 2 curve groups, 2 laws: 100% power done (")
+    assert "of 2 tasks x 20 shots, " in lines[0] and "of 2 tasks x 30 shots)" in lines[0]  # both shapes, one loop
