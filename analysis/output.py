@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import csv
+import ctypes
+import errno
+import glob
 import os
 import re
 import shutil
@@ -32,24 +35,103 @@ def check_output_dir(out: Path) -> None:
         raise ValueError(f"--out {out}: {writable} is not writable; choose a directory you can write to")
 
 
-@contextmanager
-def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
-    """Check `out`, then yield a fresh directory beside it; on success that directory replaces `out` as
-    a whole (the old one is moved aside, then removed), so a reader sees the old report or the new one,
-    never a mix. A failure leaves `out` as it was. Modes follow the umask."""
-    out = Path(out)
+# What the project writes in a directory it replaces whole: the fit, shift and ladder reports, the
+# ablation tables, and an HF export. A directory holding anything else is not the project's to replace.
+REPORT_ENTRIES = frozenset({
+    "report.md", "plots", "fits.csv", "params.json", "shift.csv", "comparison.csv", "curves.csv", "fits", "shift",
+    "reader_prior.csv", "reader_gap.csv", "config.json", "generation_config.json", "model.safetensors",
+    "tokenizer.json", "tokenizer_config.json", "ginc_data.json",
+})
+
+
+def check_replaceable(out: Path, inputs: Sequence[str | os.PathLike] = ()) -> None:
+    """One `error:` line, before any work, when writing `out` whole would destroy what the project did
+    not write there: `out` holds other entries, or it is (or holds) one of the command's inputs."""
     check_output_dir(out)
+    target = out.resolve()
+    for given in inputs:
+        path = Path(given).resolve()
+        if path == target or target in path.parents:
+            raise ValueError(f"--out {out} holds the input {given}, and the report replaces it whole; "
+                             "write the report to another directory")
+    if out.is_dir():
+        foreign = sorted(e for e in os.listdir(out) if e not in REPORT_ENTRIES)
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise ValueError(f"--out {out} holds {foreign[0]!r}{more}, which this command did not write, and the "
+                             "report replaces the directory whole; choose a new or empty directory")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_cwd, rename_exchange = -100, 2
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    if ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False  # a filesystem or kernel without the flag
+    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), str(a))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(out: Path) -> None:
+    """Leftovers of interrupted writes of `out` (their process is gone): put a report moved aside back
+    if `out` is missing, then remove every partial or replaced report. Live writers' are left alone."""
+    stale = []
+    for entry in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
+        kind, _, rest = entry.name[len(out.name) + 2:].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            stale.append((kind, entry))
+    for kind, entry in sorted(stale, key=lambda e: e[0] != "old"):
+        if kind == "old" and not out.exists():
+            os.replace(entry, out)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(out: str | os.PathLike, inputs: Sequence[str | os.PathLike] = ()) -> Iterator[Path]:
+    """Check `out` (`check_replaceable`), then yield a fresh directory beside it; on success that
+    directory replaces `out` as a whole, so a reader sees the old report or the new one, never a mix.
+    Where the system can, the two are exchanged in one atomic step, so `out` exists at every moment; an
+    interrupted write leaves only hidden leftovers named after its process, which the next write of
+    `out` removes (restoring the old report if the interruption came between two renames). A failure
+    leaves `out` as it was. Modes follow the umask."""
+    out = Path(out)
+    check_replaceable(out, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    _clean_stale(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
     os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private
-    old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}-{tmp.name.rsplit('-', 1)[-1]}"
     try:
         yield tmp
-        if out.exists():
+        if not out.exists():
+            os.replace(tmp, out)
+        elif _exchange(tmp, out):
+            shutil.rmtree(tmp)  # now the old report
+        else:
             os.replace(out, old)
-        os.replace(tmp, out)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)  # interrupted between the two renames: the old report goes back
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -81,7 +81,7 @@ def run_ladder(config: LadderConfig, out: str | os.PathLike) -> tuple[list[FitRe
     shift_config = ShiftConfig(baseline=f"{MODEL}/pretrain", law=config.law, resamples=config.resamples, starts=config.starts)
     shift_config.validate()
     conditions = ladder_weights(check_weights(data.world.weights, M), config.task, list(config.strengths))
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, [config.data_config]) as tmp:
         rows = []
         for name, weights in conditions.items():
             direction, _, strength = name.partition("-")

@@ -42,7 +42,7 @@ def fit_table(curves: str | os.PathLike, out: str | os.PathLike, config: FitConf
     config.validate()
     groups = read_curves(curves, step)
     skipped = skipped_fits(plan_fits(groups, config), config)
-    with one_thread(), atomic_dir(out) as tmp:
+    with one_thread(), atomic_dir(out, [curves]) as tmp:
         results = fit_groups(groups, config)
         write_fit_outputs(results, config, Path(curves), tmp, plots=plots, skipped=skipped)
     return results, skipped
@@ -66,7 +66,7 @@ def shift_table(curves: str | os.PathLike, out: str | os.PathLike, config: Shift
     if true_priors is not None and M is not None and len(true_priors) != M:
         raise ValueError(f"--true-priors has {len(true_priors)} weights but the curves have {M} tasks")
     prompts = read_prompt_table(prompt_table) if prompt_table else None
-    with one_thread(), atomic_dir(out) as tmp:
+    with one_thread(), atomic_dir(out, [curves, *([prompt_table] if prompt_table else [])]) as tmp:
         result = analyse_shift(groups, config, prompts)
         write_shift_outputs(result, config, Path(curves), tmp, None if true_priors is None else list(true_priors))
     return result

@@ -165,11 +165,11 @@ def test_a_report_directory_is_replaced_whole_with_the_users_modes(tmp_path):
     import os
 
     out = tmp_path / "fits"
-    out.mkdir()
-    (out / "stale.txt").write_text("from an older report")
+    (out / "plots").mkdir(parents=True)
+    (out / "plots" / "stale.png").write_text("from an older report")
     code, out = fit(tmp_path, synthetic_rows(), "--laws", "power", "--no-plots")
     assert code == 0
-    assert not (out / "stale.txt").exists() and (out / "fits.csv").exists()
+    assert not (out / "plots").exists() and (out / "fits.csv").exists()
     mask = os.umask(0)
     os.umask(mask)
     assert (out.stat().st_mode & 0o777) == 0o777 & ~mask

@@ -1,0 +1,126 @@
+"""Nothing a user owns is lost to a report: `--out` replaces only what the project wrote there, never the
+command's input, and the swap that replaces it leaves a whole report after an interruption at any step
+(where the system cannot exchange two directories atomically: once the next write has cleaned up)."""
+import hashlib
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import evaluate
+from analysis.output import _clean_stale, atomic_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+CURVES = ROOT / "examples" / "curves_ideal.csv"
+WORLD = ROOT / "configs" / "data" / "ginc.yaml"
+
+
+def snapshot(path: Path) -> dict[str, str]:
+    """Every file under path (hidden ones too) with a hash of its bytes, and every directory."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(path.rglob("*"))}
+
+
+def victim(tmp_path: Path) -> Path:
+    folder = tmp_path / "victim"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(CURVES, folder / "my_curves.csv")
+    (folder / "notes.txt").write_text("x\n")
+    (folder / "sub" / "data.txt").write_text("y\n")
+    return folder
+
+
+COMMANDS = {
+    "fit": lambda curves, out: ["fit", "--curves", str(curves), "--out", str(out), "--laws", "power"],
+    "shift": lambda curves, out: ["shift", "--curves", str(curves), "--out", str(out), "--baseline", "exact"],
+    "ladder": lambda curves, out: ["ladder", "--data-config", str(WORLD), "--out", str(out), "--device", "cpu"],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("input_inside", [True, False])
+def test_out_naming_a_directory_of_other_files_is_refused_before_any_work(tmp_path, capsys, command, input_inside):
+    out = victim(tmp_path)
+    before = snapshot(out)
+    curves = out / "my_curves.csv" if input_inside else CURVES
+    assert evaluate.main(COMMANDS[command](curves, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --out ") and "Traceback" not in "\n".join(err)
+    assert ("holds the input" in err[-1]) if input_inside and command != "ladder" else ("did not write" in err[-1])
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["victim"], "no leftovers beside it"
+
+
+def test_out_that_is_the_commands_own_input_directory_is_refused(tmp_path, capsys):
+    report = tmp_path / "r"
+    assert evaluate.main(COMMANDS["fit"](CURVES, report)) == 0
+    shutil.copy(CURVES, report / "curves.csv")  # a name reports use, but here it is the input
+    before = snapshot(report)
+    assert evaluate.main(COMMANDS["fit"](report / "curves.csv", report)) == 2
+    assert "holds the input" in capsys.readouterr().err and snapshot(report) == before
+
+
+def test_a_report_replaces_the_report_it_wrote_before(tmp_path, capsys):
+    out = tmp_path / "fits"
+    assert evaluate.main(COMMANDS["fit"](CURVES, out)) == 0
+    (out / "report.md").write_text("stale")
+    assert evaluate.main(COMMANDS["fit"](CURVES, out)) == 0
+    assert (out / "report.md").read_text() != "stale"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fits"]
+
+
+CRASH = textwrap.dedent("""
+    import os, shutil, sys
+    sys.path.insert(0, {root!r})
+    import analysis.output as output
+    from pathlib import Path
+
+    stop_at, exchange = int(sys.argv[1]), sys.argv[2] == "exchange"
+    calls = [0]
+
+    def step(fn):
+        def wrapped(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == stop_at:
+                os._exit(9)  # as kill -9: no cleanup runs
+            return fn(*args, **kwargs)
+        return wrapped
+
+    output.os.replace = step(os.replace)
+    output.shutil.rmtree = step(shutil.rmtree)
+    output._exchange = step(output._exchange if exchange else lambda a, b: False)
+    with output.atomic_dir(Path(sys.argv[3])) as tmp:
+        (tmp / "report.md").write_text("new")
+        if stop_at == 1:
+            os._exit(9)  # while writing
+        (tmp / "fits.csv").write_text("new")
+""")
+
+
+@pytest.mark.parametrize("swap", ["exchange", "renames"])
+def test_an_interrupt_at_any_step_of_the_swap_leaves_one_whole_report(tmp_path, swap):
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH.format(root=str(ROOT)))
+    outcomes = set()
+    for stop_at in range(1, 8):  # past the last step of either swap: the run completes
+        folder = tmp_path / f"case{stop_at}"
+        out = folder / "report"
+        out.mkdir(parents=True)
+        (out / "report.md").write_text("old")
+        (out / "fits.csv").write_text("old")
+        proc = subprocess.run([sys.executable, str(script), str(stop_at), swap, str(out)], capture_output=True)
+        if not out.exists():  # killed between two renames: only without an atomic exchange
+            assert swap == "renames", stop_at
+            _clean_stale(out)  # what the next write does first: the old report goes back
+        texts = {p.name: p.read_text() for p in out.iterdir()}
+        assert texts in ({"report.md": "old", "fits.csv": "old"}, {"report.md": "new", "fits.csv": "new"}), \
+            (stop_at, texts)
+        outcomes.add((proc.returncode, texts["report.md"]))
+        with atomic_dir(out) as tmp:  # the next write cleans up what the interrupted one left
+            (tmp / "report.md").write_text("next")
+        assert [p.name for p in folder.iterdir()] == ["report"], (stop_at, list(folder.iterdir()))
+        assert (out / "report.md").read_text() == "next"
+    assert (9, "old") in outcomes and (9, "new") in outcomes and (0, "new") in outcomes, outcomes
