@@ -19,12 +19,15 @@ CURVE_COLUMNS = ("run", "k", "task", "shots", "prob", "nll", "acc", "count")
 OPTIONAL_COLUMNS = ("acc",)  # curves drawn from a law have no accuracy
 REQUIRED_COLUMNS = tuple(c for c in CURVE_COLUMNS if c not in OPTIONAL_COLUMNS)
 PROMPT_COLUMNS = ("run", "k", "task", "prompt", "shots", "prob")
+NLL_ROUNDING = 1e-9  # an nll this far below 0 is 0 computed in floating point
 
 
 def curve_row(run: str, k: int, task: int, shots: int, prob: float, nll: float, acc: float | str, count: int,
               **extra: object) -> dict[str, object]:
     """One row of the table: the mean over `count` prompts of the label's probability, its negative log
-    probability and argmax accuracy ("" where unmeasured); `extra` keys become extra columns."""
+    probability and argmax accuracy ("" where unmeasured); `extra` keys become extra columns. An nll a
+    rounding error below 0 (a mean of -log 1 can come out -1e-17) is written as 0, so the table reads back."""
+    nll = 0.0 if -NLL_ROUNDING <= nll < 0.0 else nll
     return {"run": run, "k": k, "task": task, "shots": shots, "prob": prob, "nll": nll, "acc": acc, "count": count, **extra}
 
 
@@ -87,7 +90,7 @@ def _check_row(path: Path, line: int, row: dict[str, str]) -> dict[str, object]:
     prob, nll, count = (_number(path, line, c, row[c], False) for c in ("prob", "nll", "count"))
     if not 0.0 <= prob <= 1.0:
         raise ValueError(f"{path} line {line}: prob = {row['prob']} is outside [0, 1]; it must be a mean probability")
-    if not (math.isfinite(nll) and nll >= 0.0):
+    if not (math.isfinite(nll) and nll >= -NLL_ROUNDING):
         raise ValueError(f"{path} line {line}: nll = {row['nll']} must be finite and >= 0; drop or re-measure the row")
     if not math.isfinite(count) or count < 1 or count != int(count):
         raise ValueError(f"{path} line {line}: count = {row['count']} must be a positive integer (prompts averaged)")

@@ -187,3 +187,26 @@ def test_bad_flags_are_one_line_naming_the_help(capsys, argv, message):
         evaluate.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_an_nll_a_rounding_error_below_zero_is_written_and_read_as_zero(tmp_path):
+    """The exact learner's mean of -log 1 came out -1.39e-17, and `fit` then refused the project's own table."""
+    from evaluation.curves_table import curve_row, read_curves
+
+    assert curve_row("r", 3, 0, 0, 1.0, -1.39e-17, "", 10)["nll"] == 0.0
+    rows = synthetic_rows()
+    rows[0]["nll"] = -1.39e-17
+    path = tmp_path / "c.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    group = read_curves(path)[0]
+    assert group.nll.min() >= 0.0
+    rows[0]["nll"] = -0.01  # a real negative is still refused
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(ValueError, match="nll = -0.01 must be finite and >= 0"):
+        read_curves(path)
