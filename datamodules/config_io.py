@@ -15,6 +15,8 @@ def read_data_settings(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"data config {path} does not exist; pass a YAML such as configs/data/ginc.yaml")
     cfg = read_yaml_mapping(path, "data config", WorldConfigError)
+    if not cfg:  # otherwise the default world would run, and replace a report, as if it were asked for
+        raise WorldConfigError(f"data config {path} is empty; give the world and ICL settings, as configs/data/ginc.yaml does")
     cfg = cfg.get("data", cfg)
     cfg = dict(cfg.get("init_args", cfg))
     known = set(inspect.signature(GincDataModule.__init__).parameters) - {"self"}

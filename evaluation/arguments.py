@@ -11,3 +11,24 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {self.prog}: {message} (`python {self.prog} --help` lists the options)\n")
+
+
+def whole_number(least: int):
+    """An argparse type: an integer >= least, refused with what it must be (a count of 0 that would write
+    an empty table, a negative seed that numpy cannot use)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give one >= {least}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {least}")
+        return value
+
+    parse.__name__ = f"whole number >= {least}"
+    return parse
+
+
+COUNT = whole_number(1)  # prompts, starts, batch sizes, k, iterations: 0 makes no sense
+INDEX = whole_number(0)  # seeds, tasks, steps, worker counts (0: automatic)

@@ -12,7 +12,7 @@ from analysis.laws import LAW_NAMES
 from analysis.output import check_output_dir, write_rows
 from analysis.report import summary_table
 from analysis.shift import ShiftConfig
-from evaluation.arguments import OneLineParser
+from evaluation.arguments import COUNT, INDEX, OneLineParser
 from evaluation.curves_table import write_curves
 
 if TYPE_CHECKING:
@@ -33,21 +33,21 @@ def add_curves_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--run", help="run label (default: derived from the source)")
     # GINC sources (--ckpt, --ideal)
     p.add_argument("--data-config", type=Path, help="YAML with the GINC world and ICL settings (default: the checkpoint's own)")
-    p.add_argument("--k", type=int, nargs="+", help="GINC: example lengths (default: the data config's); --hf-model: answer tokens scored")
-    p.add_argument("--prompts", type=int, help="GINC: prompts per (k, task) (default: the data config's); --hf-model: shuffles per answer type (default 5)")
+    p.add_argument("--k", type=COUNT, nargs="+", help="GINC: example lengths (default: the data config's); --hf-model: answer tokens scored")
+    p.add_argument("--prompts", type=COUNT, help="GINC: prompts per (k, task) (default: the data config's); --hf-model: shuffles per answer type (default 5)")
     p.add_argument("--weights", type=float, nargs="+", help="--ideal: mixture weights of the learner's prior (default: the world's)")
     p.add_argument("--learner", choices=("exact", "reader", "both"), default="exact",
                    help="--ideal: the exact learner (knows the prompt format; run RUN), the document reader (the "
                         "Bayes-optimal documents-only model; run RUN-reader), or both")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (for long LLM prompts, 1-4)")
+    p.add_argument("--batch-size", type=COUNT, default=16, help="prompts per forward pass (for long LLM prompts, 1-4)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     # real LLM source (--hf-model)
     p.add_argument("--dataset", type=Path, help="--hf-model: JSONL rows {question, answer, answer_type}")
-    p.add_argument("--shots", type=int, help="--hf-model: demonstrations per prompt (default: all rows of the type that fit)")
-    p.add_argument("--max-length", type=int, help="--hf-model: prompt tokens (default: the model's context length)")
+    p.add_argument("--shots", type=COUNT, help="--hf-model: demonstrations per prompt (default: all rows of the type that fit)")
+    p.add_argument("--max-length", type=COUNT, help="--hf-model: prompt tokens (default: the model's context length)")
     p.add_argument("--format", choices=("auto", "chat", "plain"), default="auto",
                    help="--hf-model: chat template or plain User:/Assistant: turns (auto: chat when the tokenizer has a template)")
-    p.add_argument("--seed", type=int, default=0, help="--hf-model: seed of the shuffles")
+    p.add_argument("--seed", type=INDEX, default=0, help="--hf-model: seed of the shuffles")
     p.set_defaults(func=run_curves)
 
 
@@ -89,16 +89,16 @@ def add_fit_command(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("fit", help="fit the ICL laws to a curves table and report NRMSE",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--curves", type=Path, required=True, help="curves CSV (docs: the curves table)")
-    p.add_argument("--step", type=int, help="evaluation step to read from a run's own table (default: each run's last)")
+    p.add_argument("--step", type=INDEX, help="evaluation step to read from a run's own table (default: each run's last)")
     p.add_argument("--out", type=Path, required=True, help="directory for fits.csv, params.json, report.md, plots/")
     p.add_argument("--laws", nargs="+", default=list(LAW_NAMES), help=f"laws to fit (default: all of {' '.join(LAW_NAMES)})")
     p.add_argument("--splits", nargs="+", default=list(SPLITS), help="interpolation and/or extrapolation")
     p.add_argument("--fit-fraction", type=float, nargs="+", default=[0.1],
                    help="extrapolation fits shots <= f x max shots; several values run several extrapolations")
     p.add_argument("--loss", choices=("prob", "nll"), default="prob", help="squared error in probability or NLL space")
-    p.add_argument("--starts", type=int, default=16, help="optimiser starts per fit, read off the curves; the best is kept")
-    p.add_argument("--max-iter", type=int, default=300, help="Levenberg-Marquardt iteration limit")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random starts")
+    p.add_argument("--starts", type=COUNT, default=16, help="optimiser starts per fit, read off the curves; the best is kept")
+    p.add_argument("--max-iter", type=COUNT, default=300, help="Levenberg-Marquardt iteration limit")
+    p.add_argument("--seed", type=INDEX, default=0, help="seed of the random starts")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(func=run_fit)
 
@@ -127,23 +127,23 @@ def add_shift_command(subparsers: argparse._SubParsersAction) -> None:
                     "the larger of the resampled and the curvature standard deviation sets the width, so every "
                     "interval contains its estimate. 'inf' shots: no recovery within 10x the measured shots.")
     p.add_argument("--curves", type=Path, required=True, help="curves CSV with the baseline and post-trained runs")
-    p.add_argument("--step", type=int, help="evaluation step to read from a run's own table (default: each run's last)")
+    p.add_argument("--step", type=INDEX, help="evaluation step to read from a run's own table (default: each run's last)")
     p.add_argument("--baseline", required=True, help="run label of the pretrained model (the reference condition)")
-    p.add_argument("--k", type=int, nargs="+", help="example lengths to analyse (default: every k of the table)")
+    p.add_argument("--k", type=COUNT, nargs="+", help="example lengths to analyse (default: every k of the table)")
     p.add_argument("--out", type=Path, required=True, help="directory for shift.csv, comparison.csv, report.md, plots/")
     p.add_argument("--law", default="bayesian_sampling", help="Bayesian law to fit: bayesian, bayesian_sampling or bayesian_scoring")
     p.add_argument("--holdout-fraction", type=float, default=0.5, help="held-out comparison fits shots <= f x max")
-    p.add_argument("--resamples", type=int, default=100, help="resampled tables for the intervals")
+    p.add_argument("--resamples", type=COUNT, default=100, help="resampled tables for the intervals")
     p.add_argument("--level", type=float, default=0.95, help="interval coverage")
     p.add_argument("--threshold", type=float, help="reemergence threshold (default: the baseline's zero-shot probability of each task)")
     p.add_argument("--prompt-table", type=Path, help="per-prompt CSV (run, k, task, prompt, shots, prob) to bootstrap prompts")
     p.add_argument("--true-priors", type=float, nargs="+", help="true pretraining mixture weights, to compare with the fitted priors")
-    p.add_argument("--starts", type=int, default=16, help="optimiser starts of the joint and free fits of the table")
-    p.add_argument("--resample-starts", type=int, default=2,
+    p.add_argument("--starts", type=COUNT, default=16, help="optimiser starts of the joint and free fits of the table")
+    p.add_argument("--resample-starts", type=INDEX, default=2,
                    help="starts per resampled table, beside the table's own fit")
-    p.add_argument("--workers", type=int, default=0,
+    p.add_argument("--workers", type=INDEX, default=0,
                    help="processes fitting the k values at once (0: one per k and CPU when the table is large)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the starts and the resampling")
+    p.add_argument("--seed", type=INDEX, default=0, help="seed of the starts and the resampling")
     p.set_defaults(func=run_shift)
 
 
@@ -166,14 +166,14 @@ def add_ladder_command(subparsers: argparse._SubParsersAction) -> None:
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-config", type=Path, required=True, help="YAML with the GINC world and ICL settings")
     p.add_argument("--out", type=Path, required=True, help="directory for curves.csv, fits/, shift/ and report.md")
-    p.add_argument("--task", type=int, default=0, help="the task favoured and disfavoured")
+    p.add_argument("--task", type=INDEX, default=0, help="the task favoured and disfavoured")
     p.add_argument("--strengths", type=float, nargs="+", default=[2.0, 4.0, 16.0],
                    help="factors the task's weight is multiplied (favour) or divided (disfavour) by")
-    p.add_argument("--k", type=int, nargs="+", help="example lengths (default: the data config's)")
-    p.add_argument("--prompts", type=int, help="prompts per (k, task) (default: the data config's)")
+    p.add_argument("--k", type=COUNT, nargs="+", help="example lengths (default: the data config's)")
+    p.add_argument("--prompts", type=COUNT, help="prompts per (k, task) (default: the data config's)")
     p.add_argument("--law", default="bayesian_scoring", help="Bayesian law of the shift report")
-    p.add_argument("--resamples", type=int, default=100, help="resampled tables for the shift intervals")
-    p.add_argument("--starts", type=int, default=16, help="optimiser starts per fit")
+    p.add_argument("--resamples", type=COUNT, default=100, help="resampled tables for the shift intervals")
+    p.add_argument("--starts", type=COUNT, default=16, help="optimiser starts per fit")
     p.add_argument("--learner", choices=("exact", "reader"), default="exact",
                    help="the exact Bayesian learner (knows the prompt format) or the document reader (knows documents only)")
     p.add_argument("--device", default="auto", help="where the learners run: cpu, cuda, or auto")
@@ -196,7 +196,7 @@ def _per_model_parser(subparsers: argparse._SubParsersAction, name: str, help: s
     p = subparsers.add_parser(name, help=help, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", nargs="+", type=Path, required=True, help="Lightning checkpoints or HF export dirs of our GPT-2 runs")
     p.add_argument("--out", type=Path, required=True, help=f"CSV to write ({columns})")
-    p.add_argument("--prompts", type=int, default=prompts, help="ICL prompts per (k, task), from each run's own ICL settings")
+    p.add_argument("--prompts", type=COUNT, default=prompts, help="ICL prompts per (k, task), from each run's own ICL settings")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     return p
 
@@ -207,7 +207,7 @@ def add_reader_prior_command(subparsers: argparse._SubParsersAction) -> None:
                           "the model: the mean KL(model || reader) over every position of held-out ICL prompts and "
                           "documents, minimised over the prior. Needs a world with property_smoothing > 0 (else the KL "
                           "is infinite).", "run, prior_0.., kl, kl_world, positions, ...", 32)
-    p.add_argument("--documents", type=int, default=64, help="held-out documents of the world's mixture")
+    p.add_argument("--documents", type=COUNT, default=64, help="held-out documents of the world's mixture")
     p.set_defaults(func=run_reader_prior)
 
 
@@ -222,7 +222,7 @@ def add_reader_gap_command(subparsers: argparse._SubParsersAction) -> None:
                           "For each run and k: the mean over tasks and shots of |model - reader| target probability on "
                           "the same prompts, its bootstrap standard error over prompts, and the value that prompt noise "
                           "alone gives.", "run, k, gap, gap_se, noise, signed, prompts, ...", 256)
-    p.add_argument("--k", type=int, nargs="+", help="example lengths (default: each run's own)")
+    p.add_argument("--k", type=COUNT, nargs="+", help="example lengths (default: each run's own)")
     p.set_defaults(func=run_reader_gap)
 
 

@@ -180,7 +180,12 @@ def test_a_report_directory_is_replaced_whole_with_the_users_modes(tmp_path):
 @pytest.mark.parametrize(("argv", "message"), [
     (["fit"], "error: evaluate.py fit: the following arguments are required: --curves, --out (`python evaluate.py fit --help`"),
     (["fitt"], "error: evaluate.py: argument command: invalid choice: 'fitt'"),
-    (["fit", "--curves", "c.csv", "--out", "o", "--starts", "many"], "argument --starts: invalid int value: 'many'"),
+    (["fit", "--curves", "c.csv", "--out", "o", "--starts", "many"], "argument --starts: 'many' is not a whole number; give one >= 1"),
+    (["fit", "--curves", "c.csv", "--out", "o", "--starts", "0"], "argument --starts: 0 must be >= 1"),
+    (["fit", "--curves", "c.csv", "--out", "o", "--seed", "-1"], "argument --seed: -1 must be >= 0"),
+    (["curves", "--ideal", "--out", "c.csv", "--prompts", "0"], "argument --prompts: 0 must be >= 1"),
+    (["shift", "--curves", "c.csv", "--out", "o", "--baseline", "b", "--resamples", "0"], "argument --resamples: 0 must be >= 1"),
+    (["ladder", "--out", "o", "--k", "0"], "argument --k: 0 must be >= 1"),
 ])
 def test_bad_flags_are_one_line_naming_the_help(capsys, argv, message):
     with pytest.raises(SystemExit) as stop:

@@ -124,3 +124,12 @@ def test_an_interrupt_at_any_step_of_the_swap_leaves_one_whole_report(tmp_path, 
         assert [p.name for p in folder.iterdir()] == ["report"], (stop_at, list(folder.iterdir()))
         assert (out / "report.md").read_text() == "next"
     assert (9, "old") in outcomes and (9, "new") in outcomes and (0, "new") in outcomes, outcomes
+
+
+def test_an_empty_data_config_is_refused_not_run_as_the_default_world(tmp_path, capsys):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    out = tmp_path / "ladder"
+    assert evaluate.main(["ladder", "--data-config", str(empty), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().endswith("is empty; give the world and ICL settings, as configs/data/ginc.yaml does")
+    assert not out.exists()
