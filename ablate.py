@@ -26,6 +26,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from analysis.output import inside
 from datamodules.settings_file import read_yaml_mapping
 from evaluation.arguments import OneLineParser
 
@@ -123,6 +124,10 @@ class AblationConfig:
         return cfg
 
     def validate(self, path: Path) -> None:
+        try:
+            inside(self.root, self.name, f"{path}: name")
+        except ValueError as exc:
+            raise AblationConfigError(str(exc)) from None
         for method in self.methods:
             if method not in METHODS:
                 raise AblationConfigError(f"{path}: unknown method {method!r}; choose from {', '.join(METHODS)}")

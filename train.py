@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from analysis.output import inside
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.settings_file import read_yaml_mapping
 from datamodules.world import WorldConfig
@@ -189,9 +190,9 @@ def _run_directory(run: RunConfig, ckpt_path: str | None, model_label: str) -> P
         if not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"ckpt_path {ckpt_path} does not exist; pass runs/NAME/checkpoints/last.ckpt or --run.name NAME --ckpt_path last")
         read_checkpoint(ckpt_path)
-        return root / run.name if run.name else Path(ckpt_path).resolve().parent.parent
+        return inside(root, run.name, "--run.name") if run.name else Path(ckpt_path).resolve().parent.parent
     name = run.name or f"{model_label}-{run.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = root / name
+    run_dir = inside(root, name, "--run.name")
     if ckpt_path is None and (run_dir / "checkpoints").exists():
         raise RunConfigError(f"run directory {run_dir} already has checkpoints; pick another --run.name or resume it with --ckpt_path last")
     if ckpt_path == "last":

@@ -35,6 +35,16 @@ def check_output_dir(out: Path) -> None:
         raise ValueError(f"--out {out}: {writable} is not writable; choose a directory you can write to")
 
 
+def inside(root: str | os.PathLike, name: str, what: str) -> Path:
+    """root / name, refused with one line unless it lies strictly inside root (a name like ../x or an
+    absolute path would write elsewhere)."""
+    path = Path(root) / name
+    base = Path(root).resolve()
+    if not name or Path(name).is_absolute() or base not in path.resolve().parents:
+        raise ValueError(f"{what} {name!r} would write outside {root}; give a name inside it, like my-run or grid/run-1")
+    return path
+
+
 # What the project writes in a directory it replaces whole: the fit, shift and ladder reports, the
 # ablation tables, and an HF export. A directory holding anything else is not the project's to replace.
 REPORT_ENTRIES = frozenset({

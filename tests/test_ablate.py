@@ -115,6 +115,7 @@ def test_bad_ablation_config(tmp_path, capsys):
     ("name: x\nsizes: [gpt2-1l\n", "is not valid YAML"),
     ("- a\n- b\n", "must be a mapping of settings"),
     ("name: x\nsizes: [gpt2-1l]\nfit_fraction: 0.5\nlaws: [power, 3]\n", "laws is ['power', 3], which is not a list of text or null"),
+    ("name: ../../escape\nsizes: [gpt2-1l]\n", "name '../../escape' would write outside"),
 ])
 def test_bad_ablation_yaml_is_one_line(tmp_path, capsys, text, message):
     import ablate

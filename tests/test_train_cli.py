@@ -29,6 +29,8 @@ def run_train(tmp_path, *extra: str) -> int:
         (["--data.context_length", "128"], "exceeds the model's n_positions 64"),
         (["--ckpt_path", "last"], "--ckpt_path last needs --run.name"),
         (["--run.cpu_threads", "0"], "run.cpu_threads must be >= 1"),
+        (["--run.name", "../escaped"], "--run.name '../escaped' would write outside"),
+        (["--run.name", "/tmp/elsewhere"], "--run.name '/tmp/elsewhere' would write outside"),
         (["--model.class_path", "lightning_modules.dpo.PreferenceModule"], "stage pretrain trains lightning_modules.lm_module.CausalLMModule"),
     ],
 )
@@ -38,6 +40,7 @@ def test_config_errors_give_one_line_and_write_nothing(tmp_path, capsys, extra, 
     assert err[-1].startswith("error: ") and message in err[-1], err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("config.yaml"))
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["runs"]), "nothing beside the root"
 
 
 @pytest.mark.parametrize(("extra", "message"), [
