@@ -338,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun the same command to resume (finished cells are kept, a cell resumes "
+              "from its last checkpoint)", file=sys.stderr)
+        return 130
     return 1 if failed else 0
 
 

@@ -8,7 +8,7 @@
     python evaluate.py ladder --data-config configs/data/ginc-gradual.yaml --out ground-truth/
 
 The sub-commands are parsed in evaluation/cli.py, which calls the evaluation package's functions;
-this file turns bad input into one `error:` line and exit status 2.
+this file turns bad input into one `error:` line and exit status 2, and Ctrl-C into one line and 130.
 """
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written (outputs are swapped in whole when complete)", file=sys.stderr)
+        return 130
     return 0
 
 

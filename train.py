@@ -374,6 +374,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; resume with --run.name NAME --ckpt_path last (the run's checkpoints are kept)",
+              file=sys.stderr)
+        return 130
     return 0
 
 

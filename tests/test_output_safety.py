@@ -133,3 +133,24 @@ def test_an_empty_data_config_is_refused_not_run_as_the_default_world(tmp_path, 
     assert evaluate.main(["ladder", "--data-config", str(empty), "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip().endswith("is empty; give the world and ICL settings, as configs/data/ginc.yaml does")
     assert not out.exists()
+
+
+def test_ctrl_c_during_a_fit_stops_with_one_line_130_and_the_old_report_intact(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "fits"
+    assert evaluate.main(COMMANDS["fit"](CURVES, out)) == 0
+    before = snapshot(out)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "evaluate.py"), "fit", "--curves", str(CURVES), "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not any(p.name.startswith(".fits.tmp-") for p in tmp_path.iterdir()):  # fitting has begun
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("error: interrupted") and "Traceback" not in err
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["fits"]
