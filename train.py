@@ -329,10 +329,12 @@ def flag_error(message: str) -> str:
 
 
 class _NoTips(logging.Filter):
-    """Drop Lightning's advertisement for a cloud logger from every run's output."""
+    """Drop Lightning's advertisement for a cloud logger from every run's output, and its Ctrl-C notice
+    (train.py says itself in one line what was kept and how to resume)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
+        message = record.getMessage()
+        return "litlogger" not in message and "Detected KeyboardInterrupt" not in message
 
 
 USER_ERRORS = (ArgumentError, ValueError, FileNotFoundError)  # bad flags, settings or files, and diverged runs
@@ -374,7 +376,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # Lightning answers Ctrl-C in a running stage by tearing down and calling sys.exit(1)
+        if isinstance(exc, SystemExit) and not isinstance(exc.__context__, KeyboardInterrupt):
+            raise
         print("error: interrupted; resume with --run.name NAME --ckpt_path last (the run's checkpoints are kept)",
               file=sys.stderr)
         return 130

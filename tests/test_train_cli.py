@@ -211,3 +211,26 @@ def test_the_quickstart_reports_curves_priors_and_reemergence(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert [r["run"].split("/")[1] for r in rows] == ["pretrain", "sft-favor-256", "sft-disfavor-256"]
     assert all(abs(sum(float(r[f"prior_{i}"]) for i in range(3)) - 1) < 1e-9 for r in rows)
+
+
+def test_ctrl_c_during_training_is_one_line_and_exit_130(tmp_path):
+    """Lightning answers Ctrl-C with its own notice and sys.exit(1); train.py says what was kept instead."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--run.root", str(root), "--run.name", "t",
+                             "--trainer.max_steps", "100000"], cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(root.rglob("*.ckpt")):  # training is under way
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("error: interrupted; resume with") and "Traceback" not in err
+    assert "KeyboardInterrupt" not in err
