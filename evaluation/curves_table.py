@@ -49,7 +49,8 @@ def write_curves(rows: Iterable[Mapping[str, object]], path: str | os.PathLike, 
         with path.open(newline="") as f:
             old = list(csv.DictReader(f))
         # a run's own table holds one block per evaluation: a block is a run at one step
-        block = lambda r: (str(r["run"]), str(r.get("step", "") or ""))  # noqa: E731
+        # step 0 is a step: only a missing step (None or "") is no step
+        block = lambda r: (str(r["run"]), "" if r.get("step") in (None, "") else str(r["step"]))  # noqa: E731
         new = {block(r) for r in rows}
         present = sorted({run + (f" (step {step})" if step else "") for run, step in new & {block(r) for r in old}})
         if present and not replace:

@@ -215,3 +215,17 @@ def test_an_nll_a_rounding_error_below_zero_is_written_and_read_as_zero(tmp_path
         writer.writerows(rows)
     with pytest.raises(ValueError, match="nll = -0.01 must be finite and >= 0"):
         read_curves(path)
+
+
+def test_a_rewritten_step_0_block_replaces_the_old_one(tmp_path):
+    """A run restarted after a failed start evaluates step 0 again: its block must replace the first,
+    not sit beside it (step 0 was keyed as 'no step', so `fit --step 0` then found duplicate rows)."""
+    from evaluation.curves_table import read_curves, write_curves
+
+    path = tmp_path / "curves.csv"
+    rows = [{**r, "step": 0} for r in synthetic_rows(runs=("m/pretrain",))]
+    write_curves(rows, path, append=True, replace=True)
+    write_curves([{**r, "prob": r["prob"] * 0.9} for r in rows], path, append=True, replace=True)
+    with path.open() as f:
+        assert sum(1 for _ in f) == len(rows) + 1
+    assert read_curves(path, step=0)[0].prob.max() <= 0.9 * max(r["prob"] for r in rows) + 1e-12
