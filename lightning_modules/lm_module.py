@@ -36,6 +36,17 @@ class OptimConfig:
     total_steps: int | None = None  # length of the cosine decay; None -> trainer.max_steps
     min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
 
+    def __post_init__(self) -> None:
+        """Refused here, before the run starts: a negative lr used to train until it diverged."""
+        checks = [(self.lr > 0, "lr", "> 0"), (self.weight_decay >= 0, "weight_decay", ">= 0"),
+                  (0 <= self.beta1 < 1, "beta1", "in [0, 1)"), (0 <= self.beta2 < 1, "beta2", "in [0, 1)"),
+                  (self.warmup_steps >= 0, "warmup_steps", ">= 0"),
+                  (self.total_steps is None or self.total_steps >= 1, "total_steps", ">= 1 (or null)"),
+                  (0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")]
+        for ok, name, rule in checks:
+            if not ok:
+                raise ModelConfigError(f"model.optim.{name} = {getattr(self, name)} must be {rule}")
+
 
 def adamw_with_schedule(model: nn.Module, cfg: OptimConfig, total_steps: int, fused: bool) -> dict:
     """AdamW (no decay on biases and norms) with linear warmup then cosine decay, stepped every step."""

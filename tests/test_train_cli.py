@@ -30,6 +30,7 @@ def run_train(tmp_path, *extra: str) -> int:
         (["--ckpt_path", "last"], "--ckpt_path last needs --run.name"),
         (["--run.cpu_threads", "0"], "run.cpu_threads must be >= 1"),
         (["--run.name", "../escaped"], "--run.name '../escaped' would write outside"),
+        (["--model.optim.lr", "-1"], "model.optim.lr = -1.0 must be > 0"),
         (["--run.name", "/tmp/elsewhere"], "--run.name '/tmp/elsewhere' would write outside"),
         (["--model.class_path", "lightning_modules.dpo.PreferenceModule"], "stage pretrain trains lightning_modules.lm_module.CausalLMModule"),
     ],
@@ -41,6 +42,7 @@ def test_config_errors_give_one_line_and_write_nothing(tmp_path, capsys, extra, 
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("config.yaml"))
     assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["runs"]), "nothing beside the root"
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("curves.csv"))
 
 
 @pytest.mark.parametrize(("extra", "message"), [
