@@ -16,6 +16,8 @@ the exit status, and the other cells still run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import math
 import shutil
 import sys
@@ -134,6 +136,14 @@ class AblationConfig:
         for direction in self.directions:
             if direction not in DIRECTIONS:
                 raise AblationConfigError(f"{path}: unknown direction {direction!r}; choose from {', '.join(DIRECTIONS)}")
+        for what, values in (("sizes", self.sizes), ("methods", self.methods), ("directions", self.directions),
+                             ("tasks", self.tasks), ("amounts", self.amounts)):
+            repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+            if repeated:
+                raise AblationConfigError(f"{path}: {what} lists {repeated[0]!r} more than once; list each once")
+        if not self.tasks or any(t < 0 for t in self.tasks):
+            raise AblationConfigError(f"{path}: tasks must be task indices >= 0, got {self.tasks}")
+        self.analysis_configs(path)  # the fit and shift settings, checked before any training
         if any(a < 0 for a in self.amounts) or not self.amounts:
             raise AblationConfigError(f"{path}: amounts must be >= 0 (0 = the pretrained model), got {self.amounts}")
         for value, what, least in ((self.epochs, "epochs", 1), (self.batch_size, "batch_size", 1),
@@ -149,6 +159,22 @@ class AblationConfig:
         for cfg in self.base_configs:
             if not Path(cfg).is_file():
                 raise FileNotFoundError(f"{path}: base config {cfg} does not exist")
+
+
+    def analysis_configs(self, path: Path | None = None):
+        """The FitConfig and ShiftConfig (baseline filled in per size) of the grid's reports, checked."""
+        from analysis.fitting import FitConfig
+        from analysis.laws import LAW_NAMES
+        from analysis.shift import ShiftConfig
+
+        fit = FitConfig(laws=tuple(self.laws or LAW_NAMES), fractions=(self.fit_fraction,))
+        shift = ShiftConfig(baseline="", resamples=self.shift_resamples)
+        try:
+            fit.validate()
+            shift.validate()
+        except ValueError as exc:
+            raise AblationConfigError(f"{path}: {exc} (fit_fraction, laws, shift_resamples)") from None
+        return fit, shift
 
 
 @dataclass
@@ -186,9 +212,9 @@ def run_cell(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None
     import train  # heavy imports (torch, lightning) only when there is training to do
 
     cell_dir = out / cell.name
+    args = cell_args(cfg, cell, out, pretrained)
     if (cell_dir / "DONE").is_file():
         return "skipped"
-    args = cell_args(cfg, cell, out, pretrained)
     if (cell_dir / "checkpoints" / "last.ckpt").is_file():
         args += ["--ckpt_path", "last"]  # interrupted after a checkpoint: continue from it
     elif cell_dir.exists():
@@ -210,8 +236,28 @@ def run_cell(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None
             return f"failed: {type(exc).__name__}: {exc}".splitlines()[0]
     if not (cell_dir / "hf").is_dir():
         return f"failed: training ended without an export (see {cell_dir / 'train.log'})"
-    (cell_dir / "DONE").write_text(f"{time.perf_counter() - began:.1f} s\n")
+    (cell_dir / "DONE").write_text(f"{time.perf_counter() - began:.1f} s\n{DONE_ARGS}{json.dumps(args)}\n")
     return "done"
+
+
+DONE_ARGS = "train.py flags: "
+
+
+def stale_cells(cfg: AblationConfig, out: Path) -> list[str]:
+    """Finished cells whose recorded train.py flags differ from what the grid asks of them now (another
+    world, tasks, steps or overrides): reusing them would report what was not asked for."""
+    stale = []
+    for size in cfg.sizes:
+        pretrained = Path(cfg.pretrained[size]) if size in cfg.pretrained else out / size / "pretrain" / "hf"
+        cells = [] if size in cfg.pretrained else [Cell(size, "pretrain")]
+        cells += [Cell(size, m, d, a) for m in cfg.methods for d in cfg.directions for a in cfg.amounts if a > 0]
+        for cell in cells:
+            done = out / cell.name / "DONE"
+            recorded = [line[len(DONE_ARGS):] for line in done.read_text().splitlines()
+                        if line.startswith(DONE_ARGS)] if done.is_file() else []
+            if recorded and json.loads(recorded[0]) != cell_args(cfg, cell, out, pretrained):
+                stale.append(cell.name)
+    return stale
 
 
 def true_priors(model: Path) -> list[float] | None:
@@ -234,10 +280,8 @@ def smoothed(model: Path) -> bool:
 def run_grid(cfg: AblationConfig, stop_after: int | None = None) -> int:
     """Run (or resume) the grid; write curves.csv, fits/, shift/ and report.md. Returns the number of failed cells."""
     # heavy imports (torch, lightning) only once a grid is to run
-    from analysis.fitting import FitConfig
     from analysis.report import summary_table
     from analysis.output import write_rows
-    from analysis.shift import ShiftConfig
     from evaluation.curves_table import write_curves
     from evaluation.ginc_curves import checkpoint_curve_rows
     from evaluation.reader_gap import reader_gap_rows
@@ -245,6 +289,11 @@ def run_grid(cfg: AblationConfig, stop_after: int | None = None) -> int:
     from evaluation.reports import fit_table, shift_table
 
     out = Path(cfg.root) / cfg.name
+    stale = stale_cells(cfg, out)
+    if stale:
+        raise AblationConfigError(f"{out}: cell {stale[0]}" + (f" and {len(stale) - 1} more" if len(stale) > 1 else "")
+                                  + " finished under other settings; give the grid a new name, or remove those cells' "
+                                    "directories to train them again")
     status: dict[str, str] = {}
     models: dict[str, Path] = {}  # each size's pretrained model
     cells: list[Cell] = []  # post-training cells that ran or were done before
@@ -278,7 +327,7 @@ def run_grid(cfg: AblationConfig, stop_after: int | None = None) -> int:
         raise AblationConfigError(f"no model of {cfg.name} finished, so there are no curves; see {out}/*/*/train.log")
     curves = write_curves(rows, out / "curves.csv")
     analyses = 0  # fit and shift reports that could not be made
-    fit_config = FitConfig(fractions=(cfg.fit_fraction,), **({"laws": tuple(cfg.laws)} if cfg.laws else {}))
+    fit_config, shift_settings = cfg.analysis_configs()
     results = []
     try:
         results, _ = fit_table(curves, out / "fits", fit_config)
@@ -288,7 +337,7 @@ def run_grid(cfg: AblationConfig, stop_after: int | None = None) -> int:
         analyses += 1
     shifts = {}
     for size, base_rows in baselines.items():
-        shift_config = ShiftConfig(baseline=base_rows[0]["run"], resamples=cfg.shift_resamples)
+        shift_config = dataclasses.replace(shift_settings, baseline=base_rows[0]["run"])
         try:
             shifts[size] = shift_table(curves, out / "shift" / size, shift_config, true_priors=true_priors(models[size]))
         except (ValueError, FileNotFoundError) as exc:

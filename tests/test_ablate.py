@@ -116,6 +116,12 @@ def test_bad_ablation_config(tmp_path, capsys):
     ("- a\n- b\n", "must be a mapping of settings"),
     ("name: x\nsizes: [gpt2-1l]\nfit_fraction: 0.5\nlaws: [power, 3]\n", "laws is ['power', 3], which is not a list of text or null"),
     ("name: ../../escape\nsizes: [gpt2-1l]\n", "name '../../escape' would write outside"),
+    ("name: x\nsizes: [gpt2-1l]\nfit_fraction: 5\n", "fit fractions [5] must lie strictly between 0 and 1"),
+    ("name: x\nsizes: [gpt2-1l]\nlaws: [bogus]\n", "unknown law 'bogus'"),
+    ("name: x\nsizes: [gpt2-1l]\nshift_resamples: 1\n", "--resamples must be at least 2"),
+    ("name: x\nsizes: [gpt2-1l]\namounts: [32, 32]\n", "amounts lists 32 more than once"),
+    ("name: x\nsizes: [gpt2-1l, gpt2-1l]\n", "sizes lists 'gpt2-1l' more than once"),
+    ("name: x\nsizes: [gpt2-1l]\ntasks: [-1]\n", "tasks must be task indices >= 0"),
 ])
 def test_bad_ablation_yaml_is_one_line(tmp_path, capsys, text, message):
     import ablate
@@ -136,3 +142,16 @@ def test_trajectory_verdict_counts_steps_back_and_whether_they_leave_the_interva
         "not monotone (1 of 2 steps go the other way, 0 beyond their intervals)"
     assert trajectory_verdict("favor", [0, 32, 64], [0.3, 0.9, 0.5], [0.2, 0.8, 0.4], [0.4, 1.0, 0.6]) == \
         "not monotone (1 of 2 steps go the other way, 1 beyond their intervals)"
+
+
+def test_finished_cells_are_not_reused_under_other_settings(finished, capsys):
+    """A rerun with another task (or steps, or overrides) must not skip every cell and report the old ones."""
+    config = yaml.safe_load(_grid(finished, "whole").read_text())
+    config["tasks"] = [1]
+    changed = finished / "changed.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    before = (finished / "whole" / "t" / "report.md").read_text()
+    assert ablate.main(["--config", str(changed)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cell gpt2-1l/sft-favor-32 and 1 more finished under other settings" in err[0], err
+    assert (finished / "whole" / "t" / "report.md").read_text() == before
