@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from evaluation.curves_table import write_curves
 from evaluation.run_artifacts import RUN_INFO_KEY, RunInfo, write_export
+from lightning_modules.lm_module import check_finite_weights
 
 
 class CurvesWriter(L.Callback):
@@ -108,4 +109,5 @@ class FinalExport(L.Callback):
         if ckpt is not None and getattr(ckpt, "_last_global_step_saved", None) != trainer.global_step:
             trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.ckpt", weights_only=False)  # full, to resume
         if trainer.is_global_zero:
+            check_finite_weights(pl_module.gpt.state_dict(), trainer.global_step)  # a diverged run exports nothing
             write_export(self.run_dir, pl_module.gpt, trainer.datamodule.hparams, self.info, trainer.global_step)

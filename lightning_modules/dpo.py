@@ -172,12 +172,14 @@ class PreferenceModule(CausalLMModule):
                        "train/margin": (chosen - rejected).mean()})
         if ref is not None:
             self.log("train/kl", mean_token_kl(policy.detach(), ref))
+        self.guard_loss(loss)
         self.log_rates(ids.numel())
         return loss
 
     # the reference is rebuilt from init_from, so checkpoints hold the policy only (and stay loadable as a causal LM)
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("reference.")}
+        super().on_save_checkpoint(checkpoint)  # the weight check every stage gets
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.reference is not None:

@@ -88,6 +88,12 @@ def diverged(what: str, step: int) -> NonFiniteError:
                           "--trainer.gradient_clip_val 1.0 (the last checkpoint is from before it)")
 
 
+def check_finite_weights(state: dict[str, torch.Tensor], step: int) -> None:
+    """Refuse to save or export weights that are not all finite."""
+    if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
+        raise diverged("the weights", step)
+
+
 class CausalLMModule(L.LightningModule):
     """GPT-2 trained on next-token prediction; validation gives the loss and the ICL curves."""
 
@@ -158,16 +164,19 @@ class CausalLMModule(L.LightningModule):
         ids = batch["input_ids"]
         loss = self.gpt(input_ids=ids, labels=ids).loss
         self.log("train/loss", loss)  # a device tensor: read only when the logger flushes
-        # checked when the logger reads the loss anyway, so a GPU never waits for it on other steps
-        if self.log_flush_step() and not bool(torch.isfinite(loss)):
-            raise diverged(f"the training loss ({loss.item()})", self.global_step + 1)
+        self.guard_loss(loss)
         self.log_rates(ids.numel())
         return loss
 
+    def guard_loss(self, loss: torch.Tensor) -> None:
+        """Every stage's divergence check of its training loss. It runs when the logger reads the loss
+        anyway, so a GPU never waits for it on other steps; the weight check at every save catches the rest."""
+        if self.log_flush_step() and not bool(torch.isfinite(loss)):
+            raise diverged(f"the training loss ({loss.item()})", self.global_step + 1)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Never write non-finite weights over the last good checkpoint."""
-        if not all(bool(torch.isfinite(v).all()) for v in checkpoint["state_dict"].values() if v.is_floating_point()):
-            raise diverged("the weights", self.global_step)
+        check_finite_weights(checkpoint["state_dict"], self.global_step)
 
     def log_flush_step(self) -> bool:
         """Whether the logger writes this step's values."""

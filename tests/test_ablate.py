@@ -92,15 +92,18 @@ def test_failed_cell_is_reported_and_the_others_finish(finished, tmp_path):
     assert any(r["run"].endswith("sft-favor-32") for r in _table(out / "curves.csv"))
 
 
-def test_a_diverging_cell_is_reported_failed(finished, tmp_path):
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_a_diverging_cell_is_reported_failed(finished, tmp_path, method):
+    """Every stage gets the same guard: a diverging cell, SFT or DPO, is failed, not DONE, and exports nothing."""
     pretrained = finished / "whole" / "t" / "gpt2-1l" / "pretrain" / "hf"
-    config = _grid(tmp_path, "diverging", pretrained={"gpt2-1l": str(pretrained)}, methods=["sft"], directions=["favor"],
+    config = _grid(tmp_path, "diverging", pretrained={"gpt2-1l": str(pretrained)}, methods=[method], directions=["favor"],
                    posttrain_overrides=["--model.optim.lr", "1e30"])
     assert ablate.main(["--config", str(config)]) == 1
     out = tmp_path / "diverging" / "t"
     report = (out / "report.md").read_text()
-    assert "| gpt2-1l/sft-favor-32 | failed" in report and "non-finite" in report
-    assert not (out / "gpt2-1l" / "sft-favor-32" / "DONE").exists()
+    assert f"| gpt2-1l/{method}-favor-32 | failed" in report and "non-finite" in report
+    assert not (out / "gpt2-1l" / f"{method}-favor-32" / "DONE").exists()
+    assert not (out / "gpt2-1l" / f"{method}-favor-32" / "hf").exists()
 
 
 def test_bad_ablation_config(tmp_path, capsys):

@@ -217,3 +217,15 @@ def test_cli_dpo_run_writes_curves_labelled_dpo(tmp_path, pretrained):
     assert {(r["run"], r["method"], r["direction"], r["amount"], r["target"]) for r in rows} == {("gpt2-1l-d32/dpo-favor-16", "dpo", "favor", "16", "0")}
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert not any(k.startswith("reference.") for k in ckpt["state_dict"]) and ckpt["hyper_parameters"]["loss"] == "ipo"
+
+
+def test_a_dpo_checkpoint_of_non_finite_weights_is_refused(pretrained, tmp_path):
+    """The weight check every stage gets: DPO's own on_save_checkpoint used to skip it."""
+    from lightning_modules.lm_module import NonFiniteError
+
+    module, trainer = dpo_run(pretrained, [1.0, 0.0, 0.0], steps=2)
+    with torch.no_grad():
+        next(module.gpt.parameters()).fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match="the weights became non-finite"):
+        trainer.save_checkpoint(tmp_path / "bad.ckpt")
+    assert not (tmp_path / "bad.ckpt").exists()
