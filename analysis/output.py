@@ -5,6 +5,7 @@ import csv
 import ctypes
 import errno
 import glob
+import hashlib
 import os
 import re
 import shutil
@@ -171,6 +172,15 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
 
 def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+def file_names(labels: Sequence[str]) -> dict[str, str]:
+    """A file name for each distinct label: its safe_name, plus a hash of the label where two labels
+    would share one (a/b and a_b), whatever order they come in."""
+    safe = {label: safe_name(label) for label in dict.fromkeys(labels)}
+    shared = {name for name in safe.values() if list(safe.values()).count(name) > 1}
+    return {label: f"{name}-{hashlib.sha1(label.encode()).hexdigest()[:6]}" if name in shared else name
+            for label, name in safe.items()}
 
 
 def shots_grid(max_shots: float, points: int = 300) -> np.ndarray:

@@ -13,7 +13,7 @@ import torch
 from analysis.fitting import RIDGE, FitConfig, FitResult, flat_params, predict, undetermined
 from analysis.laws import BAYESIAN_NAMES
 from analysis.lm import FTOL, XTOL
-from analysis.output import markdown_table, safe_name, shots_grid, write_csv
+from analysis.output import file_names, markdown_table, shots_grid, write_csv
 
 FIT_COLUMNS = ("run", "k", "law", "split", "nrmse", "nrmse_nll", "n_params", "loss", "converged", "fit_fraction")
 
@@ -108,8 +108,9 @@ def write_fit_outputs(results: list[FitResult], config: FitConfig, curves_path: 
     plot_names = []
     if plots:
         (out / "plots").mkdir()
+        files = file_names([run for run, _ in by_group])
         for (run, k), rs in by_group.items():
-            name = f"plots/{safe_name(run)}_k{k}.png"
+            name = f"plots/{files[run]}_k{k}.png"
             plot_group(rs, out / name)
             plot_names.append(name)
     failed = [r for r in results if not r.converged]

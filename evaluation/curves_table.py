@@ -80,8 +80,8 @@ def _number(path: Path, line: int, column: str, text: str, integer: bool) -> flo
         raise ValueError(f"{path} line {line}: column {column} is {text!r}, not a number; fix or drop that row") from None
     if math.isnan(value):
         raise ValueError(f"{path} line {line}: {column} is NaN; drop the row or measure it again")
-    if integer and (not math.isfinite(value) or value < 0 or value != int(value)):
-        raise ValueError(f"{path} line {line}: {column} = {text} must be a non-negative integer")
+    if integer and (not math.isfinite(value) or value < 0 or value != int(value) or value >= 2**31):
+        raise ValueError(f"{path} line {line}: {column} = {text} must be a non-negative integer below 2^31")
     return value
 
 
@@ -95,8 +95,15 @@ def _check_row(path: Path, line: int, row: dict[str, str]) -> dict[str, object]:
         raise ValueError(f"{path} line {line}: nll = {row['nll']} must be finite and >= 0; drop or re-measure the row")
     if not math.isfinite(count) or count < 1 or count != int(count):
         raise ValueError(f"{path} line {line}: count = {row['count']} must be a positive integer (prompts averaged)")
+    if prob == 0.0 and math.isfinite(nll):
+        raise ValueError(f"{path} line {line}: prob = 0 with a finite nll = {row['nll']}; a mean probability of 0 "
+                         "means every prompt scored 0 (nll inf): fix or drop the row")
     acc = row.get("acc")
     acc = _number(path, line, "acc", acc, False) if acc not in (None, "") else None
+    if acc is not None and not 0.0 <= acc <= 1.0:
+        raise ValueError(f"{path} line {line}: acc = {row['acc']} is outside [0, 1]; it must be a mean accuracy")
+    if not row["run"].strip():
+        raise ValueError(f"{path} line {line}: run is empty; every row needs the label of the run it measures")
     return curve_row(row["run"], k, task, shots, prob, nll, acc, int(count))
 
 
@@ -108,8 +115,22 @@ def read_rows(path: str | os.PathLike, step: int | None = None) -> list[dict[str
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"curves file {path} not found; pass a CSV written by `evaluate.py curves`")
-    with path.open(newline="") as f:
+    try:
+        return _read_rows(path, step)
+    except UnicodeDecodeError:
+        for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path} line {number}: not UTF-8 text; save the table as UTF-8 CSV") from None
+        raise
+
+
+def _read_rows(path: Path, step: int | None) -> list[dict[str, object]]:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark is not a column name
         reader = csv.DictReader(f)
+        if reader.fieldnames:
+            reader.fieldnames = [name.strip() for name in reader.fieldnames]  # "run, k, task" from a hand-made header
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(

@@ -41,7 +41,11 @@ def fit_table(curves: str | os.PathLike, out: str | os.PathLike, config: FitConf
     (and plots/) into `out`. Returns the fits and the fits skipped (too few points), one line each."""
     config.validate()
     groups = read_curves(curves, step)
-    skipped = skipped_fits(plan_fits(groups, config), config)
+    jobs = plan_fits(groups, config)
+    skipped = skipped_fits(jobs, config)
+    if len(skipped) == len(jobs) * len(config.laws):  # nothing to fit: keep the old report, say why
+        raise ValueError(f"no fit can be made: {skipped[0]}" + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else "")
+                         + "; measure more shots or choose a law with fewer parameters")
     with one_thread(), atomic_dir(out, [curves]) as tmp:
         results = fit_groups(groups, config)
         write_fit_outputs(results, config, Path(curves), tmp, plots=plots, skipped=skipped)

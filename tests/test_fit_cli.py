@@ -229,3 +229,54 @@ def test_a_rewritten_step_0_block_replaces_the_old_one(tmp_path):
     with path.open() as f:
         assert sum(1 for _ in f) == len(rows) + 1
     assert read_curves(path, step=0)[0].prob.max() <= 0.9 * max(r["prob"] for r in rows) + 1e-12
+
+
+def _table(tmp_path, rows, header=None, encoding="utf-8", prefix=b""):
+    path = tmp_path / "c.csv"
+    columns = list(rows[0])
+    text = ",".join(header or columns) + "\n" + "".join(",".join(str(r[c]) for c in columns) + "\n" for r in rows)
+    path.write_bytes(prefix + text.encode(encoding))
+    return path
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda r: r.update(acc=1.5), "line 2: acc = 1.5 is outside [0, 1]"),
+    (lambda r: r.update(prob=0.0, nll=0.5), "line 2: prob = 0 with a finite nll = 0.5"),
+    (lambda r: r.update(run=" "), "line 2: run is empty"),
+    (lambda r: r.update(k="1e12"), "line 2: k = 1e12 must be a non-negative integer below 2^31"),
+    (lambda r: r.update(run="caf\u00e9-\xff"), "line 2: not UTF-8 text; save the table as UTF-8 CSV"),
+])
+def test_values_that_cannot_be_are_refused_with_their_line(tmp_path, change, message):
+    from evaluation.curves_table import read_curves
+
+    rows = synthetic_rows(runs=("m/pretrain",))
+    change(rows[0])
+    path = _table(tmp_path, rows, encoding="latin-1" if "UTF-8" in message else "utf-8")
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace("^", r"\^")):
+        read_curves(path)
+
+
+def test_a_byte_order_mark_and_padded_header_names_are_read(tmp_path):
+    from evaluation.curves_table import read_curves
+
+    rows = synthetic_rows(runs=("m/pretrain",))
+    path = _table(tmp_path, rows, header=[f" {c} " for c in rows[0]], prefix=b"\xef\xbb\xbf")
+    assert read_curves(path)[0].run == "m/pretrain"
+
+
+def test_distinct_run_labels_never_share_a_plot_file():
+    from analysis.output import file_names
+
+    labels = ["a/b", "a_b", "a b", "a:b", "run-1", "m/pretrain"]
+    names = file_names(labels)
+    assert len(set(names.values())) == len(labels) and names["run-1"] == "run-1" and names["m/pretrain"] == "m_pretrain"
+    assert file_names(labels[::-1]) == names
+
+
+def test_a_table_too_short_for_every_fit_keeps_the_old_report(tmp_path, capsys):
+    code, out = fit(tmp_path, synthetic_rows(), "--laws", "power", "--no-plots")
+    assert code == 0
+    before = (out / "fits.csv").read_bytes()
+    code, _ = fit(tmp_path, synthetic_rows(shots=np.arange(2.0)), "--laws", "power", "--no-plots")
+    assert code == 2 and "no fit can be made" in capsys.readouterr().err
+    assert (out / "fits.csv").read_bytes() == before
