@@ -363,10 +363,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     quiet_lightning()
-    if argv and argv[0] == "test":
-        print("error: train.py has no test split to run `test` on (the GINC stream has no held-out test set); "
-              "use `python train.py validate --config CONFIG --ckpt_path CKPT` or `python evaluate.py curves --ckpt CKPT`",
-              file=sys.stderr)
+    if argv and argv[0] in ("test", "predict"):
+        print(f"error: train.py has no {argv[0]} split to run `{argv[0]}` on (the GINC stream has no held-out set of "
+              "that kind); use `python train.py validate --config CONFIG --ckpt_path CKPT` or "
+              "`python evaluate.py curves --ckpt CKPT`", file=sys.stderr)
         return 2
     try:
         if not argv:

@@ -18,6 +18,7 @@ from analysis.output import atomic_dir
 from analysis.report import write_fit_outputs
 from analysis.shift import ShiftConfig, ShiftResult, analyse_shift
 from analysis.shift_report import write_shift_outputs
+from datamodules.world import check_weights
 from evaluation.curves_table import read_curves, read_prompt_table
 
 
@@ -67,8 +68,13 @@ def shift_table(curves: str | os.PathLike, out: str | os.PathLike, config: Shift
             raise ValueError(f"--k {missing} is not in {curves}; it has k = {sorted({g.k for g in groups})}")
         groups = [g for g in groups if g.k in k_values]
     M = next((g.n_tasks for g in groups if g.run == config.baseline), None)
-    if true_priors is not None and M is not None and len(true_priors) != M:
-        raise ValueError(f"--true-priors has {len(true_priors)} weights but the curves have {M} tasks")
+    if true_priors is not None and M is not None:
+        if len(true_priors) != M:
+            raise ValueError(f"--true-priors has {len(true_priors)} weights but the curves have {M} tasks")
+        check_weights(true_priors, M, "--true-priors")
+        if abs(sum(true_priors) - 1.0) > 1e-6:
+            raise ValueError(f"--true-priors {list(true_priors)} sum to {sum(true_priors):g}, not 1; give the pretraining "
+                             "mixture's weights, which are probabilities")
     prompts = read_prompt_table(prompt_table) if prompt_table else None
     with one_thread(), atomic_dir(out, [curves, *([prompt_table] if prompt_table else [])]) as tmp:
         result = analyse_shift(groups, config, prompts)

@@ -173,8 +173,9 @@ def test_validate_writes_somewhere_new_and_test_is_one_line(tmp_path, capsys):
                        "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]) == 0
     assert (run / "config.yaml").read_text() == config and (run / "curves.csv").read_text() == curves
     assert [p.name for p in (tmp_path / "runs").iterdir() if p.name.startswith("good-validate-")]
-    assert train.main(["test", "--config", "configs/tiny.yaml"]) == 2
-    assert "has no test split" in capsys.readouterr().err
+    for verb in ("test", "predict"):
+        assert train.main([verb, "--config", "configs/tiny.yaml"]) == 2
+        assert f"has no {verb} split" in capsys.readouterr().err
 
 
 def test_best_checkpoint_holds_the_weights_its_score_was_measured_on(tmp_path):
