@@ -80,8 +80,22 @@ def spec_of(config: GPT2Config) -> GPTSpec:
 
 
 def resolve_device(name: str) -> str:
-    """`auto` -> cuda where a GPU is visible, else cpu; any other name is kept."""
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    """`auto` -> cuda where a GPU is visible, else cpu; any other name is checked against this torch build
+    and machine (one line naming what is there, instead of torch's assertion deep inside)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise ValueError(f"--device {name}: this machine's torch sees {count} CUDA device(s)"
+                             + ("" if torch.version.cuda else " (a CPU-only build)") + "; use --device cpu or auto")
+    elif device.type not in ("cpu", "meta") and not getattr(torch, device.type, None):
+        raise ValueError(f"--device {name}: this torch build has no {device.type} backend; use --device cpu or auto")
+    return name
 
 
 def training_threads(requested: int | None = None) -> int:

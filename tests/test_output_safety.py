@@ -154,3 +154,13 @@ def test_ctrl_c_during_a_fit_stops_with_one_line_130_and_the_old_report_intact(t
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1].startswith("error: interrupted") and "Traceback" not in err
     assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["fits"]
+
+
+@pytest.mark.parametrize(("device", "message"), [
+    ("cuda:99", "--device cuda:99: this machine's torch sees"), ("gpu0", "--device 'gpu0' is not a device name")])
+def test_a_device_this_machine_cannot_use_is_one_line_before_any_work(tmp_path, capsys, device, message):
+    out = tmp_path / "c.csv"
+    assert evaluate.main(["curves", "--ideal", "--data-config", str(WORLD), "--out", str(out), "--prompts", "2",
+                          "--device", device]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {message}") and not out.exists()
