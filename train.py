@@ -250,8 +250,14 @@ class TrainCLI(LightningCLI):
         callbacks = [*(trainer_cfg.get("callbacks") or []), *mine]
         logger = trainer_cfg.get("logger")
         if logger is None or logger is True:
+            # a resumed run logs again from its checkpoint's step: drop what an interrupted run logged after it
+            resume = cfg.get("ckpt_path") if self.subcommand == "fit" else None
+            if resume == "last":
+                resume = self.run_dir / "checkpoints" / "last.ckpt"
+            purge = {"purge_step": int(read_checkpoint(resume)["global_step"]) + 1} if resume else {}
             # hp_metric: the HParams view lists the run's hyperparameters with its latest validation loss
-            logger = TensorBoardLogger(save_dir=self.run_dir.parent, name=self.run_dir.name, version="", default_hp_metric=True)
+            logger = TensorBoardLogger(save_dir=self.run_dir.parent, name=self.run_dir.name, version="",
+                                       default_hp_metric=True, **purge)
         return super().instantiate_trainer(callbacks=callbacks, logger=logger, default_root_dir=self.run_dir, **kwargs)
 
     def before_fit(self) -> None:

@@ -230,6 +230,9 @@ class CausalLMModule(L.LightningModule):
             self.icl.update(batch["k"], batch["task"], logp, hit)
 
     def on_validation_epoch_end(self) -> None:
+        # an evaluation's scalars at the step its curves and images carry (the steps taken), not
+        # Lightning's default for validation inside training, one less
+        self.log("step", float(self.global_step), add_dataloader_idx=False, rank_zero_only=True)
         if self.icl is None:
             return
         rows = curve_rows(self.icl.compute(), self.icl_k_values, run="")

@@ -67,3 +67,27 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
     assert best_whole["global_step"] == best_killed["global_step"] and best_whole["global_step"] % 5 == 0
     for key in best_whole["state_dict"]:
         assert torch.equal(best_whole["state_dict"][key], best_killed["state_dict"][key]), key
+
+
+def test_tensorboard_steps_match_curves_and_a_resume_does_not_repeat_them(tmp_path):
+    """Evaluation scalars carry the step of their curves and images (not one less), and a run resumed
+    from a checkpoint older than its last log drops what it logged after that checkpoint."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root = tmp_path / "runs"
+    base = ["fit", "--config", "configs/tiny.yaml", "--run.root", str(root), "--run.name", "t",
+            "--trainer.val_check_interval", "10"]
+    assert train.main([*base, "--trainer.max_steps", "20"]) == 0
+    shutil.copy(root / "t" / "checkpoints" / "last.ckpt", tmp_path / "step20.ckpt")
+    assert train.main([*base, "--trainer.max_steps", "30", "--ckpt_path", "last"]) == 0
+    shutil.copy(tmp_path / "step20.ckpt", root / "t" / "checkpoints" / "last.ckpt")  # killed at 30, last saved at 20
+    assert train.main([*base, "--trainer.max_steps", "30", "--ckpt_path", "last"]) == 0
+    events = EventAccumulator(str(root / "t"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    with (root / "t" / "curves.csv").open() as f:
+        curve_steps = sorted({int(r["step"]) for r in csv.DictReader(f)})
+    assert [e.step for e in events.Scalars("val/loss")] == curve_steps == [0, 10, 20, 30]
+    image = events.Tags()["images"][0]
+    assert sorted({e.step for e in events.Images(image)}) == curve_steps
