@@ -33,6 +33,19 @@ class ICLConfig:
     # emission and the target (the most likely next emission) is scored there, as in the reference code
     demo_format: str = "label"
 
+    def __post_init__(self) -> None:
+        """Counts of 0 used to surface as "range() arg 3 must not be zero" or pass silently (n_shots 0 fell
+        back to filling the context); each is refused here with the setting's name."""
+        for name, value in (("prompts_per_task", self.prompts_per_task), ("batch_size", self.batch_size)):
+            if value < 1:
+                raise WorldConfigError(f"icl.{name} must be >= 1, got {value}")
+        if self.n_shots is not None and self.n_shots < 1:
+            raise WorldConfigError(f"icl.n_shots must be >= 1 (or null: as many as fill the context), got {self.n_shots}")
+        if not self.k_values or len(set(self.k_values)) != len(self.k_values):
+            raise WorldConfigError(f"icl.k_values must list each example length once, got {self.k_values}")
+        if self.tasks is not None and (not self.tasks or any(t < 0 for t in self.tasks)):
+            raise WorldConfigError(f"icl.tasks must be task indices >= 0 (or null: every task), got {self.tasks}")
+
 
 def _as_world(world: WorldConfig | dict | None) -> WorldConfig:
     if world is None:
@@ -196,6 +209,8 @@ class GincDataModule(L.LightningDataModule):
             raise WorldConfigError(f"train_documents must be >= 1 (or null for an endless stream), got {train_documents}")
         for k in self.icl.k_values:
             shots_for_context(context_length, k)  # checks k and that one example fits
+        if self.icl.tasks is not None and max(self.icl.tasks) >= self.world.n_tasks:
+            raise WorldConfigError(f"icl.tasks {self.icl.tasks} must name tasks of the world (0..{self.world.n_tasks - 1})")
         self.context_length, self.batch_size = context_length, batch_size
         self.train_weights = None if train_weights is None else list(check_weights(train_weights, self.world.n_tasks, "train_weights"))
         self.train_documents, self.train_stream = train_documents, train_stream

@@ -1,5 +1,6 @@
 """The GINC data module: seeded, disjoint across ranks and workers, resumable, finite SFT amounts."""
 import itertools
+import re
 
 import pytest
 import torch
@@ -93,3 +94,15 @@ def test_demonstration_rows_replace_a_share_of_pretraining_blocks_deterministica
     assert any(torch.equal(mixed["input_ids"][row], c) for c in candidates)
     with pytest.raises(WorldConfigError, match="demo_rate must be in"):
         GincDataModule(world=world, demo_rate=1.5)
+
+
+@pytest.mark.parametrize(("icl", "message"), [
+    ({"batch_size": 0}, "icl.batch_size must be >= 1, got 0"),
+    ({"prompts_per_task": 0}, "icl.prompts_per_task must be >= 1"),
+    ({"n_shots": 0}, "icl.n_shots must be >= 1"),
+    ({"k_values": [3, 3]}, "icl.k_values must list each example length once"),
+    ({"tasks": [7]}, "icl.tasks [7] must name tasks of the world"),
+])
+def test_icl_settings_that_cannot_be_are_named(icl, message):
+    with pytest.raises(WorldConfigError, match=re.escape(message)):
+        GincDataModule(context_length=64, icl=icl)
