@@ -26,7 +26,6 @@ import yaml
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from analysis.output import inside
 from datamodules.ginc_datamodule import GincDataModule
@@ -35,7 +34,7 @@ from datamodules.world import WorldConfig
 from evaluation.ginc_curves import ideal_references
 from evaluation.quickstart_report import analyse_quickstart
 from evaluation.run_artifacts import ARCH_KEYS, RunInfo, read_source
-from lightning_modules.callbacks import CurvesWriter, FinalExport, StepProgressBar
+from lightning_modules.callbacks import CurvesWriter, FinalExport, RunLogger, StepProgressBar
 from lightning_modules.gpt import (SPEC_FIELDS, GPTSpec, read_checkpoint, read_pretrained, resolve_device, resolve_spec,
                                   training_threads)
 from lightning_modules.lm_module import CausalLMModule
@@ -256,8 +255,8 @@ class TrainCLI(LightningCLI):
                 resume = self.run_dir / "checkpoints" / "last.ckpt"
             purge = {"purge_step": int(read_checkpoint(resume)["global_step"]) + 1} if resume else {}
             # hp_metric: the HParams view lists the run's hyperparameters with its latest validation loss
-            logger = TensorBoardLogger(save_dir=self.run_dir.parent, name=self.run_dir.name, version="",
-                                       default_hp_metric=True, **purge)
+            logger = RunLogger(save_dir=self.run_dir.parent, name=self.run_dir.name, version="",
+                               default_hp_metric=True, **purge)
         return super().instantiate_trainer(callbacks=callbacks, logger=logger, default_root_dir=self.run_dir, **kwargs)
 
     def before_fit(self) -> None:

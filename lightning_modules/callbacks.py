@@ -19,6 +19,27 @@ from evaluation.run_artifacts import RUN_INFO_KEY, RunInfo, write_export
 from lightning_modules.lm_module import check_finite_weights
 
 
+class RunLogger(TensorBoardLogger):
+    """TensorBoard with hp_metric declared for the HParams view, but without the -1 placeholder that
+    Lightning writes into the hp_metric chart at step 0 each time a stage starts (three points at step
+    0 in a run that evaluates before it trains: -1, the first loss, -1 again)."""
+
+    _declaring = False
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        self._declaring = True
+        try:
+            super().log_hyperparams(*args, **kwargs)
+        finally:
+            self._declaring = False
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        if self._declaring:
+            metrics = {k: v for k, v in metrics.items() if k != "hp_metric"}
+        if metrics:
+            super().log_metrics(metrics, step)
+
+
 class CurvesWriter(L.Callback):
     """After every validation: append the ICL curves to the run's curves.csv and draw them in TensorBoard,
     beside reference curves (e.g. the ideal learners') that `references(device)` computes once, on the

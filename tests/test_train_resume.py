@@ -89,5 +89,8 @@ def test_tensorboard_steps_match_curves_and_a_resume_does_not_repeat_them(tmp_pa
     with (root / "t" / "curves.csv").open() as f:
         curve_steps = sorted({int(r["step"]) for r in csv.DictReader(f)})
     assert [e.step for e in events.Scalars("val/loss")] == curve_steps == [0, 10, 20, 30]
+    # hp_metric: one point per evaluation, no -1 placeholders, and still declared for the HParams view
+    assert [e.step for e in events.Scalars("hp_metric")] == curve_steps and min(e.value for e in events.Scalars("hp_metric")) > 0
+    assert "_hparams_/experiment" in events.PluginTagToContent("hparams")
     image = events.Tags()["images"][0]
     assert sorted({e.step for e in events.Images(image)}) == curve_steps
