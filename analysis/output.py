@@ -110,8 +110,39 @@ def _clean_stale(out: Path) -> None:
     for kind, entry in sorted(stale, key=lambda e: e[0] != "old"):
         if kind == "old" and not out.exists():
             os.replace(entry, out)
-        else:
+        elif entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def check_output_file(out: Path, inputs: Sequence[str | os.PathLike] = ()) -> None:
+    """One `error:` line, before any work, for a file output that cannot be written where it is asked:
+    a directory, a path under a file or in an unwritable directory, or one of the command's inputs."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; pass a CSV file path")
+    check_output_dir(out.resolve().parent)
+    for given in inputs:
+        if Path(given).resolve() == out.resolve():
+            raise ValueError(f"--out {out} is the input {given}; write to another file")
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary file beside `path`; on success it replaces `path` in one rename, so a reader sees
+    the old file or the new one. It carries this process's id: a failure removes it, and after a kill
+    the next write of `path` does. Modes follow the umask."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it private
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -156,10 +187,8 @@ def write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict]) -> None:
 def write_rows(rows: Sequence[dict], path: str | os.PathLike) -> Path:
     """Rows as a CSV (the union of their keys as columns, in first-seen order), swapped in whole."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp"
-    write_csv(tmp, list(dict.fromkeys(key for row in rows for key in row)), rows)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        write_csv(tmp, list(dict.fromkeys(key for row in rows for key in row)), rows)
     return path
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from analysis.fitting import SPLITS, FitConfig
 from analysis.laws import LAW_NAMES
-from analysis.output import check_output_dir, write_rows
+from analysis.output import check_output_file, write_rows
 from analysis.report import summary_table
 from analysis.shift import ShiftConfig
 from evaluation.arguments import COUNT, INDEX, OneLineParser
@@ -54,6 +54,8 @@ def add_curves_command(subparsers: argparse._SubParsersAction) -> None:
 def run_curves(args: argparse.Namespace) -> None:
     # each source's modules are imported only when used: `evaluate.py fit` need not load transformers
     ginc = {"k_values": args.k, "prompts": args.prompts, "batch_size": args.batch_size, "device": args.device}
+    inputs = [p for p in (args.data_config, args.dataset, *(args.ckpt or [])) if p is not None]
+    check_output_file(args.out, inputs)  # before minutes of measuring
     if args.ideal:
         from evaluation.ginc_curves import ideal_curve_rows
 
@@ -233,9 +235,7 @@ def run_reader_gap(args: argparse.Namespace) -> None:
 
 
 def _write_per_model(args: argparse.Namespace, measure: Callable[[], list[dict]]) -> None:
-    if args.out.is_dir():
-        raise ValueError(f"--out {args.out} is a directory; pass a CSV file path")
-    check_output_dir(args.out.resolve().parent)
+    check_output_file(args.out)
     rows = measure()
     print(f"wrote {len(rows)} rows to {write_rows(rows, args.out)}")
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from analysis.curves import CurveGroup
-from analysis.output import umask
+from analysis.output import atomic_file
 
 CURVE_COLUMNS = ("run", "k", "task", "shots", "prob", "nll", "acc", "count")
 OPTIONAL_COLUMNS = ("acc",)  # curves drawn from a law have no accuracy
@@ -61,15 +60,11 @@ def write_curves(rows: Iterable[Mapping[str, object]], path: str | os.PathLike, 
     for row in [*old, *rows]:
         extra += [key for key in row if key not in CURVE_COLUMNS and key not in extra]
     columns = [*CURVE_COLUMNS, *extra]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:
+    with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(old)
         writer.writerows(rows)
-    os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it private
-    os.replace(tmp, path)
     return path
 
 

@@ -164,3 +164,45 @@ def test_a_device_this_machine_cannot_use_is_one_line_before_any_work(tmp_path, 
                           "--device", device]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: {message}") and not out.exists()
+
+
+CRASH_CURVES = textwrap.dedent("""
+    import csv, os, sys
+    sys.path.insert(0, {root!r})
+    from evaluation.curves_table import read_rows, write_curves
+
+    rows = read_rows({curves!r})
+    original = csv.DictWriter.writerows
+
+    def half_then_killed(self, some):
+        original(self, list(some)[:5])
+        os._exit(9)  # as kill -9 in the middle of writing
+
+    csv.DictWriter.writerows = half_then_killed
+    write_curves(rows, sys.argv[1])
+""")
+
+
+def test_curves_out_killed_while_writing_keeps_the_old_table_and_the_next_write_cleans_up(tmp_path):
+    from evaluation.curves_table import read_rows, write_curves
+
+    out = tmp_path / "c.csv"
+    shutil.copy(CURVES, out)
+    before = out.read_bytes()
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_CURVES.format(root=str(ROOT), curves=str(CURVES)))
+    assert subprocess.run([sys.executable, str(script), str(out)]).returncode == 9
+    assert out.read_bytes() == before
+    assert any(p.name.startswith(".c.csv.tmp-") for p in tmp_path.iterdir()), "the killed writer's temporary"
+    write_curves(read_rows(CURVES)[:10], out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.csv", "crash.py"]
+
+
+def test_curves_out_that_is_an_input_or_a_directory_is_refused_before_measuring(tmp_path, capsys):
+    config = tmp_path / "world.yaml"
+    shutil.copy(WORLD, config)
+    before = config.read_bytes()
+    assert evaluate.main(["curves", "--ideal", "--data-config", str(config), "--out", str(config)]) == 2
+    assert "is the input" in capsys.readouterr().err and config.read_bytes() == before
+    assert evaluate.main(["curves", "--ideal", "--data-config", str(config), "--out", str(tmp_path)]) == 2
+    assert "is a directory; pass a CSV file path" in capsys.readouterr().err
