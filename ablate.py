@@ -127,7 +127,7 @@ class AblationConfig:
 
     def validate(self, path: Path) -> None:
         try:
-            inside(self.root, self.name, f"{path}: name")
+            inside(self.root, self.name, f"{path}: name", f"{path}: root")
         except ValueError as exc:
             raise AblationConfigError(str(exc)) from None
         for method in self.methods:

@@ -189,9 +189,9 @@ def _run_directory(run: RunConfig, ckpt_path: str | None, model_label: str) -> P
         if not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"ckpt_path {ckpt_path} does not exist; pass runs/NAME/checkpoints/last.ckpt or --run.name NAME --ckpt_path last")
         read_checkpoint(ckpt_path)
-        return inside(root, run.name, "--run.name") if run.name else Path(ckpt_path).resolve().parent.parent
+        return inside(root, run.name, "--run.name", "--run.root") if run.name else Path(ckpt_path).resolve().parent.parent
     name = run.name or f"{model_label}-{run.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = inside(root, name, "--run.name")
+    run_dir = inside(root, name, "--run.name", "--run.root")
     if ckpt_path is None and (run_dir / "checkpoints").exists():
         raise RunConfigError(f"run directory {run_dir} already has checkpoints; pick another --run.name or resume it with --ckpt_path last")
     if ckpt_path == "last":

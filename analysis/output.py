@@ -24,25 +24,26 @@ def umask() -> int:
     return mask
 
 
-def check_output_dir(out: Path) -> None:
+def check_output_dir(out: Path, flag: str = "--out") -> None:
     """One `error:` line for an output directory that cannot be written, before any work starts."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; pass a directory path (it is created if missing)")
+        raise ValueError(f"{flag} {out} is a file; pass a directory path (it is created if missing)")
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
-        raise ValueError(f"--out {out} lies under {existing}, which is a file; choose another path")
+        raise ValueError(f"{flag} {out} lies under {existing}, which is a file; choose another path")
     writable = existing if existing != out else out.parent
     if not os.access(writable, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: {writable} is not writable; choose a directory you can write to")
+        raise ValueError(f"{flag} {out}: {writable} is not writable; choose a directory you can write to")
 
 
-def inside(root: str | os.PathLike, name: str, what: str) -> Path:
+def inside(root: str | os.PathLike, name: str, what: str, root_what: str) -> Path:
     """root / name, refused with one line unless it lies strictly inside root (a name like ../x or an
-    absolute path would write elsewhere)."""
+    absolute path would write elsewhere) and root can be a directory we write in."""
     path = Path(root) / name
     base = Path(root).resolve()
     if not name or Path(name).is_absolute() or base not in path.resolve().parents:
         raise ValueError(f"{what} {name!r} would write outside {root}; give a name inside it, like my-run or grid/run-1")
+    check_output_dir(Path(root), root_what)  # a root that is a file, or lies under one
     return path
 
 

@@ -119,6 +119,7 @@ def test_bad_ablation_config(tmp_path, capsys):
     ("- a\n- b\n", "must be a mapping of settings"),
     ("name: x\nsizes: [gpt2-1l]\nfit_fraction: 0.5\nlaws: [power, 3]\n", "laws is ['power', 3], which is not a list of text or null"),
     ("name: ../../escape\nsizes: [gpt2-1l]\n", "name '../../escape' would write outside"),
+    (f"name: x\nroot: {__file__}\nsizes: [gpt2-1l]\n", f"root {__file__} is a file"),
     ("name: x\nsizes: [gpt2-1l]\nfit_fraction: 5\n", "fit fractions [5] must lie strictly between 0 and 1"),
     ("name: x\nsizes: [gpt2-1l]\nlaws: [bogus]\n", "unknown law 'bogus'"),
     ("name: x\nsizes: [gpt2-1l]\nshift_resamples: 1\n", "--resamples must be at least 2"),

@@ -31,6 +31,7 @@ def run_train(tmp_path, *extra: str) -> int:
         (["--run.cpu_threads", "0"], "run.cpu_threads must be >= 1"),
         (["--run.name", "../escaped"], "--run.name '../escaped' would write outside"),
         (["--model.optim.lr", "-1"], "model.optim.lr = -1.0 must be > 0"),
+        (["--run.root", __file__], f"--run.root {__file__} is a file"),
         (["--run.name", "/tmp/elsewhere"], "--run.name '/tmp/elsewhere' would write outside"),
         (["--model.class_path", "lightning_modules.dpo.PreferenceModule"], "stage pretrain trains lightning_modules.lm_module.CausalLMModule"),
     ],
