@@ -30,7 +30,7 @@ from pathlib import Path
 
 from analysis.output import inside
 from datamodules.settings_file import read_yaml_mapping
-from evaluation.arguments import OneLineParser
+from evaluation.arguments import INDEX, OneLineParser
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 METHODS = ("sft", "dpo")
@@ -380,7 +380,7 @@ def write_report(cfg: AblationConfig, out: Path, status: dict[str, str], shifts:
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="ablate.py", description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, required=True, help="ablation YAML (configs/ablations/*.yaml)")
-    parser.add_argument("--stop-after", type=int, help="stop after training this many cells (rerun to finish)")
+    parser.add_argument("--stop-after", type=INDEX, help="stop after training this many cells (rerun to finish)")
     args = parser.parse_args(argv)
     try:
         failed = run_grid(AblationConfig.load(args.config), args.stop_after)

@@ -169,7 +169,8 @@ def check_schedule(run: RunConfig, trainer: Namespace) -> None:
         raise RunConfigError(f"run.checkpoint_every must be >= 1 (training steps between last.ckpt saves), got "
                              f"{run.checkpoint_every}; leave it out to save at each validation")
     if trainer.max_steps is None or trainer.max_steps < 1:
-        raise RunConfigError("set trainer.max_steps (the GINC stream is endless, so it is the length of training)")
+        got = "" if trainer.max_steps is None else f", got {trainer.max_steps}"
+        raise RunConfigError(f"set trainer.max_steps >= 1{got} (the GINC stream is endless, so it is the length of training)")
 
 
 def run_directory(run: RunConfig, ckpt_path: str | None, model_label: str, subcommand: str) -> Path:
