@@ -3,7 +3,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("datamodules", "analysis", "lightning_modules", "evaluation")
+PACKAGES = ("datamodules", "analysis", "lightning_modules", "evaluation", "training")
 SCRIPTS = ("train", "evaluate", "ablate")
 CONTRACTS = ("evaluation.curves_table", "evaluation.run_artifacts")
 ALLOWED = {
@@ -12,6 +12,7 @@ ALLOWED = {
     "contracts": ("analysis", "datamodules", "lightning_modules.gpt", *CONTRACTS),
     "lightning_modules": ("datamodules", "lightning_modules", *CONTRACTS),
     "evaluation": ("datamodules", "analysis", "lightning_modules", "evaluation"),
+    "training": ("datamodules", "analysis", "lightning_modules", "evaluation", "training"),
 }
 
 

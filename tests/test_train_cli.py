@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import evaluate
 import train
+import training.run
 
 TINY = ["fit", "--config", "configs/tiny.yaml"]
 
@@ -201,8 +202,8 @@ def test_no_generic_optimizer_is_offered(capsys):
 def test_the_quickstart_reports_curves_priors_and_reemergence(tmp_path, capsys):
     """The quickstart's whole path on a few steps and prompts: three runs, the table of both ideal learners,
     the favoured task's prior from the shift analysis and the reader, re-emergence, and its outputs."""
-    train.quiet_lightning()
-    train.run_quickstart(str(tmp_path / "runs"), ["--trainer.max_steps", "6", "--trainer.val_check_interval", "3",
+    training.run.quiet_lightning()
+    training.run.run_quickstart(str(tmp_path / "runs"), ["--trainer.max_steps", "6", "--trainer.val_check_interval", "3",
                                                   "--data.icl.prompts_per_task", "8", "--data.icl.k_values", "[2]",
                                                   "--data.val_documents", "16", "--trainer.enable_progress_bar", "false"])
     out = capsys.readouterr().out

@@ -1,0 +1,365 @@
+"""The post-training ablation grid: its YAML settings (checked at load), its cells, and the runner that
+trains them through `training.run`, measures their curves and writes the fits, shift reports and report.md.
+
+`ablate.py` is the command line over it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import shutil
+import time
+import traceback
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from analysis.output import inside
+from datamodules.settings_file import read_yaml_mapping
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+METHODS = ("sft", "dpo")
+DIRECTIONS = ("favor", "disfavor")
+
+
+class AblationConfigError(ValueError):
+    """The ablation YAML is wrong; the message names the setting and the fix."""
+
+
+def _is_a(value: object, kind: object) -> bool:
+    """Whether a YAML value fits a dataclass annotation (int, float, str, list[...], dict[...], ... | None)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_a(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_is_a(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_is_a(k, args[0]) and _is_a(v, args[1]) for k, v in value.items())
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is type(None):
+        return value is None
+    return isinstance(kind, type) and isinstance(value, kind)
+
+
+def _describe(kind: object) -> str:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    if origin is dict:
+        return f"a mapping of {_describe(args[0])} to {_describe(args[1])}"
+    return {int: "an integer", float: "a number", str: "text", type(None): "null"}.get(kind, str(kind))
+
+
+@dataclass
+class AblationConfig:
+    """sizes: model.size of each pretrained model. base_configs: train.py configs of every run (world,
+    data, trainer). pretrain_steps: its trainer.max_steps; pretrained: size -> an existing checkpoint to
+    reuse instead. methods x directions x amounts: the post-training cells, each a configs/<method>-<direction>.yaml
+    run on `tasks`; amounts count documents (SFT) or pairs (DPO), seen `epochs` times in batches of
+    batch_size. evals_per_cell: ICL evaluations during a cell. overrides: extra train.py flags for every
+    run (e.g. --trainer.devices 8); pretrain_overrides, posttrain_overrides: for those runs only (e.g. lr).
+    fit_fraction, laws: for evaluate.py fit; shift_resamples: for evaluate.py shift's intervals.
+    reader_prompts: prompts per (k, task) for each model's reader prior (evaluate.py reader-prior);
+    gap_prompts: prompts per (k, task) for the pretrained models' gap to the document reader."""
+
+    name: str
+    sizes: list[str]
+    base_configs: list[str] = field(default_factory=list)
+    root: str = "runs/ablations"
+    pretrain_steps: int = 1000
+    pretrained: dict[str, str] = field(default_factory=dict)
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    directions: list[str] = field(default_factory=lambda: list(DIRECTIONS))
+    tasks: list[int] = field(default_factory=lambda: [0])
+    amounts: list[int] = field(default_factory=lambda: [0, 50, 250, 500, 1000, 2500, 5000])
+    epochs: int = 1
+    batch_size: int = 16
+    evals_per_cell: int = 2
+    overrides: list[str] = field(default_factory=list)
+    pretrain_overrides: list[str] = field(default_factory=list)
+    posttrain_overrides: list[str] = field(default_factory=list)
+    fit_fraction: float = 0.1
+    laws: list[str] | None = None
+    shift_resamples: int = 100
+    reader_prompts: int = 32
+    gap_prompts: int = 256
+
+    @classmethod
+    def load(cls, path: Path) -> "AblationConfig":
+        if not path.is_file():
+            raise FileNotFoundError(f"ablation config {path} does not exist; see configs/ablations/")
+        raw = read_yaml_mapping(path, "ablation config", AblationConfigError)
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise AblationConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        hints = typing.get_type_hints(cls)
+        for name, value in raw.items():
+            if not _is_a(value, hints[name]):
+                raise AblationConfigError(f"{path}: {name} is {value!r}, which is not {_describe(hints[name])}; "
+                                          "fix that setting")
+        try:
+            cfg = cls(**raw)
+        except TypeError as exc:
+            raise AblationConfigError(f"{path}: {exc}; give name and sizes at least") from None
+        cfg.validate(path)
+        return cfg
+
+    def validate(self, path: Path) -> None:
+        try:
+            inside(self.root, self.name, f"{path}: name", f"{path}: root")
+        except ValueError as exc:
+            raise AblationConfigError(str(exc)) from None
+        for method in self.methods:
+            if method not in METHODS:
+                raise AblationConfigError(f"{path}: unknown method {method!r}; choose from {', '.join(METHODS)}")
+        for direction in self.directions:
+            if direction not in DIRECTIONS:
+                raise AblationConfigError(f"{path}: unknown direction {direction!r}; choose from {', '.join(DIRECTIONS)}")
+        for what, values in (("sizes", self.sizes), ("methods", self.methods), ("directions", self.directions),
+                             ("tasks", self.tasks), ("amounts", self.amounts)):
+            repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+            if repeated:
+                raise AblationConfigError(f"{path}: {what} lists {repeated[0]!r} more than once; list each once")
+        if not self.tasks or any(t < 0 for t in self.tasks):
+            raise AblationConfigError(f"{path}: tasks must be task indices >= 0, got {self.tasks}")
+        self.analysis_configs(path)  # the fit and shift settings, checked before any training
+        if any(a < 0 for a in self.amounts) or not self.amounts:
+            raise AblationConfigError(f"{path}: amounts must be >= 0 (0 = the pretrained model), got {self.amounts}")
+        for value, what, least in ((self.epochs, "epochs", 1), (self.batch_size, "batch_size", 1),
+                                   (self.pretrain_steps, "pretrain_steps", 1), (self.evals_per_cell, "evals_per_cell", 1),
+                                   (self.reader_prompts, "reader_prompts", 1), (self.gap_prompts, "gap_prompts", 2)):
+            if value < least:
+                raise AblationConfigError(f"{path}: {what} must be >= {least}, got {value}")
+        for size, ckpt in self.pretrained.items():
+            if size not in self.sizes:
+                raise AblationConfigError(f"{path}: pretrained names size {size!r}, which is not in sizes {self.sizes}")
+            if not Path(ckpt).exists():
+                raise FileNotFoundError(f"{path}: pretrained checkpoint {ckpt} for {size} does not exist")
+        for cfg in self.base_configs:
+            if not Path(cfg).is_file():
+                raise FileNotFoundError(f"{path}: base config {cfg} does not exist")
+
+
+    def analysis_configs(self, path: Path | None = None):
+        """The FitConfig and ShiftConfig (baseline filled in per size) of the grid's reports, checked."""
+        from analysis.fitting import FitConfig
+        from analysis.laws import LAW_NAMES
+        from analysis.shift import ShiftConfig
+
+        fit = FitConfig(laws=tuple(self.laws or LAW_NAMES), fractions=(self.fit_fraction,))
+        shift = ShiftConfig(baseline="", resamples=self.shift_resamples)
+        try:
+            fit.validate()
+            shift.validate()
+        except ValueError as exc:
+            raise AblationConfigError(f"{path}: {exc} (fit_fraction, laws, shift_resamples)") from None
+        return fit, shift
+
+
+@dataclass
+class Cell:
+    size: str
+    method: str  # "pretrain" for the pretraining run
+    direction: str = ""
+    amount: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.size}/pretrain" if self.method == "pretrain" else f"{self.size}/{self.method}-{self.direction}-{self.amount}"
+
+
+def cell_args(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None) -> list[str]:
+    """train.py flags of one cell: the stage's config, then the grid's base configs, then the cell's settings."""
+    base = [a for c in cfg.base_configs for a in ("--config", c)]
+    if cell.method == "pretrain":
+        steps = cfg.pretrain_steps
+        args = ["--config", str(CONFIGS / "pretrain.yaml"), *base, "--run.stage", "pretrain", "--model.size", cell.size]
+        extra = cfg.pretrain_overrides
+    else:
+        steps = max(1, math.ceil(cell.amount * cfg.epochs / cfg.batch_size))
+        args = ["--config", str(CONFIGS / f"{cell.method}-{cell.direction}.yaml"), *base, "--run.stage", cell.method,
+                "--run.direction", cell.direction, "--run.tasks", str(list(cfg.tasks)), "--model.init_from", str(pretrained),
+                "--data.train_documents", str(cell.amount), "--data.batch_size", str(cfg.batch_size)]
+        extra = cfg.posttrain_overrides
+    interval = max(1, steps // cfg.evals_per_cell)
+    return ["fit", *args, "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(interval),
+            "--run.root", str(out), "--run.name", cell.name, "--run.eval_at_start", "false", *cfg.overrides, *extra]
+
+
+def run_cell(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None) -> str:
+    """Train one cell unless it is done; returns 'done', 'skipped' or 'failed: <reason>'."""
+    from training import run as train  # heavy imports (torch, lightning) only when there is training to do
+
+    cell_dir = out / cell.name
+    args = cell_args(cfg, cell, out, pretrained)
+    if (cell_dir / "DONE").is_file():
+        return "skipped"
+    if (cell_dir / "checkpoints" / "last.ckpt").is_file():
+        args += ["--ckpt_path", "last"]  # interrupted after a checkpoint: continue from it
+    elif cell_dir.exists():
+        shutil.rmtree(cell_dir)  # interrupted before its first checkpoint: start again
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[ablate] {cell.name}: python train.py {' '.join(args)}", flush=True)
+    began = time.perf_counter()
+    train.quiet_lightning()
+    with (cell_dir / "train.log").open("a") as log:
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):  # the cell's own log
+                train.cli_main(args)
+        except train.USER_ERRORS as exc:  # bad settings or a diverged run: the reason goes in the report
+            reason = train.error_line(exc)
+            print(f"error: {reason}", file=log)
+            return f"failed: {reason}".splitlines()[0]
+        except Exception as exc:  # a crash (a bug, CUDA): its traceback is kept, and the grid goes on
+            (cell_dir / "error.txt").write_text(traceback.format_exc())
+            return f"failed: {type(exc).__name__}: {exc}".splitlines()[0]
+    if not (cell_dir / "hf").is_dir():
+        return f"failed: training ended without an export (see {cell_dir / 'train.log'})"
+    (cell_dir / "DONE").write_text(f"{time.perf_counter() - began:.1f} s\n{DONE_ARGS}{json.dumps(args)}\n")
+    return "done"
+
+
+DONE_ARGS = "train.py flags: "
+
+
+def stale_cells(cfg: AblationConfig, out: Path) -> list[str]:
+    """Finished cells whose recorded train.py flags differ from what the grid asks of them now (another
+    world, tasks, steps or overrides): reusing them would report what was not asked for."""
+    stale = []
+    for size in cfg.sizes:
+        pretrained = Path(cfg.pretrained[size]) if size in cfg.pretrained else out / size / "pretrain" / "hf"
+        cells = [] if size in cfg.pretrained else [Cell(size, "pretrain")]
+        cells += [Cell(size, m, d, a) for m in cfg.methods for d in cfg.directions for a in cfg.amounts if a > 0]
+        for cell in cells:
+            done = out / cell.name / "DONE"
+            recorded = [line[len(DONE_ARGS):] for line in done.read_text().splitlines()
+                        if line.startswith(DONE_ARGS)] if done.is_file() else []
+            if recorded and json.loads(recorded[0]) != cell_args(cfg, cell, out, pretrained):
+                stale.append(cell.name)
+    return stale
+
+
+def true_priors(model: Path) -> list[float] | None:
+    """The pretraining mixture, to set beside the fitted priors in the shift report, when it is not uniform."""
+    from evaluation.run_artifacts import read_source
+
+    weights = (read_source(model).data.get("world") or {}).get("weights")
+    if not weights or max(weights) - min(weights) < 1e-9:
+        return None
+    return [float(w) for w in weights]
+
+
+def smoothed(model: Path) -> bool:
+    """Whether a model's world has property_smoothing > 0, which the reader prior's KL needs."""
+    from evaluation.run_artifacts import read_source
+
+    return float((read_source(model).data.get("world") or {}).get("property_smoothing", 0.0)) > 0
+
+
+def run_grid(cfg: AblationConfig, stop_after: int | None = None) -> int:
+    """Run (or resume) the grid; write curves.csv, fits/, shift/ and report.md. Returns the number of failed cells."""
+    # heavy imports (torch, lightning) only once a grid is to run
+    from analysis.report import summary_table
+    from analysis.output import write_rows
+    from evaluation.curves_table import write_curves
+    from evaluation.ginc_curves import checkpoint_curve_rows
+    from evaluation.reader_gap import reader_gap_rows
+    from evaluation.reader_prior import reader_prior_rows
+    from evaluation.reports import fit_table, shift_table
+
+    out = Path(cfg.root) / cfg.name
+    stale = stale_cells(cfg, out)
+    if stale:
+        raise AblationConfigError(f"{out}: cell {stale[0]}" + (f" and {len(stale) - 1} more" if len(stale) > 1 else "")
+                                  + " finished under other settings; give the grid a new name, or remove those cells' "
+                                    "directories to train them again")
+    status: dict[str, str] = {}
+    models: dict[str, Path] = {}  # each size's pretrained model
+    cells: list[Cell] = []  # post-training cells that ran or were done before
+    for size in cfg.sizes:
+        pre = Cell(size, "pretrain")
+        given = size in cfg.pretrained
+        pretrained = Path(cfg.pretrained[size]) if given else out / pre.name / "hf"
+        if given:
+            status[pre.name] = "given"
+        for cell in (*([] if given else [pre]),
+                     *(Cell(size, m, d, a) for m in cfg.methods for d in cfg.directions for a in cfg.amounts if a > 0)):
+            trained = sum(s == "done" for s in status.values())
+            if stop_after is not None and trained >= stop_after:
+                print(f"[ablate] stopped after {trained} trained cells (--stop-after); rerun to finish", flush=True)
+                return sum(s.startswith("failed") for s in status.values())
+            if cell.method != "pretrain" and not pretrained.exists():
+                status[cell.name] = f"failed: no pretrained model at {pretrained}"
+                continue
+            status[cell.name] = run_cell(cfg, cell, out, pretrained)
+            if cell.method != "pretrain":
+                cells.append(cell)
+        if pretrained.exists():
+            models[size] = pretrained
+    baselines = {size: checkpoint_curve_rows([model]) for size, model in models.items()}
+    rows = [r for size_rows in baselines.values() for r in size_rows]
+    rows += [r for c in cells if status[c.name] in ("done", "skipped") for r in checkpoint_curve_rows([out / c.name / "hf"])]
+    failed = [name for name, s in status.items() if s.startswith("failed")]
+    for name in failed:
+        print(f"[ablate] FAILED {name}: {status[name]}", flush=True)
+    if not rows:
+        raise AblationConfigError(f"no model of {cfg.name} finished, so there are no curves; see {out}/*/*/train.log")
+    curves = write_curves(rows, out / "curves.csv")
+    analyses = 0  # fit and shift reports that could not be made
+    fit_config, shift_settings = cfg.analysis_configs()
+    results = []
+    try:
+        results, _ = fit_table(curves, out / "fits", fit_config)
+        print(summary_table(results), flush=True)
+    except (ValueError, FileNotFoundError) as exc:  # bad grid settings or unreadable curves: reported, not raised
+        print(f"[ablate] fits failed: {exc}", flush=True)
+        analyses += 1
+    shifts = {}
+    for size, base_rows in baselines.items():
+        shift_config = dataclasses.replace(shift_settings, baseline=base_rows[0]["run"])
+        try:
+            shifts[size] = shift_table(curves, out / "shift" / size, shift_config, true_priors=true_priors(models[size]))
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"[ablate] shift of {size} failed: {exc}", flush=True)
+            analyses += 1
+    print("[ablate] reader priors of every model, and the pretrained models' gap to the document reader", flush=True)
+    trained = [*models.values(), *(out / c.name / "hf" for c in cells if status[c.name] in ("done", "skipped"))]
+    # the KL to the reader is finite only where every transition is possible
+    reader = reader_prior_rows([m for m in trained if smoothed(m)], cfg.reader_prompts)
+    if reader:
+        write_rows(reader, out / "reader_prior.csv")
+    gaps = reader_gap_rows(list(models.values()), cfg.gap_prompts)
+    write_rows(gaps, out / "reader_gap.csv")
+    write_report(cfg, out, status, shifts, results, {r["run"]: r for r in reader}, gaps)
+    return len(failed) + analyses
+
+
+def write_report(cfg: AblationConfig, out: Path, status: dict[str, str], shifts: dict, results: list,
+                 reader: dict[str, dict], gaps: list[dict]) -> None:
+    """report.md: each cell's status, then what the grid found (evaluation/grid_report.py)."""
+    from evaluation.grid_report import extrapolation_section, gap_section, prior_section, reemergence_section
+
+    lines = [f"# Ablation {cfg.name}", "", f"Sizes {', '.join(cfg.sizes)}; methods {', '.join(cfg.methods)}; directions "
+             f"{', '.join(cfg.directions)}; tasks {cfg.tasks}; amounts {cfg.amounts} (x{cfg.epochs} epochs, batch {cfg.batch_size}).", "",
+             "| cell | status |", "| --- | --- |", *[f"| {n} | {s} |" for n, s in status.items()], "",
+             "- combined curves: `curves.csv`", "- law fits: `fits/report.md`",
+             *[f"- shift of {size}: `shift/{size}/report.md`" for size in shifts],
+             "- reader priors (law-free): " + ("`reader_prior.csv`" if reader else "none: the world has no property_smoothing, so "
+                                                "no prior makes the KL to the reader finite"),
+             "- gaps to the document reader: `reader_gap.csv`", "",
+             "## What the grid shows", "", *gap_section(gaps)]
+    for size, shift in shifts.items():
+        lines += [f"## {size}", "", *prior_section(shift, cfg.tasks[0], reader), "### Reemergence", "",
+                  *reemergence_section(shift)]
+    lines += ["## Laws in extrapolation", "", f"Fit on shots <= {cfg.fit_fraction:g} x the largest, scored on the rest, "
+              "over every cell's curves:", "", *extrapolation_section(results)]
+    (out / "report.md").write_text("\n".join(lines))
