@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from evaluation.arguments import INDEX, OneLineParser
+from evaluation.arguments import COUNT, INDEX, OneLineParser
 from training.grid import AblationConfig, run_grid
 
 
@@ -26,9 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="ablate.py", description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, required=True, help="ablation YAML (configs/ablations/*.yaml)")
     parser.add_argument("--stop-after", type=INDEX, help="stop after training this many cells (rerun to finish)")
+    parser.add_argument("--parallel", type=COUNT, default=1,
+                        help="cells trained at once, each in a process of its own (on a GPU of its own when there are enough)")
     args = parser.parse_args(argv)
     try:
-        failed = run_grid(AblationConfig.load(args.config), args.stop_after)
+        failed = run_grid(AblationConfig.load(args.config), args.stop_after, args.parallel)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -80,11 +80,12 @@ def test_interrupted_grid_resumes_to_the_same_table(finished, tmp_path):
         assert float(a["prob"]) == pytest.approx(float(b["prob"]), abs=1e-6)
 
 
-def test_failed_cell_is_reported_and_the_others_finish(finished, tmp_path):
+@pytest.mark.parametrize("parallel", ["1", "2"])
+def test_failed_cell_is_reported_and_the_others_finish(finished, tmp_path, parallel):
     pretrained = finished / "whole" / "t" / "gpt2-1l" / "pretrain" / "hf"
     # disfavouring every task leaves an all-zero mixture: that cell fails, the favour cell runs
     config = _grid(tmp_path, "failing", pretrained={"gpt2-1l": str(pretrained)}, methods=["sft"], directions=["favor", "disfavor"], tasks=[0, 1, 2])
-    assert ablate.main(["--config", str(config)]) == 1
+    assert ablate.main(["--config", str(config), "--parallel", parallel]) == 1
     out = tmp_path / "failing" / "t"
     report = (out / "report.md").read_text()
     assert "| gpt2-1l/sft-disfavor-32 | failed" in report and "| gpt2-1l/sft-favor-32 | done |" in report
@@ -159,3 +160,13 @@ def test_finished_cells_are_not_reused_under_other_settings(finished, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cell gpt2-1l/sft-favor-32 and 1 more finished under other settings" in err[0], err
     assert (finished / "whole" / "t" / "report.md").read_text() == before
+
+
+def test_cells_in_parallel_processes_give_the_same_table(finished, tmp_path):
+    """--parallel 2: each cell a `python train.py` process of its own, a size's cells after its
+    pretraining; the curves equal those of the grid trained in one process, to the last digit."""
+    assert ablate.main(["--config", str(_grid(tmp_path, "parallel")), "--parallel", "2"]) == 0
+    out = tmp_path / "parallel" / "t"
+    assert _table(out / "curves.csv") == _table(finished / "whole" / "t" / "curves.csv")
+    assert all((out / "gpt2-1l" / cell / "train.log").stat().st_size > 0 for cell in ("pretrain", "sft-favor-32", "dpo-favor-32"))
+    assert "| gpt2-1l/dpo-favor-32 | done |" in (out / "report.md").read_text()

@@ -9,7 +9,10 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 import time
 import traceback
 import types
@@ -195,20 +198,39 @@ def cell_args(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | Non
             "--run.root", str(out), "--run.name", cell.name, "--run.eval_at_start", "false", *cfg.overrides, *extra]
 
 
-def run_cell(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None) -> str:
-    """Train one cell unless it is done; returns 'done', 'skipped' or 'failed: <reason>'."""
-    from training import run as train  # heavy imports (torch, lightning) only when there is training to do
-
+def prepare_cell(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None) -> list[str] | None:
+    """The cell's train.py flags with its directory made ready (resumed from its last checkpoint, or
+    cleared when interrupted before one), or None when it is done."""
     cell_dir = out / cell.name
     args = cell_args(cfg, cell, out, pretrained)
     if (cell_dir / "DONE").is_file():
-        return "skipped"
+        return None
     if (cell_dir / "checkpoints" / "last.ckpt").is_file():
         args += ["--ckpt_path", "last"]  # interrupted after a checkpoint: continue from it
     elif cell_dir.exists():
         shutil.rmtree(cell_dir)  # interrupted before its first checkpoint: start again
     cell_dir.mkdir(parents=True, exist_ok=True)
     print(f"[ablate] {cell.name}: python train.py {' '.join(args)}", flush=True)
+    return args
+
+
+def finish_cell(cell_dir: Path, args: list[str], began: float) -> str:
+    """'done' (and DONE, with the flags) when training left an export, else why not."""
+    if not (cell_dir / "hf").is_dir():
+        return f"failed: training ended without an export (see {cell_dir / 'train.log'})"
+    flags = [a for a in args if a not in ("--ckpt_path", "last")]  # a resumed cell asked the same as a fresh one
+    (cell_dir / "DONE").write_text(f"{time.perf_counter() - began:.1f} s\n{DONE_ARGS}{json.dumps(flags)}\n")
+    return "done"
+
+
+def run_cell(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None) -> str:
+    """Train one cell in this process unless it is done; returns 'done', 'skipped' or 'failed: <reason>'."""
+    from training import run as train  # heavy imports (torch, lightning) only when there is training to do
+
+    args = prepare_cell(cfg, cell, out, pretrained)
+    if args is None:
+        return "skipped"
+    cell_dir = out / cell.name
     began = time.perf_counter()
     train.quiet_lightning()
     with (cell_dir / "train.log").open("a") as log:
@@ -222,30 +244,101 @@ def run_cell(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None
         except Exception as exc:  # a crash (a bug, CUDA): its traceback is kept, and the grid goes on
             (cell_dir / "error.txt").write_text(traceback.format_exc())
             return f"failed: {type(exc).__name__}: {exc}".splitlines()[0]
-    if not (cell_dir / "hf").is_dir():
-        return f"failed: training ended without an export (see {cell_dir / 'train.log'})"
-    (cell_dir / "DONE").write_text(f"{time.perf_counter() - began:.1f} s\n{DONE_ARGS}{json.dumps(args)}\n")
-    return "done"
+    return finish_cell(cell_dir, args, began)
+
+
+class CellProcess:
+    """A cell trained by `python train.py` in a process of its own, its output in the cell's train.log;
+    `slot` is its place among the cells running at once, and with `pin_gpu` the one GPU it sees."""
+
+    def __init__(self, cell: Cell, out: Path, args: list[str], slot: int, pin_gpu: bool) -> None:
+        self.cell, self.dir, self.args, self.slot, self.began = cell, out / cell.name, args, slot, time.perf_counter()
+        env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": str(slot)} if pin_gpu else {}))
+        self.log = (self.dir / "train.log").open("a")
+        self.process = subprocess.Popen([sys.executable, str(CONFIGS.parent / "train.py"), *args], cwd=CONFIGS.parent,
+                                        stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.result: str | None = None
+
+    def status(self) -> str | None:
+        """None while it runs; then 'done' or 'failed: <the error line it printed, or its exit status>'."""
+        if self.result is None and (code := self.process.poll()) is not None:
+            self.log.close()
+            lines = (self.dir / "train.log").read_text(errors="replace").splitlines()
+            errors = [line[len("error: "):] for line in lines if line.startswith("error: ")]
+            self.result = (finish_cell(self.dir, self.args, self.began) if code == 0 else f"failed: {errors[-1]}"
+                           if errors else f"failed: exit status {code} (see {self.dir / 'train.log'})")
+        return self.result
 
 
 DONE_ARGS = "train.py flags: "
+
+
+def pretrained_of(cfg: AblationConfig, out: Path, size: str) -> Path:
+    """The model a size's cells post-train: the given checkpoint, or the grid's own pretraining export."""
+    return Path(cfg.pretrained[size]) if size in cfg.pretrained else out / size / "pretrain" / "hf"
+
+
+def cells_of(cfg: AblationConfig) -> list[Cell]:
+    """Every cell to train, in order: each size's pretraining (unless given), then its post-training cells."""
+    return [cell for size in cfg.sizes
+            for cell in ([] if size in cfg.pretrained else [Cell(size, "pretrain")])
+            + [Cell(size, m, d, a) for m in cfg.methods for d in cfg.directions for a in cfg.amounts if a > 0]]
 
 
 def stale_cells(cfg: AblationConfig, out: Path) -> list[str]:
     """Finished cells whose recorded train.py flags differ from what the grid asks of them now (another
     world, tasks, steps or overrides): reusing them would report what was not asked for."""
     stale = []
-    for size in cfg.sizes:
-        pretrained = Path(cfg.pretrained[size]) if size in cfg.pretrained else out / size / "pretrain" / "hf"
-        cells = [] if size in cfg.pretrained else [Cell(size, "pretrain")]
-        cells += [Cell(size, m, d, a) for m in cfg.methods for d in cfg.directions for a in cfg.amounts if a > 0]
-        for cell in cells:
-            done = out / cell.name / "DONE"
-            recorded = [line[len(DONE_ARGS):] for line in done.read_text().splitlines()
-                        if line.startswith(DONE_ARGS)] if done.is_file() else []
-            if recorded and json.loads(recorded[0]) != cell_args(cfg, cell, out, pretrained):
-                stale.append(cell.name)
+    for cell in cells_of(cfg):
+        done = out / cell.name / "DONE"
+        recorded = [line[len(DONE_ARGS):] for line in done.read_text().splitlines()
+                    if line.startswith(DONE_ARGS)] if done.is_file() else []
+        if recorded and json.loads(recorded[0]) != cell_args(cfg, cell, out, pretrained_of(cfg, out, cell.size)):
+            stale.append(cell.name)
     return stale
+
+
+def train_cells(cfg: AblationConfig, out: Path, stop_after: int | None, parallel: int) -> tuple[dict[str, str], bool]:
+    """Train every cell not done, the grid as a graph: a size's post-training cells start once its
+    pretraining has finished. With parallel = 1 each cell trains in this process, in order; otherwise up
+    to `parallel` cells train at once, each in a process of its own, on a GPU of its own when there are
+    that many. Returns each cell's status and whether --stop-after stopped the grid early."""
+    import torch
+
+    status = {f"{size}/pretrain": "given" for size in cfg.pretrained}
+    queue, running, trained = cells_of(cfg), [], 0
+    slots = list(range(parallel))
+    gpus = parallel > 1 and torch.cuda.is_available() and torch.cuda.device_count() >= parallel
+    while queue or running:
+        for proc in [p for p in running if p.status() is not None]:
+            status[proc.cell.name] = proc.status()
+            running.remove(proc)
+            slots.append(proc.slot)
+        for cell in list(queue):
+            if len(running) >= parallel or (stop_after is not None and trained >= stop_after):
+                break
+            pretraining = f"{cell.size}/pretrain"
+            if cell.method != "pretrain" and pretraining not in status:
+                continue  # its pretraining has not finished yet
+            queue.remove(cell)
+            pretrained = pretrained_of(cfg, out, cell.size)
+            if cell.method != "pretrain" and not pretrained.exists():
+                status[cell.name] = f"failed: no pretrained model at {pretrained}"
+            elif parallel == 1:
+                status[cell.name] = run_cell(cfg, cell, out, pretrained)
+                trained += status[cell.name] == "done"
+            elif (args := prepare_cell(cfg, cell, out, pretrained)) is None:
+                status[cell.name] = "skipped"
+            else:
+                running.append(CellProcess(cell, out, args, slots.pop(0), gpus))
+                trained += 1
+        if stop_after is not None and trained >= stop_after and queue and not running:
+            print(f"[ablate] stopped after {trained} trained cells (--stop-after); rerun to finish", flush=True)
+            return status, True
+        if running:
+            time.sleep(0.2)
+    order = [name for size in cfg.sizes for name in (f"{size}/pretrain", *(c.name for c in cells_of(cfg) if c.size == size))]
+    return {name: status[name] for name in order if name in status}, False
 
 
 def true_priors(model: Path) -> list[float] | None:
@@ -265,8 +358,9 @@ def smoothed(model: Path) -> bool:
     return float((read_source(model).data.get("world") or {}).get("property_smoothing", 0.0)) > 0
 
 
-def run_grid(cfg: AblationConfig, stop_after: int | None = None) -> int:
-    """Run (or resume) the grid; write curves.csv, fits/, shift/ and report.md. Returns the number of failed cells."""
+def run_grid(cfg: AblationConfig, stop_after: int | None = None, parallel: int = 1) -> int:
+    """Run (or resume) the grid, `parallel` cells at a time (see train_cells); write curves.csv, fits/,
+    shift/ and report.md. Returns the number of failed cells."""
     # heavy imports (torch, lightning) only once a grid is to run
     from analysis.report import summary_table
     from analysis.output import write_rows
@@ -282,29 +376,11 @@ def run_grid(cfg: AblationConfig, stop_after: int | None = None) -> int:
         raise AblationConfigError(f"{out}: cell {stale[0]}" + (f" and {len(stale) - 1} more" if len(stale) > 1 else "")
                                   + " finished under other settings; give the grid a new name, or remove those cells' "
                                     "directories to train them again")
-    status: dict[str, str] = {}
-    models: dict[str, Path] = {}  # each size's pretrained model
-    cells: list[Cell] = []  # post-training cells that ran or were done before
-    for size in cfg.sizes:
-        pre = Cell(size, "pretrain")
-        given = size in cfg.pretrained
-        pretrained = Path(cfg.pretrained[size]) if given else out / pre.name / "hf"
-        if given:
-            status[pre.name] = "given"
-        for cell in (*([] if given else [pre]),
-                     *(Cell(size, m, d, a) for m in cfg.methods for d in cfg.directions for a in cfg.amounts if a > 0)):
-            trained = sum(s == "done" for s in status.values())
-            if stop_after is not None and trained >= stop_after:
-                print(f"[ablate] stopped after {trained} trained cells (--stop-after); rerun to finish", flush=True)
-                return sum(s.startswith("failed") for s in status.values())
-            if cell.method != "pretrain" and not pretrained.exists():
-                status[cell.name] = f"failed: no pretrained model at {pretrained}"
-                continue
-            status[cell.name] = run_cell(cfg, cell, out, pretrained)
-            if cell.method != "pretrain":
-                cells.append(cell)
-        if pretrained.exists():
-            models[size] = pretrained
+    status, stopped = train_cells(cfg, out, stop_after, parallel)
+    if stopped:
+        return sum(s.startswith("failed") for s in status.values())
+    models = {size: pretrained_of(cfg, out, size) for size in cfg.sizes if pretrained_of(cfg, out, size).exists()}
+    cells = [cell for cell in cells_of(cfg) if cell.method != "pretrain"]
     baselines = {size: checkpoint_curve_rows([model]) for size, model in models.items()}
     rows = [r for size_rows in baselines.values() for r in size_rows]
     rows += [r for c in cells if status[c.name] in ("done", "skipped") for r in checkpoint_curve_rows([out / c.name / "hf"])]
