@@ -9,14 +9,14 @@ import contextlib
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import shutil
-import subprocess
-import sys
 import time
 import traceback
 import types
 import typing
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -247,27 +247,12 @@ def run_cell(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None
     return finish_cell(cell_dir, args, began)
 
 
-class CellProcess:
-    """A cell trained by `python train.py` in a process of its own, its output in the cell's train.log;
-    `slot` is its place among the cells running at once, and with `pin_gpu` the one GPU it sees."""
-
-    def __init__(self, cell: Cell, out: Path, args: list[str], slot: int, pin_gpu: bool) -> None:
-        self.cell, self.dir, self.args, self.slot, self.began = cell, out / cell.name, args, slot, time.perf_counter()
-        env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": str(slot)} if pin_gpu else {}))
-        self.log = (self.dir / "train.log").open("a")
-        self.process = subprocess.Popen([sys.executable, str(CONFIGS.parent / "train.py"), *args], cwd=CONFIGS.parent,
-                                        stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        self.result: str | None = None
-
-    def status(self) -> str | None:
-        """None while it runs; then 'done' or 'failed: <the error line it printed, or its exit status>'."""
-        if self.result is None and (code := self.process.poll()) is not None:
-            self.log.close()
-            lines = (self.dir / "train.log").read_text(errors="replace").splitlines()
-            errors = [line[len("error: "):] for line in lines if line.startswith("error: ")]
-            self.result = (finish_cell(self.dir, self.args, self.began) if code == 0 else f"failed: {errors[-1]}"
-                           if errors else f"failed: exit status {code} (see {self.dir / 'train.log'})")
-        return self.result
+def _cell_worker(gpus: object) -> None:
+    """A worker process of `--parallel`: it takes one GPU id from the queue (None: no pinning) before
+    torch starts, and trains cell after cell, so imports and reference curves are paid once per worker."""
+    gpu = gpus.get()
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
 
 
 DONE_ARGS = "train.py flags: "
@@ -301,42 +286,49 @@ def stale_cells(cfg: AblationConfig, out: Path) -> list[str]:
 def train_cells(cfg: AblationConfig, out: Path, stop_after: int | None, parallel: int) -> tuple[dict[str, str], bool]:
     """Train every cell not done, the grid as a graph: a size's post-training cells start once its
     pretraining has finished. With parallel = 1 each cell trains in this process, in order; otherwise up
-    to `parallel` cells train at once, each in a process of its own, on a GPU of its own when there are
-    that many. Returns each cell's status and whether --stop-after stopped the grid early."""
+    to `parallel` cells train at once in as many worker processes, each on a GPU of its own when there
+    are that many. Returns each cell's status and whether --stop-after stopped the grid early."""
     import torch
 
     status = {f"{size}/pretrain": "given" for size in cfg.pretrained}
-    queue, running, trained = cells_of(cfg), [], 0
-    slots = list(range(parallel))
-    gpus = parallel > 1 and torch.cuda.is_available() and torch.cuda.device_count() >= parallel
-    while queue or running:
-        for proc in [p for p in running if p.status() is not None]:
-            status[proc.cell.name] = proc.status()
-            running.remove(proc)
-            slots.append(proc.slot)
-        for cell in list(queue):
-            if len(running) >= parallel or (stop_after is not None and trained >= stop_after):
-                break
-            pretraining = f"{cell.size}/pretrain"
-            if cell.method != "pretrain" and pretraining not in status:
-                continue  # its pretraining has not finished yet
-            queue.remove(cell)
-            pretrained = pretrained_of(cfg, out, cell.size)
-            if cell.method != "pretrain" and not pretrained.exists():
-                status[cell.name] = f"failed: no pretrained model at {pretrained}"
-            elif parallel == 1:
-                status[cell.name] = run_cell(cfg, cell, out, pretrained)
-                trained += status[cell.name] == "done"
-            elif (args := prepare_cell(cfg, cell, out, pretrained)) is None:
-                status[cell.name] = "skipped"
-            else:
-                running.append(CellProcess(cell, out, args, slots.pop(0), gpus))
-                trained += 1
-        if stop_after is not None and trained >= stop_after and queue and not running:
-            print(f"[ablate] stopped after {trained} trained cells (--stop-after); rerun to finish", flush=True)
-            return status, True
-        if running:
-            time.sleep(0.2)
+    queue, running, trained = cells_of(cfg), {}, 0
+    pool = None
+    if parallel > 1:
+        context = multiprocessing.get_context("spawn")  # fork after torch has started threads can hang
+        gpus = context.Queue()
+        pin = torch.cuda.is_available() and torch.cuda.device_count() >= parallel
+        for slot in range(parallel):
+            gpus.put(slot if pin else None)
+        pool = ProcessPoolExecutor(parallel, mp_context=context, initializer=_cell_worker, initargs=(gpus,))
+    try:
+        while queue or running:
+            for future in [f for f in running if f.done()]:
+                status[running.pop(future).name] = future.result()
+            for cell in list(queue):
+                if len(running) >= parallel or (stop_after is not None and trained >= stop_after):
+                    break
+                if cell.method != "pretrain" and f"{cell.size}/pretrain" not in status:
+                    continue  # its pretraining has not finished yet
+                queue.remove(cell)
+                pretrained = pretrained_of(cfg, out, cell.size)
+                if cell.method != "pretrain" and not pretrained.exists():
+                    status[cell.name] = f"failed: no pretrained model at {pretrained}"
+                elif pool is None:
+                    status[cell.name] = run_cell(cfg, cell, out, pretrained)
+                    trained += status[cell.name] == "done"
+                elif (out / cell.name / "DONE").is_file():
+                    status[cell.name] = "skipped"
+                else:
+                    running[pool.submit(run_cell, cfg, cell, out, pretrained)] = cell
+                    trained += 1
+            if stop_after is not None and trained >= stop_after and queue and not running:
+                print(f"[ablate] stopped after {trained} trained cells (--stop-after); rerun to finish", flush=True)
+                return status, True
+            if running:
+                wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     order = [name for size in cfg.sizes for name in (f"{size}/pretrain", *(c.name for c in cells_of(cfg) if c.size == size))]
     return {name: status[name] for name in order if name in status}, False
 
