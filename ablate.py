@@ -28,9 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-after", type=INDEX, help="stop after training this many cells (rerun to finish)")
     parser.add_argument("--parallel", type=COUNT, default=1,
                         help="cells trained at once, each in a process of its own (on a GPU of its own when there are enough)")
+    parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                        help="where cells train: here (--parallel at a time) or as SLURM jobs (the YAML's slurm: section)")
     args = parser.parse_args(argv)
     try:
-        failed = run_grid(AblationConfig.load(args.config), args.stop_after, args.parallel)
+        failed = run_grid(AblationConfig.load(args.config), args.stop_after, args.parallel, args.launcher)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

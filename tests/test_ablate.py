@@ -170,3 +170,30 @@ def test_cells_in_parallel_processes_give_the_same_table(finished, tmp_path):
     assert _table(out / "curves.csv") == _table(finished / "whole" / "t" / "curves.csv")
     assert all((out / "gpt2-1l" / cell / "train.log").stat().st_size > 0 for cell in ("pretrain", "sft-favor-32", "dpo-favor-32"))
     assert "| gpt2-1l/dpo-favor-32 | done |" in (out / "report.md").read_text()
+
+
+def _slurm_up() -> str:
+    """Why SLURM cannot run the test here, or '' when a cluster answers (scripts/slurm-local.sh start)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("sbatch") is None:
+        return "no SLURM client here (apt-get install slurm-wlm munge, then scripts/slurm-local.sh start)"
+    up = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    return "" if up.returncode == 0 and up.stdout.strip() else "no SLURM cluster answers (scripts/slurm-local.sh start)"
+
+
+def test_grid_through_slurm_gives_the_same_table(finished, tmp_path):
+    """Each cell a SLURM job (submitit) on a real cluster: the same curves as the grid in one process."""
+    import os
+
+    reason = _slurm_up()
+    if reason:
+        if os.environ.get("SLURM_REQUIRED"):  # CI starts a local cluster: there the test must run
+            pytest.fail(reason)
+        pytest.skip(reason)
+    config = _grid(tmp_path, "slurm", slurm={"cpus_per_cell": 1, "mem_gb": 2, "time_min": 20})
+    assert ablate.main(["--config", str(config), "--launcher", "slurm"]) == 0
+    out = tmp_path / "slurm" / "t"
+    assert _table(out / "curves.csv") == _table(finished / "whole" / "t" / "curves.csv")
+    assert list((out / "slurm").glob("*_log.out")), "submitit's job logs"

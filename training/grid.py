@@ -16,7 +16,7 @@ import time
 import traceback
 import types
 import typing
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,11 @@ DIRECTIONS = ("favor", "disfavor")
 
 class AblationConfigError(ValueError):
     """The ablation YAML is wrong; the message names the setting and the fix."""
+
+
+# the `slurm:` section of a grid: what each cell's job asks for; sbatch: more flags, as --name=value
+SLURM_KEYS: dict[str, object] = {"partition": str, "account": str, "gpus_per_cell": int, "cpus_per_cell": int,
+                                 "mem_gb": int, "time_min": int, "sbatch": list[str]}
 
 
 def _is_a(value: object, kind: object) -> bool:
@@ -94,6 +99,7 @@ class AblationConfig:
     shift_resamples: int = 100
     reader_prompts: int = 32
     gap_prompts: int = 256
+    slurm: dict[str, str | int | list[str]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> "AblationConfig":
@@ -117,6 +123,11 @@ class AblationConfig:
         return cfg
 
     def validate(self, path: Path) -> None:
+        for key, value in self.slurm.items():
+            if key not in SLURM_KEYS:
+                raise AblationConfigError(f"{path}: unknown slurm setting {key!r}; known: {', '.join(SLURM_KEYS)}")
+            if not _is_a(value, SLURM_KEYS[key]):
+                raise AblationConfigError(f"{path}: slurm.{key} is {value!r}, which is not {_describe(SLURM_KEYS[key])}")
         try:
             inside(self.root, self.name, f"{path}: name", f"{path}: root")
         except ValueError as exc:
@@ -283,27 +294,61 @@ def stale_cells(cfg: AblationConfig, out: Path) -> list[str]:
     return stale
 
 
-def train_cells(cfg: AblationConfig, out: Path, stop_after: int | None, parallel: int) -> tuple[dict[str, str], bool]:
+def slurm_executor(cfg: AblationConfig, out: Path):
+    """A submitit executor whose jobs ask SLURM for what the grid's `slurm:` section says; job logs go
+    to <grid>/slurm/<job id>_*."""
+    import submitit
+
+    settings = cfg.slurm
+    executor = submitit.AutoExecutor(folder=out / "slurm", cluster="slurm")
+    extra = dict(flag.lstrip("-").split("=", 1) for flag in settings.get("sbatch", []))
+    executor.update_parameters(
+        timeout_min=settings.get("time_min", 60), cpus_per_task=settings.get("cpus_per_cell", 1),
+        gpus_per_node=settings.get("gpus_per_cell", 0), name=f"ablate-{cfg.name}",
+        **({"mem_gb": settings["mem_gb"]} if "mem_gb" in settings else {}),
+        **({"slurm_partition": settings["partition"]} if "partition" in settings else {}),
+        **({"slurm_account": settings["account"]} if "account" in settings else {}),
+        **({"slurm_additional_parameters": extra} if extra else {}))
+    return executor
+
+
+def _outcome(job: object) -> str:
+    """A finished cell's status: what run_cell returned, or why its job or process died, with its log."""
+    try:
+        return job.result()
+    except Exception as exc:  # the job was killed, cancelled or crashed outside run_cell
+        log = getattr(getattr(job, "paths", None), "stderr", None)
+        return f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}" + (
+            f" (log: {log})" if log else "")
+
+
+def train_cells(cfg: AblationConfig, out: Path, stop_after: int | None, parallel: int,
+                launcher: str = "local") -> tuple[dict[str, str], bool]:
     """Train every cell not done, the grid as a graph: a size's post-training cells start once its
-    pretraining has finished. With parallel = 1 each cell trains in this process, in order; otherwise up
-    to `parallel` cells train at once in as many worker processes, each on a GPU of its own when there
-    are that many. Returns each cell's status and whether --stop-after stopped the grid early."""
+    pretraining has finished. Locally with parallel = 1 each cell trains in this process, in order;
+    otherwise up to `parallel` cells train at once in as many worker processes, each on a GPU of its own
+    when there are that many. With launcher 'slurm' each cell is a SLURM job (submitit), as many at once as
+    the cluster runs, and this process waits for them. Returns each cell's status and whether
+    --stop-after stopped the grid early."""
     import torch
 
     status = {f"{size}/pretrain": "given" for size in cfg.pretrained}
     queue, running, trained = cells_of(cfg), {}, 0
-    pool = None
-    if parallel > 1:
+    submit, pool = None, None
+    if launcher == "slurm":
+        submit, parallel = slurm_executor(cfg, out).submit, len(queue)
+    elif parallel > 1:
         context = multiprocessing.get_context("spawn")  # fork after torch has started threads can hang
         gpus = context.Queue()
         pin = torch.cuda.is_available() and torch.cuda.device_count() >= parallel
         for slot in range(parallel):
             gpus.put(slot if pin else None)
         pool = ProcessPoolExecutor(parallel, mp_context=context, initializer=_cell_worker, initargs=(gpus,))
+        submit = pool.submit
     try:
         while queue or running:
-            for future in [f for f in running if f.done()]:
-                status[running.pop(future).name] = future.result()
+            for job in [j for j in running if j.done()]:
+                status[running.pop(job).name] = _outcome(job)
             for cell in list(queue):
                 if len(running) >= parallel or (stop_after is not None and trained >= stop_after):
                     break
@@ -313,19 +358,19 @@ def train_cells(cfg: AblationConfig, out: Path, stop_after: int | None, parallel
                 pretrained = pretrained_of(cfg, out, cell.size)
                 if cell.method != "pretrain" and not pretrained.exists():
                     status[cell.name] = f"failed: no pretrained model at {pretrained}"
-                elif pool is None:
+                elif submit is None:
                     status[cell.name] = run_cell(cfg, cell, out, pretrained)
                     trained += status[cell.name] == "done"
                 elif (out / cell.name / "DONE").is_file():
                     status[cell.name] = "skipped"
                 else:
-                    running[pool.submit(run_cell, cfg, cell, out, pretrained)] = cell
+                    running[submit(run_cell, cfg, cell, out, pretrained)] = cell
                     trained += 1
             if stop_after is not None and trained >= stop_after and queue and not running:
                 print(f"[ablate] stopped after {trained} trained cells (--stop-after); rerun to finish", flush=True)
                 return status, True
             if running:
-                wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+                time.sleep(0.5 if pool is not None else 2.0)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -350,9 +395,9 @@ def smoothed(model: Path) -> bool:
     return float((read_source(model).data.get("world") or {}).get("property_smoothing", 0.0)) > 0
 
 
-def run_grid(cfg: AblationConfig, stop_after: int | None = None, parallel: int = 1) -> int:
-    """Run (or resume) the grid, `parallel` cells at a time (see train_cells); write curves.csv, fits/,
-    shift/ and report.md. Returns the number of failed cells."""
+def run_grid(cfg: AblationConfig, stop_after: int | None = None, parallel: int = 1, launcher: str = "local") -> int:
+    """Run (or resume) the grid, `parallel` cells at a time or as SLURM jobs (see train_cells); write
+    curves.csv, fits/, shift/ and report.md. Returns the number of failed cells."""
     # heavy imports (torch, lightning) only once a grid is to run
     from analysis.report import summary_table
     from analysis.output import write_rows
@@ -368,7 +413,7 @@ def run_grid(cfg: AblationConfig, stop_after: int | None = None, parallel: int =
         raise AblationConfigError(f"{out}: cell {stale[0]}" + (f" and {len(stale) - 1} more" if len(stale) > 1 else "")
                                   + " finished under other settings; give the grid a new name, or remove those cells' "
                                     "directories to train them again")
-    status, stopped = train_cells(cfg, out, stop_after, parallel)
+    status, stopped = train_cells(cfg, out, stop_after, parallel, launcher)
     if stopped:
         return sum(s.startswith("failed") for s in status.values())
     models = {size: pretrained_of(cfg, out, size) for size in cfg.sizes if pretrained_of(cfg, out, size).exists()}
