@@ -135,6 +135,14 @@ def test_an_empty_data_config_is_refused_not_run_as_the_default_world(tmp_path, 
     assert not out.exists()
 
 
+def default_sigint() -> None:
+    """In the child: Ctrl-C as in a terminal. A shell starts background jobs with SIGINT ignored, and
+    Python then never raises KeyboardInterrupt, so under such a CI the child would not see the signal."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_a_fit_stops_with_one_line_130_and_the_old_report_intact(tmp_path):
     import signal
     import time
@@ -143,7 +151,8 @@ def test_ctrl_c_during_a_fit_stops_with_one_line_130_and_the_old_report_intact(t
     assert evaluate.main(COMMANDS["fit"](CURVES, out)) == 0
     before = snapshot(out)
     proc = subprocess.Popen([sys.executable, str(ROOT / "evaluate.py"), "fit", "--curves", str(CURVES), "--out", str(out)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     deadline = time.time() + 60
     while not any(p.name.startswith(".fits.tmp-") for p in tmp_path.iterdir()):  # fitting has begun
         assert time.time() < deadline and proc.poll() is None

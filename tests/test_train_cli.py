@@ -229,7 +229,8 @@ def test_ctrl_c_during_training_is_one_line_and_exit_130(tmp_path):
     root = tmp_path / "runs"
     proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--run.root", str(root), "--run.name", "t",
                              "--trainer.max_steps", "100000"], cwd=Path(__file__).resolve().parents[1],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # see test_output_safety
     deadline = time.time() + 120
     while not list(root.rglob("*.ckpt")):  # training is under way
         assert time.time() < deadline and proc.poll() is None
