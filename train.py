@@ -16,13 +16,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from training.run import USER_ERRORS, cli_main, error_line, quiet_lightning, run_quickstart
+from training.run import USER_ERRORS, CtrlC, cli_main, error_line, quiet_lightning, run_quickstart
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     quiet_lightning()
+    CtrlC.watch()
     if argv and argv[0] in ("test", "predict"):
         print(f"error: train.py has no {argv[0]} split to run `{argv[0]}` on (the GINC stream has no held-out set of "
               "that kind); use `python train.py validate --config CONFIG --ckpt_path CKPT` or "

@@ -6,6 +6,7 @@ Lightning CLI that builds and trains the model, the quickstart, and bad input as
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 import warnings
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 from jsonargparse import ArgumentError, Namespace
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from analysis.output import inside
@@ -237,7 +238,8 @@ class TrainCLI(LightningCLI):
         data = self.datamodule
         references = (lambda device: ideal_references(data, device)) if isinstance(data, GincDataModule) else None
         bar = [StepProgressBar(refresh_rate=cfg.trainer.get("log_every_n_steps") or 50)] if cfg.trainer.get("enable_progress_bar", True) is not False else []
-        mine = [*bar, ckpt, best, CurvesWriter(self.run_dir / "curves.csv", self.run_info, references), FinalExport(self.run_dir, self.run_info)]
+        mine = [*bar, ckpt, best, CurvesWriter(self.run_dir / "curves.csv", self.run_info, references), FinalExport(self.run_dir, self.run_info),
+                CtrlC()]
         trainer_cfg = cfg.trainer
         callbacks = [*(trainer_cfg.get("callbacks") or []), *mine]
         logger = trainer_cfg.get("logger")
@@ -345,6 +347,40 @@ def error_line(exc: Exception) -> str:
     while str(exc).startswith(_UNION_ERROR) and exc.__cause__ is not None:
         exc = exc.__cause__  # jsonargparse builds the data module inside a Union check that wraps its error
     return str(exc)
+
+
+class CtrlC(Callback):
+    """Ctrl-C that is never lost. Python drops a KeyboardInterrupt raised while a finalizer or weakref
+    callback runs (it prints "Exception ignored" and goes on), and a run then trained on; `watch()`
+    installs a SIGINT handler that also records the request, and this callback raises it again at the
+    next training or validation step, where Lightning stops the run cleanly."""
+
+    requested = False
+
+    @classmethod
+    def watch(cls) -> None:
+        """Before a run: forget an earlier Ctrl-C, and take over SIGINT if Python's own handler has it."""
+        cls.requested = False
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return  # ignored (a background job), someone else's, or already ours: leave it
+        def on_sigint(signum: int, frame: object) -> None:
+            cls.requested = True
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, on_sigint)
+        previous = sys.unraisablehook
+
+        def quiet(unraisable: object) -> None:  # a swallowed Ctrl-C is raised again: no report of it
+            if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+                previous(unraisable)
+
+        sys.unraisablehook = quiet
+
+    def _check(self, *args: object) -> None:
+        if CtrlC.requested:
+            raise KeyboardInterrupt
+
+    on_train_batch_end = on_validation_batch_end = _check
 
 
 def quiet_lightning() -> None:
