@@ -209,39 +209,21 @@ def cell_args(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | Non
             "--run.root", str(out), "--run.name", cell.name, "--run.eval_at_start", "false", *cfg.overrides, *extra]
 
 
-def prepare_cell(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None) -> list[str] | None:
-    """The cell's train.py flags with its directory made ready (resumed from its last checkpoint, or
-    cleared when interrupted before one), or None when it is done."""
-    cell_dir = out / cell.name
-    args = cell_args(cfg, cell, out, pretrained)
-    if (cell_dir / "DONE").is_file():
-        return None
-    if (cell_dir / "checkpoints" / "last.ckpt").is_file():
-        args += ["--ckpt_path", "last"]  # interrupted after a checkpoint: continue from it
-    elif cell_dir.exists():
-        shutil.rmtree(cell_dir)  # interrupted before its first checkpoint: start again
-    cell_dir.mkdir(parents=True, exist_ok=True)
-    print(f"[ablate] {cell.name}: python train.py {' '.join(args)}", flush=True)
-    return args
-
-
-def finish_cell(cell_dir: Path, args: list[str], began: float) -> str:
-    """'done' (and DONE, with the flags) when training left an export, else why not."""
-    if not (cell_dir / "hf").is_dir():
-        return f"failed: training ended without an export (see {cell_dir / 'train.log'})"
-    flags = [a for a in args if a not in ("--ckpt_path", "last")]  # a resumed cell asked the same as a fresh one
-    (cell_dir / "DONE").write_text(f"{time.perf_counter() - began:.1f} s\n{DONE_ARGS}{json.dumps(flags)}\n")
-    return "done"
-
-
 def run_cell(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None) -> str:
     """Train one cell in this process unless it is done; returns 'done', 'skipped' or 'failed: <reason>'."""
     from training import run as train  # heavy imports (torch, lightning) only when there is training to do
 
-    args = prepare_cell(cfg, cell, out, pretrained)
-    if args is None:
-        return "skipped"
     cell_dir = out / cell.name
+    if (cell_dir / "DONE").is_file():
+        return "skipped"
+    flags = cell_args(cfg, cell, out, pretrained)  # what DONE records: a resumed cell asks the same as a fresh one
+    args = flags
+    if (cell_dir / "checkpoints" / "last.ckpt").is_file():
+        args = [*flags, "--ckpt_path", "last"]  # interrupted after a checkpoint: continue from it
+    elif cell_dir.exists():
+        shutil.rmtree(cell_dir)  # interrupted before its first checkpoint: start again
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[ablate] {cell.name}: python train.py {' '.join(args)}", flush=True)
     began = time.perf_counter()
     train.quiet_lightning()
     with (cell_dir / "train.log").open("a") as log:
@@ -255,7 +237,10 @@ def run_cell(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None
         except Exception as exc:  # a crash (a bug, CUDA): its traceback is kept, and the grid goes on
             (cell_dir / "error.txt").write_text(traceback.format_exc())
             return f"failed: {type(exc).__name__}: {exc}".splitlines()[0]
-    return finish_cell(cell_dir, args, began)
+    if not (cell_dir / "hf").is_dir():
+        return f"failed: training ended without an export (see {cell_dir / 'train.log'})"
+    (cell_dir / "DONE").write_text(f"{time.perf_counter() - began:.1f} s\n{DONE_ARGS}{json.dumps(flags)}\n")
+    return "done"
 
 
 def _cell_worker(gpus: object) -> None:
@@ -330,14 +315,14 @@ def train_cells(cfg: AblationConfig, out: Path, stop_after: int | None, parallel
     when there are that many. With launcher 'slurm' each cell is a SLURM job (submitit), as many at once as
     the cluster runs, and this process waits for them. Returns each cell's status and whether
     --stop-after stopped the grid early."""
-    import torch
-
     status = {f"{size}/pretrain": "given" for size in cfg.pretrained}
     queue, running, trained = cells_of(cfg), {}, 0
     submit, pool = None, None
     if launcher == "slurm":
         submit, parallel = slurm_executor(cfg, out).submit, len(queue)
     elif parallel > 1:
+        import torch
+
         context = multiprocessing.get_context("spawn")  # fork after torch has started threads can hang
         gpus = context.Queue()
         pin = torch.cuda.is_available() and torch.cuda.device_count() >= parallel
@@ -416,7 +401,7 @@ def run_grid(cfg: AblationConfig, stop_after: int | None = None, parallel: int =
     status, stopped = train_cells(cfg, out, stop_after, parallel, launcher)
     if stopped:
         return sum(s.startswith("failed") for s in status.values())
-    models = {size: pretrained_of(cfg, out, size) for size in cfg.sizes if pretrained_of(cfg, out, size).exists()}
+    models = {size: model for size in cfg.sizes if (model := pretrained_of(cfg, out, size)).exists()}
     cells = [cell for cell in cells_of(cfg) if cell.method != "pretrain"]
     baselines = {size: checkpoint_curve_rows([model]) for size, model in models.items()}
     rows = [r for size_rows in baselines.values() for r in size_rows]
