@@ -50,9 +50,9 @@ def normal_equations(r: torch.Tensor, J: torch.Tensor, J_own: torch.Tensor | Non
     with J_own, J is the shared columns and J_own the per-condition blocks (see ResidualFn)."""
     if r.device.type == "cpu":
         mm = lambda a, b: torch.from_numpy(np.matmul(a.numpy(), b.numpy()))  # noqa: E731
+        cost = torch.from_numpy(0.5 * np.square(r.numpy()).sum(-1))
     else:
-        mm = torch.matmul
-    cost = 0.5 * (r * r).sum(-1) if r.device.type != "cpu" else torch.from_numpy(0.5 * np.square(r.numpy()).sum(-1))
+        mm, cost = torch.matmul, 0.5 * (r * r).sum(-1)
     Jt = J.transpose(-1, -2)
     A, g = mm(Jt, J), mm(Jt, r[..., None])[..., 0]
     if J_own is not None:
