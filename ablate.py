@@ -20,6 +20,7 @@ from pathlib import Path
 
 from evaluation.arguments import COUNT, INDEX, OneLineParser
 from training.grid import AblationConfig, run_grid
+from user_errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         failed = run_grid(AblationConfig.load(args.config), args.stop_after, args.parallel, args.launcher)
-    except (ValueError, FileNotFoundError) as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -16,13 +16,14 @@ import sys
 from collections.abc import Sequence
 
 from evaluation.cli import build_parser
+from user_errors import UserError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from training.run import USER_ERRORS, CtrlC, cli_main, error_line, quiet_lightning, run_quickstart
+from training.run import CtrlC, cli_main, quiet_lightning, run_quickstart
+from user_errors import UserError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,8 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_quickstart()
         else:
             cli_main(None if from_command_line else argv)
-    except USER_ERRORS as exc:
-        print(f"error: {error_line(exc)}", file=sys.stderr)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, SystemExit) as exc:
         # Lightning answers Ctrl-C in a running stage by tearing down and calling sys.exit(1)

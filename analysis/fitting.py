@@ -20,6 +20,7 @@ from analysis.curves import CurveGroup
 from analysis.laws import LAW_NAMES, BayesianLaw, as_lists, get_law
 from analysis.lm import LMResult, Stacked, levenberg_marquardt, normal_equations
 from analysis.progress import Progress
+from user_errors import UserError
 
 SPLITS = ("interpolation", "extrapolation")
 SPACES = ("prob", "nll")
@@ -44,13 +45,13 @@ class FitConfig:
             get_law(name)
         for split in self.splits:
             if split not in SPLITS:
-                raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+                raise UserError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
         if self.space not in SPACES:
-            raise ValueError(f"unknown loss space {self.space!r}; choose prob or nll")
+            raise UserError(f"unknown loss space {self.space!r}; choose prob or nll")
         if any(not 0.0 < f < 1.0 for f in self.fractions):
-            raise ValueError(f"fit fractions {list(self.fractions)} must lie strictly between 0 and 1")
+            raise UserError(f"fit fractions {list(self.fractions)} must lie strictly between 0 and 1")
         if self.starts < 1 or self.max_iter < 1:
-            raise ValueError("--starts and the iteration limit must be at least 1")
+            raise UserError("--starts and the iteration limit must be at least 1")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from user_errors import UserError
 
 LAW_NAMES = ("bayesian", "bayesian_sampling", "bayesian_scoring", "power", "bounded_power", "logistic")
 BAYESIAN_NAMES = LAW_NAMES[:3]
@@ -290,5 +291,5 @@ LAWS: dict[str, BayesianLaw | CurveLaw] = {
 
 def get_law(name: str) -> BayesianLaw | CurveLaw:
     if name not in LAWS:
-        raise ValueError(f"unknown law {name!r}; choose from {', '.join(LAW_NAMES)}")
+        raise UserError(f"unknown law {name!r}; choose from {', '.join(LAW_NAMES)}")
     return LAWS[name]

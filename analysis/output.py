@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from user_errors import UserError
 
 
 def umask() -> int:
@@ -27,13 +28,13 @@ def umask() -> int:
 def check_output_dir(out: Path, flag: str = "--out") -> None:
     """One `error:` line for an output directory that cannot be written, before any work starts."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{flag} {out} is a file; pass a directory path (it is created if missing)")
+        raise UserError(f"{flag} {out} is a file; pass a directory path (it is created if missing)")
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
-        raise ValueError(f"{flag} {out} lies under {existing}, which is a file; choose another path")
+        raise UserError(f"{flag} {out} lies under {existing}, which is a file; choose another path")
     writable = existing if existing != out else out.parent
     if not os.access(writable, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {out}: {writable} is not writable; choose a directory you can write to")
+        raise UserError(f"{flag} {out}: {writable} is not writable; choose a directory you can write to")
 
 
 def inside(root: str | os.PathLike, name: str, what: str, root_what: str) -> Path:
@@ -42,7 +43,7 @@ def inside(root: str | os.PathLike, name: str, what: str, root_what: str) -> Pat
     path = Path(root) / name
     base = Path(root).resolve()
     if not name or Path(name).is_absolute() or base not in path.resolve().parents:
-        raise ValueError(f"{what} {name!r} would write outside {root}; give a name inside it, like my-run or grid/run-1")
+        raise UserError(f"{what} {name!r} would write outside {root}; give a name inside it, like my-run or grid/run-1")
     check_output_dir(Path(root), root_what)  # a root that is a file, or lies under one
     return path
 
@@ -64,13 +65,13 @@ def check_replaceable(out: Path, inputs: Sequence[str | os.PathLike] = ()) -> No
     for given in inputs:
         path = Path(given).resolve()
         if path == target or target in path.parents:
-            raise ValueError(f"--out {out} holds the input {given}, and the report replaces it whole; "
+            raise UserError(f"--out {out} holds the input {given}, and the report replaces it whole; "
                              "write the report to another directory")
     if out.is_dir():
         foreign = sorted(e for e in os.listdir(out) if e not in REPORT_ENTRIES)
         if foreign:
             more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-            raise ValueError(f"--out {out} holds {foreign[0]!r}{more}, which this command did not write, and the "
+            raise UserError(f"--out {out} holds {foreign[0]!r}{more}, which this command did not write, and the "
                              "report replaces the directory whole; choose a new or empty directory")
 
 
@@ -121,11 +122,11 @@ def check_output_file(out: Path, inputs: Sequence[str | os.PathLike] = ()) -> No
     """One `error:` line, before any work, for a file output that cannot be written where it is asked:
     a directory, a path under a file or in an unwritable directory, or one of the command's inputs."""
     if out.is_dir():
-        raise ValueError(f"--out {out} is a directory; pass a CSV file path")
+        raise UserError(f"--out {out} is a directory; pass a CSV file path")
     check_output_dir(out.resolve().parent)
     for given in inputs:
         if Path(given).resolve() == out.resolve():
-            raise ValueError(f"--out {out} is the input {given}; write to another file")
+            raise UserError(f"--out {out} is the input {given}; write to another file")
 
 
 @contextmanager

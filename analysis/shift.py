@@ -32,6 +32,7 @@ from analysis.curves import CONDITION_COLUMNS, CurveGroup, standard_error
 from analysis.fitting import Batch, fit_batch, named_stderr, nrmse, predict, theta_covariance, undetermined
 from analysis.laws import BAYESIAN_NAMES, BayesianLaw, get_law
 from analysis.progress import Progress
+from user_errors import UserError
 
 FITS = ("shared", "free")
 # A resampled fit stops once a Gauss-Newton step would gain less than this in chi-square / 2: the
@@ -55,21 +56,21 @@ class ShiftConfig:
 
     def validate(self) -> None:
         if self.law not in BAYESIAN_NAMES:
-            raise ValueError(f"shift needs a Bayesian law, not {self.law!r}; choose from {', '.join(BAYESIAN_NAMES)}")
+            raise UserError(f"shift needs a Bayesian law, not {self.law!r}; choose from {', '.join(BAYESIAN_NAMES)}")
         if not 0.0 < self.holdout_fraction < 1.0:
-            raise ValueError(f"--holdout-fraction {self.holdout_fraction} must lie strictly between 0 and 1")
+            raise UserError(f"--holdout-fraction {self.holdout_fraction} must lie strictly between 0 and 1")
         if not 0.0 < self.level < 1.0:
-            raise ValueError(f"--level {self.level} must lie strictly between 0 and 1")
+            raise UserError(f"--level {self.level} must lie strictly between 0 and 1")
         if self.starts < 1:
-            raise ValueError(f"--starts {self.starts} must be at least 1")
+            raise UserError(f"--starts {self.starts} must be at least 1")
         if self.workers < 0:
-            raise ValueError(f"--workers {self.workers} must be 0 (automatic) or more")
+            raise UserError(f"--workers {self.workers} must be 0 (automatic) or more")
         if self.resample_starts < 0:
-            raise ValueError(f"--resample-starts {self.resample_starts} must be 0 or more")
+            raise UserError(f"--resample-starts {self.resample_starts} must be 0 or more")
         if self.resamples < 2:
-            raise ValueError("--resamples must be at least 2 to give an interval")
+            raise UserError("--resamples must be at least 2 to give an interval")
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"--threshold {self.threshold} must be a probability in (0, 1)")
+            raise UserError(f"--threshold {self.threshold} must be a probability in (0, 1)")
 
 
 @dataclass
@@ -129,14 +130,14 @@ def select_conditions(groups: list[CurveGroup], baseline: str) -> list[Condition
     base = [g for g in groups if g.run == baseline]
     if not base:
         runs = ", ".join(dict.fromkeys(g.run for g in groups))
-        raise ValueError(f"baseline run {baseline!r} is not in the curves table; choose one of: {runs}")
+        raise UserError(f"baseline run {baseline!r} is not in the curves table; choose one of: {runs}")
     out = []
     for b in base:
         same = [g for g in groups if g.k == b.k and model_key(g) == model_key(b) and g is not b]
         same.sort(key=lambda g: (g.extra.get("method", ""), g.extra.get("direction", ""),
                                  np.nan_to_num(amount_of(g), nan=-1.0), g.run))
         if any(g.n_tasks != b.n_tasks for g in same):
-            raise ValueError(f"runs of model {model_key(b)} at k {b.k} differ in their number of tasks; "
+            raise UserError(f"runs of model {model_key(b)} at k {b.k} differ in their number of tasks; "
                              "measure every condition on the same tasks")
         out.append(_common_grid(b.k, [b, *same]))
     return out
@@ -230,7 +231,7 @@ def resample_table(cond: Conditions, R: int, rng: np.random.Generator,
             table = (prompt_probs or {}).get((g.run, g.k, i))
             if table is not None:
                 if table.shape[1] != len(g.shots):
-                    raise ValueError(f"per-prompt table of run {g.run}, k {g.k}, task {i} has {table.shape[1]} shot "
+                    raise UserError(f"per-prompt table of run {g.run}, k {g.k}, task {i} has {table.shape[1]} shot "
                                      f"counts, the curves table {len(g.shots)}; write both from the same measurement")
                 pick = rng.integers(table.shape[0], size=(R, table.shape[0]))
                 cols = np.searchsorted(cond.shots, g.shots)
@@ -406,7 +407,7 @@ def analyse_shift(groups: list[CurveGroup], config: ShiftConfig, prompt_probs: d
     conditions = select_conditions(groups, config.baseline)
     for cond in conditions:
         if len(cond.groups) < 2:
-            raise ValueError(f"only the baseline was measured at k {cond.k}; add post-trained runs of the same model")
+            raise UserError(f"only the baseline was measured at k {cond.k}; add post-trained runs of the same model")
     resamples = [resample_table(cond, config.resamples, rng, prompt_probs) for cond in conditions]
     fits = fit_all(conditions, resamples, config, stream)
     for cond in conditions:

@@ -7,13 +7,14 @@ from pathlib import Path
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.settings_file import read_yaml_mapping
 from datamodules.world import WorldConfigError
+from user_errors import MissingInput
 
 
 def read_data_settings(path: str | Path) -> dict:
     """The GincDataModule arguments a YAML file gives, checked against the module's signature."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data config {path} does not exist; pass a YAML such as configs/data/ginc.yaml")
+        raise MissingInput(f"data config {path} does not exist; pass a YAML such as configs/data/ginc.yaml")
     cfg = read_yaml_mapping(path, "data config", WorldConfigError)
     if not cfg:  # otherwise the default world would run, and replace a report, as if it were asked for
         raise WorldConfigError(f"data config {path} is empty; give the world and ICL settings, as configs/data/ginc.yaml does")

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from user_errors import UserError
 
 
-def read_yaml_mapping(path: Path, what: str, error: type[ValueError]) -> dict:
+def read_yaml_mapping(path: Path, what: str, error: type[UserError]) -> dict:
     """A YAML file of settings as a dict; one `error` line (naming `what` the file is) when it is not."""
     try:
         cfg = yaml.safe_load(path.read_text()) or {}

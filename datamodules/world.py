@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from user_errors import UserError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 DELIMITER = 0
 
 
-class WorldConfigError(ValueError):
+class WorldConfigError(UserError):
     """A GINC world parameter is out of range; the message names it and the fix."""
 
 

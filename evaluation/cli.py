@@ -14,6 +14,7 @@ from analysis.report import summary_table
 from analysis.shift import ShiftConfig
 from evaluation.arguments import COUNT, INDEX, OneLineParser
 from evaluation.curves_table import write_curves
+from user_errors import UserError
 
 if TYPE_CHECKING:
     from evaluation.llm_curves import LLMCurveConfig
@@ -60,7 +61,7 @@ def run_curves(args: argparse.Namespace) -> None:
         from evaluation.ginc_curves import ideal_curve_rows
 
         if args.data_config is None:
-            raise ValueError("--ideal needs --data-config (a YAML with the GINC world and ICL settings, e.g. configs/data/ginc.yaml)")
+            raise UserError("--ideal needs --data-config (a YAML with the GINC world and ICL settings, e.g. configs/data/ginc.yaml)")
         rows = ideal_curve_rows(args.data_config, args.learner, args.run, args.weights, **ginc)
     elif args.ckpt:
         from evaluation.ginc_curves import checkpoint_curve_rows
@@ -79,7 +80,7 @@ def llm_config(args: argparse.Namespace) -> LLMCurveConfig:
     from evaluation.llm_curves import LLMCurveConfig
 
     if args.dataset is None:
-        raise ValueError("--hf-model needs --dataset FILE.jsonl (rows {question, answer, answer_type})")
+        raise UserError("--hf-model needs --dataset FILE.jsonl (rows {question, answer, answer_type})")
     return LLMCurveConfig(  # it checks its values itself
         run=args.run or Path(args.hf_model).name, ks=tuple(sorted(set(args.k or (1,)))),
         shuffles=5 if args.prompts is None else args.prompts, shots=args.shots,

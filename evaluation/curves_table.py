@@ -13,6 +13,7 @@ import numpy as np
 
 from analysis.curves import CurveGroup
 from analysis.output import atomic_file
+from user_errors import UserError, MissingInput
 
 CURVE_COLUMNS = ("run", "k", "task", "shots", "prob", "nll", "acc", "count")
 OPTIONAL_COLUMNS = ("acc",)  # curves drawn from a law have no accuracy
@@ -53,7 +54,7 @@ def write_curves(rows: Iterable[Mapping[str, object]], path: str | os.PathLike, 
         new = {block(r) for r in rows}
         present = sorted({run + (f" (step {step})" if step else "") for run, step in new & {block(r) for r in old}})
         if present and not replace:
-            raise ValueError(f"{path} already has rows of run {', '.join(present)}; pass --replace to overwrite them, "
+            raise UserError(f"{path} already has rows of run {', '.join(present)}; pass --replace to overwrite them, "
                              "or label the new rows with another --run")
         old = [r for r in old if block(r) not in new]
     extra: list[str] = []
@@ -72,11 +73,11 @@ def _number(path: Path, line: int, column: str, text: str, integer: bool) -> flo
     try:
         value = float(text)
     except (TypeError, ValueError):
-        raise ValueError(f"{path} line {line}: column {column} is {text!r}, not a number; fix or drop that row") from None
+        raise UserError(f"{path} line {line}: column {column} is {text!r}, not a number; fix or drop that row") from None
     if math.isnan(value):
-        raise ValueError(f"{path} line {line}: {column} is NaN; drop the row or measure it again")
+        raise UserError(f"{path} line {line}: {column} is NaN; drop the row or measure it again")
     if integer and (not math.isfinite(value) or value < 0 or value != int(value) or value >= 2**31):
-        raise ValueError(f"{path} line {line}: {column} = {text} must be a non-negative integer below 2^31")
+        raise UserError(f"{path} line {line}: {column} = {text} must be a non-negative integer below 2^31")
     return value
 
 
@@ -85,20 +86,20 @@ def _check_row(path: Path, line: int, row: dict[str, str]) -> dict[str, object]:
     k, task, shots = (int(_number(path, line, c, row[c], True)) for c in ("k", "task", "shots"))
     prob, nll, count = (_number(path, line, c, row[c], False) for c in ("prob", "nll", "count"))
     if not 0.0 <= prob <= 1.0:
-        raise ValueError(f"{path} line {line}: prob = {row['prob']} is outside [0, 1]; it must be a mean probability")
+        raise UserError(f"{path} line {line}: prob = {row['prob']} is outside [0, 1]; it must be a mean probability")
     if not (math.isfinite(nll) and nll >= -NLL_ROUNDING):
-        raise ValueError(f"{path} line {line}: nll = {row['nll']} must be finite and >= 0; drop or re-measure the row")
+        raise UserError(f"{path} line {line}: nll = {row['nll']} must be finite and >= 0; drop or re-measure the row")
     if not math.isfinite(count) or count < 1 or count != int(count):
-        raise ValueError(f"{path} line {line}: count = {row['count']} must be a positive integer (prompts averaged)")
+        raise UserError(f"{path} line {line}: count = {row['count']} must be a positive integer (prompts averaged)")
     if prob == 0.0 and math.isfinite(nll):
-        raise ValueError(f"{path} line {line}: prob = 0 with a finite nll = {row['nll']}; a mean probability of 0 "
+        raise UserError(f"{path} line {line}: prob = 0 with a finite nll = {row['nll']}; a mean probability of 0 "
                          "means every prompt scored 0 (nll inf): fix or drop the row")
     acc = row.get("acc")
     acc = _number(path, line, "acc", acc, False) if acc not in (None, "") else None
     if acc is not None and not 0.0 <= acc <= 1.0:
-        raise ValueError(f"{path} line {line}: acc = {row['acc']} is outside [0, 1]; it must be a mean accuracy")
+        raise UserError(f"{path} line {line}: acc = {row['acc']} is outside [0, 1]; it must be a mean accuracy")
     if not row["run"].strip():
-        raise ValueError(f"{path} line {line}: run is empty; every row needs the label of the run it measures")
+        raise UserError(f"{path} line {line}: run is empty; every row needs the label of the run it measures")
     return curve_row(row["run"], k, task, shots, prob, nll, acc, int(count))
 
 
@@ -109,7 +110,7 @@ def read_rows(path: str | os.PathLike, step: int | None = None) -> list[dict[str
     step is read, or `step` where given. Raises one-line errors on bad input."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"curves file {path} not found; pass a CSV written by `evaluate.py curves`")
+        raise MissingInput(f"curves file {path} not found; pass a CSV written by `evaluate.py curves`")
     try:
         return _read_rows(path, step)
     except UnicodeDecodeError:
@@ -117,7 +118,7 @@ def read_rows(path: str | os.PathLike, step: int | None = None) -> list[dict[str
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError:
-                raise ValueError(f"{path} line {number}: not UTF-8 text; save the table as UTF-8 CSV") from None
+                raise UserError(f"{path} line {number}: not UTF-8 text; save the table as UTF-8 CSV") from None
         raise
 
 
@@ -128,7 +129,7 @@ def _read_rows(path: Path, step: int | None) -> list[dict[str, object]]:
             reader.fieldnames = [name.strip() for name in reader.fieldnames]  # "run, k, task" from a hand-made header
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"{path}: missing column(s) {', '.join(missing)}; a curves table needs {', '.join(REQUIRED_COLUMNS)}"
             )
         extra_cols = [c for c in reader.fieldnames if c not in CURVE_COLUMNS]
@@ -136,17 +137,17 @@ def _read_rows(path: Path, step: int | None) -> list[dict[str, object]]:
         seen: set[tuple[str, int, int, int, int]] = set()
         for line, raw in enumerate(reader, start=2):
             if None in raw or any(raw[c] is None for c in REQUIRED_COLUMNS):
-                raise ValueError(f"{path} line {line}: {len(reader.fieldnames)} columns expected; fix or drop that row")
+                raise UserError(f"{path} line {line}: {len(reader.fieldnames)} columns expected; fix or drop that row")
             row = _check_row(path, line, raw)
             at = int(_number(path, line, "step", raw["step"], True)) if raw.get("step") else -1
             key = (row["run"], row["k"], at)
             if (*key, row["task"], row["shots"]) in seen:
-                raise ValueError(f"{path} line {line}: duplicate row for run {row['run']}, k {row['k']}, task {row['task']}, "
+                raise UserError(f"{path} line {line}: duplicate row for run {row['run']}, k {row['k']}, task {row['task']}, "
                                  f"shots {row['shots']}" + (f", step {at}" if at >= 0 else ""))
             seen.add((*key, row["task"], row["shots"]))
             rows.append((key, {**row, **{c: raw[c] for c in extra_cols}}))
     if not rows:
-        raise ValueError(f"{path}: the curves table has no rows")
+        raise UserError(f"{path}: the curves table has no rows")
     chosen = _pick_steps(path, list(dict.fromkeys(key for key, _ in rows)), step)
     return [row for key, row in rows if key in chosen]
 
@@ -161,7 +162,7 @@ def _pick_steps(path: Path, keys: list[tuple[str, int, int]], step: int | None) 
     lacking = [run for run, s in steps.items() if step not in s]
     if lacking:
         have = sorted(steps[lacking[0]] - {-1})
-        raise ValueError(f"{path}: run {lacking[0]} has no rows at step {step}"
+        raise UserError(f"{path}: run {lacking[0]} has no rows at step {step}"
                          + (f"; its steps are {', '.join(map(str, have))}" if have else "; the table has no step column"))
     return {key for key in keys if key[2] == step}
 
@@ -179,7 +180,7 @@ def _build_group(path: Path, key: tuple[str, int], rows: list[dict[str, object]]
     run, k = key
     tasks = sorted({r["task"] for r in rows})
     if tasks != list(range(len(tasks))):
-        raise ValueError(f"{path}: run {run}, k {k} has tasks {tasks}; tasks must be numbered 0..M-1 without gaps")
+        raise UserError(f"{path}: run {run}, k {k} has tasks {tasks}; tasks must be numbered 0..M-1 without gaps")
     shots = np.array(sorted({r["shots"] for r in rows}), dtype=np.float64)
     col = {s: j for j, s in enumerate(shots.astype(int))}
     arrays = np.full((3, len(tasks), len(shots)), np.nan)
@@ -193,28 +194,28 @@ def read_prompt_table(path: str | os.PathLike) -> dict[tuple[str, int, int], np.
     """Per-prompt probabilities: a CSV with run, k, task, prompt, shots, prob -> {(run, k, task): [prompts, S]}."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"per-prompt table {path} not found; drop --prompt-table to resample from counts")
+        raise MissingInput(f"per-prompt table {path} not found; drop --prompt-table to resample from counts")
     cells: dict = {}
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in PROMPT_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; a per-prompt table needs {', '.join(PROMPT_COLUMNS)}")
+            raise UserError(f"{path}: missing column(s) {', '.join(missing)}; a per-prompt table needs {', '.join(PROMPT_COLUMNS)}")
         for line, row in enumerate(reader, start=2):
             try:
                 key = (row["run"], int(row["k"]), int(row["task"]))
                 prob = float(row["prob"])
                 cells.setdefault(key, {})[(int(row["prompt"]), int(row["shots"]))] = prob
             except ValueError:
-                raise ValueError(f"{path} line {line}: k, task, prompt, shots must be integers and prob a number") from None
+                raise UserError(f"{path} line {line}: k, task, prompt, shots must be integers and prob a number") from None
             if not 0.0 <= prob <= 1.0:
-                raise ValueError(f"{path} line {line}: prob = {prob} is outside [0, 1]")
+                raise UserError(f"{path} line {line}: prob = {prob} is outside [0, 1]")
     out = {}
     for key, pts in cells.items():
         prompts = sorted({p for p, _ in pts})
         shots = sorted({s for _, s in pts})
         if len(pts) != len(prompts) * len(shots):
-            raise ValueError(f"{path}: run {key[0]}, k {key[1]}, task {key[2]} lacks some (prompt, shots) rows; "
+            raise UserError(f"{path}: run {key[0]}, k {key[1]}, task {key[2]} lacks some (prompt, shots) rows; "
                              "every prompt needs every shot count")
         out[key] = np.array([[pts[(p, s)] for s in shots] for p in prompts])
     return out

@@ -27,6 +27,7 @@ from lightning_modules.dpo import PreferenceModule  # noqa: F401  (a DPO checkpo
 from lightning_modules.gpt import read_pretrained, resolve_device
 from lightning_modules.icl_metric import ICLCurveMetric, curve_rows, label_scores
 from lightning_modules.lm_module import CausalLMModule
+from user_errors import UserError
 
 LEARNERS = ("exact", "reader", "both")
 
@@ -133,7 +134,7 @@ def checkpoint_curve_rows(paths: Sequence[str | Path], run: str | None = None, d
     `data_config` and the given k values, prompts per (k, task) and batch size put over them.
     `run` relabels the rows of a single source."""
     if run and len(paths) > 1:
-        raise ValueError("--run labels one source; with several --ckpt leave it out (each run's own label is used)")
+        raise UserError("--run labels one source; with several --ckpt leave it out (each run's own label is used)")
     target = torch.device(resolve_device(device))
     given = read_data_settings(data_config) if data_config is not None else {}
     rows: list[dict] = []
@@ -151,7 +152,7 @@ def ideal_curve_rows(data_config: str | Path, learner: str = "exact", run: str |
     """Curve rows of the ideal learners on a data config's ICL prompts: the exact learner (run `run`), the
     document reader (run `run`-reader) or both; their prior is `weights` (default: the world's mixture)."""
     if learner not in LEARNERS:
-        raise ValueError(f"unknown learner {learner!r}; choose one of {', '.join(LEARNERS)}")
+        raise UserError(f"unknown learner {learner!r}; choose one of {', '.join(LEARNERS)}")
     data = load_datamodule_config(data_config, k_values=list(k_values or []) or None, prompts_per_task=prompts,
                                   icl_batch_size=batch_size)
     target = resolve_device(device)

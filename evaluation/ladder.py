@@ -30,6 +30,7 @@ from evaluation.curves_table import read_curves, write_curves
 from evaluation.ginc_curves import exact_curve_rows, reader_curve_rows
 from evaluation.reports import one_thread
 from lightning_modules.gpt import resolve_device
+from user_errors import UserError
 
 MODEL = "truth"
 LEARNERS = {"exact": exact_curve_rows, "reader": reader_curve_rows}
@@ -69,15 +70,15 @@ def run_ladder(config: LadderConfig, out: str | os.PathLike) -> tuple[list[FitRe
     """Curves of the ladder's learners, all laws fitted to them, and the shift report with what it
     recovered of the truth: curves.csv, fits/, shift/ and report.md in `out`, written whole."""
     if config.learner not in LEARNERS:
-        raise ValueError(f"--learner {config.learner!r} is not a ladder learner; choose one of {', '.join(LEARNERS)}")
+        raise UserError(f"--learner {config.learner!r} is not a ladder learner; choose one of {', '.join(LEARNERS)}")
     data = load_datamodule_config(config.data_config, k_values=list(config.k_values) if config.k_values else None,
                                   prompts_per_task=config.prompts)
     device = resolve_device(config.device)
     M = data.world.n_tasks
     if not 0 <= config.task < M:
-        raise ValueError(f"--task {config.task} is out of range for a world of {M} tasks")
+        raise UserError(f"--task {config.task} is out of range for a world of {M} tasks")
     if any(not s > 1.0 for s in config.strengths):
-        raise ValueError(f"--strengths {list(config.strengths)} must all be above 1 (1 is the baseline itself)")
+        raise UserError(f"--strengths {list(config.strengths)} must all be above 1 (1 is the baseline itself)")
     shift_config = ShiftConfig(baseline=f"{MODEL}/pretrain", law=config.law, resamples=config.resamples, starts=config.starts)
     shift_config.validate()
     conditions = ladder_weights(check_weights(data.world.weights, M), config.task, list(config.strengths))

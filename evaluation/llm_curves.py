@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from evaluation.curves_table import curve_row
 from evaluation.manyshot import ManyShotPrompt, Shot, build_prompt, load_shots, resolve_format
 from lightning_modules.gpt import resolve_device
+from user_errors import UserError
 
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -44,9 +45,9 @@ class LLMCurveConfig:
             values = getattr(self, name)
             for value in values if name == "ks" else [values]:
                 if value is not None and value < 1:
-                    raise ValueError(f"{flag} {value}: must be a positive integer ({name} of the LLM curve settings)")
+                    raise UserError(f"{flag} {value}: must be a positive integer ({name} of the LLM curve settings)")
         if not self.ks:
-            raise ValueError("--k: give at least one number of answer tokens to score")
+            raise UserError("--k: give at least one number of answer tokens to score")
 
 
 @dataclass
@@ -70,29 +71,29 @@ def load_local_lm(model_dir: str | Path, device: str = "auto") -> tuple[PreTrain
     model_dir = Path(model_dir)
     hint = "point --hf-model at a directory written by save_pretrained (config.json, weights, tokenizer files)"
     if not (model_dir / "config.json").is_file():
-        raise ValueError(f"--hf-model {model_dir}: no config.json there; {hint}")
+        raise UserError(f"--hf-model {model_dir}: no config.json there; {hint}")
     weight_bytes = sum(f.stat().st_size for pattern in _WEIGHT_PATTERNS for f in model_dir.glob(pattern))
     if weight_bytes == 0:
-        raise ValueError(f"--hf-model {model_dir}: no weight files (*.safetensors or *.bin); {hint}")
+        raise UserError(f"--hf-model {model_dir}: no weight files (*.safetensors or *.bin); {hint}")
     if not any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
-        raise ValueError(f"--hf-model {model_dir}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); {hint}")
+        raise UserError(f"--hf-model {model_dir}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); {hint}")
     device = resolve_device(device)
     on_gpu = device.startswith("cuda")
     if on_gpu and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no GPU is visible; use --device cpu or auto")
+        raise UserError(f"--device {device}: no GPU is visible; use --device cpu or auto")
     kwargs: dict = {"local_files_only": True, "dtype": torch.bfloat16 if on_gpu else torch.float32}
     if on_gpu and torch.cuda.device_count() > 1 and weight_bytes > 0.8 * torch.cuda.mem_get_info(0)[0]:
         try:
             import accelerate  # noqa: F401  (device_map needs it)
         except ImportError:
-            raise ValueError(f"--hf-model {model_dir}: {weight_bytes / 2**30:.1f} GiB of weights need several GPUs; pip install accelerate") from None
+            raise UserError(f"--hf-model {model_dir}: {weight_bytes / 2**30:.1f} GiB of weights need several GPUs; pip install accelerate") from None
         kwargs["device_map"] = "auto"
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     except Exception as exc:  # corrupt or foreign files fail in many library-specific ways; name the first line
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"--hf-model {model_dir}: cannot load it ({reason}); {hint}") from None
+        raise UserError(f"--hf-model {model_dir}: cannot load it ({reason}); {hint}") from None
     if "device_map" not in kwargs:
         model.to(device)
     return model.eval(), tokenizer
@@ -104,7 +105,7 @@ def context_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     limits.append(getattr(tokenizer, "model_max_length", None))
     limits = [int(x) for x in limits if isinstance(x, int) and 0 < x < 10**8]
     if not limits:
-        raise ValueError("the model declares no context length; pass --max-length")
+        raise UserError("the model declares no context length; pass --max-length")
     return min(limits)
 
 
@@ -115,7 +116,7 @@ def group_by_type(shots: Sequence[Shot], n_shots: int | None) -> dict[str, list[
         by_type.setdefault(shot.answer_type, []).append(shot)
     for name, rows in sorted(by_type.items()):
         if n_shots is not None and n_shots > len(rows):
-            raise ValueError(f"answer type '{name}' has {len(rows)} rows but --shots asks for {n_shots}; lower --shots or add rows")
+            raise UserError(f"answer type '{name}' has {len(rows)} rows but --shots asks for {n_shots}; lower --shots or add rows")
     return {name: by_type[name] for name in sorted(by_type)}
 
 

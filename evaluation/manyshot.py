@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from user_errors import UserError
 
 FIELDS = ("question", "answer", "answer_type")
 FORMATS = ("auto", "chat", "plain")
@@ -43,7 +44,7 @@ def load_shots(path: str | os.PathLike) -> list[Shot]:
     """Read and validate a JSONL dataset; every line is an object with non-empty string fields FIELDS."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--dataset {path}: no such file; give a JSONL file of rows {{question, answer, answer_type}}")
+        raise UserError(f"--dataset {path}: no such file; give a JSONL file of rows {{question, answer, answer_type}}")
     shots = []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -52,26 +53,26 @@ def load_shots(path: str | os.PathLike) -> list[Shot]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: not valid JSON ({exc.msg}); write one JSON object per line") from None
+            raise UserError(f"{where}: not valid JSON ({exc.msg}); write one JSON object per line") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: a row must be a JSON object with fields {', '.join(FIELDS)}")
+            raise UserError(f"{where}: a row must be a JSON object with fields {', '.join(FIELDS)}")
         for field in FIELDS:
             value = row.get(field)
             if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"{where}: row has no '{field}'; every row needs non-empty strings {', '.join(FIELDS)}")
+                raise UserError(f"{where}: row has no '{field}'; every row needs non-empty strings {', '.join(FIELDS)}")
         shots.append(Shot(*(row[field].strip() for field in FIELDS)))
     if not shots:
-        raise ValueError(f"--dataset {path}: no rows; write one JSON object {{question, answer, answer_type}} per line")
+        raise UserError(f"--dataset {path}: no rows; write one JSON object {{question, answer, answer_type}} per line")
     return shots
 
 
 def resolve_format(tokenizer: PreTrainedTokenizerBase, prompt_format: str) -> str:
     """`auto` is `chat` when the tokenizer has a chat template, else `plain`."""
     if prompt_format not in FORMATS:
-        raise ValueError(f"--format {prompt_format}: unknown; use one of {', '.join(FORMATS)}")
+        raise UserError(f"--format {prompt_format}: unknown; use one of {', '.join(FORMATS)}")
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if prompt_format == "chat" and not has_template:
-        raise ValueError("--format chat: the tokenizer has no chat template; use --format plain")
+        raise UserError("--format chat: the tokenizer has no chat template; use --format plain")
     if prompt_format == "auto":
         return "chat" if has_template else "plain"
     return prompt_format
@@ -91,7 +92,7 @@ def render(tokenizer: PreTrainedTokenizerBase, shots: Sequence[Shot], prompt_for
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     split = _MARK.split(text)  # text, index, text, index, ..., text
     if [int(i) for i in split[1::2]] != list(range(len(shots))):
-        raise ValueError("the tokenizer's chat template does not render every assistant turn once, in order; use --format plain")
+        raise UserError("the tokenizer's chat template does not render every assistant turn once, in order; use --format plain")
     pieces = [shots[int(piece)].answer if j % 2 else piece for j, piece in enumerate(split)]
     return _join(pieces)
 
@@ -113,24 +114,24 @@ def build_prompt(tokenizer: PreTrainedTokenizerBase, shots: Sequence[Shot], prom
     try:
         enc = tokenizer(text, add_special_tokens=prompt_format == "plain", return_offsets_mapping=True)
     except NotImplementedError:
-        raise ValueError("the tokenizer cannot report character offsets; the model directory needs a fast tokenizer (tokenizer.json)") from None
+        raise UserError("the tokenizer cannot report character offsets; the model directory needs a fast tokenizer (tokenizer.json)") from None
     offsets = enc["offset_mapping"]
     token_spans = []
     for j, ((a, b), inside) in enumerate(zip(char_spans, _overlapping_tokens(offsets, char_spans))):
         if not inside:
-            raise ValueError(f"the tokenizer gives no tokens for the answer of demonstration {j} ({text[a:b]!r}); check its files")
+            raise UserError(f"the tokenizer gives no tokens for the answer of demonstration {j} ({text[a:b]!r}); check its files")
         start, end = inside[0], inside[-1] + 1
         covered = text[offsets[start][0] : offsets[end - 1][1]]
         # A token may carry the whitespace before an answer (" Yes"), never other template text.
         if start == 0 or end - start != len(inside) or covered.strip() != text[a:b]:
-            raise ValueError(
+            raise UserError(
                 f"the tokenizer merges the answer of demonstration {j} ({text[a:b]!r}) with the text around it "
                 f"({covered!r}); try the other --format"
             )
         token_spans.append((start, end))
     kept = [span for span in token_spans if span[1] <= max_length]
     if not kept:
-        raise ValueError(f"the first demonstration needs {token_spans[0][1]} tokens, more than the context of {max_length}; raise --max-length or shorten the rows")
+        raise UserError(f"the first demonstration needs {token_spans[0][1]} tokens, more than the context of {max_length}; raise --max-length or shorten the rows")
     return ManyShotPrompt(list(enc["input_ids"][: kept[-1][1]]), kept)
 
 

@@ -25,6 +25,7 @@ from evaluation.ginc_curves import load_model, reader_label_scores
 from evaluation.run_artifacts import read_source
 from lightning_modules.gpt import resolve_device
 from lightning_modules.icl_metric import label_scores
+from user_errors import UserError
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def reader_gap_rows(paths: Sequence[str | Path], prompts: int = 256, k_values: S
     """One row per (run, k) of runs' checkpoints or HF exports: the gap to the reader on `prompts` prompts
     per (k, task) of the run's own world and ICL settings."""
     if prompts < 2:
-        raise ValueError(f"--prompts must be >= 2 (a standard error needs two prompts), got {prompts}")
+        raise UserError(f"--prompts must be >= 2 (a standard error needs two prompts), got {prompts}")
     rows = []
     for path in paths:
         src = read_source(path)

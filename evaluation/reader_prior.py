@@ -27,6 +27,7 @@ from datamodules.world import GincWorld
 from evaluation.ginc_curves import load_model
 from evaluation.run_artifacts import read_source
 from lightning_modules.gpt import resolve_device
+from user_errors import UserError
 
 STREAM = "reader-prior"  # documents of their own stream: never trained on, never validated on
 
@@ -125,7 +126,7 @@ def reader_prior_rows(paths: Sequence[str | Path], prompts: int = 32, documents:
     """One row per run's checkpoint or HF export: its KL-fitted reader prior (prior_0 ...), the mean KL
     there and at the world's prior, on its own world's ICL prompts (`prompts` per k and task) and documents."""
     if prompts < 1 or documents < 0:
-        raise ValueError(f"--prompts must be >= 1 and --documents >= 0, got {prompts} and {documents}")
+        raise UserError(f"--prompts must be >= 1 and --documents >= 0, got {prompts} and {documents}")
     rows = []
     for path in paths:
         src = read_source(path)

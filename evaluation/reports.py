@@ -20,6 +20,7 @@ from analysis.shift import ShiftConfig, ShiftResult, analyse_shift
 from analysis.shift_report import write_shift_outputs
 from datamodules.world import check_weights
 from evaluation.curves_table import read_curves, read_prompt_table
+from user_errors import UserError
 
 
 @contextmanager
@@ -45,7 +46,7 @@ def fit_table(curves: str | os.PathLike, out: str | os.PathLike, config: FitConf
     jobs = plan_fits(groups, config)
     skipped = skipped_fits(jobs, config)
     if len(skipped) == len(jobs) * len(config.laws):  # nothing to fit: keep the old report, say why
-        raise ValueError(f"no fit can be made: {skipped[0]}" + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else "")
+        raise UserError(f"no fit can be made: {skipped[0]}" + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else "")
                          + "; measure more shots or choose a law with fewer parameters")
     with one_thread(), atomic_dir(out, [curves]) as tmp:
         results = fit_groups(groups, config)
@@ -65,15 +66,15 @@ def shift_table(curves: str | os.PathLike, out: str | os.PathLike, config: Shift
     if k_values:
         missing = sorted(set(k_values) - {g.k for g in groups})
         if missing:
-            raise ValueError(f"--k {missing} is not in {curves}; it has k = {sorted({g.k for g in groups})}")
+            raise UserError(f"--k {missing} is not in {curves}; it has k = {sorted({g.k for g in groups})}")
         groups = [g for g in groups if g.k in k_values]
     M = next((g.n_tasks for g in groups if g.run == config.baseline), None)
     if true_priors is not None and M is not None:
         if len(true_priors) != M:
-            raise ValueError(f"--true-priors has {len(true_priors)} weights but the curves have {M} tasks")
+            raise UserError(f"--true-priors has {len(true_priors)} weights but the curves have {M} tasks")
         check_weights(true_priors, M, "--true-priors")
         if abs(sum(true_priors) - 1.0) > 1e-6:
-            raise ValueError(f"--true-priors {list(true_priors)} sum to {sum(true_priors):g}, not 1; give the pretraining "
+            raise UserError(f"--true-priors {list(true_priors)} sum to {sum(true_priors):g}, not 1; give the pretraining "
                              "mixture's weights, which are probabilities")
     prompts = read_prompt_table(prompt_table) if prompt_table else None
     with one_thread(), atomic_dir(out, [curves, *([prompt_table] if prompt_table else [])]) as tmp:

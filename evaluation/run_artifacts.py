@@ -20,6 +20,7 @@ from analysis.output import atomic_dir
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.world import world_tokenizer
 from lightning_modules.gpt import SPEC_FIELDS, read_checkpoint, spec_of
+from user_errors import UserError, MissingInput
 
 RUN_INFO_KEY = "run_info"  # in a checkpoint, and in DATA_FILE
 DATA_FILE = "ginc_data.json"  # beside an HF export: the datamodule settings it was trained on, its RunInfo and step
@@ -94,7 +95,7 @@ def read_source(path: str | Path) -> Source:
     path = Path(path)
     if path.is_dir():
         if not (path / "config.json").is_file() or not (path / DATA_FILE).is_file():
-            raise FileNotFoundError(f"{path} is not an HF export of a run (needs config.json and {DATA_FILE}); point at a run's hf/ directory or a .ckpt")
+            raise MissingInput(f"{path} is not an HF export of a run (needs config.json and {DATA_FILE}); point at a run's hf/ directory or a .ckpt")
         config = GPT2Config.from_json_file(path / "config.json")
         model = {"size": None, **asdict(spec_of(config)), "vocab_size": config.vocab_size}
         meta = json.loads((path / DATA_FILE).read_text())
@@ -102,10 +103,10 @@ def read_source(path: str | Path) -> Source:
     elif path.is_file():
         ckpt = read_checkpoint(path)
         if "datamodule_hyper_parameters" not in ckpt:
-            raise ValueError(f"{path} was not written by train.py (no GINC datamodule settings inside); use a run's checkpoint")
+            raise UserError(f"{path} was not written by train.py (no GINC datamodule settings inside); use a run's checkpoint")
         model, data = plain(dict(ckpt["hyper_parameters"])), plain(dict(ckpt["datamodule_hyper_parameters"]))
         info, step = ckpt.get(RUN_INFO_KEY), ckpt.get("global_step", 0)
     else:
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a run's checkpoints/last.ckpt (or best.ckpt) or its hf/ directory")
+        raise MissingInput(f"checkpoint {path} does not exist; pass a run's checkpoints/last.ckpt (or best.ckpt) or its hf/ directory")
     data = {k: v for k, v in data.items() if k in _DATA_KEYS}
     return Source(path, model, data, RunInfo(**info) if info else None, int(step))

@@ -24,6 +24,7 @@ from datamodules.ginc_datamodule import GincDataModule
 from datamodules.preference_datamodule import PreferenceDataModule
 from lightning_modules.gpt import ModelConfigError
 from lightning_modules.lm_module import CausalLMModule
+from user_errors import UserError
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
@@ -49,7 +50,7 @@ def ipo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
 def _log_ratios(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """log(policy / reference) of the chosen and the rejected sequences, in float32 (bf16 sums lose the margin)."""
     if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}; DPO/IPO need a positive KL strength (default 0.1)")
+        raise UserError(f"beta must be > 0, got {beta}; DPO/IPO need a positive KL strength (default 0.1)")
     return pc.float() - rc.float(), pr.float() - rr.float()
 
 

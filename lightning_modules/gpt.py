@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 
 from transformers import GPT2Config, GPT2LMHeadModel
+from user_errors import UserError
 
 NAMED_LAYERS = (1, 2, 3, 4, 8, 12, 16)
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError):
     """A model setting is unknown or inconsistent; the message names it and the fix."""
 
 
@@ -87,14 +88,14 @@ def resolve_device(name: str) -> str:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+        raise UserError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (device.index or 0) >= count:
-            raise ValueError(f"--device {name}: this machine's torch sees {count} CUDA device(s)"
+            raise UserError(f"--device {name}: this machine's torch sees {count} CUDA device(s)"
                              + ("" if torch.version.cuda else " (a CPU-only build)") + "; use --device cpu or auto")
     elif device.type not in ("cpu", "meta") and not getattr(torch, device.type, None):
-        raise ValueError(f"--device {name}: this torch build has no {device.type} backend; use --device cpu or auto")
+        raise UserError(f"--device {name}: this torch build has no {device.type} backend; use --device cpu or auto")
     return name
 
 
@@ -103,7 +104,7 @@ def training_threads(requested: int | None = None) -> int:
     thread buys little on an idle machine, and on a shared one threads that wait for each other while
     another job holds a core made training many times slower (benchmarks/train_threads.py)."""
     if requested is not None and requested < 1:
-        raise ValueError(f"run.cpu_threads must be >= 1, got {requested}; leave it out for one thread")
+        raise UserError(f"run.cpu_threads must be >= 1, got {requested}; leave it out for one thread")
     return requested or 1
 
 

@@ -24,6 +24,7 @@ from datamodules.ginc_datamodule import GincDataModule
 from datamodules.sampling import shots_for_context
 from lightning_modules.gpt import GPTSpec, ModelConfigError, build_gpt, read_checkpoint, read_pretrained, resolve_spec
 from lightning_modules.icl_metric import ICLCurveMetric, curve_rows, label_scores
+from user_errors import MissingInput, UserError
 
 
 @dataclass
@@ -79,7 +80,7 @@ def load_gpt_weights(model: GPT2LMHeadModel, source: str | Path) -> None:
         raise ModelConfigError(f"{source} holds a different model than configured ({str(exc).splitlines()[0]}); use its size") from None
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(UserError):
     """Training diverged: the message says when and what to change."""
 
 
@@ -117,7 +118,7 @@ class CausalLMModule(L.LightningModule):
         super().__init__()
         self.spec: GPTSpec = resolve_spec(size, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions, dropout=dropout)
         if init_from is not None and not Path(init_from).exists():
-            raise FileNotFoundError(f"init_from checkpoint {init_from} does not exist; pass the path of a pretraining run's checkpoint or HF export")
+            raise MissingInput(f"init_from checkpoint {init_from} does not exist; pass the path of a pretraining run's checkpoint or HF export")
         self.optim = optim if isinstance(optim, OptimConfig) else OptimConfig(**(optim or {}))
         self.save_hyperparameters()
         self.gpt: GPT2LMHeadModel | None = None

@@ -3,16 +3,17 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("datamodules", "analysis", "lightning_modules", "evaluation", "training")
+PACKAGES = ("user_errors", "datamodules", "analysis", "lightning_modules", "evaluation", "training")
 SCRIPTS = ("train", "evaluate", "ablate")
 CONTRACTS = ("evaluation.curves_table", "evaluation.run_artifacts")
 ALLOWED = {
-    "datamodules": ("datamodules",),
-    "analysis": ("analysis",),
-    "contracts": ("analysis", "datamodules", "lightning_modules.gpt", *CONTRACTS),
-    "lightning_modules": ("datamodules", "lightning_modules", *CONTRACTS),
-    "evaluation": ("datamodules", "analysis", "lightning_modules", "evaluation"),
-    "training": ("datamodules", "analysis", "lightning_modules", "evaluation", "training"),
+    "user_errors": (),
+    "datamodules": ("user_errors", "datamodules"),
+    "analysis": ("user_errors", "analysis"),
+    "contracts": ("user_errors", "analysis", "datamodules", "lightning_modules.gpt", *CONTRACTS),
+    "lightning_modules": ("user_errors", "datamodules", "lightning_modules", *CONTRACTS),
+    "evaluation": ("user_errors", "datamodules", "analysis", "lightning_modules", "evaluation"),
+    "training": ("user_errors", "datamodules", "analysis", "lightning_modules", "evaluation", "training"),
 }
 
 

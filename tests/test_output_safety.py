@@ -215,3 +215,33 @@ def test_curves_out_that_is_an_input_or_a_directory_is_refused_before_measuring(
     assert "is the input" in capsys.readouterr().err and config.read_bytes() == before
     assert evaluate.main(["curves", "--ideal", "--data-config", str(config), "--out", str(tmp_path)]) == 2
     assert "is a directory; pass a CSV file path" in capsys.readouterr().err
+
+
+def test_a_bug_inside_the_library_keeps_its_traceback_while_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
+    """Only a UserError becomes the one `error:` line: a plain ValueError (here a shape error) raised inside
+    the library surfaces with its traceback in each of the three scripts."""
+    import ablate
+    import train
+    from datamodules.ginc_datamodule import GincDataModule
+    from evaluation import reports
+
+    def shape_bug(*args, **kwargs):
+        raise ValueError("operands could not be broadcast together with shapes (3,) (4,)")
+
+    assert evaluate.main(["fit", "--curves", str(tmp_path / "none.csv"), "--out", str(tmp_path / "f")]) == 2
+    assert capsys.readouterr().err.startswith("error: curves file")
+    monkeypatch.setattr(reports, "fit_table", shape_bug)
+    with pytest.raises(ValueError, match="could not be broadcast"):
+        evaluate.main(["fit", "--curves", str(CURVES), "--out", str(tmp_path / "f")])
+
+    assert ablate.main(["--config", str(tmp_path / "none.yaml")]) == 2
+    monkeypatch.setattr(ablate, "run_grid", shape_bug)
+    with pytest.raises(ValueError, match="could not be broadcast"):
+        ablate.main(["--config", str(ROOT / "configs" / "ablations" / "tiny.yaml")])
+
+    tiny = ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--run.root", str(tmp_path / "runs")]
+    assert train.main([*tiny, "--data.world.n_tasks", "0"]) == 2  # refused while jsonargparse builds the data
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: n_tasks must be >= 1, got 0"
+    monkeypatch.setattr(GincDataModule, "setup", shape_bug)
+    with pytest.raises(ValueError, match="could not be broadcast"):
+        train.main([*tiny, "--trainer.max_steps", "1"])

@@ -22,13 +22,14 @@ from pathlib import Path
 
 from analysis.output import inside
 from datamodules.settings_file import read_yaml_mapping
+from user_errors import MissingInput, UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 METHODS = ("sft", "dpo")
 DIRECTIONS = ("favor", "disfavor")
 
 
-class AblationConfigError(ValueError):
+class AblationConfigError(UserError):
     """The ablation YAML is wrong; the message names the setting and the fix."""
 
 
@@ -104,7 +105,7 @@ class AblationConfig:
     @classmethod
     def load(cls, path: Path) -> "AblationConfig":
         if not path.is_file():
-            raise FileNotFoundError(f"ablation config {path} does not exist; see configs/ablations/")
+            raise MissingInput(f"ablation config {path} does not exist; see configs/ablations/")
         raw = read_yaml_mapping(path, "ablation config", AblationConfigError)
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(raw) - known)
@@ -130,7 +131,7 @@ class AblationConfig:
                 raise AblationConfigError(f"{path}: slurm.{key} is {value!r}, which is not {_describe(SLURM_KEYS[key])}")
         try:
             inside(self.root, self.name, f"{path}: name", f"{path}: root")
-        except ValueError as exc:
+        except UserError as exc:
             raise AblationConfigError(str(exc)) from None
         for method in self.methods:
             if method not in METHODS:
@@ -157,10 +158,10 @@ class AblationConfig:
             if size not in self.sizes:
                 raise AblationConfigError(f"{path}: pretrained names size {size!r}, which is not in sizes {self.sizes}")
             if not Path(ckpt).exists():
-                raise FileNotFoundError(f"{path}: pretrained checkpoint {ckpt} for {size} does not exist")
+                raise MissingInput(f"{path}: pretrained checkpoint {ckpt} for {size} does not exist")
         for cfg in self.base_configs:
             if not Path(cfg).is_file():
-                raise FileNotFoundError(f"{path}: base config {cfg} does not exist")
+                raise MissingInput(f"{path}: base config {cfg} does not exist")
 
 
     def analysis_configs(self, path: Path | None = None):
@@ -174,7 +175,7 @@ class AblationConfig:
         try:
             fit.validate()
             shift.validate()
-        except ValueError as exc:
+        except UserError as exc:
             raise AblationConfigError(f"{path}: {exc} (fit_fraction, laws, shift_resamples)") from None
         return fit, shift
 
@@ -230,8 +231,8 @@ def run_cell(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None
         try:
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):  # the cell's own log
                 train.cli_main(args)
-        except train.USER_ERRORS as exc:  # bad settings or a diverged run: the reason goes in the report
-            reason = train.error_line(exc)
+        except UserError as exc:  # bad settings or a diverged run: the reason goes in the report
+            reason = str(exc)
             print(f"error: {reason}", file=log)
             return f"failed: {reason}".splitlines()[0]
         except Exception as exc:  # a crash (a bug, CUDA): its traceback is kept, and the grid goes on
@@ -418,7 +419,7 @@ def run_grid(cfg: AblationConfig, stop_after: int | None = None, parallel: int =
     try:
         results, _ = fit_table(curves, out / "fits", fit_config)
         print(summary_table(results), flush=True)
-    except (ValueError, FileNotFoundError) as exc:  # bad grid settings or unreadable curves: reported, not raised
+    except UserError as exc:  # bad grid settings or unreadable curves: reported, not raised
         print(f"[ablate] fits failed: {exc}", flush=True)
         analyses += 1
     shifts = {}
@@ -426,7 +427,7 @@ def run_grid(cfg: AblationConfig, stop_after: int | None = None, parallel: int =
         shift_config = dataclasses.replace(shift_settings, baseline=base_rows[0]["run"])
         try:
             shifts[size] = shift_table(curves, out / "shift" / size, shift_config, true_priors=true_priors(models[size]))
-        except (ValueError, FileNotFoundError) as exc:
+        except UserError as exc:
             print(f"[ablate] shift of {size} failed: {exc}", flush=True)
             analyses += 1
     print("[ablate] reader priors of every model, and the pretrained models' gap to the document reader", flush=True)

@@ -31,12 +31,13 @@ from lightning_modules.callbacks import CurvesWriter, FinalExport, RunLogger, St
 from lightning_modules.gpt import (SPEC_FIELDS, GPTSpec, read_checkpoint, read_pretrained, resolve_device, resolve_spec,
                                   training_threads)
 from lightning_modules.lm_module import CausalLMModule
+from user_errors import MissingInput, UserError
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-class RunConfigError(ValueError):
+class RunConfigError(UserError):
     """A run setting is wrong; the message names it and the fix."""
 
 
@@ -181,7 +182,7 @@ def _run_directory(run: RunConfig, ckpt_path: str | None, model_label: str) -> P
         raise RunConfigError("--ckpt_path last needs --run.name NAME (the run to resume), or give the checkpoint's path")
     if ckpt_path not in (None, "last"):
         if not Path(ckpt_path).is_file():
-            raise FileNotFoundError(f"ckpt_path {ckpt_path} does not exist; pass runs/NAME/checkpoints/last.ckpt or --run.name NAME --ckpt_path last")
+            raise MissingInput(f"ckpt_path {ckpt_path} does not exist; pass runs/NAME/checkpoints/last.ckpt or --run.name NAME --ckpt_path last")
         read_checkpoint(ckpt_path)
         return inside(root, run.name, "--run.name", "--run.root") if run.name else Path(ckpt_path).resolve().parent.parent
     name = run.name or f"{model_label}-{run.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -190,7 +191,7 @@ def _run_directory(run: RunConfig, ckpt_path: str | None, model_label: str) -> P
         raise RunConfigError(f"run directory {run_dir} already has checkpoints; pick another --run.name or resume it with --ckpt_path last")
     if ckpt_path == "last":
         if not (run_dir / "checkpoints" / "last.ckpt").is_file():
-            raise FileNotFoundError(f"nothing to resume: {run_dir}/checkpoints/last.ckpt does not exist; check --run.name")
+            raise MissingInput(f"nothing to resume: {run_dir}/checkpoints/last.ckpt does not exist; check --run.name")
         read_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # a broken file stops here, with one line
     return run_dir
 
@@ -296,7 +297,24 @@ optim.lr, ...) are listed by `python train.py fit --model.help CausalLMModule`."
 
 
 def cli_main(args: Sequence[str] | None) -> TrainCLI:
-    """The CLI on `args`, or on the command line itself when None."""
+    """The CLI on `args`, or on the command line itself when None. A bad flag is a UserError of one line,
+    and a setting a class refused is that class's own UserError; anything else keeps its traceback."""
+    try:
+        return _cli(args)
+    except UserError:
+        raise
+    except (ArgumentError, ValueError) as exc:
+        cause = exc.__cause__  # jsonargparse wraps what a class raised while it built it in its Union check
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        if isinstance(exc, ArgumentError):
+            raise UserError(f"{flag_error(str(exc))} (`python train.py fit --help` lists every option)") from exc
+        raise
+
+
+def _cli(args: Sequence[str] | None) -> TrainCLI:
     return TrainCLI(CausalLMModule, GincDataModule, subclass_mode_model=True, subclass_mode_data=True,
                     args=None if args is None else list(args),
                     # a bad flag raises, so main() can say it in one line instead of printing the whole usage
@@ -335,18 +353,6 @@ class _NoTips(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return "litlogger" not in message and "Detected KeyboardInterrupt" not in message
-
-
-USER_ERRORS = (ArgumentError, ValueError, FileNotFoundError)  # bad flags, settings or files, and diverged runs
-
-
-def error_line(exc: Exception) -> str:
-    """One line for a user error: what is wrong and the fix."""
-    if isinstance(exc, ArgumentError):
-        return f"{flag_error(str(exc))} (`python train.py fit --help` lists every option)"
-    while str(exc).startswith(_UNION_ERROR) and exc.__cause__ is not None:
-        exc = exc.__cause__  # jsonargparse builds the data module inside a Union check that wraps its error
-    return str(exc)
 
 
 class CtrlC(Callback):
