@@ -308,58 +308,63 @@ def _outcome(job: object) -> str:
             f" (log: {log})" if log else "")
 
 
-def train_cells(cfg: AblationConfig, out: Path, stop_after: int | None, parallel: int,
-                launcher: str = "local") -> tuple[dict[str, str], bool]:
+@contextlib.contextmanager
+def worker_pool(parallel: int) -> typing.Iterator[ProcessPoolExecutor | None]:
+    """`parallel` spawn worker processes, each on a GPU of its own when there are that many; None for 1."""
+    if parallel <= 1:
+        yield None
+        return
+    import torch
+
+    context = multiprocessing.get_context("spawn")  # fork after torch has started threads can hang
+    gpus = context.Queue()
+    pin = torch.cuda.is_available() and torch.cuda.device_count() >= parallel
+    for slot in range(parallel):
+        gpus.put(slot if pin else None)
+    pool = ProcessPoolExecutor(parallel, mp_context=context, initializer=_cell_worker, initargs=(gpus,))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def train_cells(cfg: AblationConfig, out: Path, stop_after: int | None, parallel: int = 1,
+                pool: ProcessPoolExecutor | None = None, launcher: str = "local") -> tuple[dict[str, str], bool]:
     """Train every cell not done, the grid as a graph: a size's post-training cells start once its
-    pretraining has finished. Locally with parallel = 1 each cell trains in this process, in order;
-    otherwise up to `parallel` cells train at once in as many worker processes, each on a GPU of its own
-    when there are that many. With launcher 'slurm' each cell is a SLURM job (submitit), as many at once as
-    the cluster runs, and this process waits for them. Returns each cell's status and whether
-    --stop-after stopped the grid early."""
+    pretraining has finished. Locally without a pool each cell trains in this process, in order; with one
+    (of `parallel` workers), that many cells train at once. With launcher 'slurm' each cell is a SLURM job
+    (submitit), as many at once as the cluster runs, and this process waits for them. Returns each cell's
+    status and whether --stop-after stopped the grid early."""
     status = {f"{size}/pretrain": "given" for size in cfg.pretrained}
     queue, running, trained = cells_of(cfg), {}, 0
-    submit, pool = None, None
+    submit = None if pool is None else pool.submit
     if launcher == "slurm":
         submit, parallel = slurm_executor(cfg, out).submit, len(queue)
-    elif parallel > 1:
-        import torch
-
-        context = multiprocessing.get_context("spawn")  # fork after torch has started threads can hang
-        gpus = context.Queue()
-        pin = torch.cuda.is_available() and torch.cuda.device_count() >= parallel
-        for slot in range(parallel):
-            gpus.put(slot if pin else None)
-        pool = ProcessPoolExecutor(parallel, mp_context=context, initializer=_cell_worker, initargs=(gpus,))
-        submit = pool.submit
-    try:
-        while queue or running:
-            for job in [j for j in running if j.done()]:
-                status[running.pop(job).name] = _outcome(job)
-            for cell in list(queue):
-                if len(running) >= parallel or (stop_after is not None and trained >= stop_after):
-                    break
-                if cell.method != "pretrain" and f"{cell.size}/pretrain" not in status:
-                    continue  # its pretraining has not finished yet
-                queue.remove(cell)
-                pretrained = pretrained_of(cfg, out, cell.size)
-                if cell.method != "pretrain" and not pretrained.exists():
-                    status[cell.name] = f"failed: no pretrained model at {pretrained}"
-                elif submit is None:
-                    status[cell.name] = run_cell(cfg, cell, out, pretrained)
-                    trained += status[cell.name] == "done"
-                elif (out / cell.name / "DONE").is_file():
-                    status[cell.name] = "skipped"
-                else:
-                    running[submit(run_cell, cfg, cell, out, pretrained)] = cell
-                    trained += 1
-            if stop_after is not None and trained >= stop_after and queue and not running:
-                print(f"[ablate] stopped after {trained} trained cells (--stop-after); rerun to finish", flush=True)
-                return status, True
-            if running:
-                time.sleep(0.5 if pool is not None else 2.0)
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+    while queue or running:
+        for job in [j for j in running if j.done()]:
+            status[running.pop(job).name] = _outcome(job)
+        for cell in list(queue):
+            if len(running) >= parallel or (stop_after is not None and trained >= stop_after):
+                break
+            if cell.method != "pretrain" and f"{cell.size}/pretrain" not in status:
+                continue  # its pretraining has not finished yet
+            queue.remove(cell)
+            pretrained = pretrained_of(cfg, out, cell.size)
+            if cell.method != "pretrain" and not pretrained.exists():
+                status[cell.name] = f"failed: no pretrained model at {pretrained}"
+            elif submit is None:
+                status[cell.name] = run_cell(cfg, cell, out, pretrained)
+                trained += status[cell.name] == "done"
+            elif (out / cell.name / "DONE").is_file():
+                status[cell.name] = "skipped"
+            else:
+                running[submit(run_cell, cfg, cell, out, pretrained)] = cell
+                trained += 1
+        if stop_after is not None and trained >= stop_after and queue and not running:
+            print(f"[ablate] stopped after {trained} trained cells (--stop-after); rerun to finish", flush=True)
+            return status, True
+        if running:
+            time.sleep(0.5 if pool is not None else 2.0)
     order = [name for size in cfg.sizes for name in (f"{size}/pretrain", *(c.name for c in cells_of(cfg) if c.size == size))]
     return {name: status[name] for name in order if name in status}, False
 
@@ -384,24 +389,29 @@ def smoothed(model: Path) -> bool:
 def run_grid(cfg: AblationConfig, stop_after: int | None = None, parallel: int = 1, launcher: str = "local") -> int:
     """Run (or resume) the grid, `parallel` cells at a time or as SLURM jobs (see train_cells); write
     curves.csv, fits/, shift/ and report.md. Returns the number of failed cells."""
-    # heavy imports (torch, lightning) only once a grid is to run
-    from analysis.report import summary_table
-    from analysis.output import write_rows
-    from evaluation.curves_table import write_curves
-    from evaluation.ginc_curves import checkpoint_curve_rows
-    from evaluation.reader_gap import reader_gap_rows
-    from evaluation.reader_prior import reader_prior_rows
-    from evaluation.reports import fit_table, shift_table
-
     out = Path(cfg.root) / cfg.name
     stale = stale_cells(cfg, out)
     if stale:
         raise AblationConfigError(f"{out}: cell {stale[0]}" + (f" and {len(stale) - 1} more" if len(stale) > 1 else "")
                                   + " finished under other settings; give the grid a new name, or remove those cells' "
                                     "directories to train them again")
-    status, stopped = train_cells(cfg, out, stop_after, parallel, launcher)
-    if stopped:
-        return sum(s.startswith("failed") for s in status.values())
+    with worker_pool(parallel if launcher == "local" else 1) as pool:
+        status, stopped = train_cells(cfg, out, stop_after, parallel, pool, launcher)
+        if stopped:
+            return sum(s.startswith("failed") for s in status.values())
+        return report_grid(cfg, out, status, pool)
+
+
+def report_grid(cfg: AblationConfig, out: Path, status: dict[str, str], pool: ProcessPoolExecutor | None) -> int:
+    """Measure the curves of every trained model, write curves.csv and the fits, shift reports, reader
+    tables and report.md; the fits and reader tables run in the pool's workers while this process
+    fits the shifts (which start processes of their own for large tables). Returns how many cells and
+    analyses failed."""
+    from analysis.report import summary_table
+    from evaluation.curves_table import write_curves
+    from evaluation.ginc_curves import checkpoint_curve_rows
+    from evaluation.reports import fit_table, shift_table
+
     models = {size: model for size in cfg.sizes if (model := pretrained_of(cfg, out, size)).exists()}
     cells = [cell for cell in cells_of(cfg) if cell.method != "pretrain"]
     baselines = {size: checkpoint_curve_rows([model]) for size, model in models.items()}
@@ -413,33 +423,51 @@ def run_grid(cfg: AblationConfig, stop_after: int | None = None, parallel: int =
     if not rows:
         raise AblationConfigError(f"no model of {cfg.name} finished, so there are no curves; see {out}/*/*/train.log")
     curves = write_curves(rows, out / "curves.csv")
-    analyses = 0  # fit and shift reports that could not be made
     fit_config, shift_settings = cfg.analysis_configs()
-    results = []
-    try:
-        results, _ = fit_table(curves, out / "fits", fit_config)
-        print(summary_table(results), flush=True)
-    except UserError as exc:  # bad grid settings or unreadable curves: reported, not raised
-        print(f"[ablate] fits failed: {exc}", flush=True)
-        analyses += 1
-    shifts = {}
+    trained = [*models.values(), *(out / c.name / "hf" for c in cells if status[c.name] in ("done", "skipped"))]
+    elsewhere = {"fits": (fit_table, curves, out / "fits", fit_config),
+                 "reader tables": (reader_tables, cfg, out, list(models.values()), trained)}
+    started = {name: pool.submit(*call) for name, call in elsewhere.items()} if pool is not None else {}
+    done: dict[str, object] = {}
     for size, base_rows in baselines.items():
         shift_config = dataclasses.replace(shift_settings, baseline=base_rows[0]["run"])
-        try:
-            shifts[size] = shift_table(curves, out / "shift" / size, shift_config, true_priors=true_priors(models[size]))
-        except UserError as exc:
-            print(f"[ablate] shift of {size} failed: {exc}", flush=True)
-            analyses += 1
+        done[f"shift of {size}"] = _report(f"shift of {size}", shift_table, curves, out / "shift" / size, shift_config,
+                                           true_priors=true_priors(models[size]))
+    for name, call in elsewhere.items():
+        done[name] = _report(name, started[name].result) if name in started else _report(name, *call)
+    unmade = sum(result is None for result in done.values())  # analyses that could not be made
+    fits, (reader, gaps) = done.pop("fits") or ([], []), done.pop("reader tables") or ([], [])
+    if fits[0]:
+        print(summary_table(fits[0]), flush=True)
+    shifts = {name.removeprefix("shift of "): shift for name, shift in done.items() if shift is not None}
+    write_report(cfg, out, status, shifts, fits[0], {r["run"]: r for r in reader}, gaps)
+    return len(failed) + unmade
+
+
+def _report(name: str, call: typing.Callable, *args: object, **kwargs: object) -> object:
+    """An analysis's result, or None when its settings or input are bad (said in one line; the grid goes on)."""
+    try:
+        return call(*args, **kwargs)
+    except UserError as exc:
+        print(f"[ablate] {name} failed: {exc}", flush=True)
+        return None
+
+
+def reader_tables(cfg: AblationConfig, out: Path, pretrained: list[Path], trained: list[Path]) -> tuple[list, list]:
+    """reader_prior.csv (every trained model whose world allows it) and reader_gap.csv (the pretrained
+    models); returns their rows."""
+    from analysis.output import write_rows
+    from evaluation.reader_gap import reader_gap_rows
+    from evaluation.reader_prior import reader_prior_rows
+
     print("[ablate] reader priors of every model, and the pretrained models' gap to the document reader", flush=True)
-    trained = [*models.values(), *(out / c.name / "hf" for c in cells if status[c.name] in ("done", "skipped"))]
     # the KL to the reader is finite only where every transition is possible
     reader = reader_prior_rows([m for m in trained if smoothed(m)], cfg.reader_prompts)
     if reader:
         write_rows(reader, out / "reader_prior.csv")
-    gaps = reader_gap_rows(list(models.values()), cfg.gap_prompts)
+    gaps = reader_gap_rows(pretrained, cfg.gap_prompts)
     write_rows(gaps, out / "reader_gap.csv")
-    write_report(cfg, out, status, shifts, results, {r["run"]: r for r in reader}, gaps)
-    return len(failed) + analyses
+    return reader, gaps
 
 
 def write_report(cfg: AblationConfig, out: Path, status: dict[str, str], shifts: dict, results: list,
