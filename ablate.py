@@ -31,9 +31,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="cells trained at once, each in a process of its own (on a GPU of its own when there are enough)")
     parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
                         help="where cells train: here (--parallel at a time) or as SLURM jobs (the YAML's slurm: section)")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="--launcher slurm: submit the jobs, print their ids and exit; a rerun collects them")
     args = parser.parse_args(argv)
+    if args.no_wait and args.launcher != "slurm":
+        parser.error("--no-wait needs --launcher slurm (a local grid cannot outlive this process)")
     try:
-        failed = run_grid(AblationConfig.load(args.config), args.stop_after, args.parallel, args.launcher)
+        failed = run_grid(AblationConfig.load(args.config), args.stop_after, args.parallel, args.launcher, not args.no_wait)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

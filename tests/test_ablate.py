@@ -80,12 +80,14 @@ def test_interrupted_grid_resumes_to_the_same_table(finished, tmp_path):
         assert float(a["prob"]) == pytest.approx(float(b["prob"]), abs=1e-6)
 
 
-@pytest.mark.parametrize("parallel", ["1", "2"])
-def test_failed_cell_is_reported_and_the_others_finish(finished, tmp_path, parallel):
+@pytest.mark.parametrize("launch", [["--parallel", "1"], ["--parallel", "2"], ["--launcher", "slurm"]])
+def test_failed_cell_is_reported_and_the_others_finish(finished, tmp_path, launch):
+    if "slurm" in launch:
+        _needs_slurm()
     pretrained = finished / "whole" / "t" / "gpt2-1l" / "pretrain" / "hf"
     # disfavouring every task leaves an all-zero mixture: that cell fails, the favour cell runs
     config = _grid(tmp_path, "failing", pretrained={"gpt2-1l": str(pretrained)}, methods=["sft"], directions=["favor", "disfavor"], tasks=[0, 1, 2])
-    assert ablate.main(["--config", str(config), "--parallel", parallel]) == 1
+    assert ablate.main(["--config", str(config), *launch]) == 1
     out = tmp_path / "failing" / "t"
     report = (out / "report.md").read_text()
     assert "| gpt2-1l/sft-disfavor-32 | failed" in report and "| gpt2-1l/sft-favor-32 | done |" in report
@@ -183,17 +185,66 @@ def _slurm_up() -> str:
     return "" if up.returncode == 0 and up.stdout.strip() else "no SLURM cluster answers (scripts/slurm-local.sh start)"
 
 
-def test_grid_through_slurm_gives_the_same_table(finished, tmp_path):
-    """Each cell a SLURM job (submitit) on a real cluster: the same curves as the grid in one process."""
+def _needs_slurm() -> None:
     import os
 
     reason = _slurm_up()
     if reason:
-        if os.environ.get("SLURM_REQUIRED"):  # CI starts a local cluster: there the test must run
+        if os.environ.get("SLURM_REQUIRED"):  # CI starts a local cluster: there the tests must run
             pytest.fail(reason)
         pytest.skip(reason)
+
+
+def test_grid_through_slurm_gives_the_same_table(finished, tmp_path, capsys):
+    """Each size's pretraining a SLURM job and its cells one job array after it, on a real cluster: --no-wait
+    submits and exits, a rerun collects without submitting again, and the curves equal the one-process grid's."""
+    import json
+
+    _needs_slurm()
     config = _grid(tmp_path, "slurm", slurm={"cpus_per_cell": 1, "mem_gb": 2, "time_min": 20})
-    assert ablate.main(["--config", str(config), "--launcher", "slurm"]) == 0
+    assert ablate.main(["--config", str(config), "--launcher", "slurm", "--no-wait"]) == 0
     out = tmp_path / "slurm" / "t"
+    assert "[ablate] SLURM jobs: gpt2-1l/pretrain " in capsys.readouterr().out and not (out / "curves.csv").exists()
+    jobs = json.loads((out / "slurm" / "jobs.json").read_text())
+    arrays = {jobs[f"gpt2-1l/{cell}"].split("_")[0] for cell in ("sft-favor-32", "dpo-favor-32")}
+    assert len(arrays) == 1 and "_" not in jobs["gpt2-1l/pretrain"], jobs  # the cells are one array
+    assert ablate.main(["--config", str(config), "--launcher", "slurm"]) == 0
+    assert json.loads((out / "slurm" / "jobs.json").read_text()) == jobs  # collected, not submitted again
     assert _table(out / "curves.csv") == _table(finished / "whole" / "t" / "curves.csv")
     assert list((out / "slurm").glob("*_log.out")), "submitit's job logs"
+
+
+def test_a_preempted_slurm_cell_resumes_from_its_checkpoint(tmp_path):
+    """SLURM signals a job (USR2) before its time runs out: submitit calls the cell's checkpoint hook and
+    requeues it, and the cell resumes from its last.ckpt to the curves of a run that was never stopped.
+    (Under 10 minutes of time_min submitit takes any USR2 for the time limit, the case that needs the hook.)"""
+    import json
+    import subprocess
+    import time
+
+    _needs_slurm()
+    longer = {"pretrain_steps": 400, "methods": ["sft"], "directions": ["favor"],
+              "pretrain_overrides": ["--model.optim.lr", "3e-3", "--model.optim.warmup_steps", "5", "--run.checkpoint_every", "20"]}
+    assert ablate.main(["--config", str(_grid(tmp_path, "local", **longer))]) == 0
+    config = _grid(tmp_path, "slurm", slurm={"cpus_per_cell": 1, "mem_gb": 2, "time_min": 5}, **longer)
+    assert ablate.main(["--config", str(config), "--launcher", "slurm", "--no-wait"]) == 0
+    out = tmp_path / "slurm" / "t"
+    job = json.loads((out / "slurm" / "jobs.json").read_text())["gpt2-1l/pretrain"]
+    began = time.monotonic()
+    while not (out / "gpt2-1l" / "pretrain" / "checkpoints" / "last.ckpt").is_file():
+        assert time.monotonic() - began < 300, "the pretraining job wrote no checkpoint"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    while (state := subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()) != "PENDING":
+        assert state and time.monotonic() - began < 300, f"the job was not requeued (state {state or 'gone'})"
+        time.sleep(0.2)
+    # SLURM holds a requeued job back for about two minutes; the test need not wait for that
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    assert ablate.main(["--config", str(config), "--launcher", "slurm"]) == 0
+    log = (out / "slurm" / f"{job}_0_log.out").read_text()
+    assert "--ckpt_path last" in log, "the requeued job resumed from the checkpoint"
+    assert "this job is timed-out" in (out / "slurm" / f"{job}_0_log.err").read_text()
+    resumed, whole = _table(out / "curves.csv"), _table(tmp_path / "local" / "t" / "curves.csv")
+    assert [(r["run"], r["task"], r["shots"]) for r in resumed] == [(r["run"], r["task"], r["shots"]) for r in whole]
+    for a, b in zip(resumed, whole):
+        assert float(a["prob"]) == pytest.approx(float(b["prob"]), abs=1e-6)

@@ -280,32 +280,31 @@ def stale_cells(cfg: AblationConfig, out: Path) -> list[str]:
     return stale
 
 
-def slurm_executor(cfg: AblationConfig, out: Path):
-    """A submitit executor whose jobs ask SLURM for what the grid's `slurm:` section says; job logs go
-    to <grid>/slurm/<job id>_*."""
-    import submitit
-
-    settings = cfg.slurm
-    executor = submitit.AutoExecutor(folder=out / "slurm", cluster="slurm")
-    extra = dict(flag.lstrip("-").split("=", 1) for flag in settings.get("sbatch", []))
-    executor.update_parameters(
-        timeout_min=settings.get("time_min", 60), cpus_per_task=settings.get("cpus_per_cell", 1),
-        gpus_per_node=settings.get("gpus_per_cell", 0), name=f"ablate-{cfg.name}",
-        **({"mem_gb": settings["mem_gb"]} if "mem_gb" in settings else {}),
-        **({"slurm_partition": settings["partition"]} if "partition" in settings else {}),
-        **({"slurm_account": settings["account"]} if "account" in settings else {}),
-        **({"slurm_additional_parameters": extra} if extra else {}))
-    return executor
+class CellFailed(Exception):
+    """run_cell's 'failed: <reason>', raised by a cell's SLURM job so that SLURM marks the job failed (and
+    cancels the cells that wait for it)."""
 
 
-def _outcome(job: object) -> str:
+def outcome(job: object) -> str:
     """A finished cell's status: what run_cell returned, or why its job or process died, with its log."""
     try:
         return job.result()
-    except Exception as exc:  # the job was killed, cancelled or crashed outside run_cell
+    except Exception as exc:  # the cell failed in its job, or the job was killed or crashed outside run_cell
         log = getattr(getattr(job, "paths", None), "stderr", None)
-        return f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}" + (
-            f" (log: {log})" if log else "")
+        return failure_line(exc) + (f" (log: {log})" if log else "")
+
+
+def failure_line(exc: Exception) -> str:
+    """'failed: <reason>' from a worker's exception or the text of a SLURM job's traceback (submitit puts
+    it between two lines of dashes): the cell's own reason when it was a CellFailed."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    marker = f"{CellFailed.__name__}: "
+    own = [line.split(marker, 1)[1] for line in lines if marker in line]
+    if own:
+        return own[-1]
+    rules = [i for i, line in enumerate(lines) if set(line.strip()) == {"-"}]
+    last = lines[rules[1] - 1] if len(rules) >= 2 else (lines[-1] if lines else "")
+    return f"failed: {type(exc).__name__}: {last.strip()}"
 
 
 @contextlib.contextmanager
@@ -329,20 +328,32 @@ def worker_pool(parallel: int) -> typing.Iterator[ProcessPoolExecutor | None]:
 
 
 def train_cells(cfg: AblationConfig, out: Path, stop_after: int | None, parallel: int = 1,
-                pool: ProcessPoolExecutor | None = None, launcher: str = "local") -> tuple[dict[str, str], bool]:
+                pool: ProcessPoolExecutor | None = None, launcher: str = "local",
+                wait: bool = True) -> tuple[dict[str, str], bool]:
     """Train every cell not done, the grid as a graph: a size's post-training cells start once its
-    pretraining has finished. Locally without a pool each cell trains in this process, in order; with one
-    (of `parallel` workers), that many cells train at once. With launcher 'slurm' each cell is a SLURM job
-    (submitit), as many at once as the cluster runs, and this process waits for them. Returns each cell's
-    status and whether --stop-after stopped the grid early."""
+    pretraining has finished. Locally (see local_cells) or as SLURM jobs (training/slurm.py), which this
+    process waits for unless `wait` is false. Returns each cell's status ('given', 'skipped' for DONE,
+    'done', or 'failed: <reason>') and whether the grid stopped early (--stop-after, --no-wait)."""
     status = {f"{size}/pretrain": "given" for size in cfg.pretrained}
-    queue, running, trained = cells_of(cfg), {}, 0
-    submit = None if pool is None else pool.submit
+    status |= {cell.name: "skipped" for cell in cells_of(cfg) if (out / cell.name / "DONE").is_file()}
     if launcher == "slurm":
-        submit, parallel = slurm_executor(cfg, out).submit, len(queue)
+        from training.slurm import slurm_cells
+
+        stopped = slurm_cells(cfg, out, status, stop_after, wait)
+    else:
+        stopped = local_cells(cfg, out, status, stop_after, parallel, pool)
+    order = [name for size in cfg.sizes for name in (f"{size}/pretrain", *(c.name for c in cells_of(cfg) if c.size == size))]
+    return {name: status[name] for name in order if name in status}, stopped
+
+
+def local_cells(cfg: AblationConfig, out: Path, status: dict[str, str], stop_after: int | None, parallel: int,
+                pool: ProcessPoolExecutor | None) -> bool:
+    """Train the cells not in status on this machine: without a pool each in this process, in order;
+    with one (of `parallel` workers), that many at once. Returns whether --stop-after stopped it."""
+    queue, running, trained = [c for c in cells_of(cfg) if c.name not in status], {}, 0
     while queue or running:
         for job in [j for j in running if j.done()]:
-            status[running.pop(job).name] = _outcome(job)
+            status[running.pop(job).name] = outcome(job)
         for cell in list(queue):
             if len(running) >= parallel or (stop_after is not None and trained >= stop_after):
                 break
@@ -352,21 +363,18 @@ def train_cells(cfg: AblationConfig, out: Path, stop_after: int | None, parallel
             pretrained = pretrained_of(cfg, out, cell.size)
             if cell.method != "pretrain" and not pretrained.exists():
                 status[cell.name] = f"failed: no pretrained model at {pretrained}"
-            elif submit is None:
+            elif pool is None:
                 status[cell.name] = run_cell(cfg, cell, out, pretrained)
                 trained += status[cell.name] == "done"
-            elif (out / cell.name / "DONE").is_file():
-                status[cell.name] = "skipped"
             else:
-                running[submit(run_cell, cfg, cell, out, pretrained)] = cell
+                running[pool.submit(run_cell, cfg, cell, out, pretrained)] = cell
                 trained += 1
         if stop_after is not None and trained >= stop_after and queue and not running:
             print(f"[ablate] stopped after {trained} trained cells (--stop-after); rerun to finish", flush=True)
-            return status, True
+            return True
         if running:
-            time.sleep(0.5 if pool is not None else 2.0)
-    order = [name for size in cfg.sizes for name in (f"{size}/pretrain", *(c.name for c in cells_of(cfg) if c.size == size))]
-    return {name: status[name] for name in order if name in status}, False
+            time.sleep(0.5)
+    return False
 
 
 def true_priors(model: Path) -> list[float] | None:
@@ -386,7 +394,8 @@ def smoothed(model: Path) -> bool:
     return float((read_source(model).data.get("world") or {}).get("property_smoothing", 0.0)) > 0
 
 
-def run_grid(cfg: AblationConfig, stop_after: int | None = None, parallel: int = 1, launcher: str = "local") -> int:
+def run_grid(cfg: AblationConfig, stop_after: int | None = None, parallel: int = 1, launcher: str = "local",
+             wait: bool = True) -> int:
     """Run (or resume) the grid, `parallel` cells at a time or as SLURM jobs (see train_cells); write
     curves.csv, fits/, shift/ and report.md. Returns the number of failed cells."""
     out = Path(cfg.root) / cfg.name
@@ -396,7 +405,7 @@ def run_grid(cfg: AblationConfig, stop_after: int | None = None, parallel: int =
                                   + " finished under other settings; give the grid a new name, or remove those cells' "
                                     "directories to train them again")
     with worker_pool(parallel if launcher == "local" else 1) as pool:
-        status, stopped = train_cells(cfg, out, stop_after, parallel, pool, launcher)
+        status, stopped = train_cells(cfg, out, stop_after, parallel, pool, launcher, wait)
         if stopped:
             return sum(s.startswith("failed") for s in status.values())
         return report_grid(cfg, out, status, pool)

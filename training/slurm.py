@@ -1,0 +1,138 @@
+"""The ablation grid on SLURM, through submitit: each size's pretraining is one job, and its post-training
+cells are one job array that starts once that job has succeeded (afterok). Every job asks for what the
+grid's `slurm:` section says. A job that SLURM preempts or times out is requeued by submitit and resumes
+from the cell's last checkpoint.
+
+`<grid>/slurm/jobs.json` records each submitted cell's job id. A rerun (after `--no-wait`, or after this
+process was stopped) collects the jobs SLURM still holds instead of submitting them again, and
+resubmits only cells that are neither DONE nor queued. Job logs are `<grid>/slurm/<job id>_*`.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from training.grid import AblationConfig, Cell, CellFailed, cells_of, outcome, pretrained_of, run_cell
+from user_errors import UserError
+
+JOBS = "jobs.json"
+
+
+class CellJob:
+    """One cell as a SLURM job. On preemption or timeout submitit calls `checkpoint`, which requeues the
+    same call; run_cell then resumes from the cell's last.ckpt."""
+
+    def __call__(self, cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None) -> str:
+        result = run_cell(cfg, cell, out, pretrained)
+        if result.startswith("failed"):
+            raise CellFailed(result)
+        return result
+
+    def checkpoint(self, *args: object) -> object:
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, *args)
+
+
+def executor(cfg: AblationConfig, out: Path, after: str | None = None):
+    """A submitit executor whose jobs ask SLURM for what the grid's `slurm:` section says, and start only
+    after job `after` has succeeded (they are cancelled if it fails)."""
+    import submitit
+
+    settings = cfg.slurm
+    extra = dict(flag.lstrip("-").split("=", 1) for flag in settings.get("sbatch", []))
+    if after is not None:
+        extra |= {"dependency": f"afterok:{after}", "kill-on-invalid-dep": "yes"}
+    ex = submitit.AutoExecutor(folder=out / "slurm", cluster="slurm")
+    ex.update_parameters(
+        timeout_min=settings.get("time_min", 60), cpus_per_task=settings.get("cpus_per_cell", 1),
+        gpus_per_node=settings.get("gpus_per_cell", 0), name=f"ablate-{cfg.name}",
+        **({"mem_gb": settings["mem_gb"]} if "mem_gb" in settings else {}),
+        **({"slurm_partition": settings["partition"]} if "partition" in settings else {}),
+        **({"slurm_account": settings["account"]} if "account" in settings else {}),
+        **({"slurm_additional_parameters": extra} if extra else {}))
+    return ex
+
+
+def held_jobs() -> set[str]:
+    """Ids of the jobs SLURM still holds, pending or running; one per element of a job array."""
+    try:
+        result = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UserError(f"squeue did not answer ({exc}); run ablate.py --launcher slurm where SLURM's commands work") from None
+    if result.returncode != 0:
+        raise UserError(f"squeue failed: {result.stderr.strip()}; is the SLURM controller reachable from here?")
+    return set(result.stdout.split())
+
+
+def submit(cfg: AblationConfig, out: Path, status: dict[str, str], stop_after: int | None) -> dict[str, object]:
+    """Submit every cell that is neither DONE (marked 'skipped' in status) nor still held by SLURM from an
+    earlier call; at most stop_after new ones. Returns the job of every cell that SLURM holds now."""
+    import submitit
+
+    recorded_path = out / "slurm" / JOBS
+    recorded = json.loads(recorded_path.read_text()) if recorded_path.is_file() else {}
+    held = held_jobs() if recorded else set()
+    jobs = {name: submitit.SlurmJob(out / "slurm", job_id) for name, job_id in recorded.items()
+            if job_id in held and name not in status}
+    budget = len(cells_of(cfg)) if stop_after is None else stop_after
+    for size in cfg.sizes:
+        pre, posts = Cell(size, "pretrain"), [c for c in cells_of(cfg) if c.size == size and c.method != "pretrain"]
+        if pre.name not in status and pre.name not in jobs and budget > 0:
+            jobs[pre.name] = executor(cfg, out).submit(CellJob(), cfg, pre, out, None)
+            budget -= 1
+        todo = [c for c in posts if c.name not in status and c.name not in jobs][:budget]
+        pretrained = pretrained_of(cfg, out, size)
+        if not todo or (pre.name not in jobs and not pretrained.exists()):
+            continue  # nothing to do, or its pretraining did not run (--stop-after): a rerun submits them
+        ex = executor(cfg, out, after=jobs[pre.name].job_id if pre.name in jobs else None)
+        with ex.batch():  # one job array
+            array = [ex.submit(CellJob(), cfg, cell, out, pretrained) for cell in todo]
+        jobs.update({cell.name: job for cell, job in zip(todo, array)})
+        budget -= len(todo)
+    recorded_path.parent.mkdir(parents=True, exist_ok=True)
+    recorded_path.write_text(json.dumps({**recorded, **{name: job.job_id for name, job in jobs.items()}}, indent=1))
+    return jobs
+
+
+def wait(jobs: dict[str, object], status: dict[str, str], poll_s: float = 2.0) -> None:
+    """Wait for every job and put each cell's outcome into status. A job that leaves the queue without a
+    result (cancelled, killed, out of memory, or its pretraining failed) is a failed cell with its log."""
+    gone: set[str] = set()
+    while jobs:
+        held = held_jobs()
+        for name, job in list(jobs.items()):
+            if job.paths.result_pickle.exists():
+                status[name] = outcome(job)
+            elif job.job_id not in held:
+                if name in gone:  # twice absent without a result, so not a result still being written
+                    pretrain = f"{name.split('/')[0]}/pretrain"
+                    why = (f"its pretraining ({pretrain}) failed" if status.get(pretrain, "").startswith("failed")
+                           else "cancelled, killed or out of memory")
+                    status[name] = f"failed: SLURM job {job.job_id} ended without a result ({why}; log: {job.paths.stderr})"
+                gone.add(name)
+                continue
+            else:
+                continue
+            del jobs[name]
+        if jobs:
+            time.sleep(poll_s)
+
+
+def slurm_cells(cfg: AblationConfig, out: Path, status: dict[str, str], stop_after: int | None,
+                wait_for_jobs: bool = True) -> bool:
+    """Train the grid's cells as SLURM jobs; fill status with each cell's outcome. Returns whether the grid
+    stopped before all its cells were trained (--stop-after, or --no-wait)."""
+    jobs = submit(cfg, out, status, stop_after)
+    if jobs:
+        print(f"[ablate] SLURM jobs: " + ", ".join(f"{name} {job.job_id}" for name, job in jobs.items()), flush=True)
+    if not wait_for_jobs:
+        print(f"[ablate] {len(jobs)} cells queued; rerun the same command to wait for them and write the report", flush=True)
+        return True
+    wait(jobs, status)
+    stopped = any(cell.name not in status for cell in cells_of(cfg))
+    if stopped:
+        print(f"[ablate] stopped after {len(jobs)} submitted cells (--stop-after); rerun to finish", flush=True)
+    return stopped
