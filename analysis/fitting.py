@@ -40,6 +40,9 @@ class FitConfig:
     max_iter: int = 300
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        self.validate()  # a bad setting is refused where the config is made, and again where it is used
+
     def validate(self) -> None:
         for name in self.laws:
             get_law(name)

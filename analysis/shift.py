@@ -54,6 +54,9 @@ class ShiftConfig:
     max_iter: int = 300
     workers: int = 0  # processes for the k values; 0: one per k when the table is large (see workers_for)
 
+    def __post_init__(self) -> None:
+        self.validate()  # a bad setting is refused where the config is made, and again where it is used
+
     def validate(self) -> None:
         if self.law not in BAYESIAN_NAMES:
             raise UserError(f"shift needs a Bayesian law, not {self.law!r}; choose from {', '.join(BAYESIAN_NAMES)}")

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from analysis.fitting import SPLITS, FitConfig
+from analysis.fitting import SPACES, FitConfig
 from analysis.laws import LAW_NAMES
 from analysis.output import check_output_file, write_rows
 from analysis.report import summary_table
@@ -94,14 +94,14 @@ def add_fit_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--curves", type=Path, required=True, help="curves CSV (docs: the curves table)")
     p.add_argument("--step", type=INDEX, help="evaluation step to read from a run's own table (default: each run's last)")
     p.add_argument("--out", type=Path, required=True, help="directory for fits.csv, params.json, report.md, plots/")
-    p.add_argument("--laws", nargs="+", default=list(LAW_NAMES), help=f"laws to fit (default: all of {' '.join(LAW_NAMES)})")
-    p.add_argument("--splits", nargs="+", default=list(SPLITS), help="interpolation and/or extrapolation")
-    p.add_argument("--fit-fraction", type=float, nargs="+", default=[0.1],
+    p.add_argument("--laws", nargs="+", default=list(FitConfig.laws), help=f"laws to fit (default: all of {' '.join(LAW_NAMES)})")
+    p.add_argument("--splits", nargs="+", default=list(FitConfig.splits), help="interpolation and/or extrapolation")
+    p.add_argument("--fit-fraction", type=float, nargs="+", default=list(FitConfig.fractions),
                    help="extrapolation fits shots <= f x max shots; several values run several extrapolations")
-    p.add_argument("--loss", choices=("prob", "nll"), default="prob", help="squared error in probability or NLL space")
-    p.add_argument("--starts", type=COUNT, default=16, help="optimiser starts per fit, read off the curves; the best is kept")
-    p.add_argument("--max-iter", type=COUNT, default=300, help="Levenberg-Marquardt iteration limit")
-    p.add_argument("--seed", type=INDEX, default=0, help="seed of the random starts")
+    p.add_argument("--loss", choices=SPACES, default=FitConfig.space, help="squared error in probability or NLL space")
+    p.add_argument("--starts", type=COUNT, default=FitConfig.starts, help="optimiser starts per fit, read off the curves; the best is kept")
+    p.add_argument("--max-iter", type=COUNT, default=FitConfig.max_iter, help="Levenberg-Marquardt iteration limit")
+    p.add_argument("--seed", type=INDEX, default=FitConfig.seed, help="seed of the random starts")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(func=run_fit)
 
@@ -134,19 +134,19 @@ def add_shift_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", required=True, help="run label of the pretrained model (the reference condition)")
     p.add_argument("--k", type=COUNT, nargs="+", help="example lengths to analyse (default: every k of the table)")
     p.add_argument("--out", type=Path, required=True, help="directory for shift.csv, comparison.csv, report.md, plots/")
-    p.add_argument("--law", default="bayesian_sampling", help="Bayesian law to fit: bayesian, bayesian_sampling or bayesian_scoring")
-    p.add_argument("--holdout-fraction", type=float, default=0.5, help="held-out comparison fits shots <= f x max")
-    p.add_argument("--resamples", type=COUNT, default=100, help="resampled tables for the intervals")
-    p.add_argument("--level", type=float, default=0.95, help="interval coverage")
+    p.add_argument("--law", default=ShiftConfig.law, help="Bayesian law to fit: bayesian, bayesian_sampling or bayesian_scoring")
+    p.add_argument("--holdout-fraction", type=float, default=ShiftConfig.holdout_fraction, help="held-out comparison fits shots <= f x max")
+    p.add_argument("--resamples", type=COUNT, default=ShiftConfig.resamples, help="resampled tables for the intervals")
+    p.add_argument("--level", type=float, default=ShiftConfig.level, help="interval coverage")
     p.add_argument("--threshold", type=float, help="reemergence threshold (default: the baseline's zero-shot probability of each task)")
     p.add_argument("--prompt-table", type=Path, help="per-prompt CSV (run, k, task, prompt, shots, prob) to bootstrap prompts")
     p.add_argument("--true-priors", type=float, nargs="+", help="true pretraining mixture weights, to compare with the fitted priors")
-    p.add_argument("--starts", type=COUNT, default=16, help="optimiser starts of the joint and free fits of the table")
-    p.add_argument("--resample-starts", type=INDEX, default=2,
+    p.add_argument("--starts", type=COUNT, default=ShiftConfig.starts, help="optimiser starts of the joint and free fits of the table")
+    p.add_argument("--resample-starts", type=INDEX, default=ShiftConfig.resample_starts,
                    help="starts per resampled table, beside the table's own fit")
-    p.add_argument("--workers", type=INDEX, default=0,
+    p.add_argument("--workers", type=INDEX, default=ShiftConfig.workers,
                    help="processes fitting the k values at once (0: one per k and CPU when the table is large)")
-    p.add_argument("--seed", type=INDEX, default=0, help="seed of the starts and the resampling")
+    p.add_argument("--seed", type=INDEX, default=ShiftConfig.seed, help="seed of the starts and the resampling")
     p.set_defaults(func=run_shift)
 
 

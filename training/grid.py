@@ -170,11 +170,9 @@ class AblationConfig:
         from analysis.laws import LAW_NAMES
         from analysis.shift import ShiftConfig
 
-        fit = FitConfig(laws=tuple(self.laws or LAW_NAMES), fractions=(self.fit_fraction,))
-        shift = ShiftConfig(baseline="", resamples=self.shift_resamples)
         try:
-            fit.validate()
-            shift.validate()
+            fit = FitConfig(laws=tuple(self.laws or LAW_NAMES), fractions=(self.fit_fraction,))
+            shift = ShiftConfig(baseline="", resamples=self.shift_resamples)
         except UserError as exc:
             raise AblationConfigError(f"{path}: {exc} (fit_fraction, laws, shift_resamples)") from None
         return fit, shift
