@@ -199,15 +199,24 @@ def test_grid_through_slurm_gives_the_same_table(finished, tmp_path, capsys):
     """Each size's pretraining a SLURM job and its cells one job array after it, on a real cluster: --no-wait
     submits and exits, a rerun collects without submitting again, and the curves equal the one-process grid's."""
     import json
+    import subprocess
 
     _needs_slurm()
-    config = _grid(tmp_path, "slurm", slurm={"cpus_per_cell": 1, "mem_gb": 2, "time_min": 20})
+    settings = {"slurm": {"cpus_per_cell": 1, "mem_gb": 2, "time_min": 20}}
+    config = _grid(tmp_path, "slurm", **settings)
     assert ablate.main(["--config", str(config), "--launcher", "slurm", "--no-wait"]) == 0
     out = tmp_path / "slurm" / "t"
-    assert "[ablate] SLURM jobs: gpt2-1l/pretrain " in capsys.readouterr().out and not (out / "curves.csv").exists()
     jobs = json.loads((out / "slurm" / "jobs.json").read_text())
-    arrays = {jobs[f"gpt2-1l/{cell}"].split("_")[0] for cell in ("sft-favor-32", "dpo-favor-32")}
-    assert len(arrays) == 1 and "_" not in jobs["gpt2-1l/pretrain"], jobs  # the cells are one array
+    pretrain = jobs["gpt2-1l/pretrain"]["id"]
+    subprocess.run(["scontrol", "hold", pretrain], capture_output=True)  # queued (or running) until released
+    assert "[ablate] SLURM jobs: gpt2-1l/pretrain " in capsys.readouterr().out and not (out / "curves.csv").exists()
+    arrays = {jobs[f"gpt2-1l/{cell}"]["id"].split("_")[0] for cell in ("sft-favor-32", "dpo-favor-32")}
+    assert len(arrays) == 1 and "_" not in pretrain, jobs  # the cells are one array
+    _grid(tmp_path, "slurm", epochs=2, **settings)  # the grid asks other things of cells whose jobs are queued
+    assert ablate.main(["--config", str(config), "--launcher", "slurm"]) == 2
+    assert "queued under other settings; scancel" in capsys.readouterr().err
+    _grid(tmp_path, "slurm", **settings)
+    subprocess.run(["scontrol", "release", pretrain], capture_output=True)
     assert ablate.main(["--config", str(config), "--launcher", "slurm"]) == 0
     assert json.loads((out / "slurm" / "jobs.json").read_text()) == jobs  # collected, not submitted again
     assert _table(out / "curves.csv") == _table(finished / "whole" / "t" / "curves.csv")
@@ -229,7 +238,7 @@ def test_a_preempted_slurm_cell_resumes_from_its_checkpoint(tmp_path):
     config = _grid(tmp_path, "slurm", slurm={"cpus_per_cell": 1, "mem_gb": 2, "time_min": 5}, **longer)
     assert ablate.main(["--config", str(config), "--launcher", "slurm", "--no-wait"]) == 0
     out = tmp_path / "slurm" / "t"
-    job = json.loads((out / "slurm" / "jobs.json").read_text())["gpt2-1l/pretrain"]
+    job = json.loads((out / "slurm" / "jobs.json").read_text())["gpt2-1l/pretrain"]["id"]
     began = time.monotonic()
     while not (out / "gpt2-1l" / "pretrain" / "checkpoints" / "last.ckpt").is_file():
         assert time.monotonic() - began < 300, "the pretraining job wrote no checkpoint"

@@ -3,9 +3,10 @@ cells are one job array that starts once that job has succeeded (afterok). Every
 grid's `slurm:` section says. A job that SLURM preempts or times out is requeued by submitit and resumes
 from the cell's last checkpoint.
 
-`<grid>/slurm/jobs.json` records each submitted cell's job id. A rerun (after `--no-wait`, or after this
+`<grid>/slurm/jobs.json` records each submitted cell's job id and train.py flags. A rerun (after `--no-wait`, or after this
 process was stopped) collects the jobs SLURM still holds instead of submitting them again, and
-resubmits only cells that are neither DONE nor queued. Job logs are `<grid>/slurm/<job id>_*`.
+resubmits only cells that are neither DONE nor queued; a job queued under other settings stops it.
+Job logs are `<grid>/slurm/<job id>_*`.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from training.grid import AblationConfig, Cell, CellFailed, cells_of, outcome, pretrained_of, run_cell
+from training.grid import (AblationConfig, AblationConfigError, Cell, CellFailed, cell_args, cells_of, outcome, pretrained_of,
+                           run_cell)
 from user_errors import UserError
 
 JOBS = "jobs.json"
@@ -75,8 +77,14 @@ def submit(cfg: AblationConfig, out: Path, status: dict[str, str], stop_after: i
     recorded_path = out / "slurm" / JOBS
     recorded = json.loads(recorded_path.read_text()) if recorded_path.is_file() else {}
     held = held_jobs() if recorded else set()
-    jobs = {name: submitit.SlurmJob(out / "slurm", job_id) for name, job_id in recorded.items()
-            if job_id in held and name not in status}
+    flags = {c.name: cell_args(cfg, c, out, pretrained_of(cfg, out, c.size)) for c in cells_of(cfg)}
+    jobs = {}
+    for name, job in recorded.items():
+        if job["id"] in held and name not in status:
+            if job["flags"] != flags.get(name):  # queued before the grid's settings changed
+                raise AblationConfigError(f"{out}: cell {name} has SLURM job {job['id']} queued under other settings; "
+                                          f"scancel {job['id']}, or give the grid a new name")
+            jobs[name] = submitit.SlurmJob(out / "slurm", job["id"])
     budget = len(cells_of(cfg)) if stop_after is None else stop_after
     for size in cfg.sizes:
         pre, posts = Cell(size, "pretrain"), [c for c in cells_of(cfg) if c.size == size and c.method != "pretrain"]
@@ -93,7 +101,8 @@ def submit(cfg: AblationConfig, out: Path, status: dict[str, str], stop_after: i
         jobs.update({cell.name: job for cell, job in zip(todo, array)})
         budget -= len(todo)
     recorded_path.parent.mkdir(parents=True, exist_ok=True)
-    recorded_path.write_text(json.dumps({**recorded, **{name: job.job_id for name, job in jobs.items()}}, indent=1))
+    recorded |= {name: {"id": job.job_id, "flags": flags[name]} for name, job in jobs.items()}
+    recorded_path.write_text(json.dumps(recorded, indent=1))
     return jobs
 
 
