@@ -257,3 +257,31 @@ def test_a_preempted_slurm_cell_resumes_from_its_checkpoint(tmp_path):
     assert [(r["run"], r["task"], r["shots"]) for r in resumed] == [(r["run"], r["task"], r["shots"]) for r in whole]
     for a, b in zip(resumed, whole):
         assert float(a["prob"]) == pytest.approx(float(b["prob"]), abs=1e-6)
+
+
+def test_a_slurm_job_that_ends_without_a_result_is_a_failed_cell(tmp_path):
+    """A cancelled pretraining job: SLURM cancels the cell array waiting for it, and each cell is reported
+    failed with the reason and its log, instead of being waited for forever."""
+    import json
+    import subprocess
+    import threading
+
+    import submitit
+
+    from training.slurm import wait
+
+    _needs_slurm()
+    config = _grid(tmp_path, "cancelled", slurm={"cpus_per_cell": 1, "mem_gb": 2, "time_min": 20})
+    assert ablate.main(["--config", str(config), "--launcher", "slurm", "--no-wait"]) == 0
+    out = tmp_path / "cancelled" / "t"
+    recorded = json.loads((out / "slurm" / "jobs.json").read_text())
+    subprocess.run(["scancel", recorded["gpt2-1l/pretrain"]["id"]], check=True)
+    status: dict[str, str] = {}
+    jobs = {name: submitit.SlurmJob(out / "slurm", job["id"]) for name, job in recorded.items()}
+    waiting = threading.Thread(target=wait, args=(jobs, status, 0.5), daemon=True)
+    waiting.start()
+    waiting.join(timeout=120)
+    assert not waiting.is_alive(), f"still waiting on {sorted(jobs)}"
+    assert status["gpt2-1l/pretrain"].startswith("failed: SLURM job") and "cancelled" in status["gpt2-1l/pretrain"]
+    assert all("its pretraining (gpt2-1l/pretrain) failed" in status[f"gpt2-1l/{cell}"] and "_log.err" in status[f"gpt2-1l/{cell}"]
+               for cell in ("sft-favor-32", "dpo-favor-32")), status

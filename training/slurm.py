@@ -115,16 +115,16 @@ def wait(jobs: dict[str, object], status: dict[str, str], poll_s: float = 2.0) -
         for name, job in list(jobs.items()):
             if job.paths.result_pickle.exists():
                 status[name] = outcome(job)
-            elif job.job_id not in held:
-                if name in gone:  # twice absent without a result, so not a result still being written
-                    pretrain = f"{name.split('/')[0]}/pretrain"
-                    why = (f"its pretraining ({pretrain}) failed" if status.get(pretrain, "").startswith("failed")
-                           else "cancelled, killed or out of memory")
-                    status[name] = f"failed: SLURM job {job.job_id} ended without a result ({why}; log: {job.paths.stderr})"
+            elif job.job_id in held:
+                continue
+            elif name not in gone:  # absent once without a result: it may still be writing it
                 gone.add(name)
                 continue
             else:
-                continue
+                pretrain = f"{name.split('/')[0]}/pretrain"
+                why = (f"its pretraining ({pretrain}) failed" if status.get(pretrain, "").startswith("failed")
+                       else "cancelled, killed or out of memory")
+                status[name] = f"failed: SLURM job {job.job_id} ended without a result ({why}; log: {job.paths.stderr})"
             del jobs[name]
         if jobs:
             time.sleep(poll_s)
@@ -136,7 +136,7 @@ def slurm_cells(cfg: AblationConfig, out: Path, status: dict[str, str], stop_aft
     stopped before all its cells were trained (--stop-after, or --no-wait)."""
     jobs = submit(cfg, out, status, stop_after)
     if jobs:
-        print(f"[ablate] SLURM jobs: " + ", ".join(f"{name} {job.job_id}" for name, job in jobs.items()), flush=True)
+        print("[ablate] SLURM jobs: " + ", ".join(f"{name} {job.job_id}" for name, job in jobs.items()), flush=True)
     if not wait_for_jobs:
         print(f"[ablate] {len(jobs)} cells queued; rerun the same command to wait for them and write the report", flush=True)
         return True
