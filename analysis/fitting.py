@@ -40,10 +40,7 @@ class FitConfig:
     max_iter: int = 300
     device: str = "cpu"
 
-    def __post_init__(self) -> None:
-        self.validate()  # a bad setting is refused where the config is made, and again where it is used
-
-    def validate(self) -> None:
+    def __post_init__(self) -> None:  # checked where it is made (dataclasses.replace makes a new one)
         for name in self.laws:
             get_law(name)
         for split in self.splits:
@@ -390,7 +387,6 @@ class FitJob:
 
 def plan_fits(groups: list[CurveGroup], config: FitConfig) -> list[FitJob]:
     """Every (group, split, fit fraction) that the config asks for."""
-    config.validate()
     return [FitJob(g, s, f, *split_masks(g, s, f)) for g in groups for s in config.splits
             for f in ([None] if s == "interpolation" else config.fractions)]
 

@@ -54,10 +54,7 @@ class ShiftConfig:
     max_iter: int = 300
     workers: int = 0  # processes for the k values; 0: one per k when the table is large (see workers_for)
 
-    def __post_init__(self) -> None:
-        self.validate()  # a bad setting is refused where the config is made, and again where it is used
-
-    def validate(self) -> None:
+    def __post_init__(self) -> None:  # checked where it is made (dataclasses.replace makes a new one)
         if self.law not in BAYESIAN_NAMES:
             raise UserError(f"shift needs a Bayesian law, not {self.law!r}; choose from {', '.join(BAYESIAN_NAMES)}")
         if not 0.0 < self.holdout_fraction < 1.0:
@@ -404,7 +401,6 @@ def analyse_shift(groups: list[CurveGroup], config: ShiftConfig, prompt_probs: d
                   stream: TextIO | None = None) -> ShiftResult:
     """Joint and free fits of every k of the baseline's model, with intervals; progress goes to `stream`
     (default: stderr)."""
-    config.validate()
     rng = np.random.default_rng(config.seed)
     rows, comparison = [], []
     conditions = select_conditions(groups, config.baseline)

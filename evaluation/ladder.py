@@ -80,7 +80,6 @@ def run_ladder(config: LadderConfig, out: str | os.PathLike) -> tuple[list[FitRe
     if any(not s > 1.0 for s in config.strengths):
         raise UserError(f"--strengths {list(config.strengths)} must all be above 1 (1 is the baseline itself)")
     shift_config = ShiftConfig(baseline=f"{MODEL}/pretrain", law=config.law, resamples=config.resamples, starts=config.starts)
-    shift_config.validate()
     conditions = ladder_weights(check_weights(data.world.weights, M), config.task, list(config.strengths))
     with atomic_dir(out, [config.data_config]) as tmp:
         rows = []

@@ -41,7 +41,6 @@ def fit_table(curves: str | os.PathLike, out: str | os.PathLike, config: FitConf
               plots: bool = True) -> tuple[list[FitResult], list[str]]:
     """Fit `config.laws` to every (run, k) of a curves table and write fits.csv, params.json, report.md
     (and plots/) into `out`. Returns the fits and the fits skipped (too few points), one line each."""
-    config.validate()
     groups = read_curves(curves, step)
     jobs = plan_fits(groups, config)
     skipped = skipped_fits(jobs, config)
@@ -61,7 +60,6 @@ def shift_table(curves: str | os.PathLike, out: str | os.PathLike, config: Shift
     shift.csv, comparison.csv, report.md and plots/ into `out`. `prompt_table` (per-prompt probabilities)
     resamples prompts for the intervals; `true_priors` (the pretraining mixture) is set beside the fit;
     `k_values` keeps only those k (default: every k of the table)."""
-    config.validate()
     groups = read_curves(curves, step)
     if k_values:
         missing = sorted(set(k_values) - {g.k for g in groups})

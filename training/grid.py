@@ -265,16 +265,21 @@ def cells_of(cfg: AblationConfig) -> list[Cell]:
             + [Cell(size, m, d, a) for m in cfg.methods for d in cfg.directions for a in cfg.amounts if a > 0]]
 
 
+def asked_flags(cfg: AblationConfig, out: Path) -> dict[str, list[str]]:
+    """The train.py flags the grid asks of each cell now, by cell name: what DONE and jobs.json must match."""
+    return {cell.name: cell_args(cfg, cell, out, pretrained_of(cfg, out, cell.size)) for cell in cells_of(cfg)}
+
+
 def stale_cells(cfg: AblationConfig, out: Path) -> list[str]:
     """Finished cells whose recorded train.py flags differ from what the grid asks of them now (another
     world, tasks, steps or overrides): reusing them would report what was not asked for."""
-    stale = []
-    for cell in cells_of(cfg):
-        done = out / cell.name / "DONE"
+    stale, asked = [], asked_flags(cfg, out)
+    for name, flags in asked.items():
+        done = out / name / "DONE"
         recorded = [line[len(DONE_ARGS):] for line in done.read_text().splitlines()
                     if line.startswith(DONE_ARGS)] if done.is_file() else []
-        if recorded and json.loads(recorded[0]) != cell_args(cfg, cell, out, pretrained_of(cfg, out, cell.size)):
-            stale.append(cell.name)
+        if recorded and json.loads(recorded[0]) != flags:
+            stale.append(name)
     return stale
 
 
@@ -421,9 +426,10 @@ def report_grid(cfg: AblationConfig, out: Path, status: dict[str, str], pool: Pr
 
     models = {size: model for size in cfg.sizes if (model := pretrained_of(cfg, out, size)).exists()}
     cells = [cell for cell in cells_of(cfg) if cell.method != "pretrain"]
+    finished = [out / c.name / "hf" for c in cells if status[c.name] in ("done", "skipped")]
     baselines = {size: checkpoint_curve_rows([model]) for size, model in models.items()}
     rows = [r for size_rows in baselines.values() for r in size_rows]
-    rows += [r for c in cells if status[c.name] in ("done", "skipped") for r in checkpoint_curve_rows([out / c.name / "hf"])]
+    rows += [r for model in finished for r in checkpoint_curve_rows([model])]
     failed = [name for name, s in status.items() if s.startswith("failed")]
     for name in failed:
         print(f"[ablate] FAILED {name}: {status[name]}", flush=True)
@@ -431,23 +437,21 @@ def report_grid(cfg: AblationConfig, out: Path, status: dict[str, str], pool: Pr
         raise AblationConfigError(f"no model of {cfg.name} finished, so there are no curves; see {out}/*/*/train.log")
     curves = write_curves(rows, out / "curves.csv")
     fit_config, shift_settings = cfg.analysis_configs()
-    trained = [*models.values(), *(out / c.name / "hf" for c in cells if status[c.name] in ("done", "skipped"))]
     elsewhere = {"fits": (fit_table, curves, out / "fits", fit_config),
-                 "reader tables": (reader_tables, cfg, out, list(models.values()), trained)}
+                 "reader tables": (reader_tables, cfg, out, list(models.values()), [*models.values(), *finished])}
     started = {name: pool.submit(*call) for name, call in elsewhere.items()} if pool is not None else {}
-    done: dict[str, object] = {}
-    for size, base_rows in baselines.items():
-        shift_config = dataclasses.replace(shift_settings, baseline=base_rows[0]["run"])
-        done[f"shift of {size}"] = _report(f"shift of {size}", shift_table, curves, out / "shift" / size, shift_config,
-                                           true_priors=true_priors(models[size]))
-    for name, call in elsewhere.items():
-        done[name] = _report(name, started[name].result) if name in started else _report(name, *call)
-    unmade = sum(result is None for result in done.values())  # analyses that could not be made
-    fits, (reader, gaps) = done.pop("fits") or ([], []), done.pop("reader tables") or ([], [])
-    if fits[0]:
-        print(summary_table(fits[0]), flush=True)
-    shifts = {name.removeprefix("shift of "): shift for name, shift in done.items() if shift is not None}
-    write_report(cfg, out, status, shifts, fits[0], {r["run"]: r for r in reader}, gaps)
+    shifts = {size: _report(f"shift of {size}", shift_table, curves, out / "shift" / size,
+                            dataclasses.replace(shift_settings, baseline=base_rows[0]["run"]),
+                            true_priors=true_priors(models[size])) for size, base_rows in baselines.items()}
+    fits, readers = (_report(name, started[name].result) if name in started else _report(name, *call)
+                     for name, call in elsewhere.items())
+    unmade = sum(result is None for result in (*shifts.values(), fits, readers))  # analyses that could not be made
+    results, _ = fits or ([], [])
+    reader, gaps = readers or ([], [])
+    if results:
+        print(summary_table(results), flush=True)
+    shifts = {size: shift for size, shift in shifts.items() if shift is not None}
+    write_report(cfg, out, status, shifts, results, {r["run"]: r for r in reader}, gaps)
     return len(failed) + unmade
 
 

@@ -15,8 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from training.grid import (AblationConfig, AblationConfigError, Cell, CellFailed, cell_args, cells_of, outcome, pretrained_of,
-                           run_cell)
+from training.grid import (AblationConfig, AblationConfigError, Cell, CellFailed, asked_flags, cells_of, outcome,
+                           pretrained_of, run_cell)
 from user_errors import UserError
 
 JOBS = "jobs.json"
@@ -77,7 +77,7 @@ def submit(cfg: AblationConfig, out: Path, status: dict[str, str], stop_after: i
     recorded_path = out / "slurm" / JOBS
     recorded = json.loads(recorded_path.read_text()) if recorded_path.is_file() else {}
     held = held_jobs() if recorded else set()
-    flags = {c.name: cell_args(cfg, c, out, pretrained_of(cfg, out, c.size)) for c in cells_of(cfg)}
+    flags = asked_flags(cfg, out)
     jobs = {}
     for name, job in recorded.items():
         if job["id"] in held and name not in status:
