@@ -97,14 +97,17 @@ def test_failed_cell_is_reported_and_the_others_finish(finished, tmp_path, launc
 
 @pytest.mark.parametrize("method", ["sft", "dpo"])
 def test_a_diverging_cell_is_reported_failed(finished, tmp_path, method):
-    """Every stage gets the same guard: a diverging cell, SFT or DPO, is failed, not DONE, and exports nothing."""
+    """Every stage gets the same guard: a diverging cell, SFT or DPO, is failed, not DONE, and exports nothing.
+    The lr that diverges is given to that method alone (method_overrides): the other method's cell trains."""
     pretrained = finished / "whole" / "t" / "gpt2-1l" / "pretrain" / "hf"
-    config = _grid(tmp_path, "diverging", pretrained={"gpt2-1l": str(pretrained)}, methods=[method], directions=["favor"],
-                   posttrain_overrides=["--model.optim.lr", "1e30"])
+    config = _grid(tmp_path, "diverging", pretrained={"gpt2-1l": str(pretrained)}, directions=["favor"],
+                   method_overrides={method: ["--model.optim.lr", "1e30"]})
     assert ablate.main(["--config", str(config)]) == 1
     out = tmp_path / "diverging" / "t"
     report = (out / "report.md").read_text()
     assert f"| gpt2-1l/{method}-favor-32 | failed" in report and "non-finite" in report
+    other = ({"sft", "dpo"} - {method}).pop()
+    assert f"| gpt2-1l/{other}-favor-32 | done |" in report
     assert not (out / "gpt2-1l" / f"{method}-favor-32" / "DONE").exists()
     assert not (out / "gpt2-1l" / f"{method}-favor-32" / "hf").exists()
 
@@ -129,6 +132,8 @@ def test_bad_ablation_config(tmp_path, capsys):
     ("name: x\nsizes: [gpt2-1l]\namounts: [32, 32]\n", "amounts lists 32 more than once"),
     ("name: x\nsizes: [gpt2-1l, gpt2-1l]\n", "sizes lists 'gpt2-1l' more than once"),
     ("name: x\nsizes: [gpt2-1l]\ntasks: [-1]\n", "tasks must be task indices >= 0"),
+    ("name: x\nsizes: [gpt2-1l]\nmethod_overrides: {rlhf: [--model.beta, '1']}\n", "unknown method 'rlhf'"),
+    ("name: x\nsizes: [gpt2-1l]\nmethod_overrides: {dpo: --model.beta}\n", "which is not a mapping of text to a list of text"),
 ])
 def test_bad_ablation_yaml_is_one_line(tmp_path, capsys, text, message):
     import ablate

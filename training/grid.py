@@ -74,7 +74,9 @@ class AblationConfig:
     reuse instead. methods x directions x amounts: the post-training cells, each a configs/<method>-<direction>.yaml
     run on `tasks`; amounts count documents (SFT) or pairs (DPO), seen `epochs` times in batches of
     batch_size. evals_per_cell: ICL evaluations during a cell. overrides: extra train.py flags for every
-    run (e.g. --trainer.devices 8); pretrain_overrides, posttrain_overrides: for those runs only (e.g. lr).
+    run (e.g. --trainer.devices 8); pretrain_overrides, posttrain_overrides: for those runs only (e.g. lr);
+    method_overrides: method -> flags for that method's cells only, after posttrain_overrides (DPO wants a
+    smaller lr than SFT).
     fit_fraction, laws: for evaluate.py fit; shift_resamples: for evaluate.py shift's intervals.
     reader_prompts: prompts per (k, task) for each model's reader prior (evaluate.py reader-prior);
     gap_prompts: prompts per (k, task) for the pretrained models' gap to the document reader."""
@@ -95,6 +97,7 @@ class AblationConfig:
     overrides: list[str] = field(default_factory=list)
     pretrain_overrides: list[str] = field(default_factory=list)
     posttrain_overrides: list[str] = field(default_factory=list)
+    method_overrides: dict[str, list[str]] = field(default_factory=dict)
     fit_fraction: float = 0.1
     laws: list[str] | None = None
     shift_resamples: int = 100
@@ -133,7 +136,7 @@ class AblationConfig:
             inside(self.root, self.name, f"{path}: name", f"{path}: root")
         except UserError as exc:
             raise AblationConfigError(str(exc)) from None
-        for method in self.methods:
+        for method in [*self.methods, *self.method_overrides]:
             if method not in METHODS:
                 raise AblationConfigError(f"{path}: unknown method {method!r}; choose from {', '.join(METHODS)}")
         for direction in self.directions:
@@ -202,7 +205,7 @@ def cell_args(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | Non
         args = ["--config", str(CONFIGS / f"{cell.method}-{cell.direction}.yaml"), *base, "--run.stage", cell.method,
                 "--run.direction", cell.direction, "--run.tasks", str(list(cfg.tasks)), "--model.init_from", str(pretrained),
                 "--data.train_documents", str(cell.amount), "--data.batch_size", str(cfg.batch_size)]
-        extra = cfg.posttrain_overrides
+        extra = [*cfg.posttrain_overrides, *cfg.method_overrides.get(cell.method, [])]
     interval = max(1, steps // cfg.evals_per_cell)
     return ["fit", *args, "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(interval),
             "--run.root", str(out), "--run.name", cell.name, "--run.eval_at_start", "false", *cfg.overrides, *extra]
