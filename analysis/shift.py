@@ -20,8 +20,10 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import re
 import statistics
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -118,15 +120,49 @@ def condition_label(group: CurveGroup) -> str:
     return "-".join(p for p in parts if p) or group.run
 
 
-def amount_of(group: CurveGroup) -> float:
+# The order of conditions in every table and plot: the baseline, then these methods and directions in
+# turn (others after them, by name), each by amount ascending.
+METHOD_ORDER = ("sft", "dpo")
+DIRECTION_ORDER = ("favor", "disfavor")
+
+
+def _number(value: object) -> float:
     try:
-        return float(group.extra.get("amount", ""))
-    except ValueError:
+        return float(value)
+    except (TypeError, ValueError):
         return math.nan
 
 
+def condition_fields(run: str, columns: Mapping[str, object] | None = None) -> tuple[str, str, float]:
+    """A condition's method, direction and amount (NaN: none): from the curves table's `method`,
+    `direction` and `amount` columns where they are filled, else read off the run label's words after
+    the model's '/' (e.g. gpt2-2l/sft-favor-128, posttrain-dpo-disfavor-32, or just 30)."""
+    columns = columns or {}
+    words = re.split(r"[-_]", run.split("/", 1)[-1])
+    method = str(columns.get("method") or next((w for w in words if w in METHOD_ORDER), ""))
+    direction = str(columns.get("direction") or next((w for w in words if w in DIRECTION_ORDER), ""))
+    amount = _number(columns.get("amount"))
+    if math.isnan(amount):
+        amount = next((x for x in map(_number, reversed(words)) if not math.isnan(x)), math.nan)
+    return method, direction, amount
+
+
+def condition_key(run: str, columns: Mapping[str, object] | None = None) -> tuple:
+    """Sort key of a condition (see condition_fields for what it reads): the baseline (no method,
+    direction or amount other than 0) first; then SFT favour, SFT disfavour, DPO favour, DPO disfavour,
+    other methods and directions by name; within each, amounts as numbers, ascending."""
+    method, direction, amount = condition_fields(run, columns)
+    baseline = not method and not direction and (math.isnan(amount) or amount == 0)
+
+    def rank(value: str, order: tuple[str, ...]) -> tuple[int, str]:
+        return (order.index(value), "") if value in order else (len(order), value)
+
+    return (not baseline, *rank(method, METHOD_ORDER), *rank(direction, DIRECTION_ORDER),
+            math.isnan(amount), np.nan_to_num(amount), run)
+
+
 def select_conditions(groups: list[CurveGroup], baseline: str) -> list[Conditions]:
-    """The baseline's model at each k it was measured, baseline first, then by method, direction, amount."""
+    """The baseline's model at each k it was measured, baseline first, then in condition_key's order."""
     base = [g for g in groups if g.run == baseline]
     if not base:
         runs = ", ".join(dict.fromkeys(g.run for g in groups))
@@ -134,8 +170,7 @@ def select_conditions(groups: list[CurveGroup], baseline: str) -> list[Condition
     out = []
     for b in base:
         same = [g for g in groups if g.k == b.k and model_key(g) == model_key(b) and g is not b]
-        same.sort(key=lambda g: (g.extra.get("method", ""), g.extra.get("direction", ""),
-                                 np.nan_to_num(amount_of(g), nan=-1.0), g.run))
+        same.sort(key=lambda g: condition_key(g.run, g.extra))
         if any(g.n_tasks != b.n_tasks for g in same):
             raise UserError(f"runs of model {model_key(b)} at k {b.k} differ in their number of tasks; "
                              "measure every condition on the same tasks")
@@ -184,6 +219,19 @@ def per_condition_thetas(law_name: str, theta: torch.Tensor, M: int, C: int) -> 
     return torch.cat([theta[:p].expand(C, p), theta[p:].reshape(C, M)], 1)
 
 
+def _fit_to(mask: np.ndarray, cond: Conditions, config: ShiftConfig, joint_theta: torch.Tensor | None = None):
+    """The joint fit to the points in `mask`, or, given the joint fit's theta [D], the free fit, which
+    starts also from each condition's part of it."""
+    C, M, _ = cond.prob.shape
+    start = None if joint_theta is None else per_condition_thetas(config.law, joint_theta, M, C)[:, None]
+    return _fit(cond, cond.prob[None], mask, joint_theta is None, config, config.starts, start)
+
+
+def _n_params(law_name: str, M: int, C: int, shared: bool) -> int:
+    law = get_law(law_name)
+    return law.n_params(M, C) if shared else C * law.n_params(M)
+
+
 def fit_model(cond: Conditions, config: ShiftConfig, resamples: np.ndarray, nested_in: ModelFit | None = None) -> ModelFit:
     """The joint fit, or, given the joint fit as `nested_in`, the free fit, which also starts from the
     joint fit's parameters of each condition: the free model contains the joint one, so its fit is never
@@ -194,13 +242,10 @@ def fit_model(cond: Conditions, config: ShiftConfig, resamples: np.ndarray, nest
     lies near its optimum, and from `resample_starts` more read off that table."""
     shared = nested_in is None
     C, M, S = cond.prob.shape
-    law = get_law(config.law)
     cut = config.holdout_fraction * cond.shots[cond.mask.any((0, 1))].max()
     early = cond.mask & (cond.shots <= cut)
-    joint = (None, None) if shared else [per_condition_thetas(config.law, t, M, C)[:, None]
-                                         for t in (nested_in.theta[0], nested_in.held_theta[0])]
-    full = _fit(cond, cond.prob[None], cond.mask, shared, config, config.starts, joint[0])
-    held = _fit(cond, cond.prob[None], early, shared, config, config.starts, joint[1])
+    full = _fit_to(cond.mask, cond, config, None if shared else nested_in.theta[0])
+    held = _fit_to(early, cond, config, None if shared else nested_in.held_theta[0])
     shots = torch.as_tensor(cond.shots, dtype=torch.float64)
     theta_held = held.theta[0] if shared else held.theta
     pred = log_prob(config.law, theta_held, shots, M, C, shared).exp().numpy()
@@ -209,7 +254,7 @@ def fit_model(cond: Conditions, config: ShiftConfig, resamples: np.ndarray, nest
     start = full.theta[None].expand(R, -1, -1) if shared else full.theta[None, :, None].expand(R, C, 1, -1)
     boot = _fit(cond, resamples, cond.mask, shared, config, config.resample_starts,
                 start.reshape(R * (1 if shared else C), 1, -1), gain_tol=RESAMPLE_GAIN_TOL)
-    n_params = law.n_params(M, C) if shared else C * law.n_params(M)
+    n_params = _n_params(config.law, M, C, shared)
     resampled = boot.theta.reshape(R, -1) if shared else boot.theta.reshape(R, C, -1)
     cov = theta_covariance(config.law, _batch(cond, cond.prob[None], cond.mask, shared), full.theta, noise_known=True)
     if shared:
@@ -389,6 +434,30 @@ def fit_all(conditions: list[Conditions], resamples: list[np.ndarray], config: S
     return fits
 
 
+def comparison_rows(k: int, fits: Mapping[str, tuple[float, int, float, bool]], n_points: int) -> list[dict]:
+    """comparison.csv's rows of one k from each fit's (chi2, parameters, held-out NRMSE, converged):
+    the fit of the lowest BIC is preferred."""
+    bic = {name: chi2 + n * math.log(n_points) for name, (chi2, n, _, _) in fits.items()}
+    return [{"k": k, "fit": name, "n_params": n, "chi2": round(chi2, 3), "aic": round(chi2 + 2 * n, 3),
+             "bic": round(bic[name], 3), "heldout_nrmse": round(heldout, 6), "converged": converged,
+             "preferred": bic[name] == min(bic.values())} for name, (chi2, n, heldout, converged) in fits.items()]
+
+
+def bic_comparison(groups: list[CurveGroup], config: ShiftConfig, runs: Collection[str]) -> list[dict]:
+    """comparison.csv's rows for the baseline and the conditions `runs` only, at every k of the baseline.
+    BIC needs only the two fits to all shots, the same fits as analyse_shift's: no resamples (they give
+    intervals) and no fits to early shots (held-out NRMSE, left NaN here)."""
+    rows = []
+    for cond in select_conditions([g for g in groups if g.run == config.baseline or g.run in runs], config.baseline):
+        C, M, _ = cond.prob.shape
+        joint = _fit_to(cond.mask, cond, config)
+        free = _fit_to(cond.mask, cond, config, joint.theta[0])
+        rows += comparison_rows(cond.k, {name: (float(2 * fit.loss.sum()), _n_params(config.law, M, C, name == "shared"),
+                                                math.nan, bool(fit.converged.all()))
+                                         for name, fit in (("shared", joint), ("free", free))}, int(cond.mask.sum()))
+    return rows
+
+
 @dataclass
 class ShiftResult:
     rows: list[dict]  # shift.csv
@@ -414,15 +483,10 @@ def analyse_shift(groups: list[CurveGroup], config: ShiftConfig, prompt_probs: d
         base_p0 = cond.prob[0][:, 0]
         thresholds = np.full(M, config.threshold) if config.threshold is not None else base_p0
         horizon = 10.0 * cond.shots.max()
-        n_points = int(cond.mask.sum())
-        best_bic = min(f.chi2 + f.n_params * math.log(n_points) for f in fits[cond.k].values())
+        comparison += comparison_rows(cond.k, {name: (f.chi2, f.n_params, f.heldout_nrmse, f.converged)
+                                               for name, f in fits[cond.k].items()}, int(cond.mask.sum()))
         for name, fit in fits[cond.k].items():
             shared = name == "shared"
-            bic = fit.chi2 + fit.n_params * math.log(n_points)
-            comparison.append({"k": cond.k, "fit": name, "n_params": fit.n_params, "chi2": round(fit.chi2, 3),
-                               "aic": round(fit.chi2 + 2 * fit.n_params, 3), "bic": round(bic, 3),
-                               "heldout_nrmse": round(fit.heldout_nrmse, 6), "converged": fit.converged,
-                               "preferred": bic == best_bic})
             point = named_per_condition(config.law, fit.theta, shared, M, C)
             boot = [named_per_condition(config.law, t, shared, M, C) for t in fit.resampled]
             shots_fit = predicted_crossings(config.law, fit.theta[0] if shared else fit.theta, shared, M, C,

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from analysis.output import markdown_table, shots_grid, write_csv
-from analysis.shift import ShiftConfig, ShiftResult, condition_label, log_prob
+from analysis.shift import ShiftConfig, ShiftResult, condition_fields, condition_key, condition_label, log_prob
 
 COMPARISON_COLUMNS = ("k", "fit", "n_params", "chi2", "aic", "bic", "heldout_nrmse", "converged", "preferred")
 
@@ -23,8 +23,10 @@ def interval_text(row: dict, key: str, fmt: str = ".3f") -> str:
     return f"{row[key]:{fmt}} [{row[f'{key}_lo']:{fmt}}, {row[f'{key}_hi']:{fmt}}]{note}"
 
 
-def _rows(result: ShiftResult, k: int, fit: str) -> list[dict]:
-    return [r for r in result.rows if r["k"] == k and r["fit"] == fit]
+def condition_rows(rows: list[dict], k: int, fit: str) -> list[dict]:
+    """shift.csv's rows of one k and fit, by condition (in condition_key's order), then task."""
+    chosen = [r for r in rows if r["k"] == k and r["fit"] == fit]
+    return sorted(chosen, key=lambda r: (condition_key(r["run"], r), r["task"]))
 
 
 def _series(rows: list[dict], key: str, M: int) -> np.ndarray:
@@ -37,20 +39,32 @@ def _yerr(mid: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> list[np.ndarray]:
     return [mid - lo, np.where(np.isfinite(hi), hi - mid, 1e300)]
 
 
-def _colours(labels: list[str]) -> list:
-    """One colour family per method and direction (blues: SFT favour, reds: SFT disfavour, purples and
-    oranges: DPO favour and disfavour), darker for larger amounts; grey for the rest (the baseline)."""
-    def family(label: str) -> str | None:
-        parts = label.split("-")  # e.g. posttrain-dpo-favor-64
-        direction = "disfavor" if "disfavor" in parts else "favor" if "favor" in parts else None
-        return None if direction is None else {("favor", False): "Blues", ("disfavor", False): "Reds",
-                                               ("favor", True): "Purples", ("disfavor", True): "Oranges"}[direction, "dpo" in parts]
+BASELINE_COLOUR = (0.2, 0.2, 0.2, 1.0)
 
-    names = [family(label) for label in labels]
+
+def _family(method: str, direction: str) -> str | None:
+    """The colour map of a method and direction (blues: SFT favour, reds: SFT disfavour, purples and
+    oranges: DPO favour and disfavour; other methods take SFT's); None without a direction (the baseline)."""
+    if direction not in ("favor", "disfavor"):
+        return None
+    return {("favor", False): "Blues", ("disfavor", False): "Reds",
+            ("favor", True): "Purples", ("disfavor", True): "Oranges"}[direction, method == "dpo"]
+
+
+def family_colour(method: str, direction: str, shade: float = 0.75) -> tuple:
+    """One colour of a method and direction's family (shade 0: light, 1: dark); grey for the baseline."""
+    name = _family(method, direction)
+    return colormaps[name](shade) if name else BASELINE_COLOUR
+
+
+def _colours(labels: list[str]) -> list:
+    """A colour per condition label: its method and direction's family, darker for larger amounts."""
+    fields = {label: condition_fields(label) for label in labels}
     out = []
-    for label, name in zip(labels, names):
-        same = [other for other, n in zip(labels, names) if n == name]
-        out.append(colormaps[name](0.45 + 0.5 * (same.index(label) + 1) / (len(same) + 1)) if name else (0.2, 0.2, 0.2, 1.0))
+    for label in labels:
+        method, direction, _ = fields[label]
+        same = sorted({other for other in labels if fields[other][:2] == (method, direction)}, key=condition_key)
+        out.append(family_colour(method, direction, 0.45 + 0.5 * (same.index(label) + 1) / (len(same) + 1)))
     return out
 
 
@@ -61,7 +75,7 @@ def _condition_axis(ax, labels: list[str]) -> None:
 
 def plot_parameters(result: ShiftResult, k: int, M: int, path: Path) -> None:
     """Priors, K and task knowledge (gamma/beta or P's diagonal) per condition, with intervals."""
-    shared, free = _rows(result, k, "shared"), _rows(result, k, "free")
+    shared, free = condition_rows(result.rows, k, "shared"), condition_rows(result.rows, k, "free")
     labels = [r["condition"] for r in shared[::M]]
     x = np.arange(len(labels))
     knowledge = [key for key in ("gamma", "beta", "P_diag") if key in shared[0]]
@@ -175,7 +189,7 @@ def write_shift_outputs(result: ShiftResult, config: ShiftConfig, curves_path: P
     ]
     for cond in result.conditions:
         k, M = cond.k, cond.prob.shape[1]
-        shared = _rows(result, k, "shared")
+        shared = condition_rows(result.rows, k, "shared")
         lines += [f"## k = {k}: priors and K (joint fit)", "", markdown_table(
             ["condition", "K [lo, hi]", *[f"prior {i} [lo, hi]" for i in range(M)]],
             [[r0["condition"], interval_text(r0, "K", ".3g"), *[interval_text(r, "prior") for r in shared[c * M:(c + 1) * M]]]

@@ -62,8 +62,11 @@ def test_grid_reports_what_it_found(finished):
     assert [(g["run"], g["k"]) for g in gaps] == [("gpt2-1l-d64/pretrain", "3")] and float(gaps[0]["gap_se"]) > 0
     report = (out / "report.md").read_text()
     for line in ("### k = 3: task 0's prior", "- sft favor: law prior", "- dpo favor: law prior", "reader prior",
-                 "shared P vs free: BIC", "### Reemergence", "## Laws in extrapolation", "Pretrained models against the document reader"):
+                 "by BIC, all amounts (32)", "graded at", "| KL / base |", "- prior-only account ", "### Reemergence",
+                 "## Laws in extrapolation", "Pretrained models against the document reader", "![favoured prior](favoured_prior.png)"):
         assert line in report, line
+    assert (out / "favoured_prior.png").stat().st_size > 1000
+    assert report.index("- sft favor: law prior") < report.index("- dpo favor: law prior")  # SFT before DPO
     sft = next(line for line in report.splitlines() if line.startswith("| sft-favor | 32 |"))
     assert f"{float(reader['gpt2-1l-d64/sft-favor-32']['prior_0']):.3f}" in sft
 

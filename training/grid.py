@@ -423,8 +423,9 @@ def report_grid(cfg: AblationConfig, out: Path, status: dict[str, str], pool: Pr
     fits the shifts (which start processes of their own for large tables). Returns how many cells and
     analyses failed."""
     from analysis.report import summary_table
-    from evaluation.curves_table import write_curves
+    from evaluation.curves_table import read_curves, write_curves
     from evaluation.ginc_curves import checkpoint_curve_rows
+    from evaluation.grid_report import range_comparisons
     from evaluation.reports import fit_table, shift_table
 
     models = {size: model for size in cfg.sizes if (model := pretrained_of(cfg, out, size)).exists()}
@@ -443,9 +444,12 @@ def report_grid(cfg: AblationConfig, out: Path, status: dict[str, str], pool: Pr
     elsewhere = {"fits": (fit_table, curves, out / "fits", fit_config),
                  "reader tables": (reader_tables, cfg, out, list(models.values()), [*models.values(), *finished])}
     started = {name: pool.submit(*call) for name, call in elsewhere.items()} if pool is not None else {}
-    shifts = {size: _report(f"shift of {size}", shift_table, curves, out / "shift" / size,
-                            dataclasses.replace(shift_settings, baseline=base_rows[0]["run"]),
-                            true_priors=true_priors(models[size])) for size, base_rows in baselines.items()}
+    settings = {size: dataclasses.replace(shift_settings, baseline=base_rows[0]["run"]) for size, base_rows in baselines.items()}
+    shifts = {size: _report(f"shift of {size}", shift_table, curves, out / "shift" / size, settings[size],
+                            true_priors=true_priors(models[size])) for size in baselines}
+    groups = read_curves(curves)
+    ranges = {size: _report(f"amount ranges of {size}", range_comparisons, groups, settings[size], shift) or []
+              for size, shift in shifts.items() if shift is not None}
     fits, readers = (_report(name, started[name].result) if name in started else _report(name, *call)
                      for name, call in elsewhere.items())
     unmade = sum(result is None for result in (*shifts.values(), fits, readers))  # analyses that could not be made
@@ -454,7 +458,7 @@ def report_grid(cfg: AblationConfig, out: Path, status: dict[str, str], pool: Pr
     if results:
         print(summary_table(results), flush=True)
     shifts = {size: shift for size, shift in shifts.items() if shift is not None}
-    write_report(cfg, out, status, shifts, results, {r["run"]: r for r in reader}, gaps)
+    write_report(cfg, out, status, shifts, results, {r["run"]: r for r in reader}, gaps, ranges)
     return len(failed) + unmade
 
 
@@ -485,9 +489,11 @@ def reader_tables(cfg: AblationConfig, out: Path, pretrained: list[Path], traine
 
 
 def write_report(cfg: AblationConfig, out: Path, status: dict[str, str], shifts: dict, results: list,
-                 reader: dict[str, dict], gaps: list[dict]) -> None:
-    """report.md: each cell's status, then what the grid found (evaluation/grid_report.py)."""
-    from evaluation.grid_report import extrapolation_section, gap_section, prior_section, reemergence_section
+                 reader: dict[str, dict], gaps: list[dict], ranges: dict[str, list[dict]]) -> None:
+    """report.md, reemergence.png and favoured_prior.png: each cell's status, then what the grid found
+    (evaluation/grid_report.py); `ranges`: each size's shared-P vs free verdicts by amount range."""
+    from evaluation.grid_report import (extrapolation_section, favoured_prior_section, gap_section, prior_section,
+                                        reemergence_section)
 
     lines = [f"# Ablation {cfg.name}", "", f"Sizes {', '.join(cfg.sizes)}; methods {', '.join(cfg.methods)}; directions "
              f"{', '.join(cfg.directions)}; tasks {cfg.tasks}; amounts {cfg.amounts} (x{cfg.epochs} epochs, batch {cfg.batch_size}).", "",
@@ -497,10 +503,10 @@ def write_report(cfg: AblationConfig, out: Path, status: dict[str, str], shifts:
              "- reader priors (law-free): " + ("`reader_prior.csv`" if reader else "none: the world has no property_smoothing, so "
                                                 "no prior makes the KL to the reader finite"),
              "- gaps to the document reader: `reader_gap.csv`", "",
-             "## What the grid shows", "", *gap_section(gaps)]
+             "## What the grid shows", "", "### Reemergence", "", *reemergence_section(shifts, out), *gap_section(gaps),
+             *favoured_prior_section(shifts, cfg.tasks[0], reader, out)]
     for size, shift in shifts.items():
-        lines += [f"## {size}", "", *prior_section(shift, cfg.tasks[0], reader), "### Reemergence", "",
-                  *reemergence_section(shift)]
+        lines += [f"## {size}", "", *prior_section(shift, cfg.tasks[0], reader, ranges.get(size, []))]
     lines += ["## Laws in extrapolation", "", f"Fit on shots <= {cfg.fit_fraction:g} x the largest, scored on the rest, "
               "over every cell's curves:", "", *extrapolation_section(results)]
     (out / "report.md").write_text("\n".join(lines))
