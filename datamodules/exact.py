@@ -10,17 +10,25 @@ with the prior p(m, s) = w_m / (P-1). In the "label" format the k-th token shown
 function of the state, so p(y | x, m, s) is the filter's mass on states whose label is y, and the
 demonstration's likelihood is p(x, y | m, s). In the "sampled" format the k-th token shown is the next
 state's emission: y is then scored as a next token, p(y | x, m, s) = sum_h alpha(h) sum_h' T(h, h')
-[emit(h') = y], and the demonstration's likelihood uses the token shown instead of y. Emission is deterministic, so a forward pass only visits the
-hidden states that emit the observed token (its preimage, at most R states): the filter is a vector
-of R entries, rescaled every step; the likelihoods of demonstrations are combined in log space.
-Everything is batched over prompts, demonstrations and hypotheses, in float64, on any device.
+[emit(h') = y], and the demonstration's likelihood uses the token shown instead of y. Emission is
+deterministic, so a forward pass only visits the hidden states that emit the observed token (its
+preimage, at most R states): the filter is a vector of R entries, rescaled every step; the likelihoods
+of demonstrations are combined in log space. Everything is batched over prompts, demonstrations and
+hypotheses, in float64, on any device.
+
+The prior over s is uniform whatever w is, so s is summed out inside each task first (`task_terms`):
+per task, the evidence p(D_<n, x_n | m) and the predictive p(. | D_<n, x_n, m). The predictive with
+any prior w is their mixture, as the document reader's is of its tasks' (`mixture_next_prob`); the
+learner's own prior makes its predictions, and a fit of w (evaluation/reader_prior.py) reuses the terms.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 import torch
 
+from datamodules.document_reader import mixture_next_prob
 from datamodules.sampling import ICLPrompts
 from datamodules.world import GincWorld, check_weights
 
@@ -36,6 +44,16 @@ class ExactPrediction:
     task_posterior: torch.Tensor  # [N, n + 1, M]: p(task | first j demonstrations), j = 0..n
 
 
+@dataclass
+class TaskTerms:
+    """Per prompt, label and task m, what does not depend on the prior over tasks: a prior w recombines
+    them into the predictive, sum_m w_m exp(evidence_m) next_prob_m / sum_m w_m exp(evidence_m)."""
+
+    evidence: torch.Tensor  # [N, n, M]: log p(D_<n, x_n | m), the start property summed out
+    next_prob: torch.Tensor  # [N, n, M, V]: p(k-th token | D_<n, x_n, m): over labels ("label"), next tokens ("sampled")
+    seen: torch.Tensor  # [N, n + 1, M]: log p(D_<=j | m), j = 0..n
+
+
 class ExactLearner:
     """Posterior predictive of ICL labels under a GINC world whose prior over tasks is `weights`."""
 
@@ -45,8 +63,7 @@ class ExactLearner:
         self.E, self.P, self.M, self.V = cfg.n_entities, cfg.n_properties, cfg.n_tasks, cfg.vocab_size
         dev, P = world.device, self.P
         w = check_weights(cfg.weights if weights is None else weights, cfg.n_tasks, "learner weights")
-        log_w = torch.as_tensor(w, dtype=torch.float64, device=dev).log()
-        self.log_prior = log_w[:, None].expand(self.M, P - 1) - torch.log(torch.tensor(P - 1.0, dtype=torch.float64))
+        self.log_prior = torch.as_tensor(w, dtype=torch.float64, device=dev).log()  # [M]
         # preimage[v] = the hidden states emitting token v, padded with -1
         flat = world.emission.reshape(-1)
         counts = torch.bincount(flat, minlength=self.V)
@@ -76,12 +93,12 @@ class ExactLearner:
             return self.predict_demos(x.to(dev), prompts.labels.to(dev), shown.to(dev))
         return self.predict_demos(x.to(dev), shown.to(dev))
 
-    def demo_log_likelihood(self, x: torch.Tensor, y: torch.Tensor, shown: torch.Tensor | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per demonstration and hypothesis (m, s): log p(x | m, s), log p(y | x, m, s), log-likelihood of
-        the k-th token shown (y itself when `shown` is None, the "label" format) and the final filter.
+    def demo_log_likelihood(self, x: torch.Tensor, shown: torch.Tensor, sampled: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per demonstration and hypothesis (m, s): log p(x | m, s), the log-likelihood of the k-th token
+        shown (the label itself in the "label" format, the next emission when `sampled`) and the final filter.
 
-        x [N, n, k-1], y [N, n] -> ([N, n, M, S'], [N, n, M, S'], [N, n, M, S'], alpha [N, n, M, S', R]), S' = P - 1.
+        x [N, n, k-1], shown [N, n] -> ([N, n, M, S'], [N, n, M, S'], alpha [N, n, M, S', R]), S' = P - 1.
         """
         first = self.preimage[x[..., 0]]  # [N, n, R]
         s_values = torch.arange(1, self.P, device=x.device)
@@ -98,46 +115,48 @@ class ExactLearner:
             if t % _LOG_EVERY == 0:
                 log_px, px = log_px + px.log(), torch.ones_like(px)
         log_px = log_px + px.log()
-        if shown is None:
-            hit = (self.pre_label[x[..., -1]] == y[..., None, None]).double()  # [N, n, M, R]
-            log_py = torch.matmul(alpha, hit[..., None]).squeeze(-1).log()
-            return log_px, log_py, log_py, alpha
-        nxt = self.next_token[x[..., -1]]  # [N, n, M, R, V]
-        token_prob = lambda tok: (alpha * nxt.gather(-1, tok[..., None, None, None].expand(*nxt.shape[:-1], 1))  # noqa: E731
-                                  .squeeze(-1)[..., None, :]).sum(-1).log()
-        return log_px, token_prob(y), token_prob(shown), alpha
+        if sampled:  # p(shown | state) of each filter entry: [N, n, M, R]
+            nxt = self.next_token[x[..., -1]]
+            hit = nxt.gather(-1, shown[..., None, None, None].expand(*nxt.shape[:-1], 1)).squeeze(-1)
+        else:
+            hit = (self.pre_label[x[..., -1]] == shown[..., None, None]).double()
+        return log_px, torch.matmul(alpha, hit[..., None]).squeeze(-1).log(), alpha
+
+    def task_terms(self, x: torch.Tensor, y: torch.Tensor, shown: torch.Tensor | None = None) -> TaskTerms:
+        """What the learner knows of each task m before each label, whatever the task prior: see TaskTerms.
+        x [N, n, k-1] inputs and y [N, n] targets of each prompt's demonstrations; `shown` [N, n] the k-th
+        tokens of "sampled" demonstrations (None: the "label" format, which shows y)."""
+        step = max(1, _DEMOS_PER_CHUNK // y.shape[1])  # bounded memory: [prompts, shots, M, S', R] per chunk
+        parts = [self._task_terms(x[i : i + step], y[i : i + step], None if shown is None else shown[i : i + step])
+                 for i in range(0, y.shape[0], step)]
+        return TaskTerms(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(TaskTerms)))
 
     def predict_demos(self, x: torch.Tensor, y: torch.Tensor, shown: torch.Tensor | None = None) -> ExactPrediction:
-        """x [N, n, k-1] inputs and y [N, n] targets of each prompt's demonstrations; `shown` [N, n] the
-        k-th tokens of "sampled" demonstrations (None: the "label" format, which shows y)."""
-        step = max(1, _DEMOS_PER_CHUNK // y.shape[1])  # bounded memory: [prompts, shots, M, S', R] per chunk
-        parts = [self._predict(x[i : i + step], y[i : i + step], None if shown is None else shown[i : i + step])
-                 for i in range(0, y.shape[0], step)]
-        return ExactPrediction(*(torch.cat([getattr(p, f) for p in parts]) for f in ("prob", "correct", "task_posterior")))
+        """The posterior predictive of each label, with the learner's prior (arguments as `task_terms`)."""
+        terms = self.task_terms(x, y, shown)
+        pred = mixture_next_prob(self.log_prior + terms.evidence, terms.next_prob)  # [N, n, V]
+        prob = pred.gather(-1, y[..., None]).squeeze(-1)
+        return ExactPrediction(prob, pred.argmax(-1) == y, torch.softmax(self.log_prior + terms.seen, -1))
 
-    def _predict(self, x: torch.Tensor, y: torch.Tensor, shown: torch.Tensor | None) -> ExactPrediction:
-        log_px, log_py, log_pshown, alpha = self.demo_log_likelihood(x, y, shown)
+    def _task_terms(self, x: torch.Tensor, y: torch.Tensor, shown: torch.Tensor | None) -> TaskTerms:
+        log_px, log_pshown, alpha = self.demo_log_likelihood(x, y if shown is None else shown, shown is not None)
         demo_ll = log_px + log_pshown  # [N, n, M, S']
-        # log-likelihood of the demonstrations before each one: an exclusive cumulative sum (-inf safe)
-        seen = torch.cumsum(torch.cat([torch.zeros_like(demo_ll[:, :1]), demo_ll[:, :-1]], 1), dim=1)
-        post = _softmax_ms(self.log_prior + seen + log_px)  # p(m, s | D_<n, x_n)
-        prob = (post * log_py.exp()).sum((-1, -2))
-        # the learner's full predictive over tokens, for top-1 accuracy; padding goes to an extra slot
-        weight = torch.matmul(post[..., None, :], alpha).squeeze(-2)  # [N, n, M, R]
-        if shown is None:
+        # log-likelihood of the first j demonstrations, j = 0..n: a cumulative sum after a 0 (-inf safe)
+        seen = torch.cumsum(torch.cat([torch.zeros_like(demo_ll[:, :1]), demo_ll], 1), dim=1)  # [N, n + 1, M, S']
+        evidence = seen[:, :-1] + log_px  # log p(D_<n, x_n | m, s)
+        # the start property's prior is uniform under every task prior, so it is summed out here, once:
+        # p(s | m, D_<n, x_n) weighs each filter, and a task the prompt rules out predicts nothing
+        possible = torch.isfinite(evidence).any(-1, keepdim=True)
+        post_s = torch.softmax(torch.where(possible, evidence, 0.0), -1)
+        weight = torch.where(possible, torch.matmul(post_s[..., None, :], alpha).squeeze(-2), 0.0)  # [N, n, M, R]
+        if shown is None:  # the label of each state; padding goes to an extra slot, dropped
             label = self.pre_label[x[..., -1]] % (self.V + 1)
-            pred = torch.zeros(*y.shape, self.V + 1, dtype=torch.float64, device=y.device)
-            pred.scatter_add_(-1, label.flatten(-2), weight.flatten(-2))
+            nxt = torch.zeros(*weight.shape[:-1], self.V + 1, dtype=torch.float64, device=y.device)
+            nxt = nxt.scatter_add_(-1, label, weight)[..., : self.V]
         else:
-            pred = torch.einsum("...mr,...mrv->...v", weight, self.next_token[x[..., -1]])
-        correct = pred[..., : self.V].argmax(-1) == y
-        after = self.log_prior + torch.cumsum(torch.cat([torch.zeros_like(demo_ll[:, :1]), demo_ll], 1), dim=1)
-        return ExactPrediction(prob, correct, _softmax_ms(after).sum(-1))
-
-
-def _softmax_ms(log_joint: torch.Tensor) -> torch.Tensor:
-    """Normalise over the last two dimensions (task m, start property s)."""
-    return torch.softmax(log_joint.flatten(-2), -1).view_as(log_joint)
+            nxt = torch.einsum("...mr,...mrv->...mv", weight, self.next_token[x[..., -1]])
+        log_s = math.log(self.P - 1)  # the start property's prior
+        return TaskTerms(torch.logsumexp(evidence, -1) - log_s, nxt, torch.logsumexp(seen, -1) - log_s)
 
 
 def _normalise(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,6 @@
-"""`evaluate.py` sub-commands: curves, fit, shift and ladder. Argument parsing, and the glue that turns
-flags into calls of the library functions (evaluation.ginc_curves, llm_curves, reports, ladder)."""
+"""`evaluate.py` sub-commands: curves, fit, shift, ladder, reader-prior and reader-gap. Argument parsing,
+and the glue that turns flags into calls of the library functions (evaluation.ginc_curves, llm_curves,
+reports, ladder, reader_prior, reader_gap)."""
 from __future__ import annotations
 
 import argparse
@@ -195,36 +196,41 @@ def run_ladder(args: argparse.Namespace) -> None:
 
 def _per_model_parser(subparsers: argparse._SubParsersAction, name: str, help: str, description: str, columns: str,
                       prompts: int) -> argparse.ArgumentParser:
-    """A command that measures each given run against its world's document reader and writes one CSV."""
+    """A command that measures each given run against an ideal learner of its world and writes one CSV."""
     p = subparsers.add_parser(name, help=help, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", nargs="+", type=Path, required=True, help="Lightning checkpoints or HF export dirs of our GPT-2 runs")
     p.add_argument("--out", type=Path, required=True, help=f"CSV to write ({columns})")
     p.add_argument("--prompts", type=COUNT, default=prompts, help="ICL prompts per (k, task), from each run's own ICL settings")
+    p.add_argument("--learner", choices=("auto", "exact", "reader"), default="auto",
+                   help="the ideal learner to compare with: the exact learner (knows the prompt format), the document "
+                        "reader (knows documents only), or auto: the exact learner for a run trained with ICL prompts "
+                        "in its data (data.demo_rate > 0), else the reader")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     return p
 
 
 def add_reader_prior_command(subparsers: argparse._SubParsersAction) -> None:
-    p = _per_model_parser(subparsers, "reader-prior", "the document reader's prior that best predicts each model (law-free)",
-                          "For each run, the prior over tasks with which the document reader of its world best predicts "
-                          "the model: the mean KL(model || reader) over every position of held-out ICL prompts and "
-                          "documents, minimised over the prior. Needs a world with property_smoothing > 0 (else the KL "
-                          "is infinite).", "run, prior_0.., kl, kl_world, positions, ...", 32)
-    p.add_argument("--documents", type=COUNT, default=64, help="held-out documents of the world's mixture")
+    p = _per_model_parser(subparsers, "reader-prior", "the ideal learner's prior that best predicts each model (law-free)",
+                          "For each run, the prior over tasks with which an ideal learner of its world best predicts "
+                          "the model: the mean KL(model || learner), minimised over the prior, over every position of "
+                          "held-out ICL prompts and documents (document reader; needs a world with property_smoothing "
+                          "> 0, else the KL is infinite) or over the label positions of held-out ICL prompts (exact "
+                          "learner).", "run, learner, prior_0.., kl, kl_world, positions, ...", 32)
+    p.add_argument("--documents", type=COUNT, default=64, help="held-out documents of the world's mixture (document reader only)")
     p.set_defaults(func=run_reader_prior)
 
 
 def run_reader_prior(args: argparse.Namespace) -> None:
     from evaluation.reader_prior import reader_prior_rows
 
-    _write_per_model(args, lambda: reader_prior_rows(args.ckpt, args.prompts, args.documents, args.device))
+    _write_per_model(args, lambda: reader_prior_rows(args.ckpt, args.prompts, args.documents, args.device, args.learner))
 
 
 def add_reader_gap_command(subparsers: argparse._SubParsersAction) -> None:
-    p = _per_model_parser(subparsers, "reader-gap", "how closely each model's ICL curve follows the document reader's",
-                          "For each run and k: the mean over tasks and shots of |model - reader| target probability on "
+    p = _per_model_parser(subparsers, "reader-gap", "how closely each model's ICL curve follows an ideal learner's",
+                          "For each run and k: the mean over tasks and shots of |model - learner| target probability on "
                           "the same prompts, its bootstrap standard error over prompts, and the value that prompt noise "
-                          "alone gives.", "run, k, gap, gap_se, noise, signed, prompts, ...", 256)
+                          "alone gives.", "run, learner, k, gap, gap_se, noise, signed, prompts, ...", 256)
     p.add_argument("--k", type=COUNT, nargs="+", help="example lengths (default: each run's own)")
     p.set_defaults(func=run_reader_gap)
 
@@ -232,7 +238,7 @@ def add_reader_gap_command(subparsers: argparse._SubParsersAction) -> None:
 def run_reader_gap(args: argparse.Namespace) -> None:
     from evaluation.reader_gap import reader_gap_rows
 
-    _write_per_model(args, lambda: reader_gap_rows(args.ckpt, args.prompts, args.k, args.device))
+    _write_per_model(args, lambda: reader_gap_rows(args.ckpt, args.prompts, args.k, args.device, args.learner))
 
 
 def _write_per_model(args: argparse.Namespace, measure: Callable[[], list[dict]]) -> None:

@@ -8,7 +8,7 @@ of the run's datamodule, so curves measured here equal those logged during valid
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -30,6 +30,25 @@ from lightning_modules.lm_module import CausalLMModule
 from user_errors import UserError
 
 LEARNERS = ("exact", "reader", "both")
+COMPARED = ("auto", "exact", "reader")  # what a model is measured against (reader-gap, reader-prior)
+LEARNER_NAMES = {"exact": "exact learner", "reader": "document reader"}
+PRIOR_NAMES = {"exact": "exact-learner prior", "reader": "reader prior"}
+
+
+def ideal_learner(choice: str, demo_rate: float) -> str:
+    """The ideal learner to measure a model against: `choice`, or for "auto" the exact learner when the
+    model was trained with ICL prompts in its data (demo_rate > 0), as it is the Bayes-optimal model of
+    those, else the document reader, the Bayes-optimal model of documents alone."""
+    if choice not in COMPARED:
+        raise UserError(f"unknown learner {choice!r}; choose one of {', '.join(COMPARED)}")
+    if choice == "auto":
+        return "exact" if demo_rate > 0 else "reader"
+    return choice
+
+
+def named_learners(rows: Iterable[Mapping], names: Mapping[str, str]) -> str:
+    """The learners rows were measured against (their `learner`), by `names` (LEARNER_NAMES, PRIOR_NAMES)."""
+    return " and ".join(names[learner] for learner in sorted({r["learner"] for r in rows}))
 
 
 def load_model(path: str | Path) -> GPT2LMHeadModel:
@@ -57,11 +76,24 @@ def exact_curve_rows(data: GincDataModule, run: str = "exact", weights: object =
     learner = ExactLearner(GincWorld.build(data.world).to(device), weights)
     metric = _metric(data).to(device)
     for batch in _progress(data.icl_dataloader(), run, progress):
-        k, labels = batch["k"], batch["labels"].to(device)
-        x, shown = split_demonstrations(batch["input_ids"].to(device), k, labels.shape[1])
-        pred = learner.predict_demos(x, labels, shown if data.icl.demo_format == "sampled" else None)
-        metric.update(k, batch["task"], pred.prob.log(), pred.correct)
+        metric.update(batch["k"], batch["task"], *exact_label_scores(learner, batch, data.icl.demo_format, device))
     return curve_rows(metric.compute(), data.icl.k_values, run, **extra)
+
+
+def icl_demonstrations(batch: dict, demo_format: str, device: str | torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """An ICL batch as the exact learner reads it: inputs x [b, n, k-1], labels y [b, n], and the k-th
+    tokens shown [b, n] in the "sampled" format (None in the "label" format, which shows y)."""
+    labels = batch["labels"].to(device)
+    x, shown = split_demonstrations(batch["input_ids"].to(device), batch["k"], labels.shape[1])
+    return x, labels, shown if demo_format == "sampled" else None
+
+
+def exact_label_scores(learner: ExactLearner, batch: dict, demo_format: str, device: str | torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As `reader_label_scores`, for the exact learner: it has a prediction at every label."""
+    pred = learner.predict_demos(*icl_demonstrations(batch, demo_format, device))
+    return pred.prob.log(), pred.correct, torch.ones_like(pred.correct)
 
 
 def reader_curve_rows(data: GincDataModule, run: str = "reader", weights: object = None,

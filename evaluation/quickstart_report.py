@@ -1,6 +1,7 @@
 """What the quickstart prints: each model's ICL curve beside both ideal learners, the favoured task's
-fitted prior before and after post-training (the shift analysis, with intervals, and the law-free
-reader prior), and when the suppressed tasks re-emerge, predicted against measured."""
+fitted prior before and after post-training (the shift analysis, with intervals, and the law-free prior
+of the model's ideal learner: the document reader, or the exact learner for a model trained with prompts
+in its data), and when the suppressed tasks re-emerge, predicted against measured."""
 from __future__ import annotations
 
 import math
@@ -12,7 +13,7 @@ from analysis.shift import ShiftConfig, ShiftResult
 from analysis.shift_report import interval_text
 from datamodules.ginc_datamodule import GincDataModule
 from evaluation.curves_table import read_rows, write_curves
-from evaluation.ginc_curves import ideal_references
+from evaluation.ginc_curves import LEARNER_NAMES, PRIOR_NAMES, ideal_references, named_learners
 from evaluation.reader_prior import reader_prior_rows
 from evaluation.reports import shift_table
 
@@ -39,14 +40,24 @@ def _shots(value: float) -> str:
     return "never" if not math.isfinite(value) else f"{value:.1f}"
 
 
+MEASURED_ON = {"exact": "the labels of held-out prompts", "reader": "held-out prompts and documents"}
+
+
 def prior_table(shift: ShiftResult, runs: Mapping[str, str], task: int, reader: Mapping[str, dict]) -> str:
-    """The task's prior in each run: the shift analysis's shared fit with its interval, and the reader prior."""
+    """The task's prior in each run: the shift analysis's shared fit with its interval, and its ideal
+    learner's prior (`reader`: name -> row of `reader_prior_rows`)."""
     rows = {r["run"]: r for r in shift.rows if r["fit"] == "shared" and r["task"] == task}
-    lines = [f"{'':22}{'law-fitted prior [95%]':>40}{'reader prior':>15}{'KL left (nats)':>16}"]
+    lines = [f"{'':22}{'law-fitted prior [95%]':>40}{named_learners(reader.values(), PRIOR_NAMES):>21}{'KL left (nats)':>16}"]
     for name, run in runs.items():
-        lines.append(f"{name:22}{interval_text(rows[run], 'prior'):>40}{reader[name][f'prior_{task}']:15.3f}"
+        lines.append(f"{name:22}{interval_text(rows[run], 'prior'):>40}{reader[name][f'prior_{task}']:21.3f}"
                      f"{reader[name]['kl']:16.4f}")
     return "\n".join(lines)
+
+
+def prior_note(reader: Mapping[str, dict]) -> str:
+    """What the law-free prior of the rows is, for each learner they used."""
+    return "; ".join(f"{PRIOR_NAMES[learner]}: the prior with which the {LEARNER_NAMES[learner]} best predicts the "
+                     f"model, by KL on {MEASURED_ON[learner]}" for learner in sorted({r["learner"] for r in reader.values()}))
 
 
 def reemergence_lines(shift: ShiftResult, runs: Mapping[str, str]) -> list[str]:
@@ -66,7 +77,7 @@ def quickstart_report(curves: Mapping[str, list[dict]], runs: Mapping[str, str],
     """The report from each model's final curve rows and the ideal learners' (`curves`: name -> rows, the
     models first, then "exact Bayesian" and "document reader"), the models' run labels (`runs`: name -> run),
     the pretrained model's validation `loss` (val/loss, val/excess_loss), the shift analysis at k and the
-    reader prior rows (`reader`: name -> row of `reader_prior_rows`)."""
+    ideal-learner prior rows (`reader`: name -> row of `reader_prior_rows`)."""
     n = max(r["shots"] for r in curves["document reader"] if r["k"] == k)
     shots = sorted({0, 1, 2, 4, 8, 16, 32, 64, n} & set(range(n + 1)))
     base = next(iter(runs))
@@ -80,8 +91,7 @@ def quickstart_report(curves: Mapping[str, list[dict]], runs: Mapping[str, str],
         f"documents can do). The pretrained model ({loss['val/loss']:.3f} nats/token, {loss['val/excess_loss']:.3f} above "
         f"the documents' floor) is closer to the {min(gap, key=gap.get)}: mean |model - learner| over tasks and shots "
         f"{gap['document reader']:.3f} to the reader, {gap['exact Bayesian']:.3f} to the exact learner.",
-        f"\nPrior of task {favoured[0]} (shift analysis, k={k}: P shared, priors and K per model; reader prior: the prior "
-        "with which the document reader best predicts the model, by KL on held-out prompts and documents)",
+        f"\nPrior of task {favoured[0]} (shift analysis, k={k}: P shared, priors and K per model; {prior_note(reader)})",
         prior_table(shift, runs, favoured[0], reader),
         f"Shared P vs free: BIC {comparison['shared']['bic']:.1f} vs {comparison['free']['bic']:.1f}, so the "
         f"{'shared' if comparison['shared']['preferred'] else 'free'} fit is preferred "
@@ -93,8 +103,9 @@ def quickstart_report(curves: Mapping[str, list[dict]], runs: Mapping[str, str],
 def analyse_quickstart(run_dirs: Mapping[str, Path], data: GincDataModule, favoured: Sequence[int], k: int,
                        loss: Mapping[str, float], out: Path, resamples: int = 30) -> str:
     """The quickstart's analysis of its runs (`run_dirs`: name -> run directory, the pretrained one first):
-    their final curves in one table (out/curves.csv), the shift analysis at k (out/shift/), the reader
-    priors of their exports (out/reader_prior.csv), and the report."""
+    their final curves in one table (out/curves.csv), the shift analysis at k (out/shift/), the priors of
+    their exports' ideal learners (out/reader_prior.csv; auto: the exact learner where the data held
+    prompts), and the report."""
     finals = {name: read_rows(run_dir / "curves.csv") for name, run_dir in run_dirs.items()}
     runs = {name: rows[0]["run"] for name, rows in finals.items()}
     out.mkdir(parents=True, exist_ok=True)

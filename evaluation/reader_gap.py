@@ -1,16 +1,20 @@
-"""How closely a model's ICL curve follows the document reader's, with a standard error over prompts.
+"""How closely a model's ICL curve follows an ideal learner's, with a standard error over prompts.
 
-Both score the same prompts, so the comparison is paired: for each (k, task, shots) the mean over prompts
-of (model - reader) target probability, then the mean of its absolute value over tasks and shots. That
-mean of absolute values is biased upwards by the prompts' noise (|noise| > 0 even when the curves agree),
-so the bootstrap over prompts gives both its standard error and the value the noise alone would give
-(`noise`: the same statistic on the differences centred per point), to read the gap against.
+The ideal learner is the document reader (the Bayes-optimal model of documents alone) or the exact
+learner (which knows the prompt format: the Bayes-optimal model of prompts, the target of a model
+trained with prompts in its data); "auto" picks the exact learner when the run's data had demo_rate > 0.
+Both score the same prompts as the model, so the comparison is paired: for each (k, task, shots) the mean
+over prompts of (model - learner) target probability, then the mean of its absolute value over tasks and
+shots. That mean of absolute values is biased upwards by the prompts' noise (|noise| > 0 even when the
+curves agree), so the bootstrap over prompts gives both its standard error and the value the noise alone
+would give (`noise`: the same statistic on the differences centred per point), to read the gap against.
 """
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,38 +23,51 @@ from transformers import GPT2LMHeadModel
 
 from datamodules.config_io import with_icl_overrides
 from datamodules.document_reader import DocumentReader
+from datamodules.exact import ExactLearner
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.world import GincWorld
-from evaluation.ginc_curves import load_model, reader_label_scores
+from evaluation.ginc_curves import LEARNER_NAMES, exact_label_scores, ideal_learner, load_model, reader_label_scores
 from evaluation.run_artifacts import read_source
 from lightning_modules.gpt import resolve_device
 from lightning_modules.icl_metric import label_scores
 from user_errors import UserError
 
+LabelScores = Callable[[dict], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
 
 @dataclass(frozen=True)
 class ReaderGap:
     k: int
-    gap: float  # mean over tasks and shots of |mean over prompts of (model - reader)|
+    learner: str  # the ideal learner compared with: "exact" or "reader"
+    gap: float  # mean over tasks and shots of |mean over prompts of (model - learner)|
     gap_se: float  # its bootstrap standard error over prompts
     noise: float  # what the same statistic gives when the curves agree and only the prompts' noise is left
-    signed: float  # mean over tasks and shots of (model - reader): < 0 where the model lags the reader
+    signed: float  # mean over tasks and shots of (model - learner): < 0 where the model lags the learner
     prompts: int  # prompts per task
 
 
+def learner_scores(learner: str, data: GincDataModule, device: torch.device) -> LabelScores:
+    """ICL batch -> the named ideal learner's (log-probability, top-1, defined) of each label, as
+    `reader_label_scores` gives them, for `data`'s world and prompt format."""
+    world = GincWorld.build(data.world).to(device)
+    if learner == "exact":
+        return partial(exact_label_scores, ExactLearner(world), demo_format=data.icl.demo_format, device=device)
+    return partial(reader_label_scores, DocumentReader(world), device=device)
+
+
 @torch.no_grad()
-def paired_differences(model: GPT2LMHeadModel, data: GincDataModule, device: str | torch.device = "cpu"
-                       ) -> dict[int, list[np.ndarray]]:
-    """k -> one array per task [prompts, shots] of model minus reader target probability (NaN where the
-    reader has no prediction)."""
+def paired_differences(model: GPT2LMHeadModel, data: GincDataModule, device: str | torch.device = "cpu",
+                       learner: str = "auto") -> dict[int, list[np.ndarray]]:
+    """k -> one array per task [prompts, shots] of model minus ideal learner (`ideal_learner(learner)`)
+    target probability (NaN where the learner has no prediction)."""
     device = torch.device(device)
     model = model.to(device).eval()
-    reader = DocumentReader(GincWorld.build(data.world).to(device))
+    ideal = learner_scores(ideal_learner(learner, data.demo_rate), data, device)
     parts: dict[tuple[int, int], list[np.ndarray]] = {}
     for batch in data.icl_dataloader():
         logp, _ = label_scores(model, batch["input_ids"].to(device), batch["label_pos"].to(device), batch["labels"].to(device))
-        reader_logp, _, defined = reader_label_scores(reader, batch, device)
-        diff = torch.where(defined, logp.double().exp() - reader_logp.exp(), torch.nan)
+        ideal_logp, _, defined = ideal(batch)
+        diff = torch.where(defined, logp.double().exp() - ideal_logp.exp(), torch.nan)
         parts.setdefault((batch["k"], batch["task"]), []).append(diff.cpu().numpy())
     out: dict[int, list[np.ndarray]] = {}
     for (k, _), arrays in sorted(parts.items()):
@@ -72,29 +89,32 @@ def gap_statistic(diffs: Sequence[np.ndarray], resamples: int = 200, seed: int =
     return point, float(boot.std(ddof=1)), float(np.mean([np.nanmean(n) for n in noise]))
 
 
-def reader_gaps(model: GPT2LMHeadModel, data: GincDataModule, device: str | torch.device = "cpu") -> list[ReaderGap]:
-    """The gap between the model's and the reader's ICL curves at each of the data module's k values."""
+def reader_gaps(model: GPT2LMHeadModel, data: GincDataModule, device: str | torch.device = "cpu",
+                learner: str = "auto") -> list[ReaderGap]:
+    """The gap between the model's and the ideal learner's ICL curves at each of the data module's k values."""
+    learner = ideal_learner(learner, data.demo_rate)
     rows = []
-    for k, diffs in paired_differences(model, data, device).items():
+    for k, diffs in paired_differences(model, data, device, learner).items():
         gap, se, noise = gap_statistic(diffs)
         signed = float(np.mean([np.nanmean(d) for d in diffs]))
-        rows.append(ReaderGap(k, gap, se, noise, signed, min(d.shape[0] for d in diffs)))
+        rows.append(ReaderGap(k, learner, gap, se, noise, signed, min(d.shape[0] for d in diffs)))
     return rows
 
 
 def reader_gap_rows(paths: Sequence[str | Path], prompts: int = 256, k_values: Sequence[int] | None = None,
-                    device: str = "auto") -> list[dict]:
-    """One row per (run, k) of runs' checkpoints or HF exports: the gap to the reader on `prompts` prompts
-    per (k, task) of the run's own world and ICL settings."""
+                    device: str = "auto", learner: str = "auto") -> list[dict]:
+    """One row per (run, k) of runs' checkpoints or HF exports: the gap to the ideal learner (`learner`:
+    exact, reader, or auto: exact for a run trained with prompts in its data) on `prompts` prompts per
+    (k, task) of the run's own world and ICL settings."""
     if prompts < 2:
         raise UserError(f"--prompts must be >= 2 (a standard error needs two prompts), got {prompts}")
     rows = []
     for path in paths:
         src = read_source(path)
         data = GincDataModule(**with_icl_overrides(src.data, list(k_values) if k_values else None, prompts))
-        for g in reader_gaps(load_model(path), data, resolve_device(device)):
-            print(f"{src.label} k={g.k}: |model - reader| {g.gap:.4f} +- {g.gap_se:.4f} (noise alone {g.noise:.4f}; "
-                  f"signed {g.signed:+.4f}; {g.prompts} prompts per task)", file=sys.stderr, flush=True)
-            rows.append({"run": src.label, "k": g.k, "gap": g.gap, "gap_se": g.gap_se, "noise": g.noise,
-                         "signed": g.signed, "prompts": g.prompts, **src.columns()})
+        for g in reader_gaps(load_model(path), data, resolve_device(device), learner):
+            print(f"{src.label} k={g.k}: |model - {LEARNER_NAMES[g.learner]}| {g.gap:.4f} +- {g.gap_se:.4f} (noise alone "
+                  f"{g.noise:.4f}; signed {g.signed:+.4f}; {g.prompts} prompts per task)", file=sys.stderr, flush=True)
+            rows.append({"run": src.label, "learner": g.learner, "k": g.k, "gap": g.gap, "gap_se": g.gap_se,
+                         "noise": g.noise, "signed": g.signed, "prompts": g.prompts, **src.columns()})
     return rows

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from datamodules.document_reader import mixture_next_prob
 from datamodules.exact import ExactLearner
 from datamodules.sampling import GincSampler
 from datamodules.world import GincWorld, WorldConfig
@@ -127,3 +128,25 @@ def test_smoothing_mixes_each_property_transition_with_uniform():
     torch.testing.assert_close(smooth.property_transition, 0.3 * sharp.property_transition + 0.7 / P)
     assert (smooth.property_transition > 0).all() and (sharp.property_transition == 0).any()
     assert torch.equal(smooth.label_token, sharp.label_token)  # the most likely next state is unchanged
+
+
+@pytest.mark.parametrize("demo_format", ["label", "sampled"])
+def test_task_terms_mixed_by_any_prior_give_brute_force_over_every_token(demo_format):
+    """What a fitted prior recombines (evaluation/reader_prior.py): the prior-free terms of each task, mixed
+    by a prior the learner was not built with, give brute-force Bayes' probability of every token at a label."""
+    world = GincWorld.build(WorldConfig(n_tasks=3, n_entities=3, n_properties=4, vocab_size=6,
+                                        property_smoothing=0.6, seed=5))
+    weights = np.array([0.5, 0.3, 0.2])
+    p = GincSampler(world).icl_prompts(1, 3, torch.arange(2), n_shots=5, demo_format=demo_format)
+    x, shown = p.demonstrations()
+    sampled = demo_format == "sampled"
+    terms = ExactLearner(world).task_terms(x, p.labels, shown if sampled else None)
+    pred = mixture_next_prob(torch.as_tensor(weights).log() + terms.evidence, terms.next_prob)[:, -1]
+    torch.testing.assert_close(pred.sum(-1), torch.ones(2, dtype=torch.float64))
+    for i in range(2):
+        for v in range(world.config.vocab_size):  # the last label set to v: its probability after the others
+            y = p.labels[i].numpy().copy()
+            y[-1] = v
+            with np.errstate(invalid="ignore"):  # a label no state gives leaves no posterior after it (unused)
+                prob, _ = brute_force(world, x[i].numpy(), y, weights, shown[i].numpy() if sampled else None)
+            assert float(pred[i, v]) == pytest.approx(prob[-1], rel=1e-10, abs=1e-12)

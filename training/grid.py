@@ -78,8 +78,8 @@ class AblationConfig:
     method_overrides: method -> flags for that method's cells only, after posttrain_overrides (DPO wants a
     smaller lr than SFT).
     fit_fraction, laws: for evaluate.py fit; shift_resamples: for evaluate.py shift's intervals.
-    reader_prompts: prompts per (k, task) for each model's reader prior (evaluate.py reader-prior);
-    gap_prompts: prompts per (k, task) for the pretrained models' gap to the document reader."""
+    reader_prompts: prompts per (k, task) for each model's prior under its ideal learner (evaluate.py
+    reader-prior); gap_prompts: prompts per (k, task) for the pretrained models' gap to their ideal learner."""
 
     name: str
     sizes: list[str]
@@ -393,11 +393,16 @@ def true_priors(model: Path) -> list[float] | None:
     return [float(w) for w in weights]
 
 
-def smoothed(model: Path) -> bool:
-    """Whether a model's world has property_smoothing > 0, which the reader prior's KL needs."""
+def has_prior(model: Path) -> bool:
+    """Whether the KL to a model's ideal learner (auto) is finite for some prior: always for the exact
+    learner, which scores the prompts' labels only; for the document reader, which reads whole prompts and
+    documents, only where the world has property_smoothing > 0."""
+    from evaluation.ginc_curves import ideal_learner
     from evaluation.run_artifacts import read_source
 
-    return float((read_source(model).data.get("world") or {}).get("property_smoothing", 0.0)) > 0
+    data = read_source(model).data
+    return (ideal_learner("auto", float(data.get("demo_rate", 0.0))) == "exact"
+            or float((data.get("world") or {}).get("property_smoothing", 0.0)) > 0)
 
 
 def run_grid(cfg: AblationConfig, stop_after: int | None = None, parallel: int = 1, launcher: str = "local",
@@ -472,15 +477,15 @@ def _report(name: str, call: typing.Callable, *args: object, **kwargs: object) -
 
 
 def reader_tables(cfg: AblationConfig, out: Path, pretrained: list[Path], trained: list[Path]) -> tuple[list, list]:
-    """reader_prior.csv (every trained model whose world allows it) and reader_gap.csv (the pretrained
-    models); returns their rows."""
+    """reader_prior.csv (every trained model that has a prior) and reader_gap.csv (the pretrained models),
+    each against the model's own ideal learner (auto: the exact learner where the data held prompts);
+    returns their rows."""
     from analysis.output import write_rows
     from evaluation.reader_gap import reader_gap_rows
     from evaluation.reader_prior import reader_prior_rows
 
-    print("[ablate] reader priors of every model, and the pretrained models' gap to the document reader", flush=True)
-    # the KL to the reader is finite only where every transition is possible
-    reader = reader_prior_rows([m for m in trained if smoothed(m)], cfg.reader_prompts)
+    print("[ablate] ideal-learner priors of every model, and the pretrained models' gap to their ideal learner", flush=True)
+    reader = reader_prior_rows([m for m in trained if has_prior(m)], cfg.reader_prompts)
     if reader:
         write_rows(reader, out / "reader_prior.csv")
     gaps = reader_gap_rows(pretrained, cfg.gap_prompts)
@@ -492,6 +497,7 @@ def write_report(cfg: AblationConfig, out: Path, status: dict[str, str], shifts:
                  reader: dict[str, dict], gaps: list[dict], ranges: dict[str, list[dict]]) -> None:
     """report.md, reemergence.png and favoured_prior.png: each cell's status, then what the grid found
     (evaluation/grid_report.py); `ranges`: each size's shared-P vs free verdicts by amount range."""
+    from evaluation.ginc_curves import LEARNER_NAMES, PRIOR_NAMES, named_learners
     from evaluation.grid_report import (extrapolation_section, favoured_prior_section, gap_section, prior_section,
                                         reemergence_section)
 
@@ -500,9 +506,10 @@ def write_report(cfg: AblationConfig, out: Path, status: dict[str, str], shifts:
              "| cell | status |", "| --- | --- |", *[f"| {n} | {s} |" for n, s in status.items()], "",
              "- combined curves: `curves.csv`", "- law fits: `fits/report.md`",
              *[f"- shift of {size}: `shift/{size}/report.md`" for size in shifts],
-             "- reader priors (law-free): " + ("`reader_prior.csv`" if reader else "none: the world has no property_smoothing, so "
-                                                "no prior makes the KL to the reader finite"),
-             "- gaps to the document reader: `reader_gap.csv`", "",
+             (f"- {named_learners(list(reader.values()), PRIOR_NAMES)} of every model (law-free): `reader_prior.csv`" if reader else
+              "- reader priors (law-free): none: the world has no property_smoothing, so no prior makes the KL to the "
+              "reader finite"),
+             f"- gaps to the {named_learners(gaps, LEARNER_NAMES) or 'ideal learner'}: `reader_gap.csv`", "",
              "## What the grid shows", "", "### Reemergence", "", *reemergence_section(shifts, out), *gap_section(gaps),
              *favoured_prior_section(shifts, cfg.tasks[0], reader, out)]
     for size, shift in shifts.items():
