@@ -33,6 +33,7 @@ LEARNERS = ("exact", "reader", "both")
 COMPARED = ("auto", "exact", "reader")  # what a model is measured against (reader-gap, reader-prior)
 LEARNER_NAMES = {"exact": "exact learner", "reader": "document reader"}
 PRIOR_NAMES = {"exact": "exact-learner prior", "reader": "reader prior"}
+MEASURED_ON = {"exact": "the labels of held-out prompts", "reader": "held-out prompts and documents"}  # where its KL is taken
 
 
 def ideal_learner(choice: str, demo_rate: float) -> str:

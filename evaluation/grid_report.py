@@ -27,14 +27,13 @@ from analysis.fitting import FitResult
 from analysis.output import markdown_table
 from analysis.shift import ShiftConfig, ShiftResult, bic_comparison, condition_fields, condition_key
 from analysis.shift_report import condition_rows, family_colour, interval_text
+from evaluation.ginc_curves import LEARNER_NAMES, MEASURED_ON, PRIOR_NAMES
 from evaluation.reports import one_thread
 
 FACTOR = 2.0  # a reemergence prediction "agrees" within this factor of the measured shots
 KL_FACTOR = 2.0  # a cell leaving more than this multiple of the base model's KL is not explained by a prior
 SATURATED = 5e-4  # an interval end this close to 0 or 1 (shown as 0.000 or 1.000) counts as saturation
 MARKERS = {("sft", "favor"): "o", ("sft", "disfavor"): "v", ("dpo", "favor"): "s", ("dpo", "disfavor"): "D"}
-LEARNERS = {"exact": ("exact-learner prior", "the exact learner"), "reader": ("reader prior", "the document reader"),
-            "mixed": ("learner prior", "the learner named in reader_prior.csv's `learner` column")}
 
 
 def _float(value: object) -> float:
@@ -343,7 +342,8 @@ def prior_section(shift: ShiftResult, task: int, reader: Mapping[str, Mapping], 
     for k in sorted({r["k"] for r in shift.rows}):
         base, rows = trajectories(shift, k, task)
         runs = [base["run"], *[r["run"] for cells in rows.values() for r in cells]]
-        learner, against = LEARNERS[learner_kind(reader[run] for run in runs if run in reader)]
+        kind = learner_kind(reader[run] for run in runs if run in reader)
+        learner = PRIOR_NAMES.get(kind, "learner prior")
         base_kl = _float(reader[base["run"]]["kl"]) if base["run"] in reader else None
         table = [["baseline", 0, interval_text(base, "prior"), *_learner_cells(reader.get(base["run"]), task, base_kl)]]
         for (method, direction), cells in rows.items():
@@ -364,9 +364,11 @@ def prior_section(shift: ShiftResult, task: int, reader: Mapping[str, Mapping], 
             + "; ".join(f"{_range_text(r)}: {r['preferred']}" for r in by_range.values()),
             prior_only_verdict(by_range, kl_cells, base_kl), ""]
     if base_kl is not None:
+        against = f"the {LEARNER_NAMES[kind]}" if kind in LEARNER_NAMES else "the learner of reader_prior.csv's `learner` column"
+        where = MEASURED_ON.get(kind, "held-out prompts")
         lines += [f"KL left: the mean KL from the model to {against} at the prior that fits it best (nats per position, "
-                  f"held-out prompts and documents); the baseline's {base_kl:.4f} is what a model that learned the "
-                  "documents leaves, and KL / base is each cell's multiple of it. Above it is what no prior explains: "
+                  f"on {where}); the baseline's {base_kl:.4f} is what a model that learned its pretraining data "
+                  "leaves, and KL / base is each cell's multiple of it. Above it is what no prior explains: "
                   "changed task knowledge.", ""]
     return lines
 
@@ -445,10 +447,13 @@ def extrapolation_section(results: Sequence[FitResult]) -> list[str]:
 
 
 def gap_section(gaps: Sequence[Mapping]) -> list[str]:
-    """The pretrained models' ICL curves against the document reader's, with standard errors."""
+    """The pretrained models' ICL curves against their ideal learner's, with standard errors."""
     if not gaps:
         return []
-    return ["Pretrained models against the document reader (mean over tasks and shots of |model - reader| target "
+    kind = learner_kind(gaps)
+    against = LEARNER_NAMES.get(kind, "ideal learner of each row")
+    short = "reader" if kind == "reader" else "learner"
+    return [f"Pretrained models against the {against} (mean over tasks and shots of |model - {short}| target "
             "probability on the same prompts; noise: what agreeing curves would give with these prompts):", "",
             markdown_table(["run", "k", "gap", "se", "noise", "signed", "prompts per task"],
                            [[g["run"], g["k"], g["gap"], g["gap_se"], g["noise"], g["signed"], g["prompts"]] for g in gaps]), ""]

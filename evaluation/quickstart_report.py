@@ -13,7 +13,7 @@ from analysis.shift import ShiftConfig, ShiftResult
 from analysis.shift_report import interval_text
 from datamodules.ginc_datamodule import GincDataModule
 from evaluation.curves_table import read_rows, write_curves
-from evaluation.ginc_curves import LEARNER_NAMES, PRIOR_NAMES, ideal_references, named_learners
+from evaluation.ginc_curves import LEARNER_NAMES, MEASURED_ON, PRIOR_NAMES, ideal_references, named_learners
 from evaluation.reader_prior import reader_prior_rows
 from evaluation.reports import shift_table
 
@@ -38,9 +38,6 @@ def curve_gap(rows: list[dict], reference: list[dict], k: int) -> float:
 
 def _shots(value: float) -> str:
     return "never" if not math.isfinite(value) else f"{value:.1f}"
-
-
-MEASURED_ON = {"exact": "the labels of held-out prompts", "reader": "held-out prompts and documents"}
 
 
 def prior_table(shift: ShiftResult, runs: Mapping[str, str], task: int, reader: Mapping[str, dict]) -> str:
