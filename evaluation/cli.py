@@ -178,8 +178,11 @@ def add_ladder_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--law", default="bayesian_scoring", help="Bayesian law of the shift report")
     p.add_argument("--resamples", type=COUNT, default=100, help="resampled tables for the shift intervals")
     p.add_argument("--starts", type=COUNT, default=16, help="optimiser starts per fit")
-    p.add_argument("--learner", choices=("exact", "reader"), default="exact",
-                   help="the exact Bayesian learner (knows the prompt format) or the document reader (knows documents only)")
+    p.add_argument("--learner", choices=("exact", "reader", "exact-demos", "meanfield"), default="exact",
+                   help="the exact Bayesian learner (knows the prompt format), the document reader (knows documents "
+                        "only), or a counterfactual of the exact learner on the same prompts: exact-demos (its task "
+                        "posterior reads the demonstrations only, not the query) or meanfield (the law's own model: "
+                        "its per-task evidence and predictions averaged over the prompts)")
     p.add_argument("--device", default="auto", help="where the learners run: cpu, cuda, or auto")
     p.set_defaults(func=run_ladder)
 
