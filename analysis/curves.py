@@ -4,6 +4,7 @@ Reading and writing the curves table itself is `evaluation.curves_table`'s job; 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,3 +48,15 @@ def standard_error(prob: np.ndarray, count: np.ndarray | float) -> np.ndarray:
     count = np.asarray(count, dtype=np.float64)
     p = np.clip(prob, 0.5 / count, 1.0 - 0.5 / count)
     return np.sqrt(p * (1.0 - p) / count)
+
+
+def rise(curve: np.ndarray, window: int = 5) -> tuple[float, float]:
+    """(rise, shots to 90% of it) of one mean curve over shots 0, 1, 2, ...: the rise is the mean of its last
+    `window` points minus its zero-shot point, and the shots are the first n whose running mean over n ..
+    n + window - 1 reaches the zero-shot point plus 90% of the rise (NaN where the curve does not rise)."""
+    curve = np.asarray(curve, dtype=np.float64)
+    total = float(curve[-window:].mean() - curve[0])
+    if not total > 0:
+        return total, math.nan
+    running = np.convolve(curve, np.ones(window) / window, mode="valid")
+    return total, float(np.argmax(running >= curve[0] + 0.9 * total))

@@ -11,6 +11,7 @@ would give (`noise`: the same statistic on the differences centred per point), t
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from transformers import GPT2LMHeadModel
 
+from analysis.curves import rise
 from datamodules.config_io import with_icl_overrides
 from datamodules.document_reader import DocumentReader
 from datamodules.exact import ExactLearner
@@ -44,6 +46,10 @@ class ReaderGap:
     noise: float  # what the same statistic gives when the curves agree and only the prompts' noise is left
     signed: float  # mean over tasks and shots of (model - learner): < 0 where the model lags the learner
     prompts: int  # prompts per task
+    model_rise: float  # the model's curve: its late level minus its zero-shot point (analysis.curves.rise)
+    model_shots_to_90: float  # and the shots it takes to reach 90% of that rise
+    learner_rise: float  # the same of the learner's curve
+    learner_shots_to_90: float
 
 
 def learner_scores(learner: str, data: GincDataModule, device: torch.device) -> LabelScores:
@@ -56,23 +62,30 @@ def learner_scores(learner: str, data: GincDataModule, device: torch.device) -> 
 
 
 @torch.no_grad()
-def paired_differences(model: GPT2LMHeadModel, data: GincDataModule, device: str | torch.device = "cpu",
-                       learner: str = "auto") -> dict[int, list[np.ndarray]]:
-    """k -> one array per task [prompts, shots] of model minus ideal learner (`ideal_learner(learner)`)
-    target probability (NaN where the learner has no prediction)."""
+def paired_probabilities(model: GPT2LMHeadModel, data: GincDataModule, device: str | torch.device = "cpu",
+                         learner: str = "auto") -> dict[int, list[tuple[np.ndarray, np.ndarray]]]:
+    """k -> per task the (model, ideal learner) target probabilities [prompts, shots] on the same prompts
+    (`ideal_learner(learner)`; NaN where the learner has no prediction)."""
     device = torch.device(device)
     model = model.to(device).eval()
     ideal = learner_scores(ideal_learner(learner, data.demo_rate), data, device)
-    parts: dict[tuple[int, int], list[np.ndarray]] = {}
+    parts: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
     for batch in data.icl_dataloader():
         logp, _ = label_scores(model, batch["input_ids"].to(device), batch["label_pos"].to(device), batch["labels"].to(device))
         ideal_logp, _, defined = ideal(batch)
-        diff = torch.where(defined, logp.double().exp() - ideal_logp.exp(), torch.nan)
-        parts.setdefault((batch["k"], batch["task"]), []).append(diff.cpu().numpy())
-    out: dict[int, list[np.ndarray]] = {}
+        pair = logp.double().exp(), torch.where(defined, ideal_logp.exp(), torch.nan)
+        parts.setdefault((batch["k"], batch["task"]), []).append(tuple(p.cpu().numpy() for p in pair))
+    out: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     for (k, _), arrays in sorted(parts.items()):
-        out.setdefault(k, []).append(np.concatenate(arrays))
+        out.setdefault(k, []).append(tuple(np.concatenate(a) for a in zip(*arrays)))
     return out
+
+
+def paired_differences(model: GPT2LMHeadModel, data: GincDataModule, device: str | torch.device = "cpu",
+                       learner: str = "auto") -> dict[int, list[np.ndarray]]:
+    """k -> one array per task [prompts, shots] of model minus ideal learner target probability (NaN where
+    the learner has no prediction)."""
+    return {k: [m - l for m, l in pairs] for k, pairs in paired_probabilities(model, data, device, learner).items()}
 
 
 def gap_statistic(diffs: Sequence[np.ndarray], resamples: int = 200, seed: int = 0) -> tuple[float, float, float]:
@@ -91,13 +104,17 @@ def gap_statistic(diffs: Sequence[np.ndarray], resamples: int = 200, seed: int =
 
 def reader_gaps(model: GPT2LMHeadModel, data: GincDataModule, device: str | torch.device = "cpu",
                 learner: str = "auto") -> list[ReaderGap]:
-    """The gap between the model's and the ideal learner's ICL curves at each of the data module's k values."""
+    """The gap between the model's and the ideal learner's ICL curves at each of the data module's k values,
+    and how much and how late each curve rises (`analysis.curves.rise` of each task's curve, mean over tasks)."""
     learner = ideal_learner(learner, data.demo_rate)
     rows = []
-    for k, diffs in paired_differences(model, data, device, learner).items():
+    for k, pairs in paired_probabilities(model, data, device, learner).items():
+        diffs = [m - l for m, l in pairs]
         gap, se, noise = gap_statistic(diffs)
         signed = float(np.mean([np.nanmean(d) for d in diffs]))
-        rows.append(ReaderGap(k, learner, gap, se, noise, signed, min(d.shape[0] for d in diffs)))
+        model_rise, learner_rise = (np.nanmean([rise(np.nanmean(p[i], axis=0)) for p in pairs], axis=0) for i in (0, 1))
+        rows.append(ReaderGap(k, learner, gap, se, noise, signed, min(d.shape[0] for d in diffs),
+                              *map(float, (*model_rise, *learner_rise))))
     return rows
 
 
@@ -114,7 +131,8 @@ def reader_gap_rows(paths: Sequence[str | Path], prompts: int = 256, k_values: S
         data = GincDataModule(**with_icl_overrides(src.data, list(k_values) if k_values else None, prompts))
         for g in reader_gaps(load_model(path), data, resolve_device(device), learner):
             print(f"{src.label} k={g.k}: |model - {LEARNER_NAMES[g.learner]}| {g.gap:.4f} +- {g.gap_se:.4f} (noise alone "
-                  f"{g.noise:.4f}; signed {g.signed:+.4f}; {g.prompts} prompts per task)", file=sys.stderr, flush=True)
-            rows.append({"run": src.label, "learner": g.learner, "k": g.k, "gap": g.gap, "gap_se": g.gap_se,
-                         "noise": g.noise, "signed": g.signed, "prompts": g.prompts, **src.columns()})
+                  f"{g.noise:.4f}; signed {g.signed:+.4f}; {g.prompts} prompts per task); rise {g.model_rise:.3f}, 90% after "
+                  f"{g.model_shots_to_90:.1f} shots (learner {g.learner_rise:.3f}, {g.learner_shots_to_90:.1f})",
+                  file=sys.stderr, flush=True)
+            rows.append({"run": src.label, **dataclasses.asdict(g), **src.columns()})
     return rows

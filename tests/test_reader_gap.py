@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import evaluate
+from analysis.curves import rise
 from datamodules.ginc_datamodule import GincDataModule
 from evaluation.ginc_curves import ideal_learner, model_curve_rows, reader_curve_rows
 from evaluation.reader_gap import gap_statistic, paired_differences, reader_gap_rows, reader_gaps
@@ -32,6 +33,17 @@ def test_gap_recovers_a_known_offset_and_its_noise():
     assert noise == pytest.approx(0.1 / np.sqrt(400) * np.sqrt(2 / np.pi), rel=0.2)  # E|N(0, s)| = s sqrt(2/pi)
     agree = [0.1 * rng.standard_normal((400, 30)) for _ in range(3)]  # curves that agree: the gap is the noise
     assert gap_statistic(agree)[0] == pytest.approx(noise, rel=0.2)
+
+
+def test_rise_and_shots_to_90_percent_of_a_known_curve():
+    shots = np.arange(60)
+    curve = 0.2 + 0.2 * (1 - np.exp(-shots / 5))  # late level ~0.4; 90% of the rise at n = 5 ln 10 = 11.5
+    total, n90 = rise(curve)
+    assert total == pytest.approx(0.2, abs=1e-4)
+    # the running mean over n..n+4 passes 0.38 first at n = 10 (mean of shots 10..14 ~ 0.381)
+    assert n90 == 10
+    assert rise(np.full(60, 0.3))[0] == 0 and math.isnan(rise(np.full(60, 0.3))[1])
+    assert math.isnan(rise(curve[::-1])[1])  # a falling curve has no shots to 90%
 
 
 def test_paired_differences_are_the_curves_table_difference():
@@ -60,6 +72,7 @@ def test_the_exact_learner_has_no_gap_to_itself():
     model = ExactAsModel(data, None)
     (same,) = reader_gaps(model, data, learner="exact")
     assert same.learner == "exact" and same.gap < 1e-6 and same.noise < 1e-6 and same.prompts == 8
+    assert same.model_rise == pytest.approx(same.learner_rise, abs=1e-6)  # the same curve rises alike
     (other,) = reader_gaps(model, data, learner="reader")
     assert other.learner == "reader" and other.gap > other.noise > 1000 * same.gap
 
