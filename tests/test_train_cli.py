@@ -200,7 +200,7 @@ def test_no_generic_optimizer_is_offered(capsys):
 
 
 def test_the_quickstart_reports_curves_priors_and_reemergence(tmp_path, capsys):
-    """The quickstart's whole path on a few steps and prompts: three runs, the table of both ideal learners,
+    """The quickstart's whole path on a few steps and prompts: five runs, the table of both ideal learners,
     the favoured task's prior from the shift analysis and the reader, re-emergence, and its outputs."""
     training.run.quiet_lightning()
     training.run.run_quickstart(str(tmp_path / "runs"), ["--trainer.max_steps", "6", "--trainer.val_check_interval", "3",
@@ -214,7 +214,8 @@ def test_the_quickstart_reports_curves_priors_and_reemergence(tmp_path, capsys):
     assert {p.name for p in analysis.iterdir()} >= {"curves.csv", "shift", "reader_prior.csv"}
     with (analysis / "reader_prior.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [r["run"].split("/")[1] for r in rows] == ["pretrain", "sft-favor-256", "sft-disfavor-256"]
+    assert [r["run"].split("/")[1] for r in rows] == ["pretrain", "sft-favor-128", "sft-favor-512", "sft-favor-2048",
+                                                      "sft-disfavor-512"]
     assert all(abs(sum(float(r[f"prior_{i}"]) for i in range(3)) - 1) < 1e-9 for r in rows)
 
 

@@ -263,22 +263,32 @@ class TrainCLI(LightningCLI):
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
 
 
+# the quickstart's post-training: (direction, documents), each document seen once in batches of 16
+QUICKSTART_SFT = (("favor", 128), ("favor", 512), ("favor", 2048), ("disfavor", 512))
+
+
 def run_quickstart(root: str = "runs", overrides: Sequence[str] = ()) -> None:
-    """Pretrain a small GPT-2 on the small gradual world, SFT it to favour and to disfavour task 0, and print
-    each model's ICL curve beside both ideal learners, task 0's fitted prior before and after, and when the
-    suppressed tasks re-emerge (configs/small-gradual.yaml, configs/quickstart*.yaml). `overrides`: train.py
+    """Pretrain a small GPT-2 on the small gradual world with demonstrations in its data, SFT it to favour
+    task 0 at three amounts and to disfavour it at one, and print each model's ICL curve beside both ideal
+    learners, task 0's fitted prior along the way, and when the suppressed tasks re-emerge
+    (configs/small-gradual.yaml, configs/small-demos.yaml, configs/quickstart*.yaml). `overrides`: train.py
     flags for every run (the tests shorten it so)."""
     began = time.perf_counter()
     on_gpu = resolve_device("auto") == "cuda"
-    world = ["--config", str(CONFIGS / "small-gradual.yaml"), "--config", str(CONFIGS / "quickstart.yaml")]
+    world = [a for c in ("small-gradual", "small-demos", "quickstart") for a in ("--config", str(CONFIGS / f"{c}.yaml"))]
     common = ["--run.root", root, *(["--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed"] if on_gpu else []),
               *overrides]
     name = f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}"
     pre = cli_main(["fit", *world, "--run.name", f"{name}/pretrain", *common])
-    posts = {f"after SFT-{label}": cli_main(
-        ["fit", *world, "--config", str(CONFIGS / "quickstart-sft.yaml"), "--run.direction", direction,
-         "--model.init_from", str(pre.run_dir / "checkpoints" / "last.ckpt"), "--run.name", f"{name}/sft-{direction}", *common])
-        for direction, label in (("favor", "favour"), ("disfavor", "disfavour"))}
+    posts = {}
+    for direction, amount in QUICKSTART_SFT:
+        steps = str(amount // 16)
+        label = f"after SFT-{direction.replace('favor', 'favour')} {amount}"
+        posts[label] = cli_main(
+            ["fit", *world, "--config", str(CONFIGS / "quickstart-sft.yaml"), "--run.direction", direction,
+             "--data.train_documents", str(amount), "--trainer.max_steps", steps, "--trainer.val_check_interval", steps,
+             "--model.init_from", str(pre.run_dir / "checkpoints" / "last.ckpt"),
+             "--run.name", f"{name}/sft-{direction}-{amount}", *common])
     loss = {key: pre.trainer.callback_metrics[key].item() for key in ("val/loss", "val/excess_loss")}
     favoured = next(iter(posts.values())).config_init["fit"].run.tasks
     out = pre.run_dir.parent
