@@ -446,14 +446,41 @@ def extrapolation_section(results: Sequence[FitResult]) -> list[str]:
             f"Best in extrapolation: {best}.", ""]
 
 
-def gap_section(gaps: Sequence[Mapping]) -> list[str]:
-    """The pretrained models' ICL curves against their ideal learner's, with standard errors."""
+def gap_section(gaps: Sequence[Mapping], out: Path | None = None) -> list[str]:
+    """The pretrained models' ICL curves against their ideal learner's, with standard errors, how much and
+    how late each rises, and the picture of both (learner_curves.png, where `out` holds it)."""
     if not gaps:
         return []
     kind = learner_kind(gaps)
     against = LEARNER_NAMES.get(kind, "ideal learner of each row")
     short = "reader" if kind == "reader" else "learner"
+    picture = ["![pretrained curves beside the ideal learners](learner_curves.png)", ""] \
+        if out is not None and (out / "learner_curves.png").is_file() else []
     return [f"Pretrained models against the {against} (mean over tasks and shots of |model - {short}| target "
-            "probability on the same prompts; noise: what agreeing curves would give with these prompts):", "",
-            markdown_table(["run", "k", "gap", "se", "noise", "signed", "prompts per task"],
-                           [[g["run"], g["k"], g["gap"], g["gap_se"], g["noise"], g["signed"], g["prompts"]] for g in gaps]), ""]
+            "probability on the same prompts; noise: what agreeing curves would give with these prompts; rise: the "
+            "late level minus the zero-shot point, and the shots to 90% of it, mean over tasks):", "",
+            markdown_table(["run", "k", "gap", "se", "noise", "signed", "prompts per task", "rise (model / learner)",
+                            "90% after (model / learner)"],
+                           [[g["run"], g["k"], g["gap"], g["gap_se"], g["noise"], g["signed"], g["prompts"],
+                             f"{_float(g['model_rise']):.3f} / {_float(g['learner_rise']):.3f}",
+                             f"{_float(g['model_shots_to_90']):.1f} / {_float(g['learner_shots_to_90']):.1f}"] for g in gaps]),
+            "", *picture]
+
+
+def learner_curves_figure(model: Sequence[Mapping], ideal: Mapping[str, Sequence[Mapping]], path: Path) -> None:
+    """A pretrained model's curve per task at each k (solid) beside the ideal learners' on the same prompts
+    (`ideal`: name -> curve rows; dashed, dotted), one panel per k."""
+    ks = sorted({int(r["k"]) for r in model})
+    fig = Figure(figsize=(4.2 * len(ks), 3.4))
+    axes = fig.subplots(1, len(ks), squeeze=False)[0]
+    styles = dict(zip(["model", *ideal], ["-", "--", ":"]))
+    for ax, k in zip(axes, ks):
+        for name, rows in {"model": model, **ideal}.items():
+            for task in sorted({int(r["task"]) for r in model}):
+                points = sorted((int(r["shots"]), float(r["prob"])) for r in rows if int(r["k"]) == k and int(r["task"]) == task)
+                ax.plot(*zip(*points), styles[name], color=f"C{task}", lw=1.2,
+                        label=f"task {task}, {name}" if ax is axes[0] else None)
+        ax.set(title=f"k = {k}", xlabel="shots", ylabel="probability of the right label")
+    fig.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
+    fig.suptitle(f"{model[0]['run']}: its curves beside the ideal learners on the same prompts")
+    fig.savefig(path, dpi=90, bbox_inches="tight")

@@ -63,9 +63,10 @@ def test_grid_reports_what_it_found(finished):
     report = (out / "report.md").read_text()
     for line in ("### k = 3: task 0's prior", "- sft favor: law prior", "- dpo favor: law prior", "reader prior",
                  "by BIC, all amounts (32)", "graded at", "| KL / base |", "- prior-only account ", "### Reemergence",
-                 "## Laws in extrapolation", "Pretrained models against the document reader", "![favoured prior](favoured_prior.png)"):
+                 "## Laws in extrapolation", "Pretrained models against the document reader", "![favoured prior](favoured_prior.png)",
+                 "| rise (model / learner) |", "](learner_curves.png)"):
         assert line in report, line
-    assert (out / "favoured_prior.png").stat().st_size > 1000
+    assert (out / "favoured_prior.png").stat().st_size > 1000 and (out / "learner_curves.png").stat().st_size > 1000
     assert report.index("- sft favor: law prior") < report.index("- dpo favor: law prior")  # SFT before DPO
     sft = next(line for line in report.splitlines() if line.startswith("| sft-favor | 32 |"))
     assert f"{float(reader['gpt2-1l-d64/sft-favor-32']['prior_0']):.3f}" in sft

@@ -447,7 +447,8 @@ def report_grid(cfg: AblationConfig, out: Path, status: dict[str, str], pool: Pr
     curves = write_curves(rows, out / "curves.csv")
     fit_config, shift_settings = cfg.analysis_configs()
     elsewhere = {"fits": (fit_table, curves, out / "fits", fit_config),
-                 "reader tables": (reader_tables, cfg, out, list(models.values()), [*models.values(), *finished])}
+                 "reader tables": (reader_tables, cfg, out, list(models.values()), [*models.values(), *finished],
+                                   list(baselines.values()))}
     started = {name: pool.submit(*call) for name, call in elsewhere.items()} if pool is not None else {}
     settings = {size: dataclasses.replace(shift_settings, baseline=base_rows[0]["run"]) for size, base_rows in baselines.items()}
     shifts = {size: _report(f"shift of {size}", shift_table, curves, out / "shift" / size, settings[size],
@@ -476,13 +477,23 @@ def _report(name: str, call: typing.Callable, *args: object, **kwargs: object) -
         return None
 
 
-def reader_tables(cfg: AblationConfig, out: Path, pretrained: list[Path], trained: list[Path]) -> tuple[list, list]:
+def reader_tables(cfg: AblationConfig, out: Path, pretrained: list[Path], trained: list[Path],
+                  baselines: list[list[dict]]) -> tuple[list, list]:
     """reader_prior.csv (every trained model that has a prior) and reader_gap.csv (the pretrained models),
-    each against the model's own ideal learner (auto: the exact learner where the data held prompts);
-    returns their rows."""
+    each against the model's own ideal learner (auto: the exact learner where the data held prompts), and
+    learner_curves.png (the first pretrained model's curves, `baselines`, beside both learners'); returns
+    the rows."""
     from analysis.output import write_rows
+    from datamodules.ginc_datamodule import GincDataModule
+    from evaluation.ginc_curves import ideal_references
+    from evaluation.grid_report import learner_curves_figure
     from evaluation.reader_gap import reader_gap_rows
     from evaluation.reader_prior import reader_prior_rows
+    from evaluation.run_artifacts import read_source
+
+    if pretrained:
+        ideal = ideal_references(GincDataModule(**read_source(pretrained[0]).data))
+        learner_curves_figure(baselines[0], ideal, out / "learner_curves.png")
 
     print("[ablate] ideal-learner priors of every model, and the pretrained models' gap to their ideal learner", flush=True)
     reader = reader_prior_rows([m for m in trained if has_prior(m)], cfg.reader_prompts)
@@ -510,7 +521,7 @@ def write_report(cfg: AblationConfig, out: Path, status: dict[str, str], shifts:
               "- reader priors (law-free): none: the world has no property_smoothing, so no prior makes the KL to the "
               "reader finite"),
              f"- gaps to the {named_learners(gaps, LEARNER_NAMES) or 'ideal learner'}: `reader_gap.csv`", "",
-             "## What the grid shows", "", "### Reemergence", "", *reemergence_section(shifts, out), *gap_section(gaps),
+             "## What the grid shows", "", "### Reemergence", "", *reemergence_section(shifts, out), *gap_section(gaps, out),
              *favoured_prior_section(shifts, cfg.tasks[0], reader, out)]
     for size, shift in shifts.items():
         lines += [f"## {size}", "", *prior_section(shift, cfg.tasks[0], reader, ranges.get(size, []))]
