@@ -116,6 +116,19 @@ def test_a_diverging_cell_is_reported_failed(finished, tmp_path, method):
     assert not (out / "gpt2-1l" / f"{method}-favor-32" / "hf").exists()
 
 
+def test_a_given_pretrained_model_is_measured_on_the_cells_prompts(finished, tmp_path):
+    """The grid's overrides give its cells 12 prompts per (k, task); the given checkpoint was trained with 8.
+    The shift compares them point by point, so the baseline is measured on the cells' prompts too."""
+    pretrained = finished / "whole" / "t" / "gpt2-1l" / "pretrain" / "hf"
+    overrides = ["--data.context_length", "32", "--model.n_positions", "32", "--data.world.property_smoothing", "0.5",
+                 "--data.icl", "{k_values: [3], prompts_per_task: 12, batch_size: 8}"]
+    config = _grid(tmp_path, "given", pretrained={"gpt2-1l": str(pretrained)}, methods=["sft"], overrides=overrides)
+    assert ablate.main(["--config", str(config)]) == 0
+    rows = _table(tmp_path / "given" / "t" / "curves.csv")
+    assert {r["run"] for r in rows} == {"gpt2-1l-d64/pretrain", "gpt2-1l-d64/sft-favor-32"}
+    assert {r["count"] for r in rows} == {"12"}
+
+
 def test_bad_ablation_config(tmp_path, capsys):
     assert ablate.main(["--config", str(_grid(tmp_path, "bad", methods=["rlhf"]))]) == 2
     assert "unknown method 'rlhf'" in capsys.readouterr().err

@@ -432,11 +432,16 @@ def report_grid(cfg: AblationConfig, out: Path, status: dict[str, str], pool: Pr
     from evaluation.ginc_curves import checkpoint_curve_rows
     from evaluation.grid_report import range_comparisons
     from evaluation.reports import fit_table, shift_table
+    from evaluation.run_artifacts import read_source
 
     models = {size: model for size in cfg.sizes if (model := pretrained_of(cfg, out, size)).exists()}
     cells = [cell for cell in cells_of(cfg) if cell.method != "pretrain"]
     finished = [out / c.name / "hf" for c in cells if status[c.name] in ("done", "skipped")]
-    baselines = {size: checkpoint_curve_rows([model]) for size, model in models.items()}
+    # every model on the cells' prompts: a given pretrained checkpoint keeps the ICL settings it was trained
+    # with, which the grid's overrides may change for its cells
+    icl = (read_source(finished[0]).data.get("icl") or {}) if finished else {}
+    baselines = {size: checkpoint_curve_rows([model], k_values=icl.get("k_values"), prompts=icl.get("prompts_per_task"))
+                 for size, model in models.items()}
     rows = [r for size_rows in baselines.values() for r in size_rows]
     rows += [r for model in finished for r in checkpoint_curve_rows([model])]
     failed = [name for name, s in status.items() if s.startswith("failed")]
