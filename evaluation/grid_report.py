@@ -471,7 +471,7 @@ def learner_curves_figure(model: Sequence[Mapping], ideal: Mapping[str, Sequence
     """A pretrained model's curve per task at each k (solid) beside the ideal learners' on the same prompts
     (`ideal`: name -> curve rows; dashed, dotted), one panel per k."""
     ks = sorted({int(r["k"]) for r in model})
-    fig = Figure(figsize=(4.2 * len(ks), 3.4))
+    fig = Figure(figsize=(4.2 * len(ks) + 2.5, 3.6), layout="constrained")
     axes = fig.subplots(1, len(ks), squeeze=False)[0]
     styles = dict(zip(["model", *ideal], ["-", "--", ":"]))
     for ax, k in zip(axes, ks):
@@ -480,7 +480,8 @@ def learner_curves_figure(model: Sequence[Mapping], ideal: Mapping[str, Sequence
                 points = sorted((int(r["shots"]), float(r["prob"])) for r in rows if int(r["k"]) == k and int(r["task"]) == task)
                 ax.plot(*zip(*points), styles[name], color=f"C{task}", lw=1.2,
                         label=f"task {task}, {name}" if ax is axes[0] else None)
-        ax.set(title=f"k = {k}", xlabel="shots", ylabel="probability of the right label")
-    fig.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
+        ax.set(title=f"k = {k}", xlabel="shots")
+    axes[0].set_ylabel("probability of the right label")
+    fig.legend(loc="outside right center", fontsize="small")
     fig.suptitle(f"{model[0]['run']}: its curves beside the ideal learners on the same prompts")
     fig.savefig(path, dpi=90, bbox_inches="tight")
