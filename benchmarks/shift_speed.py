@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     threadpool_limits(1)
     law = ShiftConfig(baseline="").law
     if args.quick:
-        sizes, ks, amounts, shots, config = 2, (3,), (250, 2500), 31, ShiftConfig(baseline="", resamples=10, starts=4)
+        sizes, ks, amounts, shots, config = 2, (3,), (250, 2500), 31, ShiftConfig(baseline="", resamples=10)
         args.peer_resamples = min(args.peer_resamples, 4)
     else:
         sizes, ks, amounts, shots, config = 7, (3, 5), (50, 250, 500, 1000, 2500, 5000), 101, ShiftConfig(baseline="")
