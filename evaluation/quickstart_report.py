@@ -20,12 +20,13 @@ from evaluation.reports import shift_table
 
 def probability_table(curves: Mapping[str, list[dict]], k: int, favoured: Sequence[int], shots: Sequence[int]) -> str:
     """Mean target probability by shots at k, over the favoured tasks and over the others, for each named curve set."""
-    lines = [f"{'':30}" + "".join(f"{s:>7}" for s in shots)]
+    width = max(map(len, curves)) + 2
+    lines = [f"{'':{9 + width}}" + "".join(f"{s:>7}" for s in shots)]
     for group in ("favoured", "others"):
         for j, (name, rows) in enumerate(curves.items()):
             prob = [[float(r["prob"]) for r in rows if r["k"] == k and r["shots"] == s
                      and (r["task"] in favoured) == (group == "favoured")] for s in shots]
-            lines.append(f"{group if j == 0 else '':9}{name:21}" + "".join(f"{sum(p) / len(p):7.3f}" if p else f"{'-':>7}" for p in prob))
+            lines.append(f"{group if j == 0 else '':9}{name:{width}}" + "".join(f"{sum(p) / len(p):7.3f}" if p else f"{'-':>7}" for p in prob))
     return "\n".join(lines)
 
 
@@ -44,9 +45,10 @@ def prior_table(shift: ShiftResult, runs: Mapping[str, str], task: int, reader: 
     """The task's prior in each run: the shift analysis's shared fit with its interval, and its ideal
     learner's prior (`reader`: name -> row of `reader_prior_rows`)."""
     rows = {r["run"]: r for r in shift.rows if r["fit"] == "shared" and r["task"] == task}
-    lines = [f"{'':22}{'law-fitted prior [95%]':>40}{named_learners(reader.values(), PRIOR_NAMES):>21}{'KL left (nats)':>16}"]
+    width = max(map(len, runs)) + 2
+    lines = [f"{'':{width}}{'law-fitted prior [95%]':>40}{named_learners(reader.values(), PRIOR_NAMES):>21}{'KL left (nats)':>16}"]
     for name, run in runs.items():
-        lines.append(f"{name:22}{interval_text(rows[run], 'prior'):>40}{reader[name][f'prior_{task}']:21.3f}"
+        lines.append(f"{name:{width}}{interval_text(rows[run], 'prior'):>40}{reader[name][f'prior_{task}']:21.3f}"
                      f"{reader[name]['kl']:16.4f}")
     return "\n".join(lines)
 

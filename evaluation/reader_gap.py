@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -112,7 +113,9 @@ def reader_gaps(model: GPT2LMHeadModel, data: GincDataModule, device: str | torc
         diffs = [m - l for m, l in pairs]
         gap, se, noise = gap_statistic(diffs)
         signed = float(np.mean([np.nanmean(d) for d in diffs]))
-        model_rise, learner_rise = (np.nanmean([rise(np.nanmean(p[i], axis=0)) for p in pairs], axis=0) for i in (0, 1))
+        with warnings.catch_warnings(action="ignore", category=RuntimeWarning):  # no task rises: NaN shots
+            model_rise, learner_rise = (np.nanmean([rise(np.nanmean(p[i], axis=0)) for p in pairs], axis=0)
+                                        for i in (0, 1))
         rows.append(ReaderGap(k, learner, gap, se, noise, signed, min(d.shape[0] for d in diffs),
                               *map(float, (*model_rise, *learner_rise))))
     return rows
