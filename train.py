@@ -13,11 +13,25 @@ Bad settings end in one `error:` line and exit status 2 before anything is writt
 """
 from __future__ import annotations
 
+import os
 import sys
+import threading
 from collections.abc import Sequence
 
 from training.run import CtrlC, cli_main, quiet_lightning, run_quickstart
 from user_errors import UserError
+
+
+# A Ctrl-C that lands while a lock is held (TensorBoard's event writer, logging) can leave interpreter
+# shutdown waiting on it forever; the checkpoints are safe by then, so the process ends regardless.
+EXIT_GRACE_S = 30.0
+
+
+def exit_within(seconds: float, status: int) -> None:
+    """End the process with `status` after `seconds` unless it has ended by itself (a daemon timer)."""
+    timer = threading.Timer(seconds, os._exit, (status,))
+    timer.daemon = True
+    timer.start()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,7 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, SystemExit) and not isinstance(exc.__context__, KeyboardInterrupt):
             raise
         print("error: interrupted; resume with --run.name NAME --ckpt_path last (the run's checkpoints are kept)",
-              file=sys.stderr)
+              file=sys.stderr, flush=True)
+        if from_command_line:  # not when a caller (a test) runs main() in its own process
+            exit_within(EXIT_GRACE_S, 130)
         return 130
     return 0
 
