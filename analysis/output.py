@@ -1,4 +1,6 @@
-"""Atomic output directories and small writers shared by the fit and shift reports."""
+"""Atomic output directories and files, the checks that keep them from replacing what the project did not
+write (a marker in every directory it writes; a table's header for a file), and small writers shared by the
+fit and shift reports."""
 from __future__ import annotations
 
 import csv
@@ -6,6 +8,7 @@ import ctypes
 import errno
 import glob
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -48,31 +51,180 @@ def inside(root: str | os.PathLike, name: str, what: str, root_what: str) -> Pat
     return path
 
 
-# What the project writes in a directory it replaces whole: the fit, shift and ladder reports, the
-# ablation tables, and an HF export. A directory holding anything else is not the project's to replace.
+# The file the project writes into every directory it replaces whole (a report, an HF export): it marks the
+# directory as the project's and lists every path written into it, so what anyone adds there later is seen.
+MARKER = ".bayesian-icl-laws.json"
+_WRITER = "bayesian-icl-laws"
+
+# Directories written before the marker existed are recognised by their content: every entry has a name that
+# such an output has, and one of them is a table whose header is the project's or an export's ginc_data.json.
 REPORT_ENTRIES = frozenset({
     "report.md", "plots", "fits.csv", "params.json", "shift.csv", "comparison.csv", "curves.csv", "fits", "shift",
     "reader_prior.csv", "reader_gap.csv", "config.json", "generation_config.json", "model.safetensors",
     "tokenizer.json", "tokenizer_config.json", "ginc_data.json",
 })
+_SIGNED_TABLES = {  # a table of an unmarked report -> columns its header always has
+    "fits.csv": ("run", "k", "law", "split", "nrmse"),
+    "shift.csv": ("run", "k", "task", "fit", "prior"),
+    "comparison.csv": ("k", "fit", "n_params", "chi2", "aic", "bic"),
+    "curves.csv": ("run", "k", "task", "shots", "prob", "nll", "acc", "count"),
+}
+_EXPORT_DATA = "ginc_data.json"  # evaluation.run_artifacts.DATA_FILE: {data, run_info, step}
 
 
-def check_replaceable(out: Path, inputs: Sequence[str | os.PathLike] = ()) -> None:
-    """One `error:` line, before any work, when writing `out` whole would destroy what the project did
-    not write there: `out` holds other entries, or it is (or holds) one of the command's inputs."""
-    check_output_dir(out)
+def _refuse_link(out: Path, flag: str = "--out") -> None:
+    """The one rule for symbolic links: an output path that is itself a link (to a file, a directory or
+    nothing) is refused, never written through or replaced; links in the directories above it are followed."""
+    if out.is_symlink():
+        raise UserError(f"{flag} {out} is a symbolic link (to {os.readlink(out)}); outputs are replaced whole, "
+                         "which would replace the link or write where it points: pass the real path")
+
+
+def _check_apart(out: Path, inputs: Sequence[str | os.PathLike], what: str) -> None:
+    """Refuse an output that is, lies inside, or holds one of the command's inputs (by real paths, so
+    through links too)."""
     target = out.resolve()
     for given in inputs:
         path = Path(given).resolve()
-        if path == target or target in path.parents:
-            raise UserError(f"--out {out} holds the input {given}, and the report replaces it whole; "
-                             "write the report to another directory")
-    if out.is_dir():
-        foreign = sorted(e for e in os.listdir(out) if e not in REPORT_ENTRIES)
-        if foreign:
-            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-            raise UserError(f"--out {out} holds {foreign[0]!r}{more}, which this command did not write, and the "
-                             "report replaces the directory whole; choose a new or empty directory")
+        if path == target:
+            raise UserError(f"--out {out} is the input {given}; write to another {what}")
+        if path in target.parents:
+            raise UserError(f"--out {out} lies inside the input {given}, which the output would change; "
+                             f"write the {what} outside it")
+        if target in path.parents:
+            raise UserError(f"--out {out} holds the input {given}, and the {what} replaces it whole; "
+                             f"write the {what} to another directory")
+
+
+def _check_movable(out: Path) -> None:
+    """A directory replaced whole is renamed: refuse one that cannot be, before any work."""
+    real = out.resolve()
+    if real.parent == real:
+        raise UserError(f"--out {out} is the filesystem root; pass a new directory, like --out report")
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise UserError(f"--out {out} is the current directory or holds it, which cannot be replaced whole; "
+                         "pass a new directory inside it, like --out report")
+    if real.is_dir() and os.path.ismount(real):
+        raise UserError(f"--out {out} is a mount point, which cannot be replaced whole; pass a new directory "
+                         f"inside it, like --out {out / 'report'}")
+
+
+def table_header(path: Path) -> list[str] | None:
+    """The column names on a CSV's first line (a byte-order mark and padding dropped), or None where the
+    file is no text table."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(1 << 16)
+        line = head.split(b"\n", 1)[0].decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError):
+        return None
+    try:
+        names = next(csv.reader([line]), [])
+    except csv.Error:
+        return None
+    return [name.strip() for name in names]
+
+
+def holds_columns(path: Path, columns: Sequence[str]) -> bool:
+    header = table_header(path)
+    return header is not None and set(columns) <= set(header)
+
+
+def _blank(path: Path) -> bool:
+    """An empty file (or one of whitespace only): nothing in it to lose."""
+    try:
+        return path.stat().st_size <= 4096 and not path.read_bytes().strip()
+    except OSError:  # unreadable: not known to be empty
+        return False
+
+
+def _written_paths(out: Path) -> frozenset[str] | None:
+    """The paths the project recorded as written into `out`, or None where `out` carries no marker of it."""
+    marker = out / MARKER
+    if marker.is_symlink() or not marker.is_file():
+        return None
+    try:
+        meta = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    paths = meta.get("paths") if isinstance(meta, dict) and meta.get("written_by") == _WRITER else None
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        return None
+    return frozenset(paths)
+
+
+def _legacy_output(out: Path, entries: Sequence[str]) -> bool:
+    """A report or export the project wrote before it marked them: nothing but the names such outputs
+    have, and a table with the project's header or an export's ginc_data.json among them."""
+    if not set(entries) <= REPORT_ENTRIES:
+        return False
+    if any(name in entries and (out / name).is_file() and holds_columns(out / name, columns)
+           for name, columns in _SIGNED_TABLES.items()):
+        return True
+    try:
+        data = json.loads((out / _EXPORT_DATA).read_text(encoding="utf-8")) if _EXPORT_DATA in entries else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and {"data", "run_info"} <= set(data)
+
+
+def _all_paths(out: Path) -> list[str]:
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+
+
+def mark_output(directory: str | os.PathLike) -> None:
+    """Write the marker into a directory the project has just filled: it says the project wrote the
+    directory, and lists every path in it, so a later write replaces it only while it holds nothing else."""
+    directory = Path(directory)
+    paths = [p for p in _all_paths(directory) if p != MARKER]
+    (directory / MARKER).write_text(json.dumps({
+        "written_by": _WRITER,
+        "note": "written by this project's commands, which replace this directory whole on their next write "
+                "while it holds nothing but these paths; anything added here keeps them from replacing it",
+        "paths": paths}, indent=1) + "\n")
+
+
+def _check_owned(out: Path, kind: str | None = None) -> None:
+    """Refuse a directory that holds something the project did not write: without its marker (and not
+    an unmarked output of an earlier version), or with paths the marker does not list; and, for a `kind`
+    of output ("report"), one the project wrote as another kind (a model's HF export)."""
+    if not out.is_dir():
+        return
+    entries = sorted(os.listdir(out))
+    if not entries:
+        return
+    if kind == "report" and _EXPORT_DATA in entries:
+        raise UserError(f"--out {out} is a model's HF export ({_EXPORT_DATA} is in it), which a report would "
+                         "replace whole; write the report to another directory")
+    written = _written_paths(out)
+    if written is None:
+        if _legacy_output(out, entries):
+            return
+        foreign = entries
+        why = f"no {MARKER} says this project wrote it"
+    else:
+        foreign = [p for p in _all_paths(out) if p != MARKER and p not in written]
+        why = f"its {MARKER} does not list it"
+        if not foreign:
+            return
+    more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+    raise UserError(f"--out {out} holds {foreign[0]!r}{more}, which this command did not write ({why}), and the "
+                     "report replaces the directory whole; choose a new or empty directory, or move those out")
+
+
+def check_replaceable(out: Path, inputs: Sequence[str | os.PathLike] = (), kind: str | None = None) -> None:
+    """One `error:` line, before any work, when writing `out` whole would destroy what the project did
+    not write there, or cannot be done: `out` is a symbolic link, a file, the filesystem root, a mount
+    point, the current directory or one above it; it is, lies inside or holds one of the command's inputs;
+    or it holds anything but an output the project wrote (its marker, `MARKER`, lists what), or, with
+    `kind="report"`, a model's export rather than a report."""
+    out = Path(out)
+    _refuse_link(out)
+    check_output_dir(out)
+    _check_movable(out)
+    _check_apart(out, inputs, "report")
+    _check_owned(out, kind)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -118,22 +270,45 @@ def _clean_stale(out: Path) -> None:
             entry.unlink(missing_ok=True)
 
 
-def check_output_file(out: Path, inputs: Sequence[str | os.PathLike] = ()) -> None:
-    """One `error:` line, before any work, for a file output that cannot be written where it is asked:
-    a directory, a path under a file or in an unwritable directory, or one of the command's inputs."""
-    if out.is_dir():
+def check_output_file(out: Path, inputs: Sequence[str | os.PathLike] = (), columns: Sequence[str] = (),
+                      what: str = "table") -> None:
+    """One `error:` line, before any work, for a table output that cannot be written where it is asked: a
+    symbolic link, a directory, a path under a file or in an unwritable directory; one of the command's
+    inputs, or inside one; or an existing file other than an empty one or a `what` the project writes
+    (its header holds `columns`), which replacing or appending to it would destroy."""
+    out = Path(out)
+    _refuse_link(out)
+    if out.resolve().is_dir():
         raise UserError(f"--out {out} is a directory; pass a CSV file path")
     check_output_dir(out.resolve().parent)
-    for given in inputs:
-        if Path(given).resolve() == out.resolve():
-            raise UserError(f"--out {out} is the input {given}; write to another file")
+    _check_apart(out, inputs, "file")
+    check_table_file(out, columns, what)
+
+
+def check_table_file(path: Path, columns: Sequence[str], what: str, flag: str = "--out") -> None:
+    """Refuse to replace (or append to) an existing file that is not a `what` this project writes: a table
+    whose header holds `columns`. An empty file holds nothing to lose. `flag` names the path in the message."""
+    if not path.exists() or path.is_symlink():
+        return
+    named = f"{flag} {path}" if flag else str(path)
+    if not path.is_file():
+        raise UserError(f"{named} is not a regular file; pass a CSV file path")
+    if _blank(path) or (columns and holds_columns(path, columns)):
+        return
+    lacks = f" (its first line lacks the columns {', '.join(columns)})" if columns else ""
+    raise UserError(f"{named} is not a {what} this project writes{lacks}, and writing would replace it; "
+                     "choose another file name")
 
 
 @contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary file beside `path`; on success it replaces `path` in one rename, so a reader sees
     the old file or the new one. It carries this process's id: a failure removes it, and after a kill
-    the next write of `path` does. Modes follow the umask."""
+    the next write of `path` does. Modes follow the umask. A symbolic link or a directory at `path` is
+    refused, never replaced."""
+    _refuse_link(path, "output")
+    if path.is_dir():
+        raise UserError(f"output {path} is a directory; pass a file path")
     path.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(path)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-")
@@ -148,15 +323,17 @@ def atomic_file(path: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_dir(out: str | os.PathLike, inputs: Sequence[str | os.PathLike] = ()) -> Iterator[Path]:
-    """Check `out` (`check_replaceable`), then yield a fresh directory beside it; on success that
-    directory replaces `out` as a whole, so a reader sees the old report or the new one, never a mix.
-    Where the system can, the two are exchanged in one atomic step, so `out` exists at every moment; an
-    interrupted write leaves only hidden leftovers named after its process, which the next write of
-    `out` removes (restoring the old report if the interruption came between two renames). A failure
-    leaves `out` as it was. Modes follow the umask."""
-    out = Path(out)
-    check_replaceable(out, inputs)
+def atomic_dir(out: str | os.PathLike, inputs: Sequence[str | os.PathLike] = (), kind: str | None = None
+               ) -> Iterator[Path]:
+    """Check `out` (`check_replaceable`), then yield a fresh directory beside it; on success the marker is
+    written into it (`mark_output`) and it replaces `out` as a whole, so a reader sees the old report or
+    the new one, never a mix. Where the system can, the two are exchanged in one atomic step, so `out`
+    exists at every moment; an interrupted write leaves only hidden leftovers named after its process,
+    which the next write of `out` removes (restoring the old report if the interruption came between two
+    renames). Anything added to `out` while the report was written stops the swap. A failure leaves `out`
+    as it was. Modes follow the umask. `kind`: as `check_replaceable`'s."""
+    check_replaceable(Path(out), inputs, kind)
+    given, out = Path(out), Path(out).resolve()  # not a link (refused): its real path, with a name to rename
     out.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(out)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
@@ -164,6 +341,9 @@ def atomic_dir(out: str | os.PathLike, inputs: Sequence[str | os.PathLike] = ())
     old = out.parent / f".{out.name}.old-{os.getpid()}-{tmp.name.rsplit('-', 1)[-1]}"
     try:
         yield tmp
+        mark_output(tmp)
+        _refuse_link(given)  # what the check saw may have changed while the report was written
+        _check_owned(given, kind)
         if not out.exists():
             os.replace(tmp, out)
         elif _exchange(tmp, out):

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 
 from analysis.fitting import SPACES, FitConfig
 from analysis.laws import LAW_NAMES
-from analysis.output import check_output_file, write_rows
+from analysis.output import check_output_file, check_replaceable, write_rows
 from analysis.report import summary_table
 from analysis.shift import ShiftConfig
 from evaluation.arguments import COUNT, INDEX, OneLineParser
-from evaluation.curves_table import write_curves
+from evaluation.curves_table import CURVE_COLUMNS, write_curves
 from user_errors import UserError
 
 if TYPE_CHECKING:
@@ -56,13 +56,17 @@ def add_curves_command(subparsers: argparse._SubParsersAction) -> None:
 def run_curves(args: argparse.Namespace) -> None:
     # each source's modules are imported only when used: `evaluate.py fit` need not load transformers
     ginc = {"k_values": args.k, "prompts": args.prompts, "batch_size": args.batch_size, "device": args.device}
-    inputs = [p for p in (args.data_config, args.dataset, *(args.ckpt or [])) if p is not None]
-    check_output_file(args.out, inputs)  # before minutes of measuring
+    if args.ideal and args.data_config is None:
+        raise UserError("--ideal needs --data-config (a YAML with the GINC world and ICL settings, e.g. configs/data/ginc.yaml)")
+    if args.hf_model is not None:
+        from evaluation.llm_curves import check_not_ginc_export
+
+        check_not_ginc_export(args.hf_model)
+    inputs = [p for p in (args.data_config, args.dataset, args.hf_model, *(args.ckpt or [])) if p is not None]
+    check_output_file(args.out, inputs, CURVE_COLUMNS, "curves table")  # before minutes of measuring
     if args.ideal:
         from evaluation.ginc_curves import ideal_curve_rows
 
-        if args.data_config is None:
-            raise UserError("--ideal needs --data-config (a YAML with the GINC world and ICL settings, e.g. configs/data/ginc.yaml)")
         rows = ideal_curve_rows(args.data_config, args.learner, args.run, args.weights, **ginc)
     elif args.ckpt:
         from evaluation.ginc_curves import checkpoint_curve_rows
@@ -108,6 +112,7 @@ def add_fit_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_fit(args: argparse.Namespace) -> None:
+    check_replaceable(args.out, [args.curves], "report")  # before the table is read and fitted
     from evaluation.reports import fit_table
 
     config = FitConfig(laws=tuple(args.laws), splits=tuple(args.splits), fractions=tuple(args.fit_fraction),
@@ -152,6 +157,7 @@ def add_shift_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_shift(args: argparse.Namespace) -> None:
+    check_replaceable(args.out, [args.curves, *([args.prompt_table] if args.prompt_table else [])], "report")
     from evaluation.reports import shift_table
 
     config = ShiftConfig(baseline=args.baseline, law=args.law, holdout_fraction=args.holdout_fraction,
@@ -188,6 +194,7 @@ def add_ladder_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_ladder(args: argparse.Namespace) -> None:
+    check_replaceable(args.out, [args.data_config], "report")
     from evaluation.ladder import LadderConfig, run_ladder as ladder
 
     config = LadderConfig(args.data_config, args.task, tuple(args.strengths), tuple(args.k) if args.k else None,
@@ -224,9 +231,9 @@ def add_reader_prior_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_reader_prior(args: argparse.Namespace) -> None:
-    from evaluation.reader_prior import reader_prior_rows
+    from evaluation.reader_prior import TABLE_COLUMNS, reader_prior_rows
 
-    _write_per_model(args, lambda: reader_prior_rows(args.ckpt, args.prompts, args.documents, args.device, args.learner))
+    _write_per_model(args, TABLE_COLUMNS, "reader-prior table", lambda: reader_prior_rows(args.ckpt, args.prompts, args.documents, args.device, args.learner))
 
 
 def add_reader_gap_command(subparsers: argparse._SubParsersAction) -> None:
@@ -239,13 +246,14 @@ def add_reader_gap_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_reader_gap(args: argparse.Namespace) -> None:
-    from evaluation.reader_gap import reader_gap_rows
+    from evaluation.reader_gap import TABLE_COLUMNS, reader_gap_rows
 
-    _write_per_model(args, lambda: reader_gap_rows(args.ckpt, args.prompts, args.k, args.device, args.learner))
+    _write_per_model(args, TABLE_COLUMNS, "reader-gap table", lambda: reader_gap_rows(args.ckpt, args.prompts, args.k, args.device, args.learner))
 
 
-def _write_per_model(args: argparse.Namespace, measure: Callable[[], list[dict]]) -> None:
-    check_output_file(args.out)
+def _write_per_model(args: argparse.Namespace, columns: tuple[str, ...], what: str,
+                     measure: Callable[[], list[dict]]) -> None:
+    check_output_file(args.out, args.ckpt, columns, what)  # before any model loads
     rows = measure()
     print(f"wrote {len(rows)} rows to {write_rows(rows, args.out)}")
 

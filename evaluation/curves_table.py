@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.curves import CurveGroup
-from analysis.output import atomic_file
+from analysis.output import atomic_file, check_table_file
 from user_errors import UserError, MissingInput
 
 CURVE_COLUMNS = ("run", "k", "task", "shots", "prob", "nll", "acc", "count")
@@ -41,8 +41,10 @@ def prob_rows(run: str, k: int, shots: np.ndarray, prob: np.ndarray, count: int,
 def write_curves(rows: Iterable[Mapping[str, object]], path: str | os.PathLike, append: bool = False,
                  replace: bool = False) -> Path:
     """Write (or append) curve rows atomically; extra keys become extra columns after the contract's.
-    Appending rows of a run the table already has is refused, unless `replace` drops its old rows."""
+    Appending rows of a run the table already has is refused, unless `replace` drops its old rows. A file
+    at `path` is replaced or appended to only if it is a curves table (or empty): `check_curves_output`."""
     path = Path(path)
+    check_curves_output(path)
     rows = list(rows)
     old: list[dict[str, str]] = []
     if append and path.exists():
@@ -67,6 +69,12 @@ def write_curves(rows: Iterable[Mapping[str, object]], path: str | os.PathLike, 
         writer.writerows(old)
         writer.writerows(rows)
     return path
+
+
+def check_curves_output(path: str | os.PathLike, flag: str = "") -> None:
+    """Refuse, with one line, a file at `path` that is not a curves table (its header lacks the contract's
+    columns): writing or appending there would destroy what someone else wrote."""
+    check_table_file(Path(path), CURVE_COLUMNS, "curves table", flag)
 
 
 def _number(path: Path, line: int, column: str, text: str, integer: bool) -> float:

@@ -29,6 +29,7 @@ law's bias on known priors").
 """
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 
 from analysis.fitting import FitConfig, FitResult, fit_groups
-from analysis.output import atomic_dir, markdown_table
+from analysis.output import atomic_dir, mark_output, markdown_table
 from analysis.report import summary_table, write_fit_outputs
 from analysis.shift import ShiftConfig, ShiftResult, analyse_shift
 from analysis.shift_report import write_shift_outputs
@@ -105,11 +106,12 @@ def run_ladder(config: LadderConfig, out: str | os.PathLike) -> tuple[list[FitRe
     M = data.world.n_tasks
     if not 0 <= config.task < M:
         raise UserError(f"--task {config.task} is out of range for a world of {M} tasks")
-    if any(not s > 1.0 for s in config.strengths):
-        raise UserError(f"--strengths {list(config.strengths)} must all be above 1 (1 is the baseline itself)")
+    if any(not (math.isfinite(s) and s > 1.0) for s in config.strengths):
+        raise UserError(f"--strengths {list(config.strengths)} must all be finite and above 1 (1 is the baseline "
+                         "itself; a factor of inf would give the task all or none of the prior)")
     shift_config = ShiftConfig(baseline=f"{MODEL}/pretrain", law=config.law, resamples=config.resamples, starts=config.starts)
     conditions = ladder_weights(check_weights(data.world.weights, M), config.task, list(config.strengths))
-    with atomic_dir(out, [config.data_config]) as tmp:
+    with atomic_dir(out, [config.data_config], "report") as tmp:
         write_curves(ladder_rows(data, conditions, config.learner, device), tmp / "curves.csv")
         groups = read_curves(tmp / "curves.csv")
         with one_thread():
@@ -121,6 +123,8 @@ def run_ladder(config: LadderConfig, out: str | os.PathLike) -> tuple[list[FitRe
             (tmp / "shift").mkdir()
             write_shift_outputs(shift, shift_config, Path("curves.csv"), tmp / "shift",
                                 conditions["pretrain"].tolist())
+        for report in ("fits", "shift"):  # each is a report of its own, which `fit` / `shift --out` may replace
+            mark_output(tmp / report)
         (tmp / "report.md").write_text(ladder_report(conditions, shift, shift_config, config, results))
     return results, shift
 

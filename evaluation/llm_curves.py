@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from evaluation.curves_table import curve_row
 from evaluation.manyshot import ManyShotPrompt, Shot, build_prompt, load_shots, resolve_format
+from evaluation.run_artifacts import DATA_FILE
 from lightning_modules.gpt import resolve_device
 from user_errors import UserError
 
@@ -212,8 +213,17 @@ def llm_curve_rows(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, b
     return answer_type_rows({name: [next(it) for _ in prompts[name]] for name in sorted(prompts)}, config)
 
 
+def check_not_ginc_export(model_dir: str | Path) -> None:
+    """Refuse an HF export of a GINC run trained here: its tokens are the world's, so English prompts
+    score nothing it learned, and its curves come from `--ckpt`, on its own world's prompts."""
+    if (Path(model_dir) / DATA_FILE).is_file():
+        raise UserError(f"--hf-model {model_dir} is the export of a GINC run trained here (it has {DATA_FILE}), whose "
+                         f"vocabulary is its world's tokens, not text; measure it with --ckpt {model_dir}")
+
+
 def hf_curve_rows(model_dir: str | Path, dataset: str | Path, config: LLMCurveConfig, device: str = "auto") -> list[dict]:
     """The curve rows of a local HF causal LM on a JSONL dataset of {question, answer, answer_type} rows."""
+    check_not_ginc_export(model_dir)
     by_type = group_by_type(load_shots(dataset), config.shots)  # before the model: bad data fails fast
     model, tokenizer = load_local_lm(model_dir, device)
     return llm_curve_rows(model, tokenizer, by_type, config)

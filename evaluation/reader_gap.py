@@ -35,6 +35,9 @@ from lightning_modules.gpt import resolve_device
 from lightning_modules.icl_metric import label_scores
 from user_errors import UserError
 
+# columns every reader-gap table of the project has (older ones lack `learner`): how an existing --out is
+# recognised as one that may be replaced
+TABLE_COLUMNS = ("run", "k", "gap", "gap_se", "noise", "signed", "prompts")
 LabelScores = Callable[[dict], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 

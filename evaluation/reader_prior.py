@@ -36,6 +36,9 @@ from evaluation.run_artifacts import read_source
 from lightning_modules.gpt import resolve_device
 from user_errors import UserError
 
+# columns every reader-prior table of the project has (older ones lack `learner`): how an existing --out is
+# recognised as one that may be replaced
+TABLE_COLUMNS = ("run", "prior_0", "kl", "kl_world", "positions")
 STREAM = "reader-prior"  # documents of their own stream: never trained on, never validated on
 
 

@@ -47,7 +47,7 @@ def fit_table(curves: str | os.PathLike, out: str | os.PathLike, config: FitConf
     if len(skipped) == len(jobs) * len(config.laws):  # nothing to fit: keep the old report, say why
         raise UserError(f"no fit can be made: {skipped[0]}" + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else "")
                          + "; measure more shots or choose a law with fewer parameters")
-    with one_thread(), atomic_dir(out, [curves]) as tmp:
+    with one_thread(), atomic_dir(out, [curves], "report") as tmp:
         results = fit_groups(groups, config)
         write_fit_outputs(results, config, Path(curves), tmp, plots=plots, skipped=skipped)
     return results, skipped
@@ -75,7 +75,7 @@ def shift_table(curves: str | os.PathLike, out: str | os.PathLike, config: Shift
             raise UserError(f"--true-priors {list(true_priors)} sum to {sum(true_priors):g}, not 1; give the pretraining "
                              "mixture's weights, which are probabilities")
     prompts = read_prompt_table(prompt_table) if prompt_table else None
-    with one_thread(), atomic_dir(out, [curves, *([prompt_table] if prompt_table else [])]) as tmp:
+    with one_thread(), atomic_dir(out, [curves, *([prompt_table] if prompt_table else [])], "report") as tmp:
         result = analyse_shift(groups, config, prompts)
         write_shift_outputs(result, config, Path(curves), tmp, None if true_priors is None else list(true_priors))
     return result
