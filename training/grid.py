@@ -491,13 +491,16 @@ def run_cell(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None
     return "done"
 
 
-def _cell_worker(gpus: object, driver: int) -> None:
+def _cell_worker(gpus: object, driver: int, start_method: str) -> None:
     """A worker process of `--parallel`: tied to its driver first (it dies with it, kill -9 included, and so
     does what it forks), it takes one GPU id from the queue (None: no pinning) before torch starts, and
-    trains cell after cell, so imports and reference curves are paid once per worker."""
+    trains cell after cell, so imports and reference curves are paid once per worker. Its processes (a
+    DataLoader's workers) start as the driver's would (fork on Linux), not as it was started itself
+    (spawn): a cell trains as in one process, and what it forks is tied to it."""
     from training.processes import die_with_parent
 
     die_with_parent(driver)
+    multiprocessing.set_start_method(start_method, force=True)
     gpu = gpus.get()
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
@@ -681,7 +684,9 @@ def worker_pool(parallel: int) -> typing.Iterator[ProcessPoolExecutor | None]:
     pin = torch.cuda.is_available() and torch.cuda.device_count() >= parallel
     for slot in range(parallel):
         gpus.put(slot if pin else None)
-    pool = ProcessPoolExecutor(parallel, mp_context=context, initializer=_cell_worker, initargs=(gpus, os.getpid()))
+    start_method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    pool = ProcessPoolExecutor(parallel, mp_context=context, initializer=_cell_worker,
+                               initargs=(gpus, os.getpid(), start_method))
     try:
         yield pool
     except BaseException:
@@ -706,8 +711,8 @@ def worker_count(cfg: AblationConfig, out: Path, stop_after: int | None, paralle
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = min(parallel, max(left, POOL_ANALYSES), cpus)
     if workers < parallel:
-        print(f"[ablate] --parallel {parallel}: {workers} worker processes ({left} cells left to train, "
-              f"{cpus} CPUs here)", flush=True)
+        print(f"[ablate] --parallel {parallel}: {workers} worker processes ({left} cell{'' if left == 1 else 's'} left "
+              f"to train, {cpus} CPU{'' if cpus == 1 else 's'} here)", flush=True)
     return workers
 
 

@@ -7,12 +7,23 @@ from the cell's last checkpoint.
 process was stopped) collects the jobs SLURM still holds instead of submitting them again, and
 resubmits only cells that are neither DONE nor queued; a job queued under other settings stops it.
 Job logs are `<grid>/slurm/<job id>_*`.
+
+The driver (the process that submits and waits) holds the grid's lock (training/processes.py); the jobs
+do not need it. submitit missing, or sbatch refusing a job (the controller unreachable, a bad partition),
+stops the driver with one line, sbatch's own message in it; the files of a refused submission are removed,
+and the jobs submitted before it are recorded, so that a rerun collects them instead of submitting again.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
+import shutil
 import subprocess
+import sys
 import time
+import typing
 from pathlib import Path
 
 from training.grid import (AblationConfig, AblationConfigError, Cell, CellFailed, asked_flags, cells_of, outcome,
@@ -20,6 +31,16 @@ from training.grid import (AblationConfig, AblationConfigError, Cell, CellFailed
 from user_errors import UserError
 
 JOBS = "jobs.json"
+INSTALL = 'pip install -e ".[slurm]"'
+
+
+def require_submitit() -> None:
+    """--launcher slurm needs submitit: without it, one line with the command that installs it."""
+    try:
+        import submitit  # noqa: F401
+    except ImportError as exc:
+        raise UserError(f"--launcher slurm needs submitit, which this Python cannot import ({exc}); install it with "
+                        f"{INSTALL}, or train here with --launcher local") from None
 
 
 class CellJob:
@@ -58,10 +79,10 @@ def executor(cfg: AblationConfig, out: Path, after: str | None = None):
     return ex
 
 
-def held_jobs() -> set[str]:
+def held_jobs(timeout_s: float = 60) -> set[str]:
     """Ids of the jobs SLURM still holds, pending or running; one per element of a job array."""
     try:
-        result = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise UserError(f"squeue did not answer ({exc}); run ablate.py --launcher slurm where SLURM's commands work") from None
     if result.returncode != 0:
@@ -69,13 +90,69 @@ def held_jobs() -> set[str]:
     return set(result.stdout.split())
 
 
+def recorded_jobs(out: Path) -> dict[str, dict]:
+    """jobs.json: each submitted cell's job id and train.py flags, by cell name."""
+    path = out / "slurm" / JOBS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def queued_cells(out: Path) -> dict[str, str]:
+    """The grid's cells whose SLURM jobs (submitted with --no-wait, or by a driver that was stopped) SLURM
+    still holds and that are not DONE, by name: job id. Empty without a record, or where no SLURM answers."""
+    recorded = recorded_jobs(out)
+    if not recorded or shutil.which("squeue") is None:
+        return {}
+    try:
+        held = held_jobs(timeout_s=15)
+    except UserError:
+        return {}
+    return {name: job["id"] for name, job in recorded.items() if job["id"] in held and not (out / name / "DONE").is_file()}
+
+
+def _unsubmitted(folder: Path) -> set[Path]:
+    """What submitit leaves in its folder while a submission is under way: the call's pickle (a uuid's
+    hex digits) and the sbatch script, both renamed after the job once sbatch accepts it."""
+    return ({p for p in folder.glob("*.pkl") if re.fullmatch(r"[0-9a-f]{32}\.pkl", p.name)}
+            | {p for p in folder.glob(".submission_file_*.sh") if not p.is_symlink()})
+
+
+@contextlib.contextmanager
+def sbatch_errors(folder: Path, what: str, submitted: int) -> typing.Iterator[None]:
+    """A submission refused by sbatch (or sbatch missing) as one line with sbatch's own message; the files
+    of the refused submission are removed. submitit prints sbatch's message itself: it goes in the line."""
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    existed = folder.is_dir()
+    before = _unsubmitted(folder) if existed else set()
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed):
+            yield
+    except (FailedJobError, FailedSubmissionError, OSError) as exc:
+        for path in _unsubmitted(folder) - before:
+            path.unlink(missing_ok=True)
+        if not existed:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # made for this submission alone, and empty again
+        kept = (f"; the {submitted} job(s) submitted before it are recorded in {folder / JOBS} and a rerun collects them"
+                if submitted else "")
+        if isinstance(exc, FileNotFoundError) and exc.filename == "sbatch":
+            raise UserError(f"sbatch is not installed here, so {what} cannot be submitted; run ablate.py --launcher slurm "
+                            f"where SLURM's commands work{kept}") from None
+        reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+        raise UserError(f"sbatch refused {what}: {reason}; check the grid's slurm: section and that the SLURM "
+                        f"controller answers (sinfo), then rerun{kept}") from None
+    sys.stderr.write(printed.getvalue())  # accepted: whatever it said is not lost
+
+
 def submit(cfg: AblationConfig, out: Path, status: dict[str, str], stop_after: int | None) -> dict[str, object]:
     """Submit every cell that is neither DONE (marked 'skipped' in status) nor still held by SLURM from an
-    earlier call; at most stop_after new ones. Returns the job of every cell that SLURM holds now."""
+    earlier call; at most stop_after new ones. Returns the job of every cell that SLURM holds now. The jobs
+    are recorded in jobs.json also when a later submission fails."""
     import submitit
 
     recorded_path = out / "slurm" / JOBS
-    recorded = json.loads(recorded_path.read_text()) if recorded_path.is_file() else {}
+    recorded = recorded_jobs(out)
     held = held_jobs() if recorded else set()
     flags = asked_flags(cfg, out)
     jobs = {}
@@ -86,23 +163,35 @@ def submit(cfg: AblationConfig, out: Path, status: dict[str, str], stop_after: i
                                           f"scancel {job['id']}, or give the grid a new name")
             jobs[name] = submitit.SlurmJob(out / "slurm", job["id"])
     budget = len(cells_of(cfg)) if stop_after is None else stop_after
-    for size in cfg.sizes:
-        pre, posts = Cell(size, "pretrain"), [c for c in cells_of(cfg) if c.size == size and c.method != "pretrain"]
-        if pre.name not in status and pre.name not in jobs and budget > 0:
-            jobs[pre.name] = executor(cfg, out).submit(CellJob(), cfg, pre, out, None)
-            budget -= 1
-        todo = [c for c in posts if c.name not in status and c.name not in jobs][:budget]
-        pretrained = pretrained_of(cfg, out, size)
-        if not todo or (pre.name not in jobs and not pretrained.exists()):
-            continue  # nothing to do, or its pretraining did not run (--stop-after): a rerun submits them
-        ex = executor(cfg, out, after=jobs[pre.name].job_id if pre.name in jobs else None)
-        with ex.batch():  # one job array
-            array = [ex.submit(CellJob(), cfg, cell, out, pretrained) for cell in todo]
-        jobs.update({cell.name: job for cell, job in zip(todo, array)})
-        budget -= len(todo)
-    recorded_path.parent.mkdir(parents=True, exist_ok=True)
-    recorded |= {name: {"id": job.job_id, "flags": flags[name]} for name, job in jobs.items()}
-    recorded_path.write_text(json.dumps(recorded, indent=1))
+    collected = len(jobs)
+
+    def record() -> None:
+        recorded_path.parent.mkdir(parents=True, exist_ok=True)
+        recorded.update({name: {"id": job.job_id, "flags": flags[name]} for name, job in jobs.items()})
+        recorded_path.write_text(json.dumps(recorded, indent=1))
+
+    try:
+        for size in cfg.sizes:
+            pre, posts = Cell(size, "pretrain"), [c for c in cells_of(cfg) if c.size == size and c.method != "pretrain"]
+            if pre.name not in status and pre.name not in jobs and budget > 0:
+                with sbatch_errors(out / "slurm", f"the job of {pre.name}", len(jobs) - collected):
+                    jobs[pre.name] = executor(cfg, out).submit(CellJob(), cfg, pre, out, None)
+                budget -= 1
+            todo = [c for c in posts if c.name not in status and c.name not in jobs][:budget]
+            pretrained = pretrained_of(cfg, out, size)
+            if not todo or (pre.name not in jobs and not pretrained.exists()):
+                continue  # nothing to do, or its pretraining did not run (--stop-after): a rerun submits them
+            ex = executor(cfg, out, after=jobs[pre.name].job_id if pre.name in jobs else None)
+            with sbatch_errors(out / "slurm", f"the job array of {size}'s cells", len(jobs) - collected):
+                with ex.batch():  # one job array
+                    array = [ex.submit(CellJob(), cfg, cell, out, pretrained) for cell in todo]
+            jobs.update({cell.name: job for cell, job in zip(todo, array)})
+            budget -= len(todo)
+    except BaseException:
+        if len(jobs) > collected:  # the jobs submitted before a refusal: a rerun collects them, not submits them twice
+            record()
+        raise
+    record()
     return jobs
 
 
