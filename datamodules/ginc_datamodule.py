@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from datamodules.document_reader import DocumentReader
 from datamodules.rng import stream_key, uniform
 from datamodules.sampling import GincSampler, shots_for_context
-from datamodules.world import GincWorld, WorldConfig, WorldConfigError, check_weights
+from datamodules.world import GincWorld, WorldConfig, WorldConfigError, check_weights, world_config
 
 
 @dataclass
@@ -48,9 +48,9 @@ class ICLConfig:
 
 
 def _as_world(world: WorldConfig | dict | None) -> WorldConfig:
-    if world is None:
-        return WorldConfig()
-    return world if isinstance(world, WorldConfig) else WorldConfig(**world)
+    """A world given as settings is checked setting by setting (an unknown key, a string, nan), not passed
+    on as keywords for a TypeError to surface deep inside."""
+    return world_config(world, "world.")
 
 
 def _as_icl(icl: ICLConfig | dict | None) -> ICLConfig:

@@ -9,7 +9,11 @@ The whole world is a pure function of `WorldConfig`, its seed included.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import numbers
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -44,25 +48,8 @@ class WorldConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n_tasks", "n_entities"):
-            if getattr(self, name) < 1:
-                raise WorldConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_properties < 2:
-            raise WorldConfigError(f"n_properties must be >= 2 (property 0 is the delimiter), got {self.n_properties}")
-        needed = self.n_entities * (self.n_properties - 1) + 1 if self.distinct_emissions else 2
-        if self.vocab_size < needed:
-            raise WorldConfigError(
-                f"vocab_size {self.vocab_size} is smaller than the emission table needs ({needed}: the delimiter plus "
-                f"{'one token per (entity, property>0)' if self.distinct_emissions else 'one token'}); raise vocab_size"
-            )
-        for name in ("property_temperature", "entity_temperature", "start_temperature"):
-            if not getattr(self, name) > 0:
-                raise WorldConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not 0.0 <= self.property_smoothing <= 1.0:
-            raise WorldConfigError(f"property_smoothing must be in [0, 1], got {self.property_smoothing}")
-        if not 0.0 <= self.entity_identity_bias <= 1.0:
-            raise WorldConfigError(f"entity_identity_bias must be in [0, 1], got {self.entity_identity_bias}")
-        self.weights = list(check_weights(self.weights, self.n_tasks, "weights"))
+        check_world_values(vars(self))
+        self.weights = check_weights(self.weights, self.n_tasks, "weights").tolist()
 
     @property
     def n_states(self) -> int:
@@ -82,18 +69,100 @@ class WorldConfig:
         return self.vocab_size + 2
 
 
+_INTS = {"n_tasks": 1, "n_entities": 1, "n_properties": 2, "vocab_size": 2, "seed": 0}  # the least each may be
+_TEMPERATURES = ("property_temperature", "entity_temperature", "start_temperature")
+_SHARES = ("entity_identity_bias", "property_smoothing")
+# below the smallest normal float, a softmax's logits x / temperature (|x| < 0.5) overflow to inf and the world is NaN
+_LEAST_TEMPERATURE = sys.float_info.min
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def check_world_values(values: Mapping[str, object], prefix: str = "") -> None:
+    """Every world setting in `values` is known, of its type, finite and in range, or one WorldConfigError
+    naming the first that is not as `prefix` + its name (train.py passes "data.world.", so the line names
+    the flag) with its valid range. Settings left out take WorldConfig's defaults."""
+    known = [f.name for f in fields(WorldConfig)]
+    unknown = [key for key in values if key not in known and not str(key).startswith("__")]
+    if unknown:
+        raise WorldConfigError(f"{prefix}{unknown[0]} is not a world setting; the world's settings are {', '.join(known)}")
+    v = {f.name: f.default for f in fields(WorldConfig)} | {k: values[k] for k in known if k in values}
+    for name, least in _INTS.items():
+        if not _is_int(v[name]):
+            raise WorldConfigError(f"{prefix}{name} must be a whole number >= {least}, got {v[name]!r}")
+    for name in ("n_tasks", "n_entities", "seed"):
+        if v[name] < _INTS[name]:
+            raise WorldConfigError(f"{prefix}{name} must be >= {_INTS[name]}, got {v[name]}")
+    if v["n_properties"] < 2:
+        raise WorldConfigError(f"{prefix}n_properties must be >= 2 (property 0 is the delimiter), got {v['n_properties']}")
+    if not isinstance(v["distinct_emissions"], (bool, np.bool_)):
+        raise WorldConfigError(f"{prefix}distinct_emissions must be true or false, got {v['distinct_emissions']!r}")
+    needed = v["n_entities"] * (v["n_properties"] - 1) + 1 if v["distinct_emissions"] else 2
+    if v["vocab_size"] < needed:
+        raise WorldConfigError(
+            f"{prefix}vocab_size {v['vocab_size']} is smaller than the emission table needs ({needed}: the delimiter plus "
+            f"{'one token per (entity, property>0)' if v['distinct_emissions'] else 'one token'}); raise vocab_size"
+        )
+    for name in _TEMPERATURES:
+        if not (_is_real(v[name]) and math.isfinite(v[name]) and v[name] >= _LEAST_TEMPERATURE):
+            raise WorldConfigError(f"{prefix}{name} must be > 0 and finite (at least {_LEAST_TEMPERATURE:.1e}), got {v[name]!r}")
+    for name in _SHARES:
+        if not (_is_real(v[name]) and 0.0 <= v[name] <= 1.0):
+            raise WorldConfigError(f"{prefix}{name} must be in [0, 1], got {v[name]!r}")
+    weights = v["weights"]
+    if weights is not None:
+        if not isinstance(weights, (list, tuple, np.ndarray)) or not all(_is_real(w) for w in weights):
+            raise WorldConfigError(f"{prefix}weights must be finite numbers >= 0, one per task (or null: uniform), got {weights!r}")
+        check_weights(weights, v["n_tasks"], f"{prefix}weights")
+
+
+def world_config(values: Mapping[str, object] | WorldConfig | None, prefix: str = "") -> WorldConfig:
+    """The WorldConfig of a mapping of settings (None: the default world), checked by `check_world_values`."""
+    if isinstance(values, WorldConfig):
+        return values
+    values = {k: v for k, v in (values or {}).items() if not str(k).startswith("__")}
+    check_world_values(values, prefix)
+    return WorldConfig(**values)
+
+
+def world_differences(here: WorldConfig, there: WorldConfig) -> list[tuple[str, object, object]]:
+    """(setting, value here, value there) for each setting in which two worlds differ, in WorldConfig's
+    order. Weights compare normalised and up to rounding, so null and equal weights, or weights saved
+    normalised and given raw, are the same world."""
+    def same(name: str) -> bool:
+        a, b = getattr(here, name), getattr(there, name)
+        if name == "weights":
+            return len(a) == len(b) and bool(np.allclose(a, b, rtol=1e-9, atol=1e-12))
+        return a == b
+
+    return [(f.name, getattr(here, f.name), getattr(there, f.name)) for f in fields(WorldConfig) if not same(f.name)]
+
+
 def check_weights(weights: object, n_tasks: int, name: str = "weights") -> np.ndarray:
     """Validate mixture weights (None -> uniform) and return them normalised, float64."""
     if weights is None:
         return np.full(n_tasks, 1.0 / n_tasks)
-    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    try:
+        w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise WorldConfigError(f"{name} must be a list of one number per task, got {weights!r}") from None
     if w.shape[0] != n_tasks:
         raise WorldConfigError(f"{name} has {w.shape[0]} entries but the world has {n_tasks} tasks; give one weight per task")
     if not np.all(np.isfinite(w)) or np.any(w < 0):
         raise WorldConfigError(f"{name} must be finite and >= 0, got {w.tolist()}")
-    if w.sum() <= 0:
+    with np.errstate(over="ignore"):  # an overflow is refused below
+        total = w.sum()
+    if total <= 0:
         raise WorldConfigError(f"{name} are all zero; give at least one task a positive weight")
-    return w / w.sum()
+    if not np.isfinite(total):
+        raise WorldConfigError(f"{name} sum to more than a float holds; scale them down (only their ratios matter)")
+    return w / total
 
 
 def _softmax(x: np.ndarray, temperature: float) -> np.ndarray:

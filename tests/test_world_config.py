@@ -51,3 +51,38 @@ def test_distinct_emissions_are_injective():
     w = GincWorld.build(WorldConfig(distinct_emissions=True, vocab_size=91))
     body = w.emission[:, 1:].reshape(-1)
     assert len(body.unique()) == body.numel() and body.min() >= 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"property_temperature": float("inf")}, "property_temperature must be > 0 and finite"),
+        ({"start_temperature": float("nan")}, "start_temperature must be > 0 and finite"),
+        ({"entity_temperature": 1e-320}, "entity_temperature must be > 0 and finite (at least 2.2e-308)"),
+        ({"entity_identity_bias": float("nan")}, "entity_identity_bias must be in [0, 1]"),
+        ({"property_smoothing": "0.1"}, "property_smoothing must be in [0, 1], got '0.1'"),
+        ({"n_tasks": 2.0}, "n_tasks must be a whole number >= 1, got 2.0"),
+        ({"n_entities": True}, "n_entities must be a whole number >= 1"),
+        ({"seed": -1}, "seed must be >= 0"),
+        ({"weights": [1, "1", 1, 1, 1]}, "weights must be finite numbers >= 0, one per task"),
+        ({"weights": [1e308, 1e308, 1, 1, 1]}, "weights sum to more than a float holds"),
+        ({"distinct_emissions": 1}, "distinct_emissions must be true or false"),
+    ],
+)
+def test_world_values_are_typed_finite_and_in_range(kwargs, fragment):
+    """nan passed every `> 0` and `<= 1` check by failing it silently, and inf built a world of NaN."""
+    with pytest.raises(WorldConfigError) as err:
+        WorldConfig(**kwargs)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_world_settings_are_named_where_they_were_given():
+    from datamodules.world import world_config
+
+    with pytest.raises(WorldConfigError, match=r"^data\.world\.n_taks is not a world setting; the world's settings are n_tasks, "):
+        world_config({"n_taks": 3}, "data.world.")
+    with pytest.raises(WorldConfigError, match=r"^data\.world\.start_temperature must be > 0 and finite"):
+        world_config({"start_temperature": float("nan")}, "data.world.")
+    with pytest.raises(WorldConfigError, match=r"^world\.n_taks is not a world setting"):
+        GincDataModule(world={"n_taks": 3})
+    assert world_config({"weights": [2, 2, 2], "n_tasks": 3}) == WorldConfig(n_tasks=3)  # the same mixture
