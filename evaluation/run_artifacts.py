@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 
 from analysis.output import atomic_dir
 from datamodules.ginc_datamodule import GincDataModule
-from datamodules.world import world_tokenizer
+from datamodules.world import world_config, world_tokenizer
 from lightning_modules.gpt import SPEC_FIELDS, read_checkpoint, spec_of
 from user_errors import UserError, MissingInput
 
@@ -91,22 +91,65 @@ def write_export(run_dir: Path, gpt: GPT2LMHeadModel, data_hparams: dict, info: 
 
 
 def read_source(path: str | Path) -> Source:
-    """A run's checkpoint (.ckpt) or HF export directory, or one clear error."""
+    """A run's checkpoint (.ckpt) or HF export directory, or one clear error that names the file at fault."""
     path = Path(path)
     if path.is_dir():
         if not (path / "config.json").is_file() or not (path / DATA_FILE).is_file():
             raise MissingInput(f"{path} is not an HF export of a run (needs config.json and {DATA_FILE}); point at a run's hf/ directory or a .ckpt")
-        config = GPT2Config.from_json_file(path / "config.json")
-        model = {"size": None, **asdict(spec_of(config)), "vocab_size": config.vocab_size}
-        meta = json.loads((path / DATA_FILE).read_text())
-        data, info, step = meta["data"], meta.get(RUN_INFO_KEY), meta.get("step", 0)
+        config = _read_json(path / "config.json")
+        try:
+            config = GPT2Config.from_dict(config)
+            model = {"size": None, **asdict(spec_of(config)), "vocab_size": config.vocab_size}
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise _broken(path / "config.json", f"not a GPT-2 config: {type(exc).__name__}: {_first_line(exc)}") from None
+        meta = _read_json(path / DATA_FILE)
+        where = path / DATA_FILE
+        data, info, step = meta.get("data"), meta.get(RUN_INFO_KEY), meta.get("step", 0)
     elif path.is_file():
         ckpt = read_checkpoint(path)
-        if "datamodule_hyper_parameters" not in ckpt:
+        if not isinstance(ckpt, dict) or "datamodule_hyper_parameters" not in ckpt:
             raise UserError(f"{path} was not written by train.py (no GINC datamodule settings inside); use a run's checkpoint")
-        model, data = plain(dict(ckpt["hyper_parameters"])), plain(dict(ckpt["datamodule_hyper_parameters"]))
-        info, step = ckpt.get(RUN_INFO_KEY), ckpt.get("global_step", 0)
+        where, model, data = path, ckpt.get("hyper_parameters"), ckpt["datamodule_hyper_parameters"]
+        if not isinstance(model, dict):
+            raise _broken(path, "its model settings (hyper_parameters) are not a mapping")
+        model, info, step = plain(dict(model)), ckpt.get(RUN_INFO_KEY), ckpt.get("global_step", 0)
     else:
         raise MissingInput(f"checkpoint {path} does not exist; pass a run's checkpoints/last.ckpt (or best.ckpt) or its hf/ directory")
-    data = {k: v for k, v in data.items() if k in _DATA_KEYS}
-    return Source(path, model, data, RunInfo(**info) if info else None, int(step))
+    if not isinstance(data, dict) or not isinstance(data.get("context_length"), int):
+        raise _broken(where, "it does not record the data settings the run was trained on (data: world, context_length, ...)")
+    data = {k: v for k, v in plain(dict(data)).items() if k in _DATA_KEYS}
+    try:
+        world_config(data.get("world"), "data.world.")
+    except UserError as exc:
+        raise _broken(where, f"the world it records is not one: {exc}") from None
+    if info:
+        try:
+            info = RunInfo(**info)
+        except TypeError as exc:
+            raise _broken(where, f"its run labels ({RUN_INFO_KEY}) do not fit: {_first_line(exc)}") from None
+    else:
+        info = None
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise _broken(where, f"its step is {step!r}, not a whole number")
+    return Source(path, model, data, info, step)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0][:120]
+
+
+def _broken(path: Path, why: str) -> UserError:
+    return UserError(f"{path} cannot be read back: {why}; export the run again (train.py writes it) or pass another checkpoint")
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from a file of an export, or one line naming the file."""
+    try:
+        value = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise _broken(path, f"it cannot be opened ({exc.strerror or type(exc).__name__})") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise _broken(path, f"it is not valid JSON ({_first_line(exc)})") from None
+    if not isinstance(value, dict):
+        raise _broken(path, f"it holds a JSON {type(value).__name__}, not an object")
+    return value

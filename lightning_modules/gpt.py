@@ -5,6 +5,7 @@ be overridden (`n_layer`, `n_embd`, `n_head`, `n_positions`), which is how small
 """
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -110,6 +111,9 @@ def training_threads(requested: int | None = None) -> int:
 
 def read_checkpoint(path: str | Path) -> dict:
     """A checkpoint written by train.py (they hold config objects, so not weights-only), or one clear error."""
+    if Path(path).is_file() and not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise ModelConfigError(f"{path} is not a readable checkpoint (not a file torch.save writes); "
+                               "pass a checkpoints/last.ckpt written by train.py, or the run's hf/ directory")
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as exc:  # a truncated or foreign file fails in many ways (zip, pickle, EOF, ...)
