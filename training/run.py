@@ -23,10 +23,10 @@ from lightning.pytorch.cli import LightningCLI
 from analysis.output import inside
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.settings_file import read_yaml_mapping
-from datamodules.world import WorldConfig
+from datamodules.world import world_config, world_differences
 from evaluation.ginc_curves import ideal_references
 from evaluation.quickstart_report import analyse_quickstart
-from evaluation.run_artifacts import ARCH_KEYS, RunInfo, read_source
+from evaluation.run_artifacts import ARCH_KEYS, RunInfo, Source, read_source
 from lightning_modules.callbacks import CurvesWriter, FinalExport, RunLogger, StepProgressBar
 from lightning_modules.gpt import (SPEC_FIELDS, GPTSpec, read_checkpoint, read_pretrained, resolve_device, resolve_spec,
                                   training_threads)
@@ -97,7 +97,10 @@ def stage_of(argv: Sequence[str]) -> Stage:
             name = value
             continue
         if option in ("--config", "-c") and Path(value).is_file():
-            run = read_yaml_mapping(Path(value), "config", RunConfigError).get("run")
+            config = read_yaml_mapping(Path(value), "config", RunConfigError)
+            if not config:  # jsonargparse's own word for it is "Unexpected config:"
+                raise RunConfigError(f"config {value} is empty; give the run's settings (run, model, data, trainer), as configs/tiny.yaml does")
+            run = config.get("run")
         elif option == "--run":  # a file, or inline YAML such as --run '{stage: dpo, tasks: [0]}'
             run = read_yaml_mapping(Path(value), "config", RunConfigError) if Path(value).is_file() else _inline(value)
         else:
@@ -117,9 +120,23 @@ def _inline(text: str) -> object:
         return None
 
 
+# options whose value may be a YAML file of settings (jsonargparse reads a file given to any group)
+CONFIG_OPTIONS = ("--config", "-c", "--model", "--data", "--run", "--trainer", "--model.optim", "--data.world", "--data.icl")
+
+
+def check_config_paths(argv: Sequence[str]) -> None:
+    """A config option given a directory is named as one (jsonargparse would say only that it is not a file)."""
+    for arg, value in zip(argv, [*argv[1:], ""]):
+        option, value = arg.split("=", 1) if arg.startswith("--") and "=" in arg else (arg, value)
+        if option in CONFIG_OPTIONS and value and Path(value).is_dir():
+            raise RunConfigError(f"{option} {value} is a directory; a config must be a YAML file (such as "
+                                 f"{'configs/model/gpt2-2l.yaml' if option == '--model' else 'configs/tiny.yaml'})")
+
+
 def with_stage_classes(argv: Sequence[str]) -> list[str]:
     """argv with the stage's module and datamodule classes set right after the subcommand, so that the
     configs and flags after it fill in their settings."""
+    check_config_paths(argv)
     at = next((i for i, arg in enumerate(argv) if arg in SUBCOMMANDS), None)
     if at is None:  # --help, --version: nothing to set
         return list(argv)
@@ -138,14 +155,110 @@ def check_stage(run: RunConfig, stage: Stage, model: Namespace, data: Namespace)
         raise RunConfigError(f"stage {run.stage} trains from scratch; drop model.init_from or pick a post-training stage")
 
 
-def inherit_pretrained(model: Namespace, data: Namespace) -> None:
-    """A post-training run takes the architecture and the world of the run it starts from."""
+def settings(value: object, what: str) -> dict:
+    """A group of parsed settings (a Namespace, or the plain dict jsonargparse falls back to when a value does
+    not fit the group's dataclass) as a dict; None as no settings."""
+    if value is None:
+        return {}
+    if isinstance(value, Namespace):
+        return value.as_dict()
+    if isinstance(value, dict):
+        return dict(value)
+    raise RunConfigError(f"{what} must be a mapping of settings, got {value!r}")
+
+
+def inherit_pretrained(model: Namespace, data: Namespace, given_model: dict, given_data: dict) -> None:
+    """A post-training run takes the architecture and the world of the run it starts from, over what its
+    configs say. `given_model` and `given_data` are the settings its flags name (`flag_settings`): one
+    that contradicts the pretrained model is refused, not silently replaced."""
     src = read_source(model.init_from)
     if src.path.is_dir():
         read_pretrained(src.path)  # broken weights stop here, before the run directory exists
+    contradiction = pretrained_contradiction(src, given_model, given_data)
+    if contradiction:
+        raise RunConfigError(f"{contradiction} in the pretrained model {src.path}; drop the flag: post-training keeps "
+                             "the world, context length and architecture of the model it starts from")
     for key in ARCH_KEYS:
         setattr(model, key, src.model.get(key))
     data.world, data.context_length = Namespace(**src.data["world"]), src.data["context_length"]
+
+
+def pretrained_contradiction(src: Source, given_model: dict, given_data: dict) -> str | None:
+    """'<setting> <value> here, <value>' for the first world, context or architecture setting a flag gives
+    that differs from the pretrained model's; None where all agree."""
+    theirs = world_config(src.data.get("world"))
+    given_world = settings(given_data.get("world"), "data.world")
+    if given_world:
+        mine = world_config({**(src.data.get("world") or {}), **given_world}, "data.world.")
+        for name, here, there in world_differences(mine, theirs):
+            return f"data.world.{name} {shown(here)} here, {shown(there)}"
+    context = given_data.get("context_length")
+    if context is not None and context != src.data["context_length"]:
+        return f"data.context_length {context} here, {src.data['context_length']}"
+    there = source_spec(src)
+    size = given_model.get("size")
+    if size is not None and given_model.get("n_layer") is None:  # a named size is its depth; widths are overridden beside it
+        depth = resolve_spec(size).n_layer
+        if depth != there.n_layer:
+            return f"model.size {size} gives n_layer {depth} here, {there.n_layer}"
+    for key in SPEC_FIELDS:
+        value = given_model.get(key)
+        if value is not None and value != getattr(there, key):
+            return f"model.{key} {value} here, {getattr(there, key)}"
+    vocab = given_model.get("vocab_size")
+    if vocab is not None and vocab != src.model.get("vocab_size"):
+        return f"model.vocab_size {vocab} here, {src.model.get('vocab_size')}"
+    return None
+
+
+def source_spec(src: Source) -> GPTSpec:
+    """The architecture a checkpoint or export was trained with."""
+    return resolve_spec(src.model.get("size"), **{key: src.model.get(key) for key in SPEC_FIELDS})
+
+
+def shown(value: object) -> str:
+    """A setting's value in a message: weights to 4 digits, the rest as they are."""
+    if isinstance(value, list) and all(isinstance(v, float) for v in value):
+        return "[" + ", ".join(f"{v:.4g}" for v in value) + "]"
+    return str(value)
+
+
+def resumed_contradiction(src: Source, run: RunConfig, spec: GPTSpec, model: Namespace, data: Namespace) -> str | None:
+    """'<setting> <value> here, <value>' for the first way in which the run differs from the checkpoint it
+    continues or validates: the module class, the world, the context length, the architecture."""
+    their_module, my_module = src.model.get("_class_path"), STAGES[run.stage].module
+    if their_module and their_module != my_module:
+        stages = [name for name, other in STAGES.items() if other.module == their_module] or ["another"]
+        return f"run.stage {run.stage} ({my_module}) here, a {' or '.join(stages)} run ({their_module})"
+    world = world_config(settings(data.world, "data.world"), "data.world.")
+    for name, here, there in world_differences(world, world_config(src.data.get("world"))):
+        return f"data.world.{name} {shown(here)} here, {shown(there)}"
+    if data.context_length != src.data["context_length"]:
+        return f"data.context_length {data.context_length} here, {src.data['context_length']}"
+    there = source_spec(src)
+    for key in SPEC_FIELDS:
+        if getattr(spec, key) != getattr(there, key):
+            return f"model.{key} {getattr(spec, key)} here, {getattr(there, key)}"
+    if model.vocab_size is not None and model.vocab_size != src.model.get("vocab_size"):
+        return f"model.vocab_size {model.vocab_size} here, {src.model.get('vocab_size')}"
+    return None
+
+
+def check_checkpoint_matches(ckpt: Path, run: RunConfig, spec: GPTSpec, model: Namespace, data: Namespace) -> None:
+    """--ckpt_path names a checkpoint of this run's world and model, or one line naming the first difference."""
+    contradiction = resumed_contradiction(read_source(ckpt), run, spec, model, data)
+    if contradiction:
+        config = ckpt.resolve().parent.parent / "config.yaml"
+        fix = f" (its run's config.yaml lists them: {config})" if config.is_file() else ""
+        raise RunConfigError(f"{contradiction} in the checkpoint {ckpt}; --ckpt_path continues or validates a run with the "
+                             f"world and model it was trained on: give the settings it was trained with{fix}")
+
+
+def checkpoint_of(run: RunConfig, ckpt_path: str | None) -> Path | None:
+    """The file --ckpt_path names (`last`: the named run's last.ckpt); `_run_directory` has checked it exists."""
+    if ckpt_path is None:
+        return None
+    return Path(run.root) / run.name / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
 
 
 def post_training_mixture(run: RunConfig, stage: Stage, data: Namespace) -> None:
@@ -154,7 +267,7 @@ def post_training_mixture(run: RunConfig, stage: Stage, data: Namespace) -> None
         raise RunConfigError(f"run.direction {run.direction!r} needs a post-training stage and one of favor, disfavor")
     if data.train_weights is not None:
         raise RunConfigError("give either run.direction with run.tasks or data.train_weights, not both")
-    world = WorldConfig(**{k: v for k, v in vars(data.world or Namespace()).items() if not k.startswith("__")})
+    world = world_config(settings(data.world, "data.world"), "data.world.")
     data.train_weights = post_training_weights(world.weights, run.direction, run.tasks or [])
 
 
@@ -181,6 +294,9 @@ def _run_directory(run: RunConfig, ckpt_path: str | None, model_label: str) -> P
     if ckpt_path == "last" and run.name is None:
         raise RunConfigError("--ckpt_path last needs --run.name NAME (the run to resume), or give the checkpoint's path")
     if ckpt_path not in (None, "last"):
+        if Path(ckpt_path).is_dir():
+            raise RunConfigError(f"ckpt_path {ckpt_path} is a directory; pass a checkpoint file such as runs/NAME/checkpoints/last.ckpt "
+                                 "(an hf/ export starts post-training: --model.init_from)")
         if not Path(ckpt_path).is_file():
             raise MissingInput(f"ckpt_path {ckpt_path} does not exist; pass runs/NAME/checkpoints/last.ckpt or --run.name NAME --ckpt_path last")
         read_checkpoint(ckpt_path)
@@ -205,12 +321,42 @@ def run_info(run: RunConfig, stage: Stage, spec: GPTSpec, data: Namespace) -> Ru
                    amount=amount if post else "", layers=spec.n_layer, target=" ".join(map(str, run.tasks or [])))
 
 
+def flag_settings(parser: object, argv: Sequence[str]) -> Namespace:
+    """The settings the flags name themselves: argv parsed without its --config files and without defaults.
+    A config file's world and model sections give way to a pretrained model's (the stage configs say so); a
+    flag asks for its value, so post-training refuses one that the pretrained model contradicts."""
+    flags, skip = [], False
+    for arg in argv:
+        if skip or arg in ("--config", "-c") or arg.startswith("--config="):
+            skip = arg in ("--config", "-c")
+            continue
+        flags.append(arg)
+    try:
+        return parser.parse_args(flags, defaults=False)
+    except (ArgumentError, ValueError):  # a flag that needs its config to parse: judge the configs' settings too
+        return parser.parse_args(list(argv), defaults=False)
+
+
 class TrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_class_arguments(RunConfig, "run")
 
     def parse_arguments(self, parser, args) -> None:
-        self.config = parser.parse_args(with_stage_classes(sys.argv[1:] if args is None else args))
+        argv = with_stage_classes(sys.argv[1:] if args is None else args)
+        self.config = parser.parse_args(argv)
+        subcommand = self.config.get("subcommand")
+        starts_from = subcommand and self.config[subcommand].get("model.init_args.init_from")
+        self.given = flag_settings(parser, argv).get(subcommand) if starts_from else None
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning would load a --ckpt_path file here (weights-only, so a broken one is a traceback) and put
+        its model settings over the ones given, silently and only for a path (not for `last`). train.py keeps
+        the settings given and checks in `before_instantiate_classes` that the checkpoint is readable and of
+        the same world and model."""
+
+    def given_settings(self, group: str) -> dict:
+        given = self.given.get(f"{group}.init_args") if self.given is not None else None
+        return settings(given, group)
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -218,13 +364,18 @@ class TrainCLI(LightningCLI):
         stage = STAGES[run.stage]
         check_stage(run, stage, cfg.model, cfg.data)
         if stage.needs_init:
-            inherit_pretrained(model, data)
+            inherit_pretrained(model, data, self.given_settings("model"), self.given_settings("data"))
+        else:
+            world_config(settings(data.world, "data.world"), "data.world.")  # finite and in range, named by flag
         if run.direction is not None:
             post_training_mixture(run, stage, data)
         check_schedule(run, cfg.trainer)
         torch.set_num_threads(training_threads(run.cpu_threads))
         spec = resolve_spec(model.size, **{key: getattr(model, key) for key in SPEC_FIELDS})
         self.run_dir = run_directory(run, cfg.get("ckpt_path"), spec.label, self.subcommand)
+        ckpt = checkpoint_of(run, cfg.get("ckpt_path"))
+        if ckpt is not None:
+            check_checkpoint_matches(ckpt, run, spec, model, data)
         self.run_info = run_info(run, stage, spec, data)
 
     def instantiate_trainer(self, **kwargs) -> object:
