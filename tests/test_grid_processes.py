@@ -184,7 +184,7 @@ def test_cells_that_slurm_still_holds_are_not_trained_here(tmp_path, monkeypatch
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     assert ablate.main(["--config", str(config)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "cell gpt2-1l/pretrain are SLURM jobs still queued or running (job 777)" in err[0], err
+    assert len(err) == 1 and "cell gpt2-1l/pretrain is a SLURM job still queued or running (job 777)" in err[0], err
     assert sorted(p.name for p in out.iterdir()) == ["slurm"]
 
 

@@ -812,9 +812,10 @@ def run_grid(cfg: AblationConfig, stop_after: int | None = None, parallel: int =
             queued = slurm.queued_cells(out)
             if queued:
                 name, job = next(iter(queued.items()))
-                raise UserError(f"{out}: cell {name}" + (f" and {len(queued) - 1} more" if len(queued) > 1 else "")
-                                + f" are SLURM jobs still queued or running (job {job}); wait for them with "
-                                  "`--launcher slurm`, or scancel them, then rerun")
+                raise UserError(f"{out}: " + (f"cell {name} is a SLURM job" if len(queued) == 1 else
+                                               f"cells {name} and {len(queued) - 1} more are SLURM jobs")
+                                + f" still queued or running (job {job}); wait for them with `--launcher slurm`, "
+                                  "or scancel them, then rerun")
             children_die_with_me()  # a DataLoader's workers forked here die with this process
             parallel = worker_count(cfg, out, stop_after, parallel)
         with worker_pool(parallel if launcher == "local" else 1) as pool:
