@@ -86,7 +86,8 @@ def test_a_bad_setting_is_refused_before_anything_is_made(tmp_path, capsys, extr
      "cell gpt2-1l/dpo-favor-16: train.py refuses its flags: model: Option 'betaa' is not accepted (fix base_configs, "
      "overrides or posttrain_overrides, method_overrides.dpo)"),
     ({"overrides": [*SMALL, "--trainer.max_epochss", "3"]}, "unrecognized arguments: --trainer.max_epochss 3"),
-    ({"overrides": [*SMALL, "--data.world.n_tasks", "0"]}, "cell gpt2-1l/pretrain: n_tasks must be >= 1, got 0"),
+    ({"overrides": [*SMALL, "--data.world.n_tasks", "0"]}, "cell gpt2-1l/pretrain: data.world.n_tasks must be >= 1, got 0"),
+    ({"overrides": [*SMALL, "--data.world.start_temperature", "nan"]}, "cell gpt2-1l/pretrain: data.world.start_temperature"),
     ({"overrides": [*SMALL, "--run.root", "elsewhere"]}, "set run.root to 'elsewhere', which the grid sets itself"),
     ({"posttrain_overrides": ["--run.tasks", "[1]"]}, "set run.tasks to [1], which the grid sets itself ([0], from tasks)"),
     ({"posttrain_overrides": ["--data.train_weights", "[1, 0, 0]"]}, "give either run.direction with run.tasks or "

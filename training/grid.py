@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -219,19 +218,18 @@ class AblationConfig:
         the world and each size resolve, the tasks are tasks of that world, and a given pretrained model is
         loadable and of the grid's world and size. Cells whose flags differ only in what the amount sets are
         parsed once (a grid of 28 cells: 5 parses)."""
-        from jsonargparse import Namespace
-
-        from datamodules.world import WorldConfig
+        from datamodules.world import world_config
         from lightning_modules.gpt import SPEC_FIELDS, resolve_spec
         from training import run as train
 
-        out, parser, seen = Path(self.root) / self.name, _train_parser(), set()
+        out, parser, seen = Path(self.root) / self.name, train.train_parser(), set()
         for size in self.sizes:
             pre = Cell(size, "pretrain")
             settings = _parse_cell(parser, self, pre, out, path, seen)
             model, data = settings.model.init_args, settings.data.init_args
             with _in_cell(path, pre, self):
-                world = WorldConfig(**{k: v for k, v in vars(data.world or Namespace()).items() if not k.startswith("__")})
+                given = data.world or {}
+                world = world_config(given if isinstance(given, dict) else vars(given), "data.world.")
                 spec = resolve_spec(model.size, **{key: getattr(model, key) for key in SPEC_FIELDS})
                 if size not in self.pretrained:
                     train.check_stage(settings.run, train.STAGES["pretrain"], settings.model, settings.data)
@@ -307,28 +305,6 @@ def cell_args(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | Non
 
 # the flags whose values differ between the cells of one (size, method, direction): what the amount sets, and names
 _PER_CELL = ("--run.name", "--model.init_from", "--data.train_documents", "--trainer.max_steps", "--trainer.val_check_interval")
-
-
-@functools.cache
-def _train_parser() -> object:
-    """train.py's own argument parser (training.run's TrainCLI, built by its cli_main), caught before it parses."""
-    from unittest import mock
-
-    from training import run as train
-
-    class Parsed(Exception):
-        pass
-
-    class ParserOnly(train.TrainCLI):
-        def parse_arguments(self, parser: object, args: object) -> None:
-            raise Parsed(parser)
-
-    with mock.patch.object(train, "TrainCLI", ParserOnly):
-        try:
-            train.cli_main([])
-        except Parsed as got:
-            return got.args[0]
-    raise RuntimeError("training.run.cli_main no longer builds its parser through TrainCLI")
 
 
 def _sources(cfg: AblationConfig, cell: Cell) -> str:

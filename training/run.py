@@ -5,6 +5,7 @@ Lightning CLI that builds and trains the model, the quickstart, and bad input as
 """
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import sys
@@ -475,8 +476,8 @@ def cli_main(args: Sequence[str] | None) -> TrainCLI:
         raise
 
 
-def _cli(args: Sequence[str] | None) -> TrainCLI:
-    return TrainCLI(CausalLMModule, GincDataModule, subclass_mode_model=True, subclass_mode_data=True,
+def _cli(args: Sequence[str] | None, cli: type[TrainCLI] = TrainCLI) -> TrainCLI:
+    return cli(CausalLMModule, GincDataModule, subclass_mode_model=True, subclass_mode_data=True,
                     args=None if args is None else list(args),
                     # a bad flag raises, so main() can say it in one line instead of printing the whole usage
                     parser_kwargs={"description": HELP, "default_env": False, "exit_on_error": False},
@@ -486,6 +487,26 @@ def _cli(args: Sequence[str] | None) -> TrainCLI:
                     seed_everything_default=0,  # same seed, same initial weights: runs compare and resume exactly
                     trainer_defaults={"use_distributed_sampler": False},  # the datamodule shards by rank itself
                     save_config_kwargs={"overwrite": True})
+
+
+class _Parsed(Exception):
+    pass
+
+
+@functools.cache
+def train_parser() -> object:
+    """train.py's argument parser, built as cli_main builds it, stopped before it parses: to check a flag list
+    (a grid's cells) without building or training anything."""
+
+    class ParserOnly(TrainCLI):
+        def parse_arguments(self, parser: object, args: object) -> None:
+            raise _Parsed(parser)
+
+    try:
+        _cli([], ParserOnly)
+    except _Parsed as got:
+        return got.args[0]
+    raise RuntimeError("TrainCLI no longer parses through parse_arguments")
 
 
 _UNION_ERROR = "Does not validate against any of the Union subtypes"
