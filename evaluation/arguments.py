@@ -13,8 +13,12 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (`python {self.prog} --help` lists the options)\n")
 
 
+# Larger counts and seeds are typos, not requests: tables hold 32-bit integers, and the work would never end.
+MOST = 2**31 - 1
+
+
 def whole_number(least: int):
-    """An argparse type: an integer >= least, refused with what it must be (a count of 0 that would write
+    """An argparse type: an integer from least to MOST, refused with what it must be (a count of 0 that would write
     an empty table, a negative seed that numpy cannot use)."""
 
     def parse(text: str) -> int:
@@ -24,6 +28,8 @@ def whole_number(least: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give one >= {least}") from None
         if value < least:
             raise argparse.ArgumentTypeError(f"{value} must be >= {least}")
+        if value > MOST:
+            raise argparse.ArgumentTypeError(f"{value} is beyond {MOST}; give a whole number from {least} to {MOST}")
         return value
 
     parse.__name__ = f"whole number >= {least}"
