@@ -242,7 +242,7 @@ def test_a_bug_inside_the_library_keeps_its_traceback_while_bad_input_is_one_lin
 
     tiny = ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--run.root", str(tmp_path / "runs")]
     assert train.main([*tiny, "--data.world.n_tasks", "0"]) == 2  # refused while jsonargparse builds the data
-    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: n_tasks must be >= 1, got 0"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: data.world.n_tasks must be >= 1, got 0"
     monkeypatch.setattr(GincDataModule, "setup", shape_bug)
     with pytest.raises(ValueError, match="could not be broadcast"):
         train.main([*tiny, "--trainer.max_steps", "1"])
