@@ -56,12 +56,16 @@ def inside(root: str | os.PathLike, name: str, what: str, root_what: str) -> Pat
 MARKER = ".bayesian-icl-laws.json"
 _WRITER = "bayesian-icl-laws"
 
+# beside an HF export: the settings it was trained on, {data, run_info, step} (evaluation/run_artifacts.py
+# writes it); named here, below both, so that the ownership checks know an export by it
+EXPORT_DATA_FILE = "ginc_data.json"
+
 # Directories written before the marker existed are recognised by their content: every entry has a name that
 # such an output has, and one of them is a table whose header is the project's or an export's ginc_data.json.
 REPORT_ENTRIES = frozenset({
     "report.md", "plots", "fits.csv", "params.json", "shift.csv", "comparison.csv", "curves.csv", "fits", "shift",
     "reader_prior.csv", "reader_gap.csv", "config.json", "generation_config.json", "model.safetensors",
-    "tokenizer.json", "tokenizer_config.json", "ginc_data.json",
+    "tokenizer.json", "tokenizer_config.json", EXPORT_DATA_FILE,
 })
 _SIGNED_TABLES = {  # a table of an unmarked report -> columns its header always has
     "fits.csv": ("run", "k", "law", "split", "nrmse"),
@@ -69,7 +73,6 @@ _SIGNED_TABLES = {  # a table of an unmarked report -> columns its header always
     "comparison.csv": ("k", "fit", "n_params", "chi2", "aic", "bic"),
     "curves.csv": ("run", "k", "task", "shots", "prob", "nll", "acc", "count"),
 }
-_EXPORT_DATA = "ginc_data.json"  # evaluation.run_artifacts.DATA_FILE: {data, run_info, step}
 
 
 def _refuse_link(out: Path, flag: str = "--out") -> None:
@@ -163,7 +166,7 @@ def _legacy_output(out: Path, entries: Sequence[str]) -> bool:
            for name, columns in _SIGNED_TABLES.items()):
         return True
     try:
-        data = json.loads((out / _EXPORT_DATA).read_text(encoding="utf-8")) if _EXPORT_DATA in entries else None
+        data = json.loads((out / EXPORT_DATA_FILE).read_text(encoding="utf-8")) if EXPORT_DATA_FILE in entries else None
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return isinstance(data, dict) and {"data", "run_info"} <= set(data)
@@ -194,8 +197,8 @@ def _check_owned(out: Path, kind: str | None = None) -> None:
     entries = sorted(os.listdir(out))
     if not entries:
         return
-    if kind == "report" and _EXPORT_DATA in entries:
-        raise UserError(f"--out {out} is a model's HF export ({_EXPORT_DATA} is in it), which a report would "
+    if kind == "report" and EXPORT_DATA_FILE in entries:
+        raise UserError(f"--out {out} is a model's HF export ({EXPORT_DATA_FILE} is in it), which a report would "
                          "replace whole; write the report to another directory")
     written = _written_paths(out)
     if written is None:

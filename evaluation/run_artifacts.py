@@ -16,14 +16,14 @@ from pathlib import Path
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
-from analysis.output import atomic_dir
+from analysis.output import EXPORT_DATA_FILE, atomic_dir
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.world import world_config, world_tokenizer
 from lightning_modules.gpt import SPEC_FIELDS, read_checkpoint, spec_of
 from user_errors import UserError, MissingInput
 
 RUN_INFO_KEY = "run_info"  # in a checkpoint, and in DATA_FILE
-DATA_FILE = "ginc_data.json"  # beside an HF export: the datamodule settings it was trained on, its RunInfo and step
+DATA_FILE = EXPORT_DATA_FILE  # beside an HF export: the datamodule settings it was trained on, its RunInfo and step
 ARCH_KEYS = ("size", *SPEC_FIELDS, "vocab_size")  # the model's flags that fix its architecture
 _DATA_KEYS = tuple(inspect.signature(GincDataModule.__init__).parameters)[1:]
 

@@ -339,9 +339,7 @@ def _parse_cell(parser: object, cfg: AblationConfig, cell: Cell, out: Path, path
         try:
             settings = parser.parse_args(train.with_stage_classes(flags))["fit"]
         except (ArgumentError, ValueError) as exc:
-            cause = exc.__cause__  # what a class raised while jsonargparse built it
-            while cause is not None and not isinstance(cause, UserError):
-                cause = cause.__cause__
+            cause = train.user_error_in(exc)
             if cause is not None:
                 raise cause from None
             raise UserError(f"train.py refuses its flags: {_flag_reason(str(exc))}") from None
@@ -384,9 +382,10 @@ def _given_model(path: Path, size: str, ckpt: str, world: object, spec: object, 
     architecture that the grid's base configs give `size`."""
     import torch
 
-    from datamodules.world import WorldConfig
+    from datamodules.world import world_config, world_differences
     from evaluation.run_artifacts import read_source
-    from lightning_modules.gpt import SPEC_FIELDS, read_pretrained, resolve_spec
+    from lightning_modules.gpt import read_pretrained
+    from training.run import source_spec
 
     what = f"{path}: pretrained checkpoint {ckpt} for {size}"
     if not Path(ckpt).is_dir():
@@ -402,16 +401,15 @@ def _given_model(path: Path, size: str, ckpt: str, world: object, spec: object, 
         source = read_source(ckpt)
         if source.path.is_dir():
             read_pretrained(source.path)
-        theirs = WorldConfig(**source.data["world"])
-        their_spec = resolve_spec(source.model.get("size"), **{key: source.model.get(key) for key in SPEC_FIELDS})
+        theirs = world_config(source.data["world"])
+        their_spec = source_spec(source)
         their_context = source.data["context_length"]
     except UserError as exc:
         raise AblationConfigError(f"{what}: {exc}") from None
     except (KeyError, TypeError) as exc:
         raise AblationConfigError(f"{what} does not record the world it was trained on ({_reason(exc)}); pass a "
                                   "checkpoint or hf/ export written by train.py") from None
-    mine, got = dataclasses.asdict(world), dataclasses.asdict(theirs)
-    differ = [f"world.{k} {got[k]} (grid: {mine[k]})" for k in mine if got[k] != mine[k]]
+    differ = [f"world.{name} {there} (grid: {here})" for name, here, there in world_differences(world, theirs)]
     differ += [f"{k} {getattr(their_spec, k)} (grid: {getattr(spec, k)})" for k in ("n_layer", "n_embd", "n_head", "n_positions")
                if getattr(their_spec, k) != getattr(spec, k)]
     differ += [f"context_length {their_context} (grid: {context_length})"] if their_context != context_length else []
@@ -779,11 +777,7 @@ def run_grid(cfg: AblationConfig, stop_after: int | None = None, parallel: int =
     if launcher == "slurm":
         slurm.require_submitit()
     with grid_lock(out):  # one driver per grid; SLURM jobs train their cells without it
-        stale = stale_cells(cfg, out)
-        if stale:
-            raise AblationConfigError(f"{out}: cell {stale[0]}" + (f" and {len(stale) - 1} more" if len(stale) > 1 else "")
-                                      + " finished under other settings; give the grid a new name, or remove those cells' "
-                                        "directories to train them again")
+        check_finished(cfg, out)  # again under the lock: another driver may have trained since the grid was loaded
         if launcher == "local":
             queued = slurm.queued_cells(out)
             if queued:

@@ -466,14 +466,21 @@ def cli_main(args: Sequence[str] | None) -> TrainCLI:
     except UserError:
         raise
     except (ArgumentError, ValueError) as exc:
-        cause = exc.__cause__  # jsonargparse wraps what a class raised while it built it in its Union check
-        while cause is not None and not isinstance(cause, UserError):
-            cause = cause.__cause__
+        cause = user_error_in(exc)
         if cause is not None:
             raise cause from None
         if isinstance(exc, ArgumentError):
             raise UserError(f"{flag_error(str(exc))} (`python train.py fit --help` lists every option)") from exc
         raise
+
+
+def user_error_in(exc: BaseException) -> UserError | None:
+    """The UserError a class raised while jsonargparse built it (jsonargparse wraps it in its Union check),
+    or None where there is none."""
+    cause = exc.__cause__
+    while cause is not None and not isinstance(cause, UserError):
+        cause = cause.__cause__
+    return cause
 
 
 def _cli(args: Sequence[str] | None, cli: type[TrainCLI] = TrainCLI) -> TrainCLI:
