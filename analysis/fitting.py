@@ -3,9 +3,10 @@
 All fits of one law (every group x split x fit fraction x start) of the same shape run as one batched
 Levenberg-Marquardt problem; groups of other shapes run in their own batch, so no group is ever padded
 for another and a group's fit is the same alone as in any batch. Starts are read off each group's own
-curves. The best start of each fit is kept; `converged` means it ended at a stationary point of the
-(weakly regularised) least-squares objective by the step criterion of `analysis.lm`. Standard errors
-come from J^T J at the optimum.
+curves. The best start of each fit is kept; `converged` means it reached the precision `tol` (TOL by
+default): its Gauss-Newton step would lower chi-square by less than that, so it lies within sqrt(tol)
+standard errors of the optimum of the (weakly regularised) least-squares objective (`analysis.lm`).
+Standard errors come from J^T J at the optimum.
 """
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ SPACES = ("prob", "nll")
 # Weak Gaussian prior on the unconstrained parameters, in units of the mean squared point weight: as
 # informative as a millionth of one measured point, so it decides only what the data leave open.
 RIDGE = 1e-6
+# Every fit stops once its objective would fall by less than this in chi-square (analysis.lm): the
+# point is then within sqrt(TOL) = 0.1 standard errors of its optimum in any direction, so estimates
+# move by a tenth of their standard errors at most, and intervals (+-1.96 standard errors) by 5% of
+# their half-width; the resampled fits of an interval add (0.1)^2 = 1% to its variance.
+TOL = 0.01
 
 
 @dataclass
@@ -39,8 +45,11 @@ class FitConfig:
     seed: int = 0
     max_iter: int = 300
     device: str = "cpu"
+    tol: float = TOL  # precision in chi-square: see TOL
 
     def __post_init__(self) -> None:  # checked where it is made (dataclasses.replace makes a new one)
+        if not self.tol >= 0.0:
+            raise UserError(f"--tol {self.tol} must be 0 (to rounding) or more, in chi-square")
         for name in self.laws:
             get_law(name)
         for split in self.splits:
@@ -56,12 +65,15 @@ class FitConfig:
 
 @dataclass
 class Batch:
-    """Fits of one law on padded tensors: shots [G, S]; prob, nll, weight [G, C, M, S] (weight 0 = not fitted)."""
+    """Fits of one law on padded tensors: shots [G, S]; prob, nll, weight [G, C, M, S] (weight 0 = not
+    fitted); count [G, C, M, S], the prompts behind each point, or None where the weights already put the
+    residuals in units of their noise (weight = 1 / sampling error, as the shift's fits do)."""
 
     shots: torch.Tensor
     prob: torch.Tensor
     nll: torch.Tensor
     weight: torch.Tensor
+    count: torch.Tensor | None = None
 
     @property
     def dims(self) -> tuple[int, int, int]:
@@ -69,7 +81,15 @@ class Batch:
         return G, C, M
 
     def to(self, device: str | torch.device) -> Batch:
-        return Batch(self.shots.to(device), self.prob.to(device), self.nll.to(device), self.weight.to(device))
+        return Batch(self.shots.to(device), self.prob.to(device), self.nll.to(device), self.weight.to(device),
+                     None if self.count is None else self.count.to(device))
+
+    def noise(self, space: str) -> torch.Tensor:
+        """Sampling variance of each weighted residual [G, C, M, S]: w^2 p(1 - p) / count for a mean
+        probability, w^2 (1 - p) / (p count) for its -log (the delta method); 0 where not fitted."""
+        p, n = self.prob.clamp(1e-12, 1.0), self.count.clamp_min(1.0)
+        var = p * (1 - p) / n if space == "prob" else (1 - p) / (p * n)
+        return self.weight.square() * var
 
 
 @dataclass
@@ -99,30 +119,42 @@ def _residual_fn(law, batch: Batch, space: str, owner: Callable[[torch.Tensor], 
     """Residuals/Jacobian of batch rows; owner maps rows to (group, curve) indices."""
     G, C, M = batch.dims
     if isinstance(law, BayesianLaw):
+        # the original law's ordinary fit: task i's curve moves only with row i of P (blocks), and the
+        # priors and K (shared); theta is [P, priors and K], the normal equations [shared, blocks]
+        rows_of_P = law.tying == "none" and C == 1
+        columns = torch.cat([torch.arange(M, M + M * M), torch.arange(M)]).to(batch.prob.device)
 
-        def fn(theta, rows):
+        def fn(theta, rows, jacobian=True):
             g = owner(rows)
-            log_p, jac_P, jac_own = law.log_prob_and_jacobian_blocks(theta, batch.shots[g], M, C)
             w, y = batch.weight[g], (batch.prob[g] if space == "prob" else batch.nll[g])
+            A = len(rows)
+            if not jacobian:
+                log_p = law.fit_log_prob(theta, batch.shots[g], M, C)
+                return ((w * (log_p.exp() - y) if space == "prob" else w * (-log_p - y)).reshape(A, -1),)
+            log_p, jac_P, jac_own = law.log_prob_and_jacobian_blocks(theta, batch.shots[g], M, C, p_rows=rows_of_P)
             if space == "prob":
                 p = log_p.exp()
                 r, scale = w * (p - y), (w * p)[..., None]
             else:
                 r, scale = w * (-log_p - y), -w[..., None]
-            A = len(rows)
-            if C == 1:  # nothing to save: one dense Jacobian, as ordinary fits have always been formed
-                return r.reshape(A, -1), (scale * torch.cat([jac_P, jac_own], -1)).reshape(A, M * jac_P.shape[3], -1)
-            return r.reshape(A, -1), (scale * jac_P).reshape(A, C * M * jac_P.shape[3], -1), (scale * jac_own).reshape(A, C, -1, M)
-
+            S = jac_P.shape[3]
+            if rows_of_P:
+                return r.reshape(A, -1), (scale * jac_own).reshape(A, M * S, M), (scale * jac_P).reshape(A, M, S, M), columns
+            if C == 1:  # a tied law: one dense Jacobian
+                return r.reshape(A, -1), (scale * torch.cat([jac_P, jac_own], -1)).reshape(A, M * S, -1)
+            return r.reshape(A, -1), (scale * jac_P).reshape(A, C * M * S, -1), (scale * jac_own).reshape(A, C, -1, M)
 
         return fn
 
     flat = lambda t: t.reshape(G * C * M, -1)  # noqa: E731 - curves as rows
 
-    def curve_fn(theta, rows):
+    def curve_fn(theta, rows, jacobian=True):
         c = owner(rows)
-        log_p, jac = law.curve_log_prob_and_jacobian(theta, batch.shots[c // (C * M)])
         w, y = flat(batch.weight)[c], flat(batch.prob if space == "prob" else batch.nll)[c]
+        if not jacobian:
+            log_p = -law.nll(theta, batch.shots[c // (C * M)])
+            return (w * (log_p.exp() - y) if space == "prob" else w * (-log_p - y)),
+        log_p, jac = law.curve_log_prob_and_jacobian(theta, batch.shots[c // (C * M)])
         if space == "prob":
             p = log_p.exp()
             return w * (p - y), (w * p)[..., None] * jac
@@ -165,11 +197,12 @@ def fit_batch(
     max_iter: int = 300,
     extra_starts: torch.Tensor | None = None,
     progress: Callable[[int, int], None] | None = None,
-    gain_tol: float = 0.0,
+    tol: float = TOL,
 ) -> BatchFit:
     """Fit one law to every group of the batch at once from `starts` data-driven starts per group;
-    extra_starts [G, E, D] are tried beside them (e.g. a known good point); gain_tol: see levenberg_marquardt."""
-    return fit_batches(law_name, [batch], space, starts, seed, max_iter, [extra_starts], progress, gain_tol)[0]
+    extra_starts [G, E, D] are tried beside them (e.g. a known good point); tol: the precision in
+    chi-square (see fit_batches)."""
+    return fit_batches(law_name, [batch], space, starts, seed, max_iter, [extra_starts], progress, tol)[0]
 
 
 def fit_batches(
@@ -181,14 +214,20 @@ def fit_batches(
     max_iter: int = 300,
     extra_starts: list[torch.Tensor | None] | None = None,
     progress: Callable[[int, int], None] | None = None,
-    gain_tol: float = 0.0,
+    tol: float = TOL,
 ) -> list[BatchFit]:
     """`fit_batch` of several batches (of other shapes, the same parameter count) in one optimisation
     loop: each keeps its own residuals, and the rows of all advance together, so the loop's fixed cost
-    per iteration is paid once, not once per batch. Each batch's fit equals its fit alone."""
+    per iteration is paid once, not once per batch. Each batch's fit equals its fit alone.
+
+    Each fit stops once the objective would fall by less than `tol` in chi-square (levenberg_marquardt).
+    Where a batch has counts, its fits are unweighted and chi-square is the squared residuals over the
+    smaller of the points' mean sampling variance (from the counts) and the residual variance at the
+    point (per group for a Bayesian law, per curve for a baseline, whose curves are fitted apart); where
+    it has none, the weights make the residuals units of their noise and chi-square is their squared sum."""
     law = get_law(law_name)
     extra_starts = extra_starts or [None] * len(batches)
-    parts, inits, ridges, n_starts = [], [], [], []
+    parts, inits, ridges, n_starts, dofs, noises = [], [], [], [], [], []
     for batch, extra in zip(batches, extra_starts):
         G, C, M = batch.dims
         gen = torch.Generator().manual_seed(seed)  # starts are drawn on the CPU, the same on any device
@@ -198,6 +237,10 @@ def fit_batches(
             init = init if extra is None else torch.cat([init, extra.to(dev)], 1)
             R = init.shape[1]
             rows, per_row = init.reshape(G * R, -1), ridge_of(batch).repeat_interleave(R)
+            if batch.count is not None:
+                fitted = (batch.weight > 0).sum((1, 2, 3))
+                dofs.append((fitted - law.n_params(M, C)).repeat_interleave(R))
+                noises.append((batch.noise(space).sum((1, 2, 3)) / fitted.clamp_min(1)).repeat_interleave(R))
         else:
             P = law.per_curve
             init = law.starts(starts, _first_nll(batch).cpu(), gen).to(dev)  # [R, G*C*M, P]
@@ -207,18 +250,25 @@ def fit_batches(
             R = init.shape[0]
             rows = init.transpose(0, 1).reshape(-1, P)  # curve-major: row = curve * R + start
             per_row = ridge_of(batch).repeat_interleave(C * M * R)
+            if batch.count is not None:
+                fitted = (batch.weight > 0).sum(-1).reshape(-1)
+                dofs.append((fitted - P).repeat_interleave(R))
+                noises.append((batch.noise(space).sum(-1).reshape(-1) / fitted.clamp_min(1)).repeat_interleave(R))
         parts.append(_residual_fn(law, batch, space, lambda r, R=R: r // R))
         inits.append(rows)
         ridges.append(per_row)
         n_starts.append(R)
     if len(set(n_starts)) > 1:
         raise ValueError("batches fitted together need the same number of starts per fit")
+    if 0 < len(noises) < len(batches):
+        raise ValueError("batches fitted together must all have counts or all be whitened")
     sizes = [len(rows) for rows in inits]
     theta0 = torch.cat(inits)
     result = levenberg_marquardt(
         Stacked(parts, sizes) if len(parts) > 1 else parts[0], theta0, max_iter, ridge=torch.cat(ridges),
         progress=progress, starts_of=torch.arange(len(theta0), device=theta0.device) // n_starts[0],
-        gain_tol=gain_tol,
+        tol=tol, noise=torch.cat(noises).to(theta0.dtype) if noises else None,
+        dof=torch.cat(dofs).to(theta0.dtype) if dofs else None,
     )
     fits, offset = [], 0
     for batch, size in zip(batches, sizes):
@@ -303,15 +353,20 @@ def flat_params(params: dict) -> dict[str, float]:
 
 def named_stderr(law_name: str, theta: torch.Tensor, cov: torch.Tensor, M: int, C: int = 1) -> dict:
     """Standard errors of the interpretable parameters (delta method), keyed and shaped like `named`."""
+    return named_stderrs(law_name, theta[None], cov[None], M, C)[0]
+
+
+def named_stderrs(law_name: str, theta: torch.Tensor, cov: torch.Tensor, M: int, C: int = 1) -> list[dict]:
+    """`named_stderr` of many fits at once: theta [G, D], cov [G, D, D] -> G dicts."""
     law = get_law(law_name)
-    named = law.named_tensors(theta, M, C)
+    named = law.named_tensors(theta[0], M, C)
     flat = lambda t: torch.cat([v.flatten() for v in law.named_tensors(t, M, C).values()])  # noqa: E731
-    jac = torch.func.jacrev(flat)(theta)
+    jac = torch.func.vmap(torch.func.jacrev(flat))(theta)  # [G, entries, D]
     sd = ((jac @ cov) * jac).sum(-1).clamp_min(0).sqrt()
     sizes = [v.numel() for v in named.values()]
-    shaped = {k: part.reshape(v.shape) for (k, v), part in zip(named.items(), sd.split(sizes))}
     per_condition = ("priors", "K") if isinstance(law, BayesianLaw) else law.param_names
-    return as_lists(shaped, C, per_condition)
+    return [as_lists({k: part.reshape(v.shape) for (k, v), part in zip(named.items(), row.split(sizes))}, C, per_condition)
+            for row in sd]
 
 
 def _first_nll(batch: Batch) -> torch.Tensor:
@@ -373,7 +428,8 @@ def stack_groups(groups: list[CurveGroup], fit_masks: list[np.ndarray]) -> Batch
         raise ValueError("stack_groups needs groups with the same number of tasks and shots; batch each shape apart")
     t = lambda a: torch.as_tensor(np.stack(a), dtype=torch.float64)  # noqa: E731
     return Batch(t([g.shots for g in groups]), t([np.nan_to_num(g.prob)[None] for g in groups]),
-                 t([np.nan_to_num(g.nll)[None] for g in groups]), t([fm[None].astype(np.float64) for fm in fit_masks]))
+                 t([np.nan_to_num(g.nll)[None] for g in groups]), t([fm[None].astype(np.float64) for fm in fit_masks]),
+                 t([np.nan_to_num(g.count, nan=1.0)[None] for g in groups]))
 
 
 @dataclass
@@ -426,12 +482,13 @@ def fit_groups(groups: list[CurveGroup], config: FitConfig, stream=None) -> list
         batches = [stack_groups([j.group for j in b], [j.fit_mask for j in b]).to(config.device) for b in buckets]
         total = sum(len(b) * config.starts * (1 if isinstance(law, BayesianLaw) else b[0].group.n_tasks) for b in buckets)
         fits = fit_batches(law_name, batches, config.space, config.starts, config.seed, config.max_iter,
-                           progress=lambda it, active: progress.update(0, f"iteration {it}, {active}/{total} starts improving"))
+                           tol=config.tol, progress=lambda it, active: progress.update(0, f"iteration {it}, {active}/{total} starts improving"))
         for bucket, batch, fit in zip(buckets, batches, fits):
             M = bucket[0].group.n_tasks
             log_p = predict(law_name, fit.theta, batch.shots, M)[:, 0].cpu().numpy()
             theta, loss, converged = fit.theta.cpu(), fit.loss.cpu(), fit.converged.cpu()
             cov = theta_covariance(law_name, batch.to("cpu"), theta, config.space)
+            stderrs = named_stderrs(law_name, theta, cov, M)
             for row, j in enumerate(bucket):
                 n_fit = max(int(j.fit_mask.sum()), 1)
                 results.append(FitResult(
@@ -439,7 +496,7 @@ def fit_groups(groups: list[CurveGroup], config: FitConfig, stream=None) -> list
                     nrmse=nrmse(np.exp(log_p[row]), j.group.prob, j.eval_mask),
                     nrmse_nll=nrmse(-log_p[row], j.group.nll, j.eval_mask),
                     n_params=law.n_params(M), loss=float(2 * loss[row]) / n_fit, converged=bool(converged[row]),
-                    params=law.named(theta[row], M), stderr=named_stderr(law_name, theta[row], cov[row], M),
+                    params=law.named(theta[row], M), stderr=stderrs[row],
                     theta=theta[row],
                 ))
         shapes = ", ".join(f"{len(b)} of {b[0].group.n_tasks} tasks x {len(b[0].group.shots)} shots" for b in buckets)

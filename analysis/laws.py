@@ -28,12 +28,10 @@ def _sigmoid(x: torch.Tensor) -> torch.Tensor:
     return 1.0 / (1.0 + torch.exp(-x))
 
 
-def _lse_softmax(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logsumexp and softmax over the last dim from one exp (the fit's hot loop needs both)."""
-    top = e.amax(-1, keepdim=True)
-    ex = torch.exp(e - top)
-    total = ex.sum(-1, keepdim=True)
-    return (top + total.log()).squeeze(-1), ex / total
+def _softmax(e: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim, the same arithmetic wherever a row sits in the batch."""
+    ex = torch.exp(e - e.amax(-1, keepdim=True))
+    return ex / ex.sum(-1, keepdim=True)
 
 
 @dataclass(frozen=True)
@@ -84,28 +82,43 @@ class BayesianLaw:
         own = jac_own[:, :, :, :, None, :] * torch.eye(C, dtype=theta.dtype, device=theta.device)[:, None, None, :, None]
         return log_p, torch.cat([jac_P, own.flatten(-2)], -1)
 
-    def log_prob_and_jacobian_blocks(self, theta: torch.Tensor, shots: torch.Tensor, M: int, C: int):
+    def log_prob_and_jacobian_blocks(self, theta: torch.Tensor, shots: torch.Tensor, M: int, C: int,
+                                     p_rows: bool = False):
         """log p [B, C, M, S] and the Jacobian's nonzero blocks: d log p / d (P part) [B, C, M, S, p_size]
         and d log p / d (own condition's M - 1 prior logits, log K) [B, C, M, S, M]. A joint fit's
         Jacobian is zero between a condition's points and another condition's parameters; keeping
-        only these blocks makes its normal equations C times cheaper to form."""
-        return self._evaluate(theta, shots, M, C, jacobian=True)
+        only these blocks makes its normal equations C times cheaper to form. With p_rows (the original
+        law), the P part is given as d log p_i / d (logit P[i, m]) [B, C, M(i), S, M(m)] alone: task i's
+        curve depends only on row i of P, which makes an ordinary fit's normal equations M times cheaper."""
+        return self._evaluate(theta, shots, M, C, jacobian=True, p_rows=p_rows)
 
-    def _evaluate(self, theta, shots, M, C, jacobian):
+    def fit_log_prob(self, theta: torch.Tensor, shots: torch.Tensor, M: int, C: int) -> torch.Tensor:
+        """log p [B, C, M, S], bitwise as log_prob_and_jacobian_blocks gives it, without the Jacobian."""
+        return self._evaluate(theta, shots, M, C, jacobian=False, exact=True)[0]
+
+    def _evaluate(self, theta, shots, M, C, jacobian, p_rows=False, exact=False):
         log_rho, log_P, log_K = self.structure(theta, M, C)
         K = log_K.exp()[:, :, None, None, None]  # [B, C, 1, 1, 1]
         n = shots[:, None, None, :, None]  # [B, 1, 1, S, 1]
         lp = log_P[:, None, :, None, :]  # [B, 1, M(i), 1, M(m)]
         e0 = log_rho[:, :, None, None, :] + K * n * lp
-        e1 = e0 + lp
+        if not (jacobian or exact):
+            return (torch.logsumexp(e0 + lp, -1) - torch.logsumexp(e0, -1),)
+        # the fit's path: p_i(n) = sum_m w0_m P_im with w0 the posterior after n shots, one exp for both
+        w0 = _softmax(e0)
+        joint = w0 * lp.exp()
+        p = joint.sum(-1)
         if not jacobian:
-            return (torch.logsumexp(e1, -1) - torch.logsumexp(e0, -1),)
-        (lse1, w1), (lse0, w0) = _lse_softmax(e1), _lse_softmax(e0)
+            return (p.log(),)
+        w1 = joint / p[..., None]  # the posterior after n + 1 shots
         d_rho = w1 - w0  # d log p / d log rho_m, and also d / d prior logit_m since sum_m d_rho = 0
         d_K = (K * n * lp * d_rho).sum(-1, keepdim=True)  # d log p / d log K
         d_P = (K * n + 1) * w1 - K * n * w0  # d log p_i / d log P_im, for row i only
-        jac_P = self._p_jacobian(d_P, theta[:, : self.p_size(M)], M)
-        return lse1 - lse0, jac_P, torch.cat([d_rho[..., : M - 1], d_K], -1)
+        if p_rows and self.tying == "none":  # log P_im = logsigmoid(q_im): derivative 1 - P_im
+            jac_P = d_P * _sigmoid(-theta[:, : M * M]).reshape(-1, 1, M, 1, M)
+        else:
+            jac_P = self._p_jacobian(d_P, theta[:, : self.p_size(M)], M)
+        return p.log(), jac_P, torch.cat([d_rho[..., : M - 1], d_K], -1)
 
     def _p_jacobian(self, d_P: torch.Tensor, p_raw: torch.Tensor, M: int) -> torch.Tensor:
         """Chain d log p_i / d log P_im [B, C, M(i), S, M(m)] to the P part of theta."""
@@ -164,7 +177,8 @@ class BayesianLaw:
         diagonal) at the level that uniform priors need to give the first fitted point. The starts
         spread K over K * (last fitted shot) in [0.3, 300] and scatter the rest with growing noise;
         every fourth start has no diagonal preference, so mirrored basins of the original law are
-        explored too and the best is kept."""
+        explored too and the best is kept. Every condition gets the same noise on its priors and K, so
+        the starts of a joint fit do not depend on the order of its conditions."""
         G, C, M, S = prob.shape
         fitted = (weight > 0).to(prob.dtype)
         first = fitted * (fitted.cumsum(-1) == 1)
@@ -188,7 +202,10 @@ class BayesianLaw:
         per_cond[..., M - 1] = log_K[:, :, None]
         theta = torch.cat([p_part, per_cond.flatten(-2)], -1)
         scale = torch.linspace(0.0, 0.5, R, dtype=prob.dtype)[:, None]
-        noise = scale * torch.randn(R, theta.shape[-1], generator=generator, dtype=prob.dtype)
+        # one draw for the P part and one condition's priors and K, the latter given to every condition:
+        # a start does not depend on the order of the conditions (permuting them permutes its blocks)
+        noise = scale * torch.randn(R, p_part.shape[-1] + M, generator=generator, dtype=prob.dtype)
+        noise = torch.cat([noise[:, :-M], noise[:, -M:].repeat(1, C)], -1)
         return theta + noise.to(prob.device)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 
 from analysis.fitting import RIDGE, FitConfig, FitResult, flat_params, predict, undetermined
 from analysis.laws import BAYESIAN_NAMES
-from analysis.lm import FTOL, XTOL
+from analysis.lm import FTOL, WINDOW, XTOL
 from analysis.output import file_names, markdown_table, shots_grid, write_csv
 
 FIT_COLUMNS = ("run", "k", "law", "split", "nrmse", "nrmse_nll", "n_params", "loss", "converged", "fit_fraction")
@@ -124,10 +125,16 @@ def write_fit_outputs(results: list[FitResult], config: FitConfig, curves_path: 
         "shots and evaluates the rest.", "",
         "## Mean NRMSE over groups", "", summary_table(results), "",
         "## Convergence", "",
-        f"A fit converged when, from its parameters, the Gauss-Newton step is below {XTOL:g} x (1 + max |theta|) "
-        f"in every unconstrained parameter or the gain it predicts is below {FTOL:g} of the objective: a "
-        f"stationary point of the least-squares loss (plus a prior {RIDGE:g} times as informative as one "
-        f"point on each unconstrained parameter), reached within {config.max_iter} iterations.", "",
+        f"A fit converged when, from its parameters, the Gauss-Newton step would lower chi-square by less than "
+        f"{config.tol:g} (--tol): the optimum of the least-squares loss (plus a prior {RIDGE:g} times as informative "
+        f"as one point on each unconstrained parameter) is then within {math.sqrt(config.tol):.2g} standard errors "
+        "in any direction. The fits are unweighted; chi-square is their squared residuals over the smaller of the "
+        "points' mean sampling variance (p(1-p)/count, from the table's counts) and the residual variance at the "
+        f"fit. Also converged: a stationary point to rounding (step below {XTOL:g} x (1 + max |theta|), or a "
+        f"predicted gain below {FTOL:g} of the objective). A fit not converged ran to {config.max_iter} iterations, "
+        f"or crept: two windows of {WINDOW} accepted steps in a row each gained less than {config.tol:g} (a curved "
+        "valley, or an optimum at the edge of the parameter space approached ever more slowly), or every step "
+        "failed.", "",
         f"{len(results) - len(failed)} of {len(results)} fits converged."
         + "".join(f"\n- not converged: {r.group.label}, {r.law}, {split_label(r)}" for r in failed), "",
         *(["## Skipped fits", "", *[f"- {line}" for line in skipped], ""] if skipped else []),

@@ -6,10 +6,15 @@ fit refits everything per condition, starting also from the joint fit's values, 
 sqrt(p(1-p)/count), i.e. maximum likelihood under that Gaussian noise model, so their chi-square,
 AIC and BIC compare them; so does NRMSE on held-out late shots.
 
-Intervals are normal bootstrap intervals on a link scale (logit for probabilities, log for K,
-log(1 + n) for shots): estimate +- z x the standard deviation of the resampled estimates there, each
-resampled table fitted from the table's own fit (near its optimum) and a few starts of its own, until
-a step would gain less than 0.001 in chi-square / 2. They always contain
+The law is chosen at each k by the evidence unless it is given: the joint fit of each of the three
+Bayesian laws to all shots, and the law of the lowest BIC (chi-square + parameters x log points) is
+used; every law's score and its estimates of the priors are kept beside it (`LawChoice`).
+
+Every fit stops at the precision `tol` in chi-square (analysis.lm; the residuals here are in units of
+their sampling error). Intervals are normal bootstrap intervals on a link scale (logit for
+probabilities, log for K, log(1 + n) for shots): estimate +- z x the standard deviation of the
+resampled estimates there, each resampled table fitted from the table's own fit (near its optimum) and
+a few starts of its own. They always contain
 the estimate and stay inside the parameter's range. Where the resampled fits agree more closely than
 the curvature of the fit allows (all stopping at the same place in a direction the data leave open),
 the curvature's standard deviation is used instead, and a parameter whose standard error exceeds its
@@ -17,6 +22,7 @@ value is marked as not determined by the data.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -31,21 +37,19 @@ import numpy as np
 import torch
 
 from analysis.curves import CONDITION_COLUMNS, CurveGroup, standard_error
-from analysis.fitting import Batch, fit_batch, named_stderr, nrmse, predict, theta_covariance, undetermined
+from analysis.fitting import TOL, Batch, BatchFit, fit_batch, named_stderr, named_stderrs, nrmse, predict, theta_covariance, undetermined
 from analysis.laws import BAYESIAN_NAMES, BayesianLaw, get_law
 from analysis.progress import Progress
 from user_errors import UserError
 
 FITS = ("shared", "free")
-# A resampled fit stops once a Gauss-Newton step would gain less than this in chi-square / 2: the
-# optimum is then within about sqrt(2 x 1e-3) = 0.045 standard errors, far below the spread it measures.
-RESAMPLE_GAIN_TOL = 1e-3
+TIED_NAMES = tuple(name for name in BAYESIAN_NAMES if get_law(name).tying != "none")
 
 
 @dataclass
 class ShiftConfig:
     baseline: str
-    law: str = "bayesian_sampling"
+    law: str | None = None  # None: at each k, the Bayesian law whose joint fit has the lowest BIC
     holdout_fraction: float = 0.5
     resamples: int = 100
     level: float = 0.95
@@ -55,10 +59,14 @@ class ShiftConfig:
     seed: int = 0
     max_iter: int = 300
     workers: int = 0  # processes for the k values; 0: one per k when the table is large (see workers_for)
+    tol: float = TOL  # precision of every fit, in chi-square (analysis.fitting.TOL)
 
     def __post_init__(self) -> None:  # checked where it is made (dataclasses.replace makes a new one)
-        if self.law not in BAYESIAN_NAMES:
-            raise UserError(f"shift needs a Bayesian law, not {self.law!r}; choose from {', '.join(BAYESIAN_NAMES)}")
+        if self.law is not None and self.law not in BAYESIAN_NAMES:
+            raise UserError(f"shift needs a Bayesian law, not {self.law!r}; choose from {', '.join(BAYESIAN_NAMES)} "
+                             "(or leave it out to choose by the evidence)")
+        if not self.tol >= 0.0:
+            raise UserError(f"--tol {self.tol} must be 0 (to rounding) or more, in chi-square")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise UserError(f"--holdout-fraction {self.holdout_fraction} must lie strictly between 0 and 1")
         if not 0.0 < self.level < 1.0:
@@ -99,6 +107,7 @@ class ModelFit:
     """One of the two models at one k: parameters per condition, with resampled parameters for intervals."""
 
     name: str
+    law: str
     theta: torch.Tensor  # shared: [1, D]; free: [C, D]
     stderr: list[dict]  # per condition, keyed like named_per_condition
     n_params: int
@@ -200,9 +209,10 @@ def _batch(cond: Conditions, prob: np.ndarray, fit_mask: np.ndarray, shared: boo
 
 
 def _fit(cond: Conditions, prob: np.ndarray, fit_mask: np.ndarray, shared: bool, config: ShiftConfig,
-         starts: int, extra_starts: torch.Tensor | None = None, gain_tol: float = 0.0):
-    return fit_batch(config.law, _batch(cond, prob, fit_mask, shared), starts=starts, seed=config.seed,
-                     max_iter=config.max_iter, extra_starts=extra_starts, gain_tol=gain_tol)
+         starts: int, extra_starts: torch.Tensor | None = None, law: str | None = None) -> BatchFit:
+    """Fits of `law` (default: config.law) to prob [R, C, M, S], each stopping at config.tol in chi-square."""
+    return fit_batch(law or config.law, _batch(cond, prob, fit_mask, shared), starts=starts, seed=config.seed,
+                     max_iter=config.max_iter, extra_starts=extra_starts, tol=config.tol)
 
 
 def log_prob(law_name: str, theta: torch.Tensor, shots: torch.Tensor, M: int, C: int, shared: bool) -> torch.Tensor:
@@ -219,12 +229,23 @@ def per_condition_thetas(law_name: str, theta: torch.Tensor, M: int, C: int) -> 
     return torch.cat([theta[:p].expand(C, p), theta[p:].reshape(C, M)], 1)
 
 
-def _fit_to(mask: np.ndarray, cond: Conditions, config: ShiftConfig, joint_theta: torch.Tensor | None = None):
+def _fit_to(mask: np.ndarray, cond: Conditions, config: ShiftConfig, joint_theta: torch.Tensor | None = None,
+            law: str | None = None, tied: Mapping[str, BatchFit] | None = None) -> BatchFit:
     """The joint fit to the points in `mask`, or, given the joint fit's theta [D], the free fit, which
-    starts also from each condition's part of it."""
+    starts also from each condition's part of it; of `law` (default: config.law). The original law's joint
+    fit starts also from the tied laws' joint fits to the same points (`tied`, made here if not given):
+    it contains them, so it never fits worse, and from its data-driven starts alone it often ended far
+    from its optimum."""
     C, M, _ = cond.prob.shape
-    start = None if joint_theta is None else per_condition_thetas(config.law, joint_theta, M, C)[:, None]
-    return _fit(cond, cond.prob[None], mask, joint_theta is None, config, config.starts, start)
+    law = law or config.law
+    if joint_theta is not None:
+        start = per_condition_thetas(law, joint_theta, M, C)[:, None]
+    elif get_law(law).tying == "none":
+        tied = tied or {name: _fit_to(mask, cond, config, law=name) for name in TIED_NAMES}
+        start = torch.stack([_as_original(name, fit.theta[0], M) for name, fit in tied.items()])[None]
+    else:
+        start = None
+    return _fit(cond, cond.prob[None], mask, joint_theta is None, config, config.starts, start, law)
 
 
 def _n_params(law_name: str, M: int, C: int, shared: bool) -> int:
@@ -232,38 +253,107 @@ def _n_params(law_name: str, M: int, C: int, shared: bool) -> int:
     return law.n_params(M, C) if shared else C * law.n_params(M)
 
 
-def fit_model(cond: Conditions, config: ShiftConfig, resamples: np.ndarray, nested_in: ModelFit | None = None) -> ModelFit:
+def fit_model(cond: Conditions, config: ShiftConfig, resamples: np.ndarray, nested_in: ModelFit | None = None,
+              full: BatchFit | None = None) -> ModelFit:
     """The joint fit, or, given the joint fit as `nested_in`, the free fit, which also starts from the
     joint fit's parameters of each condition: the free model contains the joint one, so its fit is never
-    worse, and a condition whose curves the data-driven starts miss still gets its optimum.
+    worse, and a condition whose curves the data-driven starts miss still gets its optimum. config.law
+    must be set (see choose_law); `full`, the fit to all shots when it was made already.
 
     Fits on all shots (for the criterion and the parameters) and on early shots (for held-out NRMSE)
     use `starts` starts each; each resampled table (for the intervals) starts from the full fit, which
     lies near its optimum, and from `resample_starts` more read off that table."""
     shared = nested_in is None
+    law = config.law
     C, M, S = cond.prob.shape
     cut = config.holdout_fraction * cond.shots[cond.mask.any((0, 1))].max()
     early = cond.mask & (cond.shots <= cut)
-    full = _fit_to(cond.mask, cond, config, None if shared else nested_in.theta[0])
+    full = full or _fit_to(cond.mask, cond, config, None if shared else nested_in.theta[0])
     held = _fit_to(early, cond, config, None if shared else nested_in.held_theta[0])
     shots = torch.as_tensor(cond.shots, dtype=torch.float64)
     theta_held = held.theta[0] if shared else held.theta
-    pred = log_prob(config.law, theta_held, shots, M, C, shared).exp().numpy()
+    pred = log_prob(law, theta_held, shots, M, C, shared).exp().numpy()
     heldout = nrmse(pred, np.nan_to_num(cond.prob), cond.mask & ~early)
     R = resamples.shape[0]
     start = full.theta[None].expand(R, -1, -1) if shared else full.theta[None, :, None].expand(R, C, 1, -1)
     boot = _fit(cond, resamples, cond.mask, shared, config, config.resample_starts,
-                start.reshape(R * (1 if shared else C), 1, -1), gain_tol=RESAMPLE_GAIN_TOL)
-    n_params = _n_params(config.law, M, C, shared)
+                start.reshape(R * (1 if shared else C), 1, -1))
+    n_params = _n_params(law, M, C, shared)
     resampled = boot.theta.reshape(R, -1) if shared else boot.theta.reshape(R, C, -1)
-    cov = theta_covariance(config.law, _batch(cond, cond.prob[None], cond.mask, shared), full.theta, noise_known=True)
+    cov = theta_covariance(law, _batch(cond, cond.prob[None], cond.mask, shared), full.theta, noise_known=True)
     if shared:
-        named = named_stderr(config.law, full.theta[0], cov[0], M, C)
+        named = named_stderr(law, full.theta[0], cov[0], M, C)
         stderr = [{**named, "priors": named["priors"][c], "K": named["K"][c]} for c in range(C)]
     else:
-        stderr = [named_stderr(config.law, full.theta[c], cov[c], M) for c in range(C)]
-    return ModelFit("shared" if shared else "free", full.theta, stderr, n_params, float(2 * full.loss.sum()),
+        stderr = named_stderrs(law, full.theta, cov, M)
+    return ModelFit("shared" if shared else "free", law, full.theta, stderr, n_params, float(2 * full.loss.sum()),
                     heldout, bool(full.converged.all()), held.theta, resampled)
+
+
+def bic(chi2: float, n_params: int, n_points: int) -> float:
+    """Schwarz's criterion: chi-square (-2 log likelihood up to a constant) + parameters x log points."""
+    return chi2 + n_params * math.log(n_points)
+
+
+@dataclass
+class LawScore:
+    """One Bayesian law's joint fit (P shared, priors and K per condition) to all shots at one k."""
+
+    law: str
+    n_params: int
+    chi2: float
+    bic: float
+    converged: bool
+    priors: np.ndarray  # [C, M] joint-fit priors of each condition
+
+
+@dataclass
+class LawChoice:
+    """The law used at one k: `law`, chosen by BIC among `scores` (every law's joint fit), or given."""
+
+    k: int
+    law: str
+    chosen: bool  # False: the law was given (--law), and scores holds it alone
+    scores: list[LawScore]
+
+
+def law_scores(cond: Conditions, config: ShiftConfig, laws: Collection[str]) -> tuple[list[LawScore], dict[str, BatchFit]]:
+    """The joint fit of each law to all shots of one k, with its chi-square, BIC and priors. The tied
+    laws are fitted first; the original law starts also from their fits (see _fit_to)."""
+    C, M, _ = cond.prob.shape
+    n_points = int(cond.mask.sum())
+    scores, fits = [], {}
+    for law in sorted(laws, key=lambda name: get_law(name).tying == "none"):  # the original law last
+        fits[law] = _fit_to(cond.mask, cond, config, law=law,
+                            tied={name: fits[name] for name in TIED_NAMES if name in fits} or None)
+    for law in laws:
+        fit = fits[law]
+        chi2, n = float(2 * fit.loss.sum()), _n_params(law, M, C, True)
+        priors = np.array([p["priors"] for p in named_per_condition(law, fit.theta, True, M, C)])
+        scores.append(LawScore(law, n, chi2, bic(chi2, n, n_points), bool(fit.converged.all()), priors))
+    return sorted(scores, key=lambda score: BAYESIAN_NAMES.index(score.law)), fits
+
+
+def _as_original(law_name: str, theta: torch.Tensor, M: int) -> torch.Tensor:
+    """A tied law's theta [D] as the original law's: P's M x M logits from its gamma and beta, the same
+    priors and K."""
+    law = get_law(law_name)
+    log_P = law.log_P(theta[: law.p_size(M)], M)
+    return torch.cat([(log_P - torch.log1p(-log_P.exp().clamp(max=1 - 1e-16))).flatten(), theta[law.p_size(M):]])
+
+
+def fit_shared(cond: Conditions, config: ShiftConfig, resamples: np.ndarray) -> tuple[LawChoice, ModelFit]:
+    """The law of one k (config.law, or the lowest BIC of the three Bayesian laws' joint fits) and its
+    joint fit with intervals."""
+    scores, fits = law_scores(cond, config, BAYESIAN_NAMES if config.law is None else (config.law,))
+    best = min(scores, key=lambda score: score.bic)
+    choice = LawChoice(cond.k, best.law, config.law is None, scores)
+    return choice, fit_model(cond, dataclasses.replace(config, law=best.law), resamples, full=fits[best.law])
+
+
+def fit_free(cond: Conditions, config: ShiftConfig, resamples: np.ndarray, shared: ModelFit) -> ModelFit:
+    """The free fit of one k, of the law of its joint fit."""
+    return fit_model(cond, dataclasses.replace(config, law=shared.law), resamples, shared)
 
 
 def resample_table(cond: Conditions, R: int, rng: np.random.Generator,
@@ -401,27 +491,33 @@ def _one_thread_worker() -> None:
 
 
 def fit_all(conditions: list[Conditions], resamples: list[np.ndarray], config: ShiftConfig,
-            stream: TextIO | None = None) -> dict[int, dict[str, ModelFit]]:
-    """The joint, then the free fit of every k, the k values in parallel processes (`workers_for`);
-    a fit does not depend on where it runs. Progress and the time left go to `stream` (default stderr)."""
+            stream: TextIO | None = None) -> tuple[dict[int, LawChoice], dict[int, dict[str, ModelFit]]]:
+    """The law and joint fit, then the free fit of every k, the k values in parallel processes
+    (`workers_for`); a fit does not depend on where it runs. Progress and the time left go to `stream`
+    (default stderr)."""
     C, M, _ = conditions[0].prob.shape
-    progress = Progress(f"shift of {C} conditions x {M} tasks, {config.resamples} resamples", 2 * len(conditions), stream)
+    laws = "3 laws" if config.law is None else config.law
+    progress = Progress(f"shift of {C} conditions x {M} tasks, {laws}, {config.resamples} resamples",
+                        2 * len(conditions), stream)
     fits: dict[int, dict[str, ModelFit]] = {cond.k: {} for cond in conditions}
+    choices: dict[int, LawChoice] = {}
     workers = workers_for(conditions, config)
 
-    def record(k: int, fit: ModelFit) -> None:
-        fits[k][fit.name] = fit
-        progress.done(1, f"k={k} {fit.name} fit done")
+    def record(k: int, result: ModelFit | tuple[LawChoice, ModelFit]) -> None:
+        if isinstance(result, tuple):
+            choices[k], result = result
+        fits[k][result.name] = result
+        progress.done(1, f"k={k} {result.name} fit done ({result.law})")
 
     if workers == 1:
         for cond, sample in zip(conditions, resamples):
-            for _ in FITS:
-                progress.update(0, f"k={cond.k}: fitting")
-                record(cond.k, fit_model(cond, config, sample, fits[cond.k].get("shared")))
+            progress.update(0, f"k={cond.k}: fitting")
+            record(cond.k, fit_shared(cond, config, sample))
+            record(cond.k, fit_free(cond, config, sample, fits[cond.k]["shared"]))
     else:
         context = multiprocessing.get_context("spawn")  # fork after torch has started threads can hang
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread_worker) as pool:
-            pending = {pool.submit(fit_model, cond, config, sample): (cond, sample)
+            pending = {pool.submit(fit_shared, cond, config, sample): (cond, sample)
                        for cond, sample in zip(conditions, resamples)}
             while pending:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -429,32 +525,43 @@ def fit_all(conditions: list[Conditions], resamples: list[np.ndarray], config: S
                     cond, sample = pending.pop(future)
                     record(cond.k, future.result())
                     if len(fits[cond.k]) == 1:
-                        pending[pool.submit(fit_model, cond, config, sample, fits[cond.k]["shared"])] = (cond, sample)
+                        pending[pool.submit(fit_free, cond, config, sample, fits[cond.k]["shared"])] = (cond, sample)
     progress.close()
-    return fits
+    return choices, fits
 
 
-def comparison_rows(k: int, fits: Mapping[str, tuple[float, int, float, bool]], n_points: int) -> list[dict]:
-    """comparison.csv's rows of one k from each fit's (chi2, parameters, held-out NRMSE, converged):
-    the fit of the lowest BIC is preferred."""
-    bic = {name: chi2 + n * math.log(n_points) for name, (chi2, n, _, _) in fits.items()}
+def comparison_rows(k: int, fits: Mapping[str, tuple[float, int, float, bool]], n_points: int,
+                    law: str = "") -> list[dict]:
+    """comparison.csv's rows of one k from each fit's (chi2, parameters, held-out NRMSE, converged), of
+    `law`: the fit of the lowest BIC is preferred."""
+    scores = {name: bic(chi2, n, n_points) for name, (chi2, n, _, _) in fits.items()}
     return [{"k": k, "fit": name, "n_params": n, "chi2": round(chi2, 3), "aic": round(chi2 + 2 * n, 3),
-             "bic": round(bic[name], 3), "heldout_nrmse": round(heldout, 6), "converged": converged,
-             "preferred": bic[name] == min(bic.values())} for name, (chi2, n, heldout, converged) in fits.items()]
+             "bic": round(scores[name], 3), "heldout_nrmse": round(heldout, 6), "converged": converged,
+             "preferred": scores[name] == min(scores.values()), "law": law}
+            for name, (chi2, n, heldout, converged) in fits.items()]
 
 
-def bic_comparison(groups: list[CurveGroup], config: ShiftConfig, runs: Collection[str]) -> list[dict]:
+def bic_comparison(groups: list[CurveGroup], config: ShiftConfig, runs: Collection[str],
+                   laws: Mapping[int, str] | None = None) -> list[dict]:
     """comparison.csv's rows for the baseline and the conditions `runs` only, at every k of the baseline.
     BIC needs only the two fits to all shots, the same fits as analyse_shift's: no resamples (they give
-    intervals) and no fits to early shots (held-out NRMSE, left NaN here)."""
+    intervals) and no fits to early shots (held-out NRMSE, left NaN here). The law at each k: `laws[k]`
+    (e.g. the one analyse_shift chose on all conditions, ShiftResult.chosen_laws), else config.law, else
+    the lowest BIC of the three laws' joint fits to these conditions."""
     rows = []
     for cond in select_conditions([g for g in groups if g.run == config.baseline or g.run in runs], config.baseline):
         C, M, _ = cond.prob.shape
-        joint = _fit_to(cond.mask, cond, config)
-        free = _fit_to(cond.mask, cond, config, joint.theta[0])
-        rows += comparison_rows(cond.k, {name: (float(2 * fit.loss.sum()), _n_params(config.law, M, C, name == "shared"),
+        law = (laws or {}).get(cond.k) or config.law
+        if law is None:
+            scores, fits = law_scores(cond, config, BAYESIAN_NAMES)
+            law = min(scores, key=lambda score: score.bic).law
+            joint = fits[law]
+        else:
+            joint = _fit_to(cond.mask, cond, config, law=law)
+        free = _fit_to(cond.mask, cond, config, joint.theta[0], law=law)
+        rows += comparison_rows(cond.k, {name: (float(2 * fit.loss.sum()), _n_params(law, M, C, name == "shared"),
                                                 math.nan, bool(fit.converged.all()))
-                                         for name, fit in (("shared", joint), ("free", free))}, int(cond.mask.sum()))
+                                         for name, fit in (("shared", joint), ("free", free))}, int(cond.mask.sum()), law)
     return rows
 
 
@@ -464,6 +571,11 @@ class ShiftResult:
     comparison: list[dict]  # comparison.csv
     conditions: list[Conditions]
     fits: dict[int, dict[str, ModelFit]]  # k -> model name -> fit
+    laws: dict[int, LawChoice] = field(default_factory=dict)  # k -> the law used and every law's score
+
+    def chosen_laws(self) -> dict[int, str]:
+        """The law used at each k."""
+        return {k: choice.law for k, choice in self.laws.items()}
 
 
 def analyse_shift(groups: list[CurveGroup], config: ShiftConfig, prompt_probs: dict | None = None,
@@ -477,22 +589,23 @@ def analyse_shift(groups: list[CurveGroup], config: ShiftConfig, prompt_probs: d
         if len(cond.groups) < 2:
             raise UserError(f"only the baseline was measured at k {cond.k}; add post-trained runs of the same model")
     resamples = [resample_table(cond, config.resamples, rng, prompt_probs) for cond in conditions]
-    fits = fit_all(conditions, resamples, config, stream)
+    choices, fits = fit_all(conditions, resamples, config, stream)
     for cond in conditions:
         C, M, S = cond.prob.shape
         base_p0 = cond.prob[0][:, 0]
         thresholds = np.full(M, config.threshold) if config.threshold is not None else base_p0
         horizon = 10.0 * cond.shots.max()
+        law = choices[cond.k].law
         comparison += comparison_rows(cond.k, {name: (f.chi2, f.n_params, f.heldout_nrmse, f.converged)
-                                               for name, f in fits[cond.k].items()}, int(cond.mask.sum()))
+                                               for name, f in fits[cond.k].items()}, int(cond.mask.sum()), law)
         for name, fit in fits[cond.k].items():
             shared = name == "shared"
-            point = named_per_condition(config.law, fit.theta, shared, M, C)
-            boot = [named_per_condition(config.law, t, shared, M, C) for t in fit.resampled]
-            shots_fit = predicted_crossings(config.law, fit.theta[0] if shared else fit.theta, shared, M, C,
+            point = named_per_condition(law, fit.theta, shared, M, C)
+            boot = [named_per_condition(law, t, shared, M, C) for t in fit.resampled]
+            shots_fit = predicted_crossings(law, fit.theta[0] if shared else fit.theta, shared, M, C,
                                             horizon, thresholds)
-            shots_boot = predicted_crossings(config.law, fit.resampled, shared, M, C, horizon, thresholds)
-            p0 = log_prob(config.law, fit.theta[0] if shared else fit.theta, torch.zeros(1, dtype=torch.float64),
+            shots_boot = predicted_crossings(law, fit.resampled, shared, M, C, horizon, thresholds)
+            p0 = log_prob(law, fit.theta[0] if shared else fit.theta, torch.zeros(1, dtype=torch.float64),
                           M, C, shared)[..., 0].exp().numpy()
             for c, g in enumerate(cond.groups):
                 se = fit.stderr[c]
@@ -507,7 +620,7 @@ def analyse_shift(groups: list[CurveGroup], config: ShiftConfig, prompt_probs: d
                 }
                 for i in range(M):
                     row = {"run": g.run, "k": cond.k, "task": i, "fit": name, "condition": condition_label(g),
-                           **{col: g.extra.get(col, "") for col in CONDITION_COLUMNS}}
+                           **{col: g.extra.get(col, "") for col in CONDITION_COLUMNS}, "law": law}
                     loose = []
                     for key, (value, vals, err, link) in quantities.items():
                         lo, hi = link_interval(value[i], vals[:, i], err[i], link, config.level)
@@ -527,4 +640,4 @@ def analyse_shift(groups: list[CurveGroup], config: ShiftConfig, prompt_probs: d
                                dict.fromkeys(("shots_to_recover", "shots_to_recover_lo", "shots_to_recover_hi",
                                               "measured_shots_to_recover"), ""))
                     rows.append(row)
-    return ShiftResult(rows, comparison, conditions, fits)
+    return ShiftResult(rows, comparison, conditions, fits, choices)

@@ -14,7 +14,9 @@ import torch
 from analysis.output import markdown_table, shots_grid, write_csv
 from analysis.shift import ShiftConfig, ShiftResult, condition_fields, condition_key, condition_label, log_prob
 
-COMPARISON_COLUMNS = ("k", "fit", "n_params", "chi2", "aic", "bic", "heldout_nrmse", "converged", "preferred")
+COMPARISON_COLUMNS = ("k", "fit", "n_params", "chi2", "aic", "bic", "heldout_nrmse", "converged", "preferred", "law")
+LAW_COLUMNS = ("k", "law", "n_params", "chi2", "bic", "delta_bic", "converged", "used")
+LAW_PRIOR_COLUMNS = ("run", "k", "condition", "task", "law", "prior", "used")
 
 
 def interval_text(row: dict, key: str, fmt: str = ".3f") -> str:
@@ -116,7 +118,7 @@ def plot_curves(result: ShiftResult, k: int, config: ShiftConfig, path: Path) ->
     C, M, S = cond.prob.shape
     grid = torch.as_tensor(shots_grid(float(cond.shots.max())))
     fit = result.fits[k]["shared"]
-    curves = log_prob(config.law, fit.theta[0], grid, M, C, True).exp().numpy()
+    curves = log_prob(fit.law, fit.theta[0], grid, M, C, True).exp().numpy()
     fig = Figure(figsize=(3.4 * M, 3.4))
     axes = fig.subplots(1, M, squeeze=False)
     colors = _colours([condition_label(g) for g in cond.groups])
@@ -130,7 +132,7 @@ def plot_curves(result: ShiftResult, k: int, config: ShiftConfig, path: Path) ->
     axes[0, 0].set_ylabel("p(label)")
     handles = [Line2D([], [], color=colors[c], marker=".", label=g.run) for c, g in enumerate(cond.groups)]
     fig.legend(handles=handles, fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.suptitle(f"k = {k}: measured (dots) and joint fit (lines)")
+    fig.suptitle(f"k = {k}: measured (dots) and joint fit of {fit.law} (lines)")
     fig.tight_layout()
     fig.savefig(path, dpi=90, bbox_inches="tight")
 
@@ -166,16 +168,89 @@ def plot_reemergence(result: ShiftResult, path: Path) -> bool:
     return True
 
 
+def favoured_task(result: ShiftResult, k: int) -> int:
+    """The task whose joint-fit prior (of the law used) moves most across the conditions at k: the one
+    post-training favours or disfavours."""
+    M = result.conditions[0].prob.shape[1]
+    priors = _series(condition_rows(result.rows, k, "shared"), "prior", M)
+    return int(np.argmax(priors.max(0) - priors.min(0)))
+
+
+def law_rows(result: ShiftResult) -> list[dict]:
+    """laws.csv: each law's joint fit at each k, its BIC against the best, and which law was used."""
+    rows = []
+    for k, choice in result.laws.items():
+        best = min(score.bic for score in choice.scores)
+        rows += [{"k": k, "law": s.law, "n_params": s.n_params, "chi2": round(s.chi2, 3), "bic": round(s.bic, 3),
+                  "delta_bic": round(s.bic - best, 3), "converged": s.converged, "used": s.law == choice.law}
+                 for s in choice.scores]
+    return rows
+
+
+def law_prior_rows(result: ShiftResult) -> list[dict]:
+    """law_priors.csv: every condition's joint-fit prior of each task under each law fitted."""
+    rows = []
+    for cond in result.conditions:
+        choice = result.laws[cond.k]
+        for c, g in enumerate(cond.groups):
+            rows += [{"run": g.run, "k": cond.k, "condition": condition_label(g), "task": i, "law": s.law,
+                      "prior": f"{s.priors[c, i]:.6g}", "used": s.law == choice.law}
+                     for s in choice.scores for i in range(cond.prob.shape[1])]
+    return rows
+
+
+def law_section(result: ShiftResult, k: int) -> list[str]:
+    """Which law was used at k and why, every law's score, and whether the choice matters for the
+    favoured task's prior: each law's estimate beside the used law's interval."""
+    choice = result.laws[k]
+    if not choice.chosen:
+        return [f"## k = {k}: law", "", f"Law `{choice.law}`, as given (--law); the others were not fitted.", ""]
+    best = min(s.bic for s in choice.scores)
+    task = favoured_task(result, k)
+    cond = next(c for c in result.conditions if c.k == k)
+    index = {g.run: c for c, g in enumerate(cond.groups)}  # a LawScore's priors are in cond.groups' order
+    used = [r for r in condition_rows(result.rows, k, "shared") if r["task"] == task]
+    others = [s for s in choice.scores if s.law != choice.law]
+    other = lambda s, r: s.priors[index[r["run"]], task]  # noqa: E731
+    outside = [[not r["prior_lo"] <= other(s, r) <= r["prior_hi"] for s in others] for r in used]
+    gap = max((abs(other(s, r) - r["prior"]) for s in others for r in used), default=0.0)
+    n_outside = sum(any(o) for o in outside)
+    verdict = (f"The choice matters for task {task}'s prior: another law's estimate lies outside the 95% interval of "
+               f"`{choice.law}` in {n_outside} of {len(used)} conditions" if n_outside else
+               f"The choice does not matter for task {task}'s prior beyond its intervals: every law's estimate lies "
+               f"inside the 95% interval of `{choice.law}` in all {len(used)} conditions")
+    return [
+        f"## k = {k}: law", "",
+        f"Each Bayesian law's joint fit to all shots; the law of the lowest BIC is used (`{choice.law}`). "
+        "BIC differences above 10 are very strong evidence (Kass and Raftery).", "",
+        markdown_table(["law", "parameters", "chi2", "BIC", "BIC - best", "converged", "used"],
+                       [[s.law, s.n_params, round(s.chi2, 3), round(s.bic, 3), round(s.bic - best, 3), s.converged,
+                         "yes" if s.law == choice.law else ""] for s in choice.scores]), "",
+        f"Task {task} (its prior moves most across the conditions): its joint-fit prior under each law. "
+        f"{verdict} (largest difference {gap:.3f}).", "",
+        markdown_table(["condition", f"{choice.law} [95%] (used)", *[s.law for s in others]],
+                       [[r["condition"], interval_text(r, "prior"), *[f"{other(s, r):.3f}" for s in others]]
+                        for r in used]), "",
+    ]
+
+
 def write_shift_outputs(result: ShiftResult, config: ShiftConfig, curves_path: Path, out: Path,
                         true_priors: list[float] | None) -> None:
     columns = list(dict.fromkeys(key for r in result.rows for key in r))
     fmt = lambda v: f"{v:.6g}" if isinstance(v, (float, np.floating)) else v  # noqa: E731
     write_csv(out / "shift.csv", columns, [{k: fmt(v) for k, v in r.items()} for r in result.rows])
     write_csv(out / "comparison.csv", COMPARISON_COLUMNS, result.comparison)
+    write_csv(out / "laws.csv", LAW_COLUMNS, law_rows(result))
+    write_csv(out / "law_priors.csv", LAW_PRIOR_COLUMNS, law_prior_rows(result))
     (out / "plots").mkdir()
     lines = [
         "# Post-training shift", "",
-        f"Curves: `{curves_path.name}`; baseline `{config.baseline}`; law `{config.law}`. Joint fit: P "
+        f"Curves: `{curves_path.name}`; baseline `{config.baseline}`; law "
+        + (f"`{config.law}` (given). " if config.law else
+           "chosen at each k by BIC among the three Bayesian laws' joint fits (laws.csv; below): "
+           + ", ".join(f"k = {k}: `{law}`" for k, law in result.chosen_laws().items()) + ". ")
+        + f"Every fit stops once its chi-square would fall by less than {config.tol:g}: within "
+        f"{math.sqrt(config.tol):.2g} standard errors of its optimum. Joint fit: P "
         "(or gamma, beta) shared by all conditions, priors and K per condition; free fit: everything per "
         "condition. Both weight each point by its sampling error sqrt(p(1-p)/count), so chi2 is -2 log "
         f"likelihood up to a constant. Held-out NRMSE: fit shots <= {config.holdout_fraction:g} x max, score "
@@ -184,6 +259,7 @@ def write_shift_outputs(result: ShiftResult, config: ShiftConfig, curves_path: P
         "multi-start procedure; the width is the larger of the resampled and the curvature (J^T J) standard "
         "deviation, so every interval contains its estimate. Parameters in the `undetermined` column of shift.csv "
         "have a standard error above their value: the data do not pin them down.", "",
+        *[line for cond in result.conditions for line in law_section(result, cond.k)],
         "## Joint vs free", "",
         markdown_table(COMPARISON_COLUMNS, [[c[k] for k in COMPARISON_COLUMNS] for c in result.comparison]), "",
     ]

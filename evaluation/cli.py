@@ -106,6 +106,9 @@ def add_fit_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--loss", choices=SPACES, default=FitConfig.space, help="squared error in probability or NLL space")
     p.add_argument("--starts", type=COUNT, default=FitConfig.starts, help="optimiser starts per fit, read off the curves; the best is kept")
     p.add_argument("--max-iter", type=COUNT, default=FitConfig.max_iter, help="Levenberg-Marquardt iteration limit")
+    p.add_argument("--tol", type=float, default=FitConfig.tol,
+                   help="precision: a fit stops once its chi-square would fall by less than this (within sqrt(tol) "
+                        "standard errors of its optimum); smaller is tighter, 0 runs to rounding")
     p.add_argument("--seed", type=INDEX, default=FitConfig.seed, help="seed of the random starts")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(func=run_fit)
@@ -116,7 +119,7 @@ def run_fit(args: argparse.Namespace) -> None:
     from evaluation.reports import fit_table
 
     config = FitConfig(laws=tuple(args.laws), splits=tuple(args.splits), fractions=tuple(args.fit_fraction),
-                       space=args.loss, starts=args.starts, seed=args.seed, max_iter=args.max_iter)
+                       space=args.loss, starts=args.starts, seed=args.seed, max_iter=args.max_iter, tol=args.tol)
     results, skipped = fit_table(args.curves, args.out, config, args.step, plots=not args.no_plots)
     for line in skipped:
         print(f"skipped {line}")
@@ -140,7 +143,11 @@ def add_shift_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", required=True, help="run label of the pretrained model (the reference condition)")
     p.add_argument("--k", type=COUNT, nargs="+", help="example lengths to analyse (default: every k of the table)")
     p.add_argument("--out", type=Path, required=True, help="directory for shift.csv, comparison.csv, report.md, plots/")
-    p.add_argument("--law", default=ShiftConfig.law, help="Bayesian law to fit: bayesian, bayesian_sampling or bayesian_scoring")
+    p.add_argument("--law", default=ShiftConfig.law, help="Bayesian law to fit: bayesian, bayesian_sampling or bayesian_scoring "
+                   "(default: at each k, the one whose joint fit has the lowest BIC; laws.csv has every law's score)")
+    p.add_argument("--tol", type=float, default=ShiftConfig.tol,
+                   help="precision: every fit stops once its chi-square would fall by less than this (within "
+                        "sqrt(tol) standard errors of its optimum); smaller is tighter, 0 runs to rounding")
     p.add_argument("--holdout-fraction", type=float, default=ShiftConfig.holdout_fraction, help="held-out comparison fits shots <= f x max")
     p.add_argument("--resamples", type=COUNT, default=ShiftConfig.resamples, help="resampled tables for the intervals")
     p.add_argument("--level", type=float, default=ShiftConfig.level, help="interval coverage")
@@ -163,7 +170,7 @@ def run_shift(args: argparse.Namespace) -> None:
     config = ShiftConfig(baseline=args.baseline, law=args.law, holdout_fraction=args.holdout_fraction,
                          resamples=args.resamples, level=args.level, threshold=args.threshold,
                          starts=args.starts, resample_starts=args.resample_starts, workers=args.workers,
-                         seed=args.seed)
+                         seed=args.seed, tol=args.tol)
     result = shift_table(args.curves, args.out, config, args.step, args.prompt_table, args.true_priors, args.k)
     for row in result.comparison:
         print(f"k={row['k']} {row['fit']}: BIC {row['bic']}, held-out NRMSE {row['heldout_nrmse']}"

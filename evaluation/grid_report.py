@@ -273,8 +273,8 @@ def amount_ranges(amounts: Iterable[float]) -> dict[str, list[float]]:
 def range_comparisons(groups: list[CurveGroup], config: ShiftConfig, shift: ShiftResult) -> list[dict]:
     """Shared P vs free by BIC on each amount range (amount_ranges; each with the baseline) at every k:
     rows {k, range, amounts, shared, free (their BIC), preferred}. 'all amounts' is the shift analysis's own
-    comparison; each half is fitted again on the baseline and its conditions, with `config`'s settings
-    (bic_comparison: BIC needs no resamples)."""
+    comparison; each half is fitted again on the baseline and its conditions, with `config`'s settings and
+    the law the shift analysis used at each k (bic_comparison: BIC needs no resamples)."""
     amounts = {r["run"]: _fields(r)[2] for r in shift.rows if r["run"] != config.baseline}
     rows = []
     for name, chosen in amount_ranges(a for a in amounts.values() if math.isfinite(a)).items():
@@ -282,7 +282,8 @@ def range_comparisons(groups: list[CurveGroup], config: ShiftConfig, shift: Shif
             comparison = shift.comparison
         else:
             with one_thread():
-                comparison = bic_comparison(groups, config, [run for run, a in amounts.items() if a in chosen])
+                comparison = bic_comparison(groups, config, [run for run, a in amounts.items() if a in chosen],
+                                            shift.chosen_laws())
         for k in sorted({c["k"] for c in comparison}):
             bic = {c["fit"]: c for c in comparison if c["k"] == k}
             rows.append({"k": k, "range": name, "amounts": chosen, "shared": bic["shared"]["bic"], "free": bic["free"]["bic"],
