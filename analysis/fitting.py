@@ -119,9 +119,10 @@ def _residual_fn(law, batch: Batch, space: str, owner: Callable[[torch.Tensor], 
     """Residuals/Jacobian of batch rows; owner maps rows to (group, curve) indices."""
     G, C, M = batch.dims
     if isinstance(law, BayesianLaw):
-        # the original law's ordinary fit: task i's curve moves only with row i of P (blocks), and the
-        # priors and K (shared); theta is [P, priors and K], the normal equations [shared, blocks]
-        rows_of_P = law.tying == "none" and C == 1
+        # the original law: task i's curves move only with row i of P. An ordinary fit has those rows as
+        # blocks and the priors and K shared (theta is [P, priors and K], the normal equations [shared,
+        # blocks]); a joint fit has both the rows and the conditions as blocks (analysis.lm.ResidualFn)
+        rows_of_P = law.tying == "none"
         columns = torch.cat([torch.arange(M, M + M * M), torch.arange(M)]).to(batch.prob.device)
 
         def fn(theta, rows, jacobian=True):
@@ -138,8 +139,10 @@ def _residual_fn(law, batch: Batch, space: str, owner: Callable[[torch.Tensor], 
             else:
                 r, scale = w * (-log_p - y), -w[..., None]
             S = jac_P.shape[3]
-            if rows_of_P:
+            if rows_of_P and C == 1:
                 return r.reshape(A, -1), (scale * jac_own).reshape(A, M * S, M), (scale * jac_P).reshape(A, M, S, M), columns
+            if rows_of_P:
+                return r.reshape(A, -1), scale * jac_P, (scale * jac_own).reshape(A, C, -1, M)
             if C == 1:  # a tied law: one dense Jacobian
                 return r.reshape(A, -1), (scale * torch.cat([jac_P, jac_own], -1)).reshape(A, M * S, -1)
             return r.reshape(A, -1), (scale * jac_P).reshape(A, C * M * S, -1), (scale * jac_own).reshape(A, C, -1, M)
@@ -360,8 +363,13 @@ def named_stderrs(law_name: str, theta: torch.Tensor, cov: torch.Tensor, M: int,
     """`named_stderr` of many fits at once: theta [G, D], cov [G, D, D] -> G dicts."""
     law = get_law(law_name)
     named = law.named_tensors(theta[0], M, C)
-    flat = lambda t: torch.cat([v.flatten() for v in law.named_tensors(t, M, C).values()])  # noqa: E731
-    jac = torch.func.vmap(torch.func.jacrev(flat))(theta)  # [G, entries, D]
+    theta = theta.detach().requires_grad_(True)
+    values = torch.stack([torch.cat([v.flatten() for v in law.named_tensors(t, M, C).values()]) for t in theta])
+    # rows are independent, so one backward pass of an entry summed over the rows gives every row's
+    # gradient of it (torch.func would do the same through a compiler stack that takes a second to import)
+    jac = torch.stack([torch.autograd.grad(values[:, e].sum(), theta, retain_graph=True)[0]
+                       for e in range(values.shape[1])], 1).detach()  # [G, entries, D]
+    theta = theta.detach()
     sd = ((jac @ cov) * jac).sum(-1).clamp_min(0).sqrt()
     sizes = [v.numel() for v in named.values()]
     per_condition = ("priors", "K") if isinstance(law, BayesianLaw) else law.param_names

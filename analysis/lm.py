@@ -26,6 +26,9 @@ import torch
 # blocks and block c moves only residuals c * N / C to (c + 1) * N / C (a joint fit's per-condition
 # parameters, the original law's rows of P). The own blocks are theta's last C * Do columns, unless a
 # fourth element, columns [D], says where each of theta's columns sits in the order [shared, own].
+# A joint fit of the original law has both kinds of blocks: (rows [A, C, M, S, M], own [A, C, M * S, Do])
+# with residuals laid out [C, M(i), S], where rows[:, c, i, :, m] moves residuals (c, i, .) with the
+# logit of P[i, m] (theta's first M * M columns) and own block c the rest, condition by condition.
 # residual_fn(theta, rows, jacobian=False) -> (residuals,): the same residuals, bitwise, without the
 # Jacobian (for the cost of a trial point).
 ResidualFn = Callable[..., tuple[torch.Tensor, ...]]
@@ -56,28 +59,55 @@ def _cost(r: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(cost), cost, torch.full_like(cost, float("inf")))
 
 
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b; on the CPU through numpy, one BLAS call per matrix whatever the batch (see the module doc)."""
+    return torch.from_numpy(np.matmul(a.numpy(), b.numpy())) if a.device.type == "cpu" else a @ b
+
+
+def _block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
+    """[B, C, d, d] -> [B, C * d, C * d] with the C blocks on the diagonal."""
+    B, C, d, _ = blocks.shape
+    out = torch.zeros(B, C, d, C, d, dtype=blocks.dtype, device=blocks.device)
+    diag = torch.arange(C, device=blocks.device)
+    out[:, diag, :, diag, :] = blocks.transpose(0, 1)
+    return out.reshape(B, C * d, C * d)
+
+
+def _rows_of_P_equations(r: torch.Tensor, rows: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """J^T J and J^T r of the original law's joint fit (see ResidualFn): P's rows form a block diagonal
+    over tasks, the conditions' parameters one over conditions, and they meet in C x M small blocks."""
+    B, C, M, S, _ = rows.shape
+    Do = own.shape[-1]
+    by_task = rows.transpose(1, 2).reshape(B, M, C * S, M)
+    r_task = r.reshape(B, C, M, S).transpose(1, 2).reshape(B, M, C * S, 1)
+    by_task_t = by_task.transpose(-1, -2)
+    P_P, g_P = _block_diagonal(_matmul(by_task_t, by_task)), _matmul(by_task_t, r_task)[..., 0].reshape(B, M * M)
+    own_t = own.transpose(-1, -2)
+    own_own, g_own = _block_diagonal(_matmul(own_t, own)), _matmul(own_t, r.reshape(B, C, M * S, 1))[..., 0].reshape(B, C * Do)
+    # P[i, m] against condition c's parameters: residuals (c, i, .) only
+    cross = _matmul(rows.transpose(-1, -2), own.reshape(B, C, M, S, Do))  # [B, C, M(i), M(m), Do]
+    cross = cross.permute(0, 2, 3, 1, 4).reshape(B, M * M, C * Do)
+    A = torch.cat([torch.cat([P_P, cross], -1), torch.cat([cross.transpose(1, 2), own_own], -1)], 1)
+    return A, torch.cat([g_P, g_own], -1)
+
+
 def normal_equations(r: torch.Tensor, J: torch.Tensor, J_own: torch.Tensor | None = None,
                      columns: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """J^T J [A, D, D], J^T r [A, D] and the cost 0.5 |r|^2 [A] (inf where not finite), row by row;
-    with J_own, J is the shared columns and J_own the blocks, and columns (if given) puts theta's
-    columns back in their order (see ResidualFn)."""
-    if r.device.type == "cpu":
-        mm = lambda a, b: torch.from_numpy(np.matmul(a.numpy(), b.numpy()))  # noqa: E731
-    else:
-        mm = torch.matmul
+    with J_own, J is the shared columns (or, 5-dimensional, the rows of P) and J_own the blocks, and
+    columns (if given) puts theta's columns back in their order (see ResidualFn)."""
+    if J.dim() == 5:
+        return (*_rows_of_P_equations(r, J, J_own), _cost(r))
     Jt = J.transpose(-1, -2)
-    A, g = mm(Jt, J), mm(Jt, r[..., None])[..., 0]
+    A, g = _matmul(Jt, J), _matmul(Jt, r[..., None])[..., 0]
     if J_own is not None:
         B, C, Nc, Do = J_own.shape
         Ds = J.shape[-1]
         r_c, Ot = r.reshape(B, C, Nc, 1), J_own.transpose(-1, -2)
-        cross = mm(J.reshape(B, C, Nc, Ds).transpose(-1, -2), J_own)  # [B, C, Ds, Do]
-        own = torch.zeros(B, C, Do, C, Do, dtype=r.dtype, device=r.device)
-        diag = torch.arange(C, device=r.device)
-        own[:, diag, :, diag, :] = mm(Ot, J_own).transpose(0, 1)
+        cross = _matmul(J.reshape(B, C, Nc, Ds).transpose(-1, -2), J_own)  # [B, C, Ds, Do]
         cross = cross.transpose(1, 2).reshape(B, Ds, C * Do)
-        A = torch.cat([torch.cat([A, cross], -1), torch.cat([cross.transpose(1, 2), own.reshape(B, C * Do, C * Do)], -1)], 1)
-        g = torch.cat([g, mm(Ot, r_c)[..., 0].reshape(B, C * Do)], -1)
+        A = torch.cat([torch.cat([A, cross], -1), torch.cat([cross.transpose(1, 2), _block_diagonal(_matmul(Ot, J_own))], -1)], 1)
+        g = torch.cat([g, _matmul(Ot, r_c)[..., 0].reshape(B, C * Do)], -1)
         if columns is not None:
             A, g = A[:, columns][:, :, columns], g[:, columns]
     return A, g, _cost(r)
