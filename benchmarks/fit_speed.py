@@ -8,6 +8,7 @@ It evaluates the same law formulas, so the comparison is of the fitting strategy
 
     python benchmarks/fit_speed.py            # 7 sizes x 4 k x 5 tasks
     python benchmarks/fit_speed.py --quick    # a small grid for tests
+    python benchmarks/fit_speed.py --tol 0    # our fits to rounding, not to the default precision
 
 Prints wall time and mean NRMSE of both, then, last, `ratio_vs_sequential: X` (peer time / ours).
 """
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peer-max-iter", type=int, default=500, help="L-BFGS iterations per sequential fit")
     parser.add_argument("--device", default="cpu", help="where our batched fitter runs (the peer stays on the CPU)")
+    parser.add_argument("--tol", type=float, default=FitConfig.tol, help="our fits' precision in chi-square (0: to rounding)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -123,8 +125,8 @@ def main(argv: list[str] | None = None) -> None:
         groups = make_grid(7, [3, 5, 8, 10], 5, 250, args.seed) + make_gradual(4, 5, 101, 200, args.seed)
     n_curves = sum(g.n_tasks for g in groups)
     print(f"grid: {len(groups)} groups, {n_curves} curves, {sum(g.mask.sum() for g in groups)} points; "
-          f"6 laws x 2 splits; {args.threads} threads")
-    config = FitConfig(laws=LAW_NAMES, fractions=(0.1,), device=args.device)
+          f"6 laws x 2 splits; {args.threads} threads; our tol {args.tol:g}")
+    config = FitConfig(laws=LAW_NAMES, fractions=(0.1,), device=args.device, tol=args.tol)
     t0 = time.perf_counter()
     ours = fit_groups(groups, config, stream=sys.stdout)
     t_ours = time.perf_counter() - t0
