@@ -39,7 +39,7 @@ ResidualFn = Callable[..., tuple[torch.Tensor, ...]]
 XTOL = 1e-9
 FTOL = 1e-10
 # accepted steps per window over which a fit's rate of gain is measured (see levenberg_marquardt)
-WINDOW = 4
+WINDOW = 8
 ROUNDING = 1e-12  # relative error of an objective summed over up to ~10^4 points, with margin
 CHUNK_ELEMENTS = 1 << 24  # rows per residual_fn call are capped so a Jacobian chunk stays near 128 MB
 
