@@ -147,34 +147,31 @@ class Stacked:
     sizes: list[int]
 
 
+def _by_problem(residual_fn: ResidualFn | Stacked, theta: torch.Tensor, rows: torch.Tensor, single: Callable):
+    """single(fn, theta, rows) -> tuple of [A, ...] tensors, of each stacked problem's own rows,
+    gathered back in the order of `rows`."""
+    if not isinstance(residual_fn, Stacked):
+        return single(residual_fn, theta, rows)
+    out, start = None, 0
+    for fn, size in zip(residual_fn.fns, residual_fn.sizes):
+        mine = ((rows >= start) & (rows < start + size)).nonzero().squeeze(-1)
+        if len(mine):
+            part = single(fn, theta[mine], rows[mine] - start)
+            out = out or tuple(torch.empty(len(rows), *t.shape[1:], dtype=t.dtype, device=t.device) for t in part)
+            for o, t in zip(out, part):
+                o[mine] = t
+        start += size
+    return out
+
+
 def _costs(residual_fn: ResidualFn | Stacked, theta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """The cost 0.5 |r|^2 [A] of `rows` at theta, without the Jacobian."""
-    if isinstance(residual_fn, Stacked):
-        cost, start = torch.empty(len(rows), dtype=theta.dtype, device=theta.device), 0
-        for fn, size in zip(residual_fn.fns, residual_fn.sizes):
-            mine = ((rows >= start) & (rows < start + size)).nonzero().squeeze(-1)
-            if len(mine):
-                cost[mine] = _costs(fn, theta[mine], rows[mine] - start)
-            start += size
-        return cost
-    if len(rows) == 0:
-        return torch.empty(0, dtype=theta.dtype, device=theta.device)
-    return _cost(residual_fn(theta, rows, jacobian=False)[0])
+    return _by_problem(residual_fn, theta, rows, lambda fn, t, r: (_cost(fn(t, r, jacobian=False)[0]),))[0]
 
 
 def _evaluate(residual_fn: ResidualFn | Stacked, theta: torch.Tensor, rows: torch.Tensor):
-    if isinstance(residual_fn, Stacked):
-        D, B = theta.shape[1], len(rows)
-        A = torch.empty(B, D, D, dtype=theta.dtype, device=theta.device)
-        g, cost = torch.empty(B, D, dtype=theta.dtype, device=theta.device), torch.empty(B, dtype=theta.dtype, device=theta.device)
-        start = 0
-        for fn, size in zip(residual_fn.fns, residual_fn.sizes):
-            mine = ((rows >= start) & (rows < start + size)).nonzero().squeeze(-1)
-            if len(mine):
-                A[mine], g[mine], cost[mine] = _evaluate(fn, theta[mine], rows[mine] - start)
-            start += size
-        return A, g, cost
-    return _evaluate_rows(residual_fn, theta, rows)
+    """Normal equations and cost of `rows` at theta."""
+    return _by_problem(residual_fn, theta, rows, _evaluate_rows)
 
 
 def _evaluate_rows(residual_fn: ResidualFn, theta: torch.Tensor, rows: torch.Tensor):
