@@ -1,6 +1,6 @@
 """Curve groups: the M task curves of one (run, k), as the laws and the fitter take them.
 
-Reading and writing the curves table itself is `evaluation.curves_table`'s job; nothing here does I/O.
+Reading and writing the curves table itself is `contracts.curves_table`'s job; nothing here does I/O.
 """
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ import torch
 from analysis.fitting import RIDGE, FitConfig, FitResult, flat_params, predict, undetermined
 from analysis.laws import BAYESIAN_NAMES
 from analysis.lm import FTOL, WINDOW, XTOL
-from analysis.output import file_names, markdown_table, shots_grid, write_csv
+from analysis.output import file_names, markdown_table, shots_grid
+from safe_io.files import write_csv
 
 FIT_COLUMNS = ("run", "k", "law", "split", "nrmse", "nrmse_nll", "n_params", "loss", "converged", "fit_fraction")
 

@@ -11,7 +11,8 @@ from matplotlib.lines import Line2D
 import numpy as np
 import torch
 
-from analysis.output import markdown_table, shots_grid, write_csv
+from analysis.output import markdown_table, shots_grid
+from safe_io.files import write_csv
 from analysis.shift import ShiftConfig, ShiftResult, condition_fields, condition_key, condition_label, log_prob
 
 COMPARISON_COLUMNS = ("k", "fit", "n_params", "chi2", "aic", "bic", "heldout_nrmse", "converged", "preferred", "law")

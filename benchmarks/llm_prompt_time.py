@@ -22,7 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluation.manyshot import load_shots, train_tokenizer  # noqa: E402
 from evaluation.cli import add_curves_command  # noqa: E402
-from lightning_modules.gpt import resolve_device  # noqa: E402
+from models.gpt import resolve_device  # noqa: E402
 from evaluation.llm_curves import LLMCurveConfig, group_by_type, llm_curve_rows, load_local_lm  # noqa: E402
 
 DATASET = Path(__file__).resolve().parents[1] / "examples" / "manyshot" / "pirate_persona.jsonl"

@@ -44,7 +44,7 @@ from transformers.utils.logging import disable_progress_bar
 from datamodules.ginc_datamodule import DocumentBlocks, GincDataModule, ICLConfig, ICLPromptSet
 from datamodules.sampling import shots_for_context
 from datamodules.world import WorldConfig
-from lightning_modules.gpt import GPTSpec, build_gpt, resolve_device, resolve_spec
+from models.gpt import GPTSpec, build_gpt, resolve_device, resolve_spec
 from lightning_modules.icl_metric import ICLCurveMetric, curve_rows
 from lightning_modules.lm_module import CausalLMModule, OptimConfig, adamw_with_schedule
 

@@ -5,7 +5,7 @@ import inspect
 from pathlib import Path
 
 from datamodules.ginc_datamodule import GincDataModule
-from datamodules.settings_file import read_yaml_mapping
+from safe_io.files import read_yaml_mapping
 from datamodules.world import WorldConfigError
 from user_errors import MissingInput
 

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 
 from analysis.fitting import SPACES, FitConfig
 from analysis.laws import LAW_NAMES
-from analysis.output import check_output_file, check_replaceable, write_rows
+from safe_io.files import check_output_file, check_replaceable, write_rows
 from analysis.report import summary_table
 from analysis.shift import ShiftConfig
 from evaluation.arguments import COUNT, INDEX, OneLineParser
-from evaluation.curves_table import CURVE_COLUMNS, write_curves
+from contracts.curves_table import CURVE_COLUMNS, write_curves
 from user_errors import UserError
 
 if TYPE_CHECKING:

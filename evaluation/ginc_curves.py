@@ -22,9 +22,9 @@ from datamodules.exact import ExactLearner
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.sampling import shots_for_context, split_demonstrations
 from datamodules.world import GincWorld
-from evaluation.run_artifacts import read_source
+from contracts.run_artifacts import read_source
 from lightning_modules.dpo import PreferenceModule  # noqa: F401  (a DPO checkpoint names this class; loading needs it imported)
-from lightning_modules.gpt import read_pretrained, resolve_device
+from models.gpt import read_pretrained, resolve_device
 from lightning_modules.icl_metric import ICLCurveMetric, curve_rows, label_scores
 from lightning_modules.lm_module import CausalLMModule
 from user_errors import UserError

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from analysis.fitting import FitConfig, FitResult, fit_groups
-from analysis.output import atomic_dir, mark_output, markdown_table
+from analysis.output import markdown_table
+from safe_io.files import atomic_dir, mark_output
 from analysis.report import summary_table, write_fit_outputs
 from analysis.shift import ShiftConfig, ShiftResult, analyse_shift
 from analysis.shift_report import write_shift_outputs
@@ -48,10 +49,10 @@ from datamodules.exact import ExactLearner
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.sampling import split_demonstrations
 from datamodules.world import GincWorld, check_weights
-from evaluation.curves_table import prob_rows, read_curves, write_curves
+from contracts.curves_table import prob_rows, read_curves, write_curves
 from evaluation.ginc_curves import exact_curve_rows, reader_curve_rows
 from evaluation.reports import one_thread
-from lightning_modules.gpt import resolve_device
+from models.gpt import resolve_device
 from user_errors import UserError
 
 MODEL = "truth"

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from evaluation.curves_table import curve_row
+from contracts.curves_table import curve_row
 from evaluation.manyshot import ManyShotPrompt, Shot, build_prompt, load_shots, resolve_format
-from evaluation.run_artifacts import DATA_FILE
-from lightning_modules.gpt import resolve_device
+from contracts.run_artifacts import DATA_FILE
+from models.gpt import resolve_device
 from user_errors import UserError
 
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")

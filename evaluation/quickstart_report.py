@@ -8,11 +8,11 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from analysis.output import write_rows
+from safe_io.files import write_rows
 from analysis.shift import ShiftConfig, ShiftResult
 from analysis.shift_report import interval_text
 from datamodules.ginc_datamodule import GincDataModule
-from evaluation.curves_table import read_rows, write_curves
+from contracts.curves_table import read_rows, write_curves
 from evaluation.ginc_curves import LEARNER_NAMES, MEASURED_ON, PRIOR_NAMES, ideal_references, named_learners
 from evaluation.reader_prior import reader_prior_rows
 from evaluation.reports import shift_table

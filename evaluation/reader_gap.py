@@ -30,8 +30,8 @@ from datamodules.exact import ExactLearner
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.world import GincWorld
 from evaluation.ginc_curves import LEARNER_NAMES, exact_label_scores, ideal_learner, load_model, reader_label_scores
-from evaluation.run_artifacts import read_source
-from lightning_modules.gpt import resolve_device
+from contracts.run_artifacts import read_source
+from models.gpt import resolve_device
 from lightning_modules.icl_metric import label_scores
 from user_errors import UserError
 

@@ -32,8 +32,8 @@ from datamodules.exact import ExactLearner
 from datamodules.ginc_datamodule import DocumentBlocks, GincDataModule
 from datamodules.world import GincWorld
 from evaluation.ginc_curves import PRIOR_NAMES, icl_demonstrations, ideal_learner, load_model
-from evaluation.run_artifacts import read_source
-from lightning_modules.gpt import resolve_device
+from contracts.run_artifacts import read_source
+from models.gpt import resolve_device
 from user_errors import UserError
 
 # columns every reader-prior table of the project has (older ones lack `learner`): how an existing --out is

@@ -1,7 +1,7 @@
 """Callbacks of a training run: the curves table per evaluation, ICL images in TensorBoard, the HF export.
 
 The run's `RunInfo` (what its curve rows carry besides the contract's columns) is stored in every
-checkpoint and export, so curves measured later from them get the same labels (evaluation.run_artifacts).
+checkpoint and export, so curves measured later from them get the same labels (contracts.run_artifacts).
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 
-from evaluation.curves_table import write_curves
-from evaluation.run_artifacts import RUN_INFO_KEY, RunInfo, write_export
+from contracts.curves_table import write_curves
+from contracts.run_artifacts import RUN_INFO_KEY, RunInfo, write_export
 from lightning_modules.lm_module import check_finite_weights
 
 

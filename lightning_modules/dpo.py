@@ -22,7 +22,7 @@ from transformers import GPT2LMHeadModel
 
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.preference_datamodule import PreferenceDataModule
-from lightning_modules.gpt import ModelConfigError
+from models.gpt import ModelConfigError
 from lightning_modules.lm_module import CausalLMModule
 from user_errors import UserError
 

@@ -14,7 +14,7 @@ import torch
 from torchmetrics import Metric
 from transformers import GPT2LMHeadModel
 
-from evaluation.curves_table import curve_row
+from contracts.curves_table import curve_row
 
 
 def label_scores(model: GPT2LMHeadModel, input_ids: torch.Tensor, label_pos: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

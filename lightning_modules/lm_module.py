@@ -22,7 +22,7 @@ from transformers import GPT2LMHeadModel
 
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.sampling import shots_for_context
-from lightning_modules.gpt import GPTSpec, ModelConfigError, build_gpt, read_checkpoint, read_pretrained, resolve_spec
+from models.gpt import GPTSpec, ModelConfigError, build_gpt, read_checkpoint, read_pretrained, resolve_spec
 from lightning_modules.icl_metric import ICLCurveMetric, curve_rows, label_scores
 from user_errors import MissingInput, UserError
 

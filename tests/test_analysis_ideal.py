@@ -3,7 +3,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.curves_table import read_curves
+from contracts.curves_table import read_curves
 from analysis.fitting import FitConfig, fit_groups
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "curves_ideal.csv"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks.train_throughput import flops_per_token, main, peak_for_name
-from lightning_modules.gpt import build_gpt, resolve_spec
+from models.gpt import build_gpt, resolve_spec
 
 
 @pytest.fixture(scope="module")

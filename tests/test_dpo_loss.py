@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lightning_modules.dpo import dpo_loss, ipo_loss, mean_token_kl, sequence_logps
-from lightning_modules.gpt import build_gpt, resolve_spec
+from models.gpt import build_gpt, resolve_spec
 
 # two pairs; log-ratios: chosen (-1) - (-2) = 1 and (-2) - (-2) = 0, rejected (-3) - (-2) = -1 and (-1) - (-2) = 1,
 # so the margins h = chosen - rejected are +2 (right way round) and -1 (wrong way round)

@@ -15,7 +15,7 @@ from datamodules.preference_datamodule import PreferenceDataModule
 from datamodules.sampling import GincSampler
 from datamodules.world import GincWorld, WorldConfig, WorldConfigError
 from lightning_modules.dpo import PreferenceModule, sequence_logps
-from lightning_modules.gpt import ModelConfigError
+from models.gpt import ModelConfigError
 from evaluation.ginc_curves import load_model
 from lightning_modules.lm_module import CausalLMModule
 

@@ -7,7 +7,7 @@ import pytest
 
 import evaluate
 from analysis.synthetic import law_prob
-from evaluation.curves_table import prob_rows
+from contracts.curves_table import prob_rows
 
 M = 3
 PARAMS = {"priors": [0.5, 0.3, 0.2], "K": 0.8, "gamma": [0.9, 0.8, 0.85], "beta": [0.3, 0.2, 0.25]}
@@ -197,7 +197,7 @@ def test_bad_flags_are_one_line_naming_the_help(capsys, argv, message):
 
 def test_an_nll_a_rounding_error_below_zero_is_written_and_read_as_zero(tmp_path):
     """The exact learner's mean of -log 1 came out -1.39e-17, and `fit` then refused the project's own table."""
-    from evaluation.curves_table import curve_row, read_curves
+    from contracts.curves_table import curve_row, read_curves
 
     assert curve_row("r", 3, 0, 0, 1.0, -1.39e-17, "", 10)["nll"] == 0.0
     rows = synthetic_rows()
@@ -221,7 +221,7 @@ def test_an_nll_a_rounding_error_below_zero_is_written_and_read_as_zero(tmp_path
 def test_a_rewritten_step_0_block_replaces_the_old_one(tmp_path):
     """A run restarted after a failed start evaluates step 0 again: its block must replace the first,
     not sit beside it (step 0 was keyed as 'no step', so `fit --step 0` then found duplicate rows)."""
-    from evaluation.curves_table import read_curves, write_curves
+    from contracts.curves_table import read_curves, write_curves
 
     path = tmp_path / "curves.csv"
     rows = [{**r, "step": 0} for r in synthetic_rows(runs=("m/pretrain",))]
@@ -248,7 +248,7 @@ def _table(tmp_path, rows, header=None, encoding="utf-8", prefix=b""):
     (lambda r: r.update(run="caf\u00e9-\xff"), "line 2: not UTF-8 text; save the table as UTF-8 CSV"),
 ])
 def test_values_that_cannot_be_are_refused_with_their_line(tmp_path, change, message):
-    from evaluation.curves_table import read_curves
+    from contracts.curves_table import read_curves
 
     rows = synthetic_rows(runs=("m/pretrain",))
     change(rows[0])
@@ -258,7 +258,7 @@ def test_values_that_cannot_be_are_refused_with_their_line(tmp_path, change, mes
 
 
 def test_a_byte_order_mark_and_padded_header_names_are_read(tmp_path):
-    from evaluation.curves_table import read_curves
+    from contracts.curves_table import read_curves
 
     rows = synthetic_rows(runs=("m/pretrain",))
     path = _table(tmp_path, rows, header=[f" {c} " for c in rows[0]], prefix=b"\xef\xbb\xbf")

@@ -11,7 +11,7 @@ from analysis.fitting import FitConfig, fit_groups, flat_params
 from analysis.frames import comparison_frame, fits_frame, shift_frame
 from analysis.shift import ShiftConfig, analyse_shift
 from analysis.synthetic import synthetic_group
-from evaluation.curves_table import prob_rows, write_curves
+from contracts.curves_table import prob_rows, write_curves
 from evaluation.reports import fit_table
 
 ROOT = Path(__file__).resolve().parent.parent

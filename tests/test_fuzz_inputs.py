@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import evaluate
 from evaluation.cli import build_parser
-from evaluation.curves_table import CURVE_COLUMNS, read_curves
+from contracts.curves_table import CURVE_COLUMNS, read_curves
 from training.grid import AblationConfig
 from user_errors import UserError
 

@@ -138,7 +138,7 @@ def test_ladder_of_the_meanfield_learner(tmp_path):
     """`evaluate.py ladder --learner meanfield` writes the curves of that learner on the prompts of the
     data config, one row per (condition, task, shot), and its report names it (exact-demos: same path)."""
     import evaluate
-    from evaluation.curves_table import read_curves
+    from contracts.curves_table import read_curves
 
     config = tmp_path / "world.yaml"
     config.write_text(TINY)

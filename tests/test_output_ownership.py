@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import evaluate
-from analysis.output import MARKER, atomic_dir, check_replaceable
+from safe_io.files import MARKER, atomic_dir, check_replaceable
 from user_errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def test_a_per_model_table_never_replaces_another_file(tmp_path, capsys, no_work
 
 def test_the_library_writer_refuses_a_file_that_is_not_a_curves_table(tmp_path):
     """The ablation grid and the training callback write through `write_curves` too."""
-    from evaluation.curves_table import read_rows, write_curves
+    from contracts.curves_table import read_rows, write_curves
 
     out = tmp_path / "notes.txt"
     out.write_bytes(USER_FILES["notes.txt"])
@@ -176,7 +176,7 @@ def test_the_project_replaces_and_appends_to_its_own_tables(tmp_path, capsys, ru
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> Path:
     """A few curves of the shipped table (k = 3, up to 40 shots), to fit in a moment."""
-    from evaluation.curves_table import read_rows, write_curves
+    from contracts.curves_table import read_rows, write_curves
 
     path = tmp_path_factory.mktemp("curves") / "small.csv"
     return write_curves([r for r in read_rows(CURVES) if r["k"] == 3 and r["shots"] <= 40], path)
@@ -301,7 +301,7 @@ def test_a_table_out_that_is_a_symbolic_link_is_refused(tmp_path, capsys, no_wor
 
 
 def test_the_library_writers_refuse_a_link(tmp_path):
-    from analysis.output import write_rows
+    from safe_io.files import write_rows
 
     (tmp_path / "notes.txt").write_bytes(USER_FILES["notes.txt"])
     (tmp_path / "LINK.csv").symlink_to(tmp_path / "notes.txt")
@@ -326,7 +326,7 @@ def test_a_report_out_that_cannot_be_renamed_is_refused_before_any_work(tmp_path
 
 
 def test_a_mount_point_is_refused_before_any_work(tmp_path, capsys, monkeypatch, no_work):
-    import analysis.output as output
+    import safe_io.files as output
 
     mount = tmp_path / "mnt"
     mount.mkdir()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import evaluate
-from analysis.output import MARKER, _clean_stale, atomic_dir, mark_output
+from safe_io.files import MARKER, _clean_stale, atomic_dir, mark_output
 
 ROOT = Path(__file__).resolve().parents[1]
 CURVES = ROOT / "examples" / "curves_ideal.csv"
@@ -75,7 +75,7 @@ def test_a_report_replaces_the_report_it_wrote_before(tmp_path, capsys):
 CRASH = textwrap.dedent("""
     import os, shutil, sys
     sys.path.insert(0, {root!r})
-    import analysis.output as output
+    import safe_io.files as output
     from pathlib import Path
 
     stop_at, exchange = int(sys.argv[1]), sys.argv[2] == "exchange"
@@ -179,7 +179,7 @@ def test_a_device_this_machine_cannot_use_is_one_line_before_any_work(tmp_path, 
 CRASH_CURVES = textwrap.dedent("""
     import csv, os, sys
     sys.path.insert(0, {root!r})
-    from evaluation.curves_table import read_rows, write_curves
+    from contracts.curves_table import read_rows, write_curves
 
     rows = read_rows({curves!r})
     original = csv.DictWriter.writerows
@@ -194,7 +194,7 @@ CRASH_CURVES = textwrap.dedent("""
 
 
 def test_curves_out_killed_while_writing_keeps_the_old_table_and_the_next_write_cleans_up(tmp_path):
-    from evaluation.curves_table import read_rows, write_curves
+    from contracts.curves_table import read_rows, write_curves
 
     out = tmp_path / "c.csv"
     shutil.copy(CURVES, out)

@@ -10,7 +10,7 @@ from analysis.curves import CurveGroup
 from analysis.laws import get_law
 from analysis.shift import ShiftConfig, analyse_shift, crossing, resample_table, select_conditions
 from analysis.synthetic import add_noise, law_prob
-from evaluation.curves_table import prob_rows, read_prompt_table
+from contracts.curves_table import prob_rows, read_prompt_table
 
 M = 4
 SHOTS = np.arange(0.0, 61.0)

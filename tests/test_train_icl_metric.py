@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from datamodules.ginc_datamodule import ICLConfig, ICLPromptSet
 from datamodules.world import WorldConfig
-from lightning_modules.gpt import build_gpt, resolve_spec
+from models.gpt import build_gpt, resolve_spec
 from lightning_modules.icl_metric import ICLCurveMetric, curve_rows, label_scores
 
 WORLD = WorldConfig(n_tasks=3, n_entities=4, n_properties=4, vocab_size=20, distinct_emissions=True)

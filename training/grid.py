@@ -24,8 +24,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from analysis.output import inside
-from datamodules.settings_file import read_yaml_mapping
+from safe_io.files import inside
+from safe_io.files import read_yaml_mapping
 from user_errors import MissingInput, UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -141,7 +141,7 @@ class AblationConfig:
 
     def validate(self, path: Path) -> None:
         """The YAML's own settings, each against its range; nothing is read but the files it names."""
-        from lightning_modules.gpt import NAMED_SIZES
+        from models.gpt import NAMED_SIZES
 
         self._validate_slurm(path)
         try:
@@ -219,7 +219,7 @@ class AblationConfig:
         loadable and of the grid's world and size. Cells whose flags differ only in what the amount sets are
         parsed once (a grid of 28 cells: 5 parses)."""
         from datamodules.world import world_config
-        from lightning_modules.gpt import SPEC_FIELDS, resolve_spec
+        from models.gpt import SPEC_FIELDS, resolve_spec
         from training import run as train
 
         out, parser, seen = Path(self.root) / self.name, train.train_parser(), set()
@@ -383,8 +383,8 @@ def _given_model(path: Path, size: str, ckpt: str, world: object, spec: object, 
     import torch
 
     from datamodules.world import world_config, world_differences
-    from evaluation.run_artifacts import read_source
-    from lightning_modules.gpt import read_pretrained
+    from contracts.run_artifacts import read_source
+    from models.gpt import read_pretrained
     from training.run import source_spec
 
     what = f"{path}: pretrained checkpoint {ckpt} for {size}"
@@ -746,7 +746,7 @@ def local_cells(cfg: AblationConfig, out: Path, status: dict[str, str], stop_aft
 
 def true_priors(model: Path) -> list[float] | None:
     """The pretraining mixture, to set beside the fitted priors in the shift report, when it is not uniform."""
-    from evaluation.run_artifacts import read_source
+    from contracts.run_artifacts import read_source
 
     weights = (read_source(model).data.get("world") or {}).get("weights")
     if not weights or max(weights) - min(weights) < 1e-9:
@@ -759,7 +759,7 @@ def has_prior(model: Path) -> bool:
     learner, which scores the prompts' labels only; for the document reader, which reads whole prompts and
     documents, only where the world has property_smoothing > 0."""
     from evaluation.ginc_curves import ideal_learner
-    from evaluation.run_artifacts import read_source
+    from contracts.run_artifacts import read_source
 
     data = read_source(model).data
     return (ideal_learner("auto", float(data.get("demo_rate", 0.0))) == "exact"
@@ -802,11 +802,11 @@ def report_grid(cfg: AblationConfig, out: Path, status: dict[str, str], pool: Pr
     fits the shifts (which start processes of their own for large tables). Returns how many cells and
     analyses failed."""
     from analysis.report import summary_table
-    from evaluation.curves_table import read_curves, write_curves
+    from contracts.curves_table import read_curves, write_curves
     from evaluation.ginc_curves import checkpoint_curve_rows
     from evaluation.grid_report import range_comparisons
     from evaluation.reports import fit_table, shift_table
-    from evaluation.run_artifacts import read_source
+    from contracts.run_artifacts import read_source
 
     models = {size: model for size in cfg.sizes if (model := pretrained_of(cfg, out, size)).exists()}
     cells = [cell for cell in cells_of(cfg) if cell.method != "pretrain"]
@@ -862,13 +862,13 @@ def reader_tables(cfg: AblationConfig, out: Path, pretrained: list[Path], traine
     each against the model's own ideal learner (auto: the exact learner where the data held prompts), and
     learner_curves.png (the first pretrained model's curves, `baselines`, beside both learners'); returns
     the rows."""
-    from analysis.output import write_rows
+    from safe_io.files import write_rows
     from datamodules.ginc_datamodule import GincDataModule
     from evaluation.ginc_curves import ideal_references
     from evaluation.grid_report import learner_curves_figure
     from evaluation.reader_gap import reader_gap_rows
     from evaluation.reader_prior import reader_prior_rows
-    from evaluation.run_artifacts import read_source
+    from contracts.run_artifacts import read_source
 
     if pretrained:
         ideal = ideal_references(GincDataModule(**read_source(pretrained[0]).data))

@@ -21,15 +21,15 @@ from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from analysis.output import inside
+from safe_io.files import inside
 from datamodules.ginc_datamodule import GincDataModule
-from datamodules.settings_file import read_yaml_mapping
+from safe_io.files import read_yaml_mapping
 from datamodules.world import world_config, world_differences
 from evaluation.ginc_curves import ideal_references
 from evaluation.quickstart_report import analyse_quickstart
-from evaluation.run_artifacts import ARCH_KEYS, RunInfo, Source, read_source
+from contracts.run_artifacts import ARCH_KEYS, RunInfo, Source, read_source
 from lightning_modules.callbacks import CurvesWriter, FinalExport, RunLogger, StepProgressBar
-from lightning_modules.gpt import (SPEC_FIELDS, GPTSpec, read_checkpoint, read_pretrained, resolve_device, resolve_spec,
+from models.gpt import (SPEC_FIELDS, GPTSpec, read_checkpoint, read_pretrained, resolve_device, resolve_spec,
                                   training_threads)
 from lightning_modules.lm_module import CausalLMModule
 from user_errors import MissingInput, UserError
@@ -66,7 +66,7 @@ class RunConfig:
     direction/tasks: post-training favours (trains on `tasks` only) or disfavours (trains on all but
     `tasks`) and sets data.train_weights from the world's weights. checkpoint_every: steps between
     last.ckpt saves (default: at each validation). eval_at_start: validate before the first step.
-    cpu_threads: torch's CPU threads for the run (default one: see lightning_modules.gpt.training_threads)."""
+    cpu_threads: torch's CPU threads for the run (default one: see models.gpt.training_threads)."""
 
     stage: str = "pretrain"
     name: str | None = None

@@ -16,10 +16,10 @@ from pathlib import Path
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
-from analysis.output import EXPORT_DATA_FILE, atomic_dir
+from safe_io.files import EXPORT_DATA_FILE, atomic_dir
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.world import world_config, world_tokenizer
-from lightning_modules.gpt import SPEC_FIELDS, read_checkpoint, spec_of
+from models.gpt import SPEC_FIELDS, read_checkpoint, spec_of
 from user_errors import UserError, MissingInput
 
 RUN_INFO_KEY = "run_info"  # in a checkpoint, and in DATA_FILE

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.curves import CurveGroup
-from analysis.output import atomic_file, check_table_file
+from safe_io.files import atomic_file, check_table_file
 from user_errors import UserError, MissingInput
 
 CURVE_COLUMNS = ("run", "k", "task", "shots", "prob", "nll", "acc", "count")
