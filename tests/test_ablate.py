@@ -163,7 +163,7 @@ def test_bad_ablation_yaml_is_one_line(tmp_path, capsys, text, message):
 
 
 def test_trajectory_verdict_counts_steps_back_and_whether_they_leave_the_intervals():
-    from evaluation.grid_report import trajectory_verdict
+    from evaluation.grid_findings import trajectory_verdict
 
     assert trajectory_verdict("favor", [0, 32, 64], [0.3, 0.5, 0.9]) == "monotone"
     assert trajectory_verdict("disfavor", [0, 64, 32], [0.3, 0.05, 0.1]) == "monotone"  # ordered by amount

@@ -11,8 +11,8 @@ from analysis.curves import CurveGroup
 from analysis.shift import Conditions, ShiftConfig, ShiftResult, analyse_shift, condition_fields, condition_key, select_conditions
 from analysis.shift_report import condition_rows, plot_parameters
 from analysis.synthetic import add_noise, law_prob
-from evaluation.grid_report import (graded_count, prior_only_verdict, prior_section, range_comparisons, reemergence,
-                                    reemergence_section)
+from evaluation.grid_findings import graded_count, prior_only_verdict, range_comparisons, reemergence
+from evaluation.grid_report import prior_section, reemergence_section
 
 ORDERED = ["gpt2-2l/pretrain", "gpt2-2l/sft-favor-8", "gpt2-2l/sft-favor-128", "gpt2-2l/sft-disfavor-16",
            "gpt2-2l/dpo-favor-32", "gpt2-2l/dpo-disfavor-4", "gpt2-2l/dpo-disfavor-32"]

@@ -804,7 +804,7 @@ def report_grid(cfg: AblationConfig, out: Path, status: dict[str, str], pool: Pr
     from analysis.report import summary_table
     from contracts.curves_table import read_curves, write_curves
     from evaluation.ginc_curves import checkpoint_curve_rows
-    from evaluation.grid_report import range_comparisons
+    from evaluation.grid_findings import range_comparisons
     from evaluation.reports import fit_table, shift_table
     from contracts.run_artifacts import read_source
 
