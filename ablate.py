@@ -14,7 +14,7 @@ that was interrupted after a checkpoint resumes from it. A failed cell is report
 the exit status, and the other cells still run.
 
 One process drives a grid at a time (a lock in the grid's directory; a second is refused, naming the
-first), and every process it starts dies with it, kill -9 included (training/processes.py).
+first), and every process it starts dies with it, kill -9 included (training/grid/processes.py).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from evaluation.arguments import COUNT, INDEX, OneLineParser
 from training.grid import AblationConfig, run_grid
-from training.processes import die_with_parent
+from training.grid.processes import die_with_parent
 from user_errors import UserError
 
 # Workers stopped on purpose (Ctrl-C, kill -9 of the driver) leave their semaphores to multiprocessing's

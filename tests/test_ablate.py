@@ -290,7 +290,7 @@ def test_a_slurm_job_that_ends_without_a_result_is_a_failed_cell(tmp_path):
 
     import submitit
 
-    from training.slurm import wait
+    from training.grid.slurm import wait
 
     _needs_slurm()
     config = _grid(tmp_path, "cancelled", slurm={"cpus_per_cell": 1, "mem_gb": 2, "time_min": 20})
@@ -298,12 +298,13 @@ def test_a_slurm_job_that_ends_without_a_result_is_a_failed_cell(tmp_path):
     out = tmp_path / "cancelled" / "t"
     recorded = json.loads((out / "slurm" / "jobs.json").read_text())
     subprocess.run(["scancel", recorded["gpt2-1l/pretrain"]["id"]], check=True)
-    status: dict[str, str] = {}
+    status = {}
     jobs = {name: submitit.SlurmJob(out / "slurm", job["id"]) for name, job in recorded.items()}
     waiting = threading.Thread(target=wait, args=(jobs, status, 0.5), daemon=True)
     waiting.start()
     waiting.join(timeout=120)
     assert not waiting.is_alive(), f"still waiting on {sorted(jobs)}"
-    assert status["gpt2-1l/pretrain"].startswith("failed: SLURM job") and "cancelled" in status["gpt2-1l/pretrain"]
-    assert all("its pretraining (gpt2-1l/pretrain) failed" in status[f"gpt2-1l/{cell}"] and "_log.err" in status[f"gpt2-1l/{cell}"]
-               for cell in ("sft-favor-32", "dpo-favor-32")), status
+    lines = {name: str(s) for name, s in status.items()}
+    assert lines["gpt2-1l/pretrain"].startswith("failed: SLURM job") and "cancelled" in lines["gpt2-1l/pretrain"]
+    assert all("its pretraining (gpt2-1l/pretrain) failed" in lines[f"gpt2-1l/{cell}"] and "_log.err" in lines[f"gpt2-1l/{cell}"]
+               for cell in ("sft-favor-32", "dpo-favor-32")), lines

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_ablate import _grid
-from training.processes import LOCK_FILE, GridInUse, grid_lock
+from training.grid.processes import LOCK_FILE, GridInUse, grid_lock
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,7 +61,7 @@ def _alive(pids: set[int]) -> set[int]:
 
 WORKER = """
 import os, sys, time
-from training.processes import die_with_parent
+from training.grid.processes import die_with_parent
 die_with_parent()
 child = os.fork()
 if child == 0:

@@ -17,7 +17,7 @@ from contracts.run_artifacts import RunInfo, write_export
 from models.gpt import build_gpt, resolve_spec
 from tests.ideal_models import ExactAsModel
 from tests.test_reader_prior import prompts_of
-from training.grid import has_prior
+from training.grid.report import has_prior
 from user_errors import UserError
 
 WORLD = dict(n_tasks=3, n_entities=3, n_properties=4, vocab_size=14, distinct_emissions=True, property_smoothing=0.5, seed=1)

@@ -8,7 +8,7 @@ process was stopped) collects the jobs SLURM still holds instead of submitting t
 resubmits only cells that are neither DONE nor queued; a job queued under other settings stops it.
 Job logs are `<grid>/slurm/<job id>_*`.
 
-The driver (the process that submits and waits) holds the grid's lock (training/processes.py); the jobs
+The driver (the process that submits and waits) holds the grid's lock (processes.py); the jobs
 do not need it. submitit missing, or sbatch refusing a job (the controller unreachable, a bad partition),
 stops the driver with one line, sbatch's own message in it; the files of a refused submission are removed,
 and the jobs submitted before it are recorded, so that a rerun collects them instead of submitting again.
@@ -26,8 +26,10 @@ import time
 import typing
 from pathlib import Path
 
-from training.grid import (AblationConfig, AblationConfigError, Cell, CellFailed, asked_flags, cells_of, outcome,
-                           pretrained_of, run_cell)
+from training.grid.cells import Cell, CellFailed, CellStatus, asked_flags, cells_of, outcome, pretrained_of, run_cell
+from training.grid.checks import AblationConfigError
+from training.grid.config import AblationConfig
+from training.grid.launcher import Launcher
 from user_errors import UserError
 
 JOBS = "jobs.json"
@@ -47,10 +49,10 @@ class CellJob:
     """One cell as a SLURM job. On preemption or timeout submitit calls `checkpoint`, which requeues the
     same call; run_cell then resumes from the cell's last.ckpt."""
 
-    def __call__(self, cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None) -> str:
+    def __call__(self, cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None) -> CellStatus:
         result = run_cell(cfg, cell, out, pretrained)
-        if result.startswith("failed"):
-            raise CellFailed(result)
+        if result.failed:
+            raise CellFailed(str(result))
         return result
 
     def checkpoint(self, *args: object) -> object:
@@ -145,9 +147,9 @@ def sbatch_errors(folder: Path, what: str, submitted: int) -> typing.Iterator[No
     sys.stderr.write(printed.getvalue())  # accepted: whatever it said is not lost
 
 
-def submit(cfg: AblationConfig, out: Path, status: dict[str, str], stop_after: int | None) -> dict[str, object]:
-    """Submit every cell that is neither DONE (marked 'skipped' in status) nor still held by SLURM from an
-    earlier call; at most stop_after new ones. Returns the job of every cell that SLURM holds now. The jobs
+def submit(cfg: AblationConfig, out: Path, status: dict[str, CellStatus], stop_after: int | None) -> dict[str, object]:
+    """Submit every cell that is neither in status (given, DONE) nor still held by SLURM from an earlier
+    call; at most stop_after new ones. Returns the job of every cell that SLURM holds now. The jobs
     are recorded in jobs.json also when a later submission fails."""
     import submitit
 
@@ -195,7 +197,7 @@ def submit(cfg: AblationConfig, out: Path, status: dict[str, str], stop_after: i
     return jobs
 
 
-def wait(jobs: dict[str, object], status: dict[str, str], poll_s: float = 2.0) -> None:
+def wait(jobs: dict[str, object], status: dict[str, CellStatus], poll_s: float = 2.0) -> None:
     """Wait for every job and put each cell's outcome into status. A job that leaves the queue without a
     result (cancelled, killed, out of memory, or its pretraining failed) is a failed cell with its log."""
     gone: set[str] = set()
@@ -211,26 +213,35 @@ def wait(jobs: dict[str, object], status: dict[str, str], poll_s: float = 2.0) -
                 continue
             else:
                 pretrain = f"{name.split('/')[0]}/pretrain"
-                why = (f"its pretraining ({pretrain}) failed" if status.get(pretrain, "").startswith("failed")
+                why = (f"its pretraining ({pretrain}) failed" if pretrain in status and status[pretrain].failed
                        else "cancelled, killed or out of memory")
-                status[name] = f"failed: SLURM job {job.job_id} ended without a result ({why}; log: {job.paths.stderr})"
+                status[name] = CellStatus.failure(f"SLURM job {job.job_id} ended without a result ({why}; log: "
+                                                  f"{job.paths.stderr})")
             del jobs[name]
         if jobs:
             time.sleep(poll_s)
 
 
-def slurm_cells(cfg: AblationConfig, out: Path, status: dict[str, str], stop_after: int | None,
-                wait_for_jobs: bool = True) -> bool:
-    """Train the grid's cells as SLURM jobs; fill status with each cell's outcome. Returns whether the grid
-    stopped before all its cells were trained (--stop-after, or --no-wait)."""
-    jobs = submit(cfg, out, status, stop_after)
-    if jobs:
-        print("[ablate] SLURM jobs: " + ", ".join(f"{name} {job.job_id}" for name, job in jobs.items()), flush=True)
-    if not wait_for_jobs:
-        print(f"[ablate] {len(jobs)} cells queued; rerun the same command to wait for them and write the report", flush=True)
-        return True
-    wait(jobs, status)
-    stopped = any(cell.name not in status for cell in cells_of(cfg))
-    if stopped:
-        print(f"[ablate] stopped after {len(jobs)} submitted cells (--stop-after); rerun to finish", flush=True)
-    return stopped
+class SlurmLauncher(Launcher):
+    """Every cell a SLURM job: each size's pretraining one job, its cells one job array after it. With
+    `wait` false the driver submits and returns (the grid stopped); a rerun collects the jobs."""
+
+    def __init__(self, wait: bool = True) -> None:
+        require_submitit()
+        self.wait = wait
+
+    def train(self, cfg: AblationConfig, out: Path, cells: list[Cell], known: dict[str, CellStatus],
+              stop_after: int | None) -> tuple[dict[str, CellStatus], bool]:
+        status = dict(known)
+        jobs = submit(cfg, out, status, stop_after)
+        if jobs:
+            print("[ablate] SLURM jobs: " + ", ".join(f"{name} {job.job_id}" for name, job in jobs.items()), flush=True)
+        if not self.wait:
+            print(f"[ablate] {len(jobs)} cells queued; rerun the same command to wait for them and write the report",
+                  flush=True)
+            return {}, True
+        wait(jobs, status)
+        stopped = any(cell.name not in status for cell in cells)
+        if stopped:
+            print(f"[ablate] stopped after {len(jobs)} submitted cells (--stop-after); rerun to finish", flush=True)
+        return {name: s for name, s in status.items() if name not in known}, stopped
