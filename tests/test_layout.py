@@ -32,7 +32,9 @@ def project_imports(path: Path) -> set[str]:
 
 
 def modules() -> list[tuple[str, Path]]:
-    return [(f"{pkg}.{path.stem}", path) for pkg in PACKAGES for path in sorted((ROOT / pkg).glob("*.py"))]
+    """Every module of the packages, those of their subpackages (training.grid.cells, ...) included."""
+    return [(".".join(path.relative_to(ROOT).with_suffix("").parts), path) for pkg in PACKAGES
+            for path in sorted((ROOT / pkg).rglob("*.py"))]
 
 
 def floor(module: str) -> str:
