@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from training.run import CtrlC, cli_main, quiet_lightning, run_quickstart
 from user_errors import UserError
+from user_errors.exit_status import INTERRUPTED, exit_status
 
 
 # A Ctrl-C that lands while a lock is held (TensorBoard's event writer, logging) can leave interpreter
@@ -39,30 +40,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     quiet_lightning()
     CtrlC.watch()
-    if argv and argv[0] in ("test", "predict"):
-        print(f"error: train.py has no {argv[0]} split to run `{argv[0]}` on (the GINC stream has no held-out set of "
-              "that kind); use `python train.py validate --config CONFIG --ckpt_path CKPT` or "
-              "`python evaluate.py curves --ckpt CKPT`", file=sys.stderr)
-        return 2
-    try:
-        if not argv:
-            run_quickstart()
-        else:
-            cli_main(None if from_command_line else argv)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (KeyboardInterrupt, SystemExit) as exc:
-        # Lightning answers Ctrl-C in a running stage by tearing down and calling sys.exit(1)
-        if isinstance(exc, SystemExit) and not isinstance(exc.__context__, KeyboardInterrupt):
-            raise
-        print("error: interrupted; resume with --run.name NAME --ckpt_path last (the run's checkpoints are kept)",
-              file=sys.stderr, flush=True)
-        if from_command_line:  # not when a caller (a test) runs main() in its own process
-            exit_within(EXIT_GRACE_S, 130)
-        return 130
-    return 0
+    status = exit_status(lambda: train(argv, from_command_line),
+                         "resume with --run.name NAME --ckpt_path last (the run's checkpoints are kept)")
+    if status == INTERRUPTED and from_command_line:  # not when a caller (a test) runs main() in its own process
+        exit_within(EXIT_GRACE_S, INTERRUPTED)
+    return status
 
+
+def train(argv: list[str], from_command_line: bool) -> None:
+    """The quickstart without arguments, else LightningCLI on `argv` (which reads sys.argv itself when the
+    arguments came from the command line)."""
+    if argv and argv[0] in ("test", "predict"):
+        raise UserError(f"train.py has no {argv[0]} split to run `{argv[0]}` on (the GINC stream has no held-out set of "
+                        "that kind); use `python train.py validate --config CONFIG --ckpt_path CKPT` or "
+                        "`python evaluate.py curves --ckpt CKPT`")
+    if not argv:
+        run_quickstart()
+    else:
+        cli_main(None if from_command_line else argv)
 
 if __name__ == "__main__":
     sys.exit(main())

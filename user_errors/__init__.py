@@ -2,7 +2,7 @@
 
 A `UserError` is a flag, config, table, checkpoint or output path that cannot be used. Its message is one
 line that names the problem and the fix. `train.py`, `evaluate.py` and `ablate.py` print these (and only
-these) as `error: ...` with exit status 2; any other exception is a bug and keeps its traceback.
+these) as `error: ...` with exit status 2 (`exit_status.py`); any other exception is a bug and keeps its traceback.
 """
 
 
