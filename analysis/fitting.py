@@ -49,7 +49,7 @@ class FitConfig:
 
     def __post_init__(self) -> None:  # checked where it is made (dataclasses.replace makes a new one)
         if not self.tol >= 0.0:
-            raise UserError(f"--tol {self.tol} must be 0 (to rounding) or more, in chi-square")
+            raise UserError(f"tol {self.tol} must be 0 (to rounding) or more, in chi-square")
         for name in self.laws:
             get_law(name)
         for split in self.splits:
@@ -60,7 +60,7 @@ class FitConfig:
         if any(not 0.0 < f < 1.0 for f in self.fractions):
             raise UserError(f"fit fractions {list(self.fractions)} must lie strictly between 0 and 1")
         if self.starts < 1 or self.max_iter < 1:
-            raise UserError("--starts and the iteration limit must be at least 1")
+            raise UserError(f"starts ({self.starts}) and max_iter ({self.max_iter}) must be at least 1")
 
 
 @dataclass

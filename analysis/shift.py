@@ -66,21 +66,21 @@ class ShiftConfig:
             raise UserError(f"shift needs a Bayesian law, not {self.law!r}; choose from {', '.join(BAYESIAN_NAMES)} "
                              "(or leave it out to choose by the evidence)")
         if not self.tol >= 0.0:
-            raise UserError(f"--tol {self.tol} must be 0 (to rounding) or more, in chi-square")
+            raise UserError(f"tol {self.tol} must be 0 (to rounding) or more, in chi-square")
         if not 0.0 < self.holdout_fraction < 1.0:
-            raise UserError(f"--holdout-fraction {self.holdout_fraction} must lie strictly between 0 and 1")
+            raise UserError(f"holdout_fraction {self.holdout_fraction} must lie strictly between 0 and 1")
         if not 0.0 < self.level < 1.0:
-            raise UserError(f"--level {self.level} must lie strictly between 0 and 1")
+            raise UserError(f"level {self.level} must lie strictly between 0 and 1")
         if self.starts < 1:
-            raise UserError(f"--starts {self.starts} must be at least 1")
+            raise UserError(f"starts {self.starts} must be at least 1")
         if self.workers < 0:
-            raise UserError(f"--workers {self.workers} must be 0 (automatic) or more")
+            raise UserError(f"workers {self.workers} must be 0 (automatic) or more")
         if self.resample_starts < 0:
-            raise UserError(f"--resample-starts {self.resample_starts} must be 0 or more")
+            raise UserError(f"resample_starts {self.resample_starts} must be 0 or more")
         if self.resamples < 2:
-            raise UserError("--resamples must be at least 2 to give an interval")
+            raise UserError(f"resamples {self.resamples} must be at least 2 to give an interval")
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
-            raise UserError(f"--threshold {self.threshold} must be a probability in (0, 1)")
+            raise UserError(f"threshold {self.threshold} must be a probability in (0, 1)")
 
 
 @dataclass
@@ -313,7 +313,7 @@ class LawChoice:
 
     k: int
     law: str
-    chosen: bool  # False: the law was given (--law), and scores holds it alone
+    chosen: bool  # False: the law was given (`law`), and scores holds it alone
     scores: list[LawScore]
 
 

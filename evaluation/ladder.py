@@ -100,13 +100,13 @@ def run_ladder(config: LadderConfig, out: str | os.PathLike) -> tuple[list[FitRe
     """Curves of the ladder's learners, all laws fitted to them, and the shift report with what it
     recovered of the truth: curves.csv, fits/, shift/ and report.md in `out`, written whole."""
     if config.learner not in LEARNERS:
-        raise UserError(f"--learner {config.learner!r} is not a ladder learner; choose one of {', '.join(LEARNERS)}")
+        raise UserError(f"learner {config.learner!r} is not a ladder learner; choose one of {', '.join(LEARNERS)}")
     data = load_datamodule_config(config.data_config, k_values=list(config.k_values) if config.k_values else None,
                                   prompts_per_task=config.prompts)
     device = resolve_device(config.device)
     M = data.world.n_tasks
     if not 0 <= config.task < M:
-        raise UserError(f"--task {config.task} is out of range for a world of {M} tasks")
+        raise UserError(f"task {config.task} is out of range for a world of {M} tasks; give one from 0 to {M - 1}")
     if any(not (math.isfinite(s) and s > 1.0) for s in config.strengths):
         raise UserError(f"--strengths {list(config.strengths)} must all be finite and above 1 (1 is the baseline "
                          "itself; a factor of inf would give the task all or none of the prior)")

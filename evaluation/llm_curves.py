@@ -31,24 +31,36 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 @dataclass(frozen=True)
 class LLMCurveConfig:
+    """How the many-shot prompts of one model are built and scored.
+
+    Args:
+        run: run label of the rows
+        ks: answer tokens scored; one forward pass serves every k
+        shuffles: prompts per answer type
+        shots: demonstrations per prompt; None: all rows of the type that fit
+        max_length: prompt tokens; None: the model's context length
+        prompt_format: chat template or plain User:/Assistant: turns; auto: chat when the tokenizer has a template
+        seed: seed of the shuffles
+        batch_size: prompts per forward pass (long prompts take memory: 1-4)
+    """
+
     run: str
-    ks: tuple[int, ...] = (1,)  # answer tokens scored; one forward pass serves every k
-    shuffles: int = 5  # prompts per answer type
-    shots: int | None = None  # demonstrations per prompt; None: all rows of the type that fit
-    max_length: int | None = None  # prompt tokens; None: the model's context length
+    ks: tuple[int, ...] = (1,)
+    shuffles: int = 5
+    shots: int | None = None
+    max_length: int | None = None
     prompt_format: str = "auto"
     seed: int = 0
     batch_size: int = 4
 
     def __post_init__(self) -> None:
-        flags = {"ks": "--k", "shuffles": "--prompts", "shots": "--shots", "max_length": "--max-length", "batch_size": "--batch-size"}
-        for name, flag in flags.items():
+        for name in ("ks", "shuffles", "shots", "max_length", "batch_size"):
             values = getattr(self, name)
             for value in values if name == "ks" else [values]:
                 if value is not None and value < 1:
-                    raise UserError(f"{flag} {value}: must be a positive integer ({name} of the LLM curve settings)")
+                    raise UserError(f"{name} {value}: must be a positive integer (LLMCurveConfig.{name})")
         if not self.ks:
-            raise UserError("--k: give at least one number of answer tokens to score")
+            raise UserError("ks: give at least one number of answer tokens to score (LLMCurveConfig.ks)")
 
 
 @dataclass
@@ -70,31 +82,31 @@ def load_local_lm(model_dir: str | Path, device: str = "auto") -> tuple[PreTrain
     the first GPU's free memory (which needs accelerate).
     """
     model_dir = Path(model_dir)
-    hint = "point --hf-model at a directory written by save_pretrained (config.json, weights, tokenizer files)"
+    hint = "give a model directory written by save_pretrained (config.json, weights, tokenizer files)"
     if not (model_dir / "config.json").is_file():
-        raise UserError(f"--hf-model {model_dir}: no config.json there; {hint}")
+        raise UserError(f"model directory {model_dir}: no config.json there; {hint}")
     weight_bytes = sum(f.stat().st_size for pattern in _WEIGHT_PATTERNS for f in model_dir.glob(pattern))
     if weight_bytes == 0:
-        raise UserError(f"--hf-model {model_dir}: no weight files (*.safetensors or *.bin); {hint}")
+        raise UserError(f"model directory {model_dir}: no weight files (*.safetensors or *.bin); {hint}")
     if not any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
-        raise UserError(f"--hf-model {model_dir}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); {hint}")
+        raise UserError(f"model directory {model_dir}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); {hint}")
     device = resolve_device(device)
     on_gpu = device.startswith("cuda")
     if on_gpu and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no GPU is visible; use --device cpu or auto")
+        raise UserError(f"device {device}: no GPU is visible; use the device cpu or auto")
     kwargs: dict = {"local_files_only": True, "dtype": torch.bfloat16 if on_gpu else torch.float32}
     if on_gpu and torch.cuda.device_count() > 1 and weight_bytes > 0.8 * torch.cuda.mem_get_info(0)[0]:
         try:
             import accelerate  # noqa: F401  (device_map needs it)
         except ImportError:
-            raise UserError(f"--hf-model {model_dir}: {weight_bytes / 2**30:.1f} GiB of weights need several GPUs; pip install accelerate") from None
+            raise UserError(f"model directory {model_dir}: {weight_bytes / 2**30:.1f} GiB of weights need several GPUs; pip install accelerate") from None
         kwargs["device_map"] = "auto"
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     except Exception as exc:  # corrupt or foreign files fail in many library-specific ways; name the first line
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"--hf-model {model_dir}: cannot load it ({reason}); {hint}") from None
+        raise UserError(f"model directory {model_dir}: cannot load it ({reason}); {hint}") from None
     if "device_map" not in kwargs:
         model.to(device)
     return model.eval(), tokenizer
@@ -106,7 +118,7 @@ def context_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     limits.append(getattr(tokenizer, "model_max_length", None))
     limits = [int(x) for x in limits if isinstance(x, int) and 0 < x < 10**8]
     if not limits:
-        raise UserError("the model declares no context length; pass --max-length")
+        raise UserError("the model declares no context length; give max_length, the prompt tokens")
     return min(limits)
 
 
@@ -117,7 +129,7 @@ def group_by_type(shots: Sequence[Shot], n_shots: int | None) -> dict[str, list[
         by_type.setdefault(shot.answer_type, []).append(shot)
     for name, rows in sorted(by_type.items()):
         if n_shots is not None and n_shots > len(rows):
-            raise UserError(f"answer type '{name}' has {len(rows)} rows but --shots asks for {n_shots}; lower --shots or add rows")
+            raise UserError(f"answer type '{name}' has {len(rows)} rows but shots asks for {n_shots}; lower shots or add rows")
     return {name: by_type[name] for name in sorted(by_type)}
 
 
@@ -217,8 +229,9 @@ def check_not_ginc_export(model_dir: str | Path) -> None:
     """Refuse an HF export of a GINC run trained here: its tokens are the world's, so English prompts
     score nothing it learned, and its curves come from `--ckpt`, on its own world's prompts."""
     if (Path(model_dir) / DATA_FILE).is_file():
-        raise UserError(f"--hf-model {model_dir} is the export of a GINC run trained here (it has {DATA_FILE}), whose "
-                         f"vocabulary is its world's tokens, not text; measure it with --ckpt {model_dir}")
+        raise UserError(f"model directory {model_dir} is the export of a GINC run trained here (it has {DATA_FILE}), whose "
+                        f"vocabulary is its world's tokens, not text; measure it on its own world's prompts "
+                        f"(checkpoint_curve_rows, `evaluate.py curves --ckpt {model_dir}`)")
 
 
 def hf_curve_rows(model_dir: str | Path, dataset: str | Path, config: LLMCurveConfig, device: str = "auto") -> list[dict]:

@@ -130,7 +130,7 @@ def reader_gap_rows(paths: Sequence[str | Path], prompts: int = 256, k_values: S
     exact, reader, or auto: exact for a run trained with prompts in its data) on `prompts` prompts per
     (k, task) of the run's own world and ICL settings."""
     if prompts < 2:
-        raise UserError(f"--prompts must be >= 2 (a standard error needs two prompts), got {prompts}")
+        raise UserError(f"prompts must be >= 2 (a standard error needs two prompts), got {prompts}")
     rows = []
     for path in paths:
         src = read_source(path)

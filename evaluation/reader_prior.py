@@ -172,7 +172,7 @@ def reader_prior_rows(paths: Sequence[str | Path], prompts: int = 32, documents:
     and at the world's prior, on its own world's ICL prompts (`prompts` per k and task) and, for the
     reader, documents."""
     if prompts < 1 or documents < 0:
-        raise UserError(f"--prompts must be >= 1 and --documents >= 0, got {prompts} and {documents}")
+        raise UserError(f"prompts must be >= 1 and documents >= 0, got {prompts} and {documents}")
     rows = []
     for path in paths:
         src = read_source(path)

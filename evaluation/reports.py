@@ -64,15 +64,15 @@ def shift_table(curves: str | os.PathLike, out: str | os.PathLike, config: Shift
     if k_values:
         missing = sorted(set(k_values) - {g.k for g in groups})
         if missing:
-            raise UserError(f"--k {missing} is not in {curves}; it has k = {sorted({g.k for g in groups})}")
+            raise UserError(f"k_values {missing} are not in {curves}; it has k = {sorted({g.k for g in groups})}")
         groups = [g for g in groups if g.k in k_values]
     M = next((g.n_tasks for g in groups if g.run == config.baseline), None)
     if true_priors is not None and M is not None:
         if len(true_priors) != M:
-            raise UserError(f"--true-priors has {len(true_priors)} weights but the curves have {M} tasks")
-        check_weights(true_priors, M, "--true-priors")
+            raise UserError(f"true_priors has {len(true_priors)} weights but the curves have {M} tasks")
+        check_weights(true_priors, M, "true_priors")
         if abs(sum(true_priors) - 1.0) > 1e-6:
-            raise UserError(f"--true-priors {list(true_priors)} sum to {sum(true_priors):g}, not 1; give the pretraining "
+            raise UserError(f"true_priors {list(true_priors)} sum to {sum(true_priors):g}, not 1; give the pretraining "
                              "mixture's weights, which are probabilities")
     prompts = read_prompt_table(prompt_table) if prompt_table else None
     with one_thread(), atomic_dir(out, [curves, *([prompt_table] if prompt_table else [])], "report") as tmp:

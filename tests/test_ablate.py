@@ -145,7 +145,7 @@ def test_bad_ablation_config(tmp_path, capsys):
     (f"name: x\nroot: {__file__}\nsizes: [gpt2-1l]\n", f"root {__file__} is a file"),
     ("name: x\nsizes: [gpt2-1l]\nfit_fraction: 5\n", "fit fractions [5] must lie strictly between 0 and 1"),
     ("name: x\nsizes: [gpt2-1l]\nlaws: [bogus]\n", "unknown law 'bogus'"),
-    ("name: x\nsizes: [gpt2-1l]\nshift_resamples: 1\n", "--resamples must be at least 2"),
+    ("name: x\nsizes: [gpt2-1l]\nshift_resamples: 1\n", "resamples 1 must be at least 2"),
     ("name: x\nsizes: [gpt2-1l]\namounts: [32, 32]\n", "amounts lists 32 more than once"),
     ("name: x\nsizes: [gpt2-1l, gpt2-1l]\n", "sizes lists 'gpt2-1l' more than once"),
     ("name: x\nsizes: [gpt2-1l]\ntasks: [-1]\n", "tasks must be task indices >= 0"),

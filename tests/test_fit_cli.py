@@ -86,8 +86,8 @@ def set_value(rows, column, value):
     (lambda: synthetic_rows(), ["--step", "7"], "has no rows at step 7; the table has no step column"),
     (lambda: synthetic_rows(), ["--laws", "bayesian", "powerlaw"], "unknown law 'powerlaw'"),
     (lambda: synthetic_rows(), ["--fit-fraction", "1.5"], "fit fractions [1.5] must lie strictly between 0 and 1"),
-    (lambda: synthetic_rows(), ["--tol", "-0.1"], "--tol -0.1 must be 0 (to rounding) or more, in chi-square"),
-    (lambda: synthetic_rows(), ["--tol", "nan"], "--tol nan must be 0 (to rounding) or more, in chi-square"),
+    (lambda: synthetic_rows(), ["--tol", "-0.1"], "tol -0.1 must be 0 (to rounding) or more, in chi-square"),
+    (lambda: synthetic_rows(), ["--tol", "nan"], "tol nan must be 0 (to rounding) or more, in chi-square"),
     (lambda: [r for r in synthetic_rows() if r["task"] != 1], [], "tasks must be numbered 0..M-1"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, make_rows, argv, message):

@@ -115,9 +115,9 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 @pytest.mark.parametrize("case, needle", [
-    ("no model", "no config.json there; point --hf-model at a directory written by save_pretrained"),
+    ("no model", "no config.json there; give a model directory written by save_pretrained"),
     ("no answer", "bad.jsonl:2: row has no 'answer'; every row needs non-empty strings question, answer, answer_type"),
-    ("too few rows", "answer type 'pirate' has 40 rows but --shots asks for 41; lower --shots or add rows"),
+    ("too few rows", "answer type 'pirate' has 40 rows but shots asks for 41; lower shots or add rows"),
 ])
 def test_bad_input_fails_with_one_clear_line(case: str, needle: str, tmp_path: Path, capsys) -> None:
     model = tmp_path / "empty_model"
@@ -137,9 +137,9 @@ def test_bad_input_fails_with_one_clear_line(case: str, needle: str, tmp_path: P
 
 def test_llm_curve_settings_check_themselves():
     """A notebook building the settings gets the same one-line errors as the CLI's flags."""
-    for field, flag in (("shuffles", "--prompts"), ("batch_size", "--batch-size"), ("max_length", "--max-length")):
-        with pytest.raises(ValueError, match=f"^{flag} 0: must be a positive integer"):
+    for field in ("shuffles", "batch_size", "max_length"):
+        with pytest.raises(ValueError, match=f"^{field} 0: must be a positive integer"):
             LLMCurveConfig("r", **{field: 0})
-    with pytest.raises(ValueError, match="^--k 0: must be a positive integer"):
+    with pytest.raises(ValueError, match="^ks 0: must be a positive integer"):
         LLMCurveConfig("r", ks=(1, 0))
     assert LLMCurveConfig("r", ks=(1, 4), shots=3).ks == (1, 4)

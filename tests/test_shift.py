@@ -143,9 +143,9 @@ def test_shift_command_writes_report(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--baseline", "nope"], "baseline run 'nope' is not in the curves table"),
     (["--baseline", "gpt2-2l/pretrain", "--law", "power"], "shift needs a Bayesian law"),
-    (["--baseline", "gpt2-2l/pretrain", "--tol", "-1"], "--tol -1.0 must be 0 (to rounding) or more"),
-    (["--baseline", "gpt2-2l/pretrain", "--true-priors", "0.5", "0.5"], "--true-priors has 2 weights"),
-    (["--baseline", "gpt2-2l/pretrain", "--true-priors", "0.5", "0.5", "0.5", "-0.5"], "--true-priors must be finite and >= 0"),
+    (["--baseline", "gpt2-2l/pretrain", "--tol", "-1"], "tol -1.0 must be 0 (to rounding) or more"),
+    (["--baseline", "gpt2-2l/pretrain", "--true-priors", "0.5", "0.5"], "true_priors has 2 weights"),
+    (["--baseline", "gpt2-2l/pretrain", "--true-priors", "0.5", "0.5", "0.5", "-0.5"], "true_priors must be finite and >= 0"),
     (["--baseline", "gpt2-2l/pretrain", "--true-priors", "1", "1", "1", "1"], "sum to 4, not 1"),
 ])
 def test_shift_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
