@@ -19,12 +19,15 @@ first), and every process it starts dies with it, kill -9 included (training/gri
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
-from evaluation.arguments import COUNT, INDEX, OneLineParser
+from evaluation.arguments import run_command
 from training.grid import AblationConfig, run_grid
 from training.grid.processes import die_with_parent
 from user_errors import UserError
+from user_errors.exit_status import exit_status
 
 # Workers stopped on purpose (Ctrl-C, kill -9 of the driver) leave their semaphores to multiprocessing's
 # resource tracker, which removes them and warns about them after the driver's last line; it takes the
@@ -37,38 +40,32 @@ if __name__ == "__mp_main__":
     die_with_parent()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="ablate.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", type=Path, required=True, help="ablation YAML (configs/ablations/*.yaml)")
-    parser.add_argument("--stop-after", type=INDEX, help="stop after training this many cells (rerun to finish)")
-    parser.add_argument("--parallel", type=COUNT, default=1,
-                        help="cells trained at once, each in a process of its own (on a GPU of its own when there are "
-                             "enough); no more than the cells left to train and the CPUs here")
-    parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
-                        help="where cells train: here (--parallel at a time) or as SLURM jobs (the YAML's slurm: section)")
-    parser.add_argument("--no-wait", action="store_true",
-                        help="--launcher slurm: submit the jobs, print their ids and exit; a rerun collects them")
-    args = parser.parse_args(argv)
+def ablate(config: Path, stop_after: int | None = None, parallel: int = 1,
+           launcher: Literal["local", "slurm"] = "local", no_wait: bool = False) -> int:
+    """Post-training ablations: a grid of model sizes x methods x directions x amounts, from one YAML.
+
+    Args:
+        config: ablation YAML (configs/ablations/*.yaml)
+        stop_after: stop after training this many cells (rerun to finish)
+        parallel: cells trained at once, each in a process of its own (on a GPU of its own when there are
+            enough); no more than the cells left to train and the CPUs here
+        launcher: where cells train: here (--parallel at a time) or as SLURM jobs (the YAML's slurm: section)
+        no_wait: --launcher slurm: submit the jobs, print their ids and exit; a rerun collects them
+    """
+    if no_wait and launcher != "slurm":
+        raise UserError("--no-wait needs --launcher slurm (a local grid cannot outlive this process)")
+    if parallel > 1 and launcher == "slurm":
+        raise UserError("--parallel is for --launcher local; under SLURM every cell is a job of its own (set what "
+                        "each asks for in the grid's slurm: section)")
     if QUIET_TRACKER not in sys.warnoptions:
         sys.warnoptions.append(QUIET_TRACKER)
-    if args.no_wait and args.launcher != "slurm":
-        parser.error("--no-wait needs --launcher slurm (a local grid cannot outlive this process)")
-    if args.parallel > 1 and args.launcher == "slurm":
-        parser.error("--parallel is for --launcher local; under SLURM every cell is a job of its own (set what each asks "
-                     "for in the grid's slurm: section)")
-    try:
-        failed = run_grid(AblationConfig.load(args.config), args.stop_after, args.parallel, args.launcher, not args.no_wait)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (KeyboardInterrupt, SystemExit) as exc:
-        # Lightning answers Ctrl-C in a cell trained in this process by tearing down and calling sys.exit(1)
-        if isinstance(exc, SystemExit) and not isinstance(exc.__context__, KeyboardInterrupt):
-            raise
-        print("error: interrupted; rerun the same command to resume (finished cells are kept, a cell resumes "
-              "from its last checkpoint)", file=sys.stderr)
-        return 130
+    failed = run_grid(AblationConfig.load(config), stop_after, parallel, launcher, not no_wait)
     return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return exit_status(lambda: run_command(ablate, argv, "ablate.py"),
+                       "rerun the same command to resume (finished cells are kept, a cell resumes from its last checkpoint)")
 
 
 if __name__ == "__main__":

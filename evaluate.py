@@ -7,29 +7,23 @@
     python evaluate.py shift --curves curves.csv --baseline RUN --out shift/
     python evaluate.py ladder --data-config configs/data/ginc-gradual.yaml --out ground-truth/
 
-The sub-commands are parsed in evaluation/cli.py, which calls the evaluation package's functions;
-this file turns bad input into one `error:` line and exit status 2, and Ctrl-C into one line and 130.
+Each sub-command is a typed function in evaluation/cli.py, its options read off its signature and its
+config dataclasses (evaluation/arguments.py); user_errors/exit_status.py turns bad input into one
+`error:` line and exit status 2, and Ctrl-C into one line and 130.
 """
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-from evaluation.cli import build_parser
-from user_errors import UserError
+from evaluation.arguments import run_commands
+from evaluation.cli import COMMANDS
+from user_errors.exit_status import exit_status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written (outputs are swapped in whole when complete)", file=sys.stderr)
-        return 130
-    return 0
+    return exit_status(lambda: run_commands(COMMANDS, argv, "evaluate.py"),
+                       "nothing was written (outputs are swapped in whole when complete)")
 
 
 if __name__ == "__main__":

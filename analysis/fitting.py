@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -24,7 +25,8 @@ from analysis.progress import Progress
 from user_errors import UserError
 
 SPLITS = ("interpolation", "extrapolation")
-SPACES = ("prob", "nll")
+Space = Literal["prob", "nll"]  # squared error in probability or NLL space
+SPACES = get_args(Space)
 # Weak Gaussian prior on the unconstrained parameters, in units of the mean squared point weight: as
 # informative as a millionth of one measured point, so it decides only what the data leave open.
 RIDGE = 1e-6
@@ -37,15 +39,30 @@ TOL = 0.01
 
 @dataclass
 class FitConfig:
+    """Which laws are fitted to which points, and how.
+
+    Args:
+        laws: laws to fit
+        splits: interpolation (fit and score all points) and/or extrapolation (fit the first shots)
+        fractions: extrapolation fits shots <= f x max shots; several values run several extrapolations
+        space: squared error in probability (prob) or NLL (nll) space
+        starts: optimiser starts per fit, read off the curves; the best is kept
+        seed: seed of the random starts
+        max_iter: Levenberg-Marquardt iteration limit
+        device: where the fits run
+        tol: precision: a fit stops once its chi-square would fall by less than this (within sqrt(tol)
+            standard errors of its optimum; see TOL); smaller is tighter, 0 runs to rounding
+    """
+
     laws: tuple[str, ...] = LAW_NAMES
     splits: tuple[str, ...] = SPLITS
-    fractions: tuple[float, ...] = (0.1,)
-    space: str = "prob"
+    fractions: tuple[float, ...] = field(default=(0.1,), metadata={"flag": "fit-fraction"})
+    space: Space = field(default="prob", metadata={"flag": "loss"})
     starts: int = 16
     seed: int = 0
     max_iter: int = 300
     device: str = "cpu"
-    tol: float = TOL  # precision in chi-square: see TOL
+    tol: float = TOL
 
     def __post_init__(self) -> None:  # checked where it is made (dataclasses.replace makes a new one)
         if not self.tol >= 0.0:

@@ -48,8 +48,27 @@ TIED_NAMES = tuple(name for name in BAYESIAN_NAMES if get_law(name).tying != "no
 
 @dataclass
 class ShiftConfig:
+    """The shift analysis of one curves table: its reference, its law, its fits and its intervals.
+
+    Args:
+        baseline: run label of the pretrained model (the reference condition)
+        law: Bayesian law to fit: bayesian, bayesian_sampling or bayesian_scoring (default: at each k, the one
+            whose joint fit has the lowest BIC; laws.csv has every law's score)
+        holdout_fraction: held-out comparison fits shots <= f x max
+        resamples: resampled tables for the intervals
+        level: interval coverage
+        threshold: reemergence threshold (default: the baseline's zero-shot probability of each task)
+        starts: optimiser starts of the joint and free fits of the table
+        resample_starts: starts per resampled table, beside the table's own fit
+        seed: seed of the starts and the resampling
+        max_iter: Levenberg-Marquardt iteration limit of every fit
+        workers: processes fitting the k values at once (0: one per k and CPU when the table is large)
+        tol: precision: every fit stops once its chi-square would fall by less than this (within sqrt(tol)
+            standard errors of its optimum; analysis.fitting.TOL); smaller is tighter, 0 runs to rounding
+    """
+
     baseline: str
-    law: str | None = None  # None: at each k, the Bayesian law whose joint fit has the lowest BIC
+    law: str | None = None
     holdout_fraction: float = 0.5
     resamples: int = 100
     level: float = 0.95
@@ -58,8 +77,8 @@ class ShiftConfig:
     resample_starts: int = 2
     seed: int = 0
     max_iter: int = 300
-    workers: int = 0  # processes for the k values; 0: one per k when the table is large (see workers_for)
-    tol: float = TOL  # precision of every fit, in chi-square (analysis.fitting.TOL)
+    workers: int = 0  # see workers_for
+    tol: float = TOL
 
     def __post_init__(self) -> None:  # checked where it is made (dataclasses.replace makes a new one)
         if self.law is not None and self.law not in BAYESIAN_NAMES:

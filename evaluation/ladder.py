@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import typing
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,13 +53,14 @@ from datamodules.world import GincWorld, check_weights
 from contracts.curves_table import prob_rows, read_curves, write_curves
 from evaluation.ginc_curves import exact_curve_rows, reader_curve_rows
 from evaluation.reports import one_thread
+from evaluation.settings import LadderConfig, LadderLearner
 from models.gpt import resolve_device
 from user_errors import UserError
 
 MODEL = "truth"
 MEASURED = {"exact": exact_curve_rows, "reader": reader_curve_rows}
 COUNTERFACTUAL = ("exact-demos", "meanfield")
-LEARNERS = (*MEASURED, *COUNTERFACTUAL)
+LEARNERS = typing.get_args(LadderLearner)
 LEARNER_TITLES = {"exact": "Exact Bayesian learners", "reader": "Document readers",
                   "exact-demos": "Exact Bayesian learners whose task posterior reads the demonstrations only",
                   "meanfield": "Mean-field learners (the law's own model: the exact learner's per-task evidence and "
@@ -74,26 +76,6 @@ def ladder_weights(base: np.ndarray, task: int, strengths: list[float]) -> dict[
             w[task] *= s**power
             out[f"{direction}-{s:g}"] = w / w.sum()
     return out
-
-
-@dataclass(frozen=True)
-class LadderConfig:
-    """data_config: YAML with the GINC world and ICL settings; task: the task favoured and disfavoured;
-    strengths: factors its weight is multiplied (favour) or divided (disfavour) by; k_values, prompts:
-    override the data config's; law, resamples, starts: of the shift report; device: of the learners;
-    learner: exact (the exact Bayesian learner), reader (the document reader), or one of the exact
-    learner's counterfactuals, exact-demos or meanfield (see the module's docstring)."""
-
-    data_config: Path
-    task: int = 0
-    strengths: tuple[float, ...] = (2.0, 4.0, 16.0)
-    k_values: tuple[int, ...] | None = None
-    prompts: int | None = None
-    law: str = "bayesian_scoring"
-    resamples: int = 100
-    starts: int = 16
-    device: str = "auto"
-    learner: str = "exact"
 
 
 def run_ladder(config: LadderConfig, out: str | os.PathLike) -> tuple[list[FitResult], ShiftResult]:

@@ -30,6 +30,7 @@ from datamodules.exact import ExactLearner
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.world import GincWorld
 from evaluation.ginc_curves import LEARNER_NAMES, exact_label_scores, ideal_learner, load_model, reader_label_scores
+from evaluation.settings import ReaderGapConfig
 from contracts.run_artifacts import read_source
 from models.gpt import resolve_device
 from lightning_modules.icl_metric import label_scores
@@ -124,8 +125,9 @@ def reader_gaps(model: GPT2LMHeadModel, data: GincDataModule, device: str | torc
     return rows
 
 
-def reader_gap_rows(paths: Sequence[str | Path], prompts: int = 256, k_values: Sequence[int] | None = None,
-                    device: str = "auto", learner: str = "auto") -> list[dict]:
+def reader_gap_rows(paths: Sequence[str | Path], prompts: int = ReaderGapConfig.prompts,
+                    k_values: Sequence[int] | None = None, device: str = ReaderGapConfig.device,
+                    learner: str = ReaderGapConfig.learner) -> list[dict]:
     """One row per (run, k) of runs' checkpoints or HF exports: the gap to the ideal learner (`learner`:
     exact, reader, or auto: exact for a run trained with prompts in its data) on `prompts` prompts per
     (k, task) of the run's own world and ICL settings."""

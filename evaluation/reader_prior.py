@@ -32,6 +32,7 @@ from datamodules.exact import ExactLearner
 from datamodules.ginc_datamodule import DocumentBlocks, GincDataModule
 from datamodules.world import GincWorld
 from evaluation.ginc_curves import PRIOR_NAMES, icl_demonstrations, ideal_learner, load_model
+from evaluation.settings import ReaderPriorConfig
 from contracts.run_artifacts import read_source
 from models.gpt import resolve_device
 from user_errors import UserError
@@ -165,8 +166,9 @@ def fit_reader_prior(model: GPT2LMHeadModel, data: GincDataModule, documents: in
     return ReaderFit(learner, best.exp().tolist(), total, float(world_kl), kl["prompts"], kl["documents"], outside, positions)
 
 
-def reader_prior_rows(paths: Sequence[str | Path], prompts: int = 32, documents: int = 64,
-                      device: str = "auto", learner: str = "auto") -> list[dict]:
+def reader_prior_rows(paths: Sequence[str | Path], prompts: int = ReaderPriorConfig.prompts,
+                      documents: int = ReaderPriorConfig.documents, device: str = ReaderPriorConfig.device,
+                      learner: str = ReaderPriorConfig.learner) -> list[dict]:
     """One row per run's checkpoint or HF export: the KL-fitted prior (prior_0 ...) of its ideal learner
     (`learner`: exact, reader, or auto: exact for a run trained with prompts in its data), the mean KL there
     and at the world's prior, on its own world's ICL prompts (`prompts` per k and task) and, for the

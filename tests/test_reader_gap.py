@@ -99,7 +99,6 @@ def test_auto_compares_a_run_trained_on_prompts_with_the_exact_learner(tmp_path)
 
 
 def test_an_unknown_learner_is_one_error_line(tmp_path, capsys):
-    with pytest.raises(SystemExit) as stop:
-        evaluate.main(["reader-gap", "--ckpt", str(tmp_path), "--out", str(tmp_path / "gap.csv"), "--learner", "bayes"])
+    assert evaluate.main(["reader-gap", "--ckpt", str(tmp_path), "--out", str(tmp_path / "gap.csv"), "--learner", "bayes"]) == 2
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("error:") and "bayes" in err
+    assert err.count("\n") == 1 and err.startswith("error:") and "bayes" in err
