@@ -13,8 +13,10 @@ command runs.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import inspect
+import re
 import sys
 import types
 import typing
@@ -22,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import docstring_parser
-from jsonargparse import ArgumentParser, Namespace
+from jsonargparse import ArgumentParser, DefaultHelpFormatter, Namespace
 
 from user_errors import UserError
 
@@ -147,11 +149,26 @@ def _add(parser: ArgumentParser, option: Option) -> None:
     parser.add_argument(flag(option.dest), **kwargs)
 
 
+class Help(DefaultHelpFormatter):
+    """jsonargparse's help, naming a type plainly (Path, not <class 'Path'>) and leaving out a default of None
+    or False: the option's own text says what leaving it out does."""
+
+    def _get_type_str(self, action: argparse.Action) -> str | None:
+        text = super()._get_type_str(action)
+        return text and re.sub(r"<class '(?:\w+\.)*(\w+)'>", r"\1", text)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            action = copy.copy(action)
+            action.default = argparse.SUPPRESS
+        return super()._get_help_string(action)
+
+
 def command_parser(fn: Callable, prog: str) -> ArgumentParser:
     """A parser of `fn`'s options; its description is `fn`'s docstring without the `Args:` section."""
     doc = docstring_parser.parse(fn.__doc__ or "")
     description = "\n\n".join(d for d in (doc.short_description, doc.long_description) if d)
-    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False, formatter_class=Help)
     for option in _options(fn):
         _add(parser, option)
     return parser
@@ -203,7 +220,7 @@ def run_commands(commands: Sequence[Callable], argv: Sequence[str] | None, prog:
     """Parse `argv` (None: the command line) as one of `commands`, each a sub-command named after its function
     with dashes, and call it."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = ArgumentParser(prog=prog, exit_on_error=False)
+    parser = ArgumentParser(prog=prog, exit_on_error=False, formatter_class=Help)
     subcommands = parser.add_subcommands(dest="command")
     by_name = {fn.__name__.replace("_", "-"): fn for fn in commands}
     if not argv:
