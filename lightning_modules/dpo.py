@@ -160,21 +160,27 @@ class PreferenceModule(CausalLMModule):
         logps = target_logps(ref, ids) if self.reference_cache is None else self.reference_cache[:, pair_ids].reshape(-1)
         return logps, ref
 
-    # ---- training -----------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    # ---- training (validation is the causal-LM module's) --------------------------------------
+    def model_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The preference loss of a batch of pairs, and the statistics logged beside it (the KL to the
+        reference on the steps where the reference ran)."""
         n = batch["chosen_ids"].shape[0]
         ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])  # one forward for both halves
         policy = next_token_log_probs(self.gpt, ids)
         p = target_logps(policy, ids)
         r, ref = self._reference(ids, batch["pair_ids"])
         loss, chosen, rejected = LOSS_FUNCTIONS[self.hparams.loss](p[:n], p[n:], r[:n], r[n:], self.hparams.beta)
-        self.log_dict({"train/loss": loss, "train/reward_acc": (chosen > rejected).float().mean(),
-                       "train/reward_chosen": chosen.mean(), "train/reward_rejected": rejected.mean(),
-                       "train/margin": (chosen - rejected).mean()})
+        stats = {"reward_acc": (chosen > rejected).float().mean(), "reward_chosen": chosen.mean(),
+                 "reward_rejected": rejected.mean(), "margin": (chosen - rejected).mean()}
         if ref is not None:
-            self.log("train/kl", mean_token_kl(policy.detach(), ref))
+            stats["kl"] = mean_token_kl(policy.detach(), ref)
+        return loss, stats
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, stats = self.model_step(batch)
+        self.log_dict({"train/loss": loss, **{f"train/{name}": value for name, value in stats.items()}})
         self.guard_loss(loss)
-        self.log_rates(ids.numel())
+        self.log_rates(2 * batch["chosen_ids"].numel())  # both halves of every pair
         return loss
 
     # the reference is rebuilt from init_from, so checkpoints hold the policy only (and stay loadable as a causal LM)

@@ -161,9 +161,13 @@ class CausalLMModule(L.LightningModule):
             self.gpt.compile()  # in place: parameter names (and checkpoints) stay those of the plain model
 
     # ---- training -----------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def model_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The causal-LM loss of a batch of blocks, and their token ids."""
         ids = batch["input_ids"]
-        loss = self.gpt(input_ids=ids, labels=ids).loss
+        return self.gpt(input_ids=ids, labels=ids).loss, ids
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, ids = self.model_step(batch)
         self.log("train/loss", loss)  # a device tensor: read only when the logger flushes
         self.guard_loss(loss)
         self.log_rates(ids.numel())
@@ -216,8 +220,8 @@ class CausalLMModule(L.LightningModule):
     # ---- validation: loss on held-out blocks (loader 0) and ICL curves (loader 1) ---------------
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         if dataloader_idx == 0:
-            ids = batch["input_ids"]
-            loss = self.gpt(input_ids=ids, labels=ids).loss
+            # held-out documents: the causal-LM loss in every subclass, whatever its training loss (DPO's)
+            loss, ids = CausalLMModule.model_step(self, batch)
             if not bool(torch.isfinite(loss)):  # validation is rare enough to read the loss every batch
                 raise diverged(f"the validation loss ({loss.item()})", self.global_step)
             self.log("val/loss", loss, add_dataloader_idx=False, sync_dist=True, batch_size=ids.shape[0])
