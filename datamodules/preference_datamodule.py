@@ -59,6 +59,11 @@ class PreferenceDataModule(GincDataModule):
     def train_blocks(self) -> PairBlocks:
         return PairBlocks(self.world, self.pair_length, self.batch_size, self.chosen_weights, self.rejected_weights, self.train_stream, self.train_documents)
 
+    @property
+    def train_pairs(self) -> PairBlocks:
+        """The pairs training draws from, for the preference module (which scores them once with its reference)."""
+        return self.train_blocks()
+
 
 def preference_mixtures(world: WorldConfig, chosen: object, rejected: object) -> tuple[np.ndarray, np.ndarray]:
     """(chosen, rejected) mixtures, normalised; the two must put weight on disjoint sets of tasks."""

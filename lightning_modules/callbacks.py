@@ -119,10 +119,11 @@ class StepProgressBar(TQDMProgressBar):
 
 class FinalExport(L.Callback):
     """At the end of training: last.ckpt holds the final step, and `save_pretrained` writes <run>/hf with
-    the GINC data settings and run info beside it (what `evaluate.py curves` needs)."""
+    the GINC data settings (`data_hparams`, the datamodule's hyperparameters) and run info beside it (what
+    `evaluate.py curves` needs)."""
 
-    def __init__(self, run_dir: str | Path, info: RunInfo) -> None:
-        self.run_dir, self.info = Path(run_dir), info
+    def __init__(self, run_dir: str | Path, info: RunInfo, data_hparams: dict) -> None:
+        self.run_dir, self.info, self.data_hparams = Path(run_dir), info, data_hparams
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         ckpt = trainer.checkpoint_callback
@@ -131,4 +132,4 @@ class FinalExport(L.Callback):
             trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.ckpt", weights_only=False)  # full, to resume
         if trainer.is_global_zero:
             check_finite_weights(pl_module.gpt.state_dict(), trainer.global_step)  # a diverged run exports nothing
-            write_export(self.run_dir, pl_module.gpt, trainer.datamodule.hparams, self.info, trainer.global_step)
+            write_export(self.run_dir, pl_module.gpt, self.data_hparams, self.info, trainer.global_step)

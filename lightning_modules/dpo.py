@@ -5,11 +5,12 @@ module is the causal-LM module with another training step: the policy starts fro
 frozen copy of that checkpoint is the reference. Validation (held-out loss and the ICL curves) is the
 causal-LM module's, unchanged, so DPO and SFT runs produce comparable curve tables.
 
-The reference log-probabilities of a finite set of pairs are computed once, at the start of fit,
-whenever the run revisits the pairs: measured on one CPU core at tiny sizes, the reference forward
-adds 15-55% to a training step, and a cache pays that once per pair instead of once per visit. The
-reference then runs only on logging steps, for the KL to the reference, which needs its full
-next-token distributions. Endless streams and runs shorter than one pass use the reference live.
+The reference log-probabilities of a finite set of pairs (`train_pairs`, given when the module is
+built) are computed once, at the start of fit, whenever the run revisits the pairs: measured on one
+CPU core at tiny sizes, the reference forward adds 15-55% to a training step, and a cache pays that
+once per pair instead of once per visit. The reference then runs only on logging steps, for the KL to
+the reference, which needs its full next-token distributions. Endless streams, runs shorter than one
+pass and modules built without their pairs use the reference live.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
 from datamodules.ginc_datamodule import GincDataModule
-from datamodules.preference_datamodule import PreferenceDataModule
+from datamodules.preference_datamodule import PairBlocks, PreferenceDataModule
 from models.gpt import ModelConfigError
 from lightning_modules.lm_module import CausalLMModule
 from user_errors import UserError
@@ -83,26 +84,33 @@ class PreferenceModule(CausalLMModule):
     beta: strength of the KL anchor to the reference (> 0). loss: dpo (sigmoid) or ipo.
     cache_reference: compute the reference log-probabilities of every pair once, at the start of fit
     (None: when the run revisits its finite set of pairs; True needs a finite data.train_documents).
+    train_pairs: the pairs training draws from (the preference datamodule's `train_pairs`; train.py links them).
     Every other argument is CausalLMModule's; training needs init_from (the pretrained checkpoint).
     """
 
-    def __init__(self, beta: float = 0.1, loss: str = "dpo", cache_reference: bool | None = None, **kwargs: Any) -> None:
+    data_only = ("train_pairs",)
+
+    def __init__(self, beta: float = 0.1, loss: str = "dpo", cache_reference: bool | None = None,
+                 train_pairs: PairBlocks | None = None, **kwargs: Any) -> None:
         if not beta > 0:
             raise ModelConfigError(f"model.beta must be > 0, got {beta}; it is the KL strength of DPO/IPO (default 0.1)")
         if loss not in LOSS_FUNCTIONS:
             raise ModelConfigError(f"unknown model.loss {loss!r}; choose one of {', '.join(LOSS_FUNCTIONS)}")
+        if cache_reference and (train_pairs is None or train_pairs.n_documents is None):
+            raise ModelConfigError("model.cache_reference needs a finite set of pairs: set data.train_documents (or leave cache_reference null)")
         super().__init__(**kwargs)
+        self.train_pairs = train_pairs
         self.reference: GPT2LMHeadModel | None = None
         self.reference_cache: torch.Tensor | None = None  # [2, pairs]: reference log p of each chosen / rejected document
 
     def check_data(self, data: GincDataModule) -> None:
         super().check_data(data)
-        if self.hparams.init_from is None:  # checked here, not in __init__, so evaluation can load a checkpoint without it
-            raise ModelConfigError("preference training starts from a pretrained model: pass --model.init_from runs/NAME/checkpoints/last.ckpt (or runs/NAME/hf)")
         if not isinstance(data, PreferenceDataModule):
             raise ModelConfigError("PreferenceModule trains on preference pairs: set data.class_path to datamodules.preference_datamodule.PreferenceDataModule")
-        if self.hparams.cache_reference and data.train_documents is None:
-            raise ModelConfigError("model.cache_reference needs a finite set of pairs: set data.train_documents (or leave cache_reference null)")
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.init_from is None:  # checked here, not in __init__, so evaluation can load a checkpoint without it
+            raise ModelConfigError("preference training starts from a pretrained model: pass --model.init_from runs/NAME/checkpoints/last.ckpt (or runs/NAME/hf)")
 
     def configure_model(self) -> None:
         if self.reference is not None:
@@ -123,26 +131,26 @@ class PreferenceModule(CausalLMModule):
 
     # ---- reference log-probabilities: live, or once per pair -----------------------------------
     def on_fit_start(self) -> None:
-        data = self.trainer.datamodule
-        self.reference_cache = self._precompute_reference(data) if self._revisits_pairs(data) else None
+        self.reference_cache = self._precompute_reference(self.train_pairs) if self._revisits_pairs() else None
 
-    def _revisits_pairs(self, data: PreferenceDataModule) -> bool:
-        if self.hparams.cache_reference is not None or data.train_documents is None:
+    def _revisits_pairs(self) -> bool:
+        pairs = self.train_pairs
+        if self.hparams.cache_reference is not None or pairs is None or pairs.n_documents is None:
             return bool(self.hparams.cache_reference)
         t = self.trainer
-        pairs_seen = t.max_steps * t.accumulate_grad_batches * data.batch_size * t.world_size
-        return t.max_steps < 0 or pairs_seen > data.train_documents
+        pairs_seen = t.max_steps * t.accumulate_grad_batches * pairs.batch_size * t.world_size
+        return t.max_steps < 0 or pairs_seen > pairs.n_documents
 
     @torch.no_grad()
-    def _precompute_reference(self, data: PreferenceDataModule) -> torch.Tensor:
+    def _precompute_reference(self, pairs: PairBlocks) -> torch.Tensor:
         """Each rank scores an equal slice of the pairs (the last one padded by repeats), then all ranks gather them."""
-        n, blocks, world = data.train_documents, data.train_blocks(), self.trainer.world_size
+        n, world = pairs.n_documents, self.trainer.world_size
         per_rank = math.ceil(n / world)
         mine = (self.global_rank * per_rank + torch.arange(per_rank)).clamp(max=n - 1)
         parts = []
         with self.trainer.precision_plugin.forward_context():  # the same autocast as a training step's forward
-            for ids in mine.split(data.batch_size):
-                pair = blocks.pairs(ids)
+            for ids in mine.split(pairs.batch_size):
+                pair = pairs.pairs(ids)
                 both = torch.cat([pair["chosen_ids"], pair["rejected_ids"]]).to(self.device)
                 parts.append(sequence_logps(self.reference, both).view(2, -1))
         gathered = self.all_gather(torch.cat(parts, 1)).reshape(-1, 2, per_rank)  # [world, 2, per_rank]

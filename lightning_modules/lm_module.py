@@ -1,10 +1,11 @@
 """The causal-LM LightningModule: pretraining on the GINC mixture and SFT from a pretrained checkpoint.
 
-SFT is the same module started from `init_from` and fed another mixture by the datamodule. The model
-is built in `configure_model`, once the datamodule's world fixes the vocabulary; the resolved
-vocabulary is recorded in the hyperparameters so a checkpoint rebuilds on its own. The training step
-never waits for the device: losses are logged as tensors, throughput from shapes and the wall clock.
-`adamw_with_schedule` and the ICL validation are meant for other modules too (DPO).
+SFT is the same module started from `init_from` and fed another mixture by the datamodule. What the
+data fixes, the vocabulary and the shape of the ICL evaluation, is given when the module is built
+(train.py links it from the datamodule; `data_arguments` gives it from Python) and kept in the
+hyperparameters, so a checkpoint rebuilds on its own. The model is built in `configure_model`. The
+training step never waits for the device: losses are logged as tensors, throughput from shapes and the
+wall clock. `adamw_with_schedule` and the ICL validation are meant for other modules too (DPO).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import lightning as L
 import torch
@@ -80,6 +82,26 @@ def load_gpt_weights(model: GPT2LMHeadModel, source: str | Path) -> None:
         raise ModelConfigError(f"{source} holds a different model than configured ({str(exc).splitlines()[0]}); use its size") from None
 
 
+class ICLEval(TypedDict):
+    """What the ICL validation scores: prompts of each length in k_values, of n_tasks tasks, up to max_shots
+    demonstrations. A plain dict, so checkpoints that keep it load weights-only."""
+
+    k_values: list[int]
+    n_tasks: int
+    max_shots: int
+
+
+def icl_eval_of(data: GincDataModule) -> ICLEval:
+    icl = data.icl
+    shots = [icl.n_shots or shots_for_context(data.context_length, k) for k in icl.k_values]
+    return ICLEval(k_values=list(icl.k_values), n_tasks=data.world.n_tasks, max_shots=max(shots))
+
+
+def data_arguments(data: GincDataModule) -> dict:
+    """The module's arguments that the data fixes (train.py links the same from its datamodule)."""
+    return {"vocab_size": data.world.model_vocab_size, "icl_eval": icl_eval_of(data)}
+
+
 class NonFiniteError(UserError):
     """Training diverged: the message says when and what to change."""
 
@@ -98,6 +120,9 @@ def check_finite_weights(state: dict[str, torch.Tensor], step: int) -> None:
 class CausalLMModule(L.LightningModule):
     """GPT-2 trained on next-token prediction; validation gives the loss and the ICL curves."""
 
+    # constructor arguments that are data, not settings: kept out of the hyperparameters (and checkpoints)
+    data_only: tuple[str, ...] = ()
+
     def __init__(
         self,
         size: str | None = "gpt2-4l",
@@ -111,48 +136,39 @@ class CausalLMModule(L.LightningModule):
         compile: bool | None = None,
         init_from: str | None = None,
         log_shots: list[int] | None = None,
+        icl_eval: ICLEval | None = None,
     ) -> None:
-        """size: a named GPT-2 size (null: GPTSpec's defaults), fields overridden by n_layer.. dropout. vocab_size: None = the world's.
-        compile: torch.compile the model (None = only on GPU). init_from: checkpoint or HF export to start
-        from (SFT). log_shots: shot counts whose ICL accuracy is logged as scalars (the last one always is)."""
+        """size: a named GPT-2 size (null: GPTSpec's defaults), fields overridden by n_layer.. dropout.
+        vocab_size: the world's model_vocab_size. compile: torch.compile the model (None = only on GPU).
+        init_from: checkpoint or HF export to start from (SFT). log_shots: shot counts whose ICL accuracy
+        is logged as scalars (the last one always is). icl_eval: the ICL prompts validation scores (None:
+        none). train.py sets vocab_size and icl_eval from the datamodule; `data_arguments(data)` gives both."""
         super().__init__()
         self.spec: GPTSpec = resolve_spec(size, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions, dropout=dropout)
         if init_from is not None and not Path(init_from).exists():
             raise MissingInput(f"init_from checkpoint {init_from} does not exist; pass the path of a pretraining run's checkpoint or HF export")
         self.optim = optim if isinstance(optim, OptimConfig) else OptimConfig(**(optim or {}))
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=list(self.data_only))
         self.gpt: GPT2LMHeadModel | None = None
-        self.icl: ICLCurveMetric | None = None
-        self.icl_k_values: list[int] = []
+        self.icl = None if icl_eval is None else ICLCurveMetric(**icl_eval)
         self.last_curve_rows: list[dict] = []
         self._tokens, self._clock = 0, time.perf_counter()
 
     # ---- construction -------------------------------------------------------------------------
     def check_data(self, data: GincDataModule) -> None:
-        """Raise before training when the data does not fit the model."""
+        """Raise before training when the data does not fit the model (train.py calls it before fit)."""
         if data.context_length > self.spec.n_positions:
             raise ModelConfigError(f"data.context_length {data.context_length} exceeds the model's n_positions {self.spec.n_positions}; raise model.n_positions or lower the context")
         vocab = self.hparams.vocab_size
         if vocab is not None and vocab != data.world.model_vocab_size:
             raise ModelConfigError(f"model.vocab_size {vocab} differs from the world's {data.world.model_vocab_size} (vocab_size + PAD + BOS); leave it null")
 
-    def setup(self, stage: str) -> None:
-        data = getattr(self.trainer, "datamodule", None)
-        if not isinstance(data, GincDataModule):
-            return
-        self.check_data(data)
-        self.hparams.vocab_size = data.world.model_vocab_size
-        icl = data.icl
-        shots = [icl.n_shots or shots_for_context(data.context_length, k) for k in icl.k_values]
-        self.icl_k_values = list(icl.k_values)
-        self.icl = ICLCurveMetric(icl.k_values, data.world.n_tasks, max(shots))
-
     def configure_model(self) -> None:
         if self.gpt is not None:
             return
         vocab = self.hparams.vocab_size
         if vocab is None:
-            raise ModelConfigError("the vocabulary is unknown: give model.vocab_size or train with a GINC datamodule")
+            raise ModelConfigError("the vocabulary is unknown: build the module with vocab_size, the world's model_vocab_size (data_arguments(data) gives it)")
         self.gpt = build_gpt(self.spec, vocab, bos_id=vocab - 1, pad_id=vocab - 2)  # world ids: PAD = V, BOS = V + 1
         if self.hparams.init_from is not None:
             load_gpt_weights(self.gpt, self.hparams.init_from)
@@ -230,9 +246,17 @@ class CausalLMModule(L.LightningModule):
                 for name, floor in (("val/excess_loss", batch["floor"]), ("val/excess_loss_task", batch["task_floor"])):
                     self.log(name, loss.float() - floor.float(), add_dataloader_idx=False, sync_dist=True,
                              batch_size=ids.shape[0])
+        elif self.icl is None:
+            raise ModelConfigError("the data gives ICL prompts but the module has no icl_eval: build it with data_arguments(data)")
         else:
             logp, hit = label_scores(self.gpt, batch["input_ids"], batch["label_pos"], batch["labels"])
             self.icl.update(batch["k"], batch["task"], logp, hit)
+
+    def on_validation_epoch_start(self) -> None:
+        # sums from zero, made in this evaluation's mode: trainer.validate runs in inference mode and
+        # validation inside fit does not, and a tensor made in the one cannot be updated in place in the other
+        if self.icl is not None:
+            self.icl.reset()
 
     def on_validation_epoch_end(self) -> None:
         # an evaluation's scalars at the step its curves and images carry (the steps taken), not
@@ -240,8 +264,7 @@ class CausalLMModule(L.LightningModule):
         self.log("step", float(self.global_step), add_dataloader_idx=False, rank_zero_only=True)
         if self.icl is None:
             return
-        rows = curve_rows(self.icl.compute(), self.icl_k_values, run="")
-        self.icl.reset()
+        rows = curve_rows(self.icl.compute(), self.icl.k_values, run="")
         self.last_curve_rows = [] if self.trainer.sanity_checking else rows
         for r in self._rows_to_log(rows):
             self.log(f"icl/acc_k{r['k']}_task{r['task']}_shots{r['shots']}", r["acc"], add_dataloader_idx=False, rank_zero_only=True)

@@ -17,7 +17,7 @@ from datamodules.world import GincWorld, WorldConfig, WorldConfigError
 from lightning_modules.dpo import PreferenceModule, sequence_logps
 from models.gpt import ModelConfigError
 from evaluation.ginc_curves import load_model
-from lightning_modules.lm_module import CausalLMModule
+from lightning_modules.lm_module import CausalLMModule, data_arguments
 
 WORLD = dict(n_tasks=3, n_entities=4, n_properties=4, vocab_size=20, distinct_emissions=True, seed=0)
 ARCH = dict(size="gpt2-1l", n_embd=32, n_head=2, n_positions=32, compile=False)
@@ -38,7 +38,7 @@ def pretrained(tmp_path_factory) -> str:
     torch.set_num_threads(1)  # tiny models run faster on one thread than on two contended ones
     L.seed_everything(0)
     data = GincDataModule(world=WORLD, context_length=CONTEXT, batch_size=16, val_documents=8, icl=ICL)
-    model = CausalLMModule(**ARCH, optim=dict(lr=3e-3, warmup_steps=5, weight_decay=0.0))
+    model = CausalLMModule(**ARCH, optim=dict(lr=3e-3, warmup_steps=5, weight_decay=0.0), **data_arguments(data))
     trainer = L.Trainer(max_steps=60, limit_val_batches=0, **TRAINER)
     trainer.fit(model, data)
     path = str(tmp_path_factory.mktemp("pretrained") / "pretrained.ckpt")
@@ -46,11 +46,18 @@ def pretrained(tmp_path_factory) -> str:
     return path
 
 
+def dpo_module(data: PreferenceDataModule, **model_kw) -> PreferenceModule:
+    """A module built as train.py builds it: what the data fixes, its pairs included, from the datamodule."""
+    return PreferenceModule(**ARCH, optim=dict(lr=1e-3, warmup_steps=2, weight_decay=0.0), train_pairs=data.train_pairs,
+                            **data_arguments(data), **model_kw)
+
+
 def dpo_run(init_from: str, train_weights, steps: int = 30, **model_kw) -> tuple[PreferenceModule, L.Trainer]:
     L.seed_everything(0)
-    module = PreferenceModule(init_from=init_from, **ARCH, optim=dict(lr=1e-3, warmup_steps=2, weight_decay=0.0), **model_kw)
+    data = pair_data(train_weights)
+    module = dpo_module(data, init_from=init_from, **model_kw)
     trainer = L.Trainer(max_steps=steps, val_check_interval=steps, check_val_every_n_epoch=None, **TRAINER)
-    trainer.fit(module, pair_data(train_weights))
+    trainer.fit(module, data)
     return module, trainer
 
 
@@ -158,9 +165,10 @@ def test_checkpoint_holds_the_policy_only_and_resumes_with_the_same_reference(pr
     assert not any(k.startswith("reference.") for k in torch.load(path, weights_only=False)["state_dict"])
     evaluated = load_model(path)  # what `evaluate.py curves --ckpt` scores
     assert all(torch.equal(v, module.gpt.state_dict()[k]) for k, v in evaluated.state_dict().items())
-    resumed = PreferenceModule(init_from=pretrained, **ARCH, optim=dict(lr=1e-3, warmup_steps=2, weight_decay=0.0))
+    data = pair_data([1.0, 0.0, 0.0])
+    resumed = dpo_module(data, init_from=pretrained)
     again = L.Trainer(max_steps=6, **TRAINER)
-    again.fit(resumed, pair_data([1.0, 0.0, 0.0]), ckpt_path=path)
+    again.fit(resumed, data, ckpt_path=path)
     start = CausalLMModule.load_from_checkpoint(pretrained, map_location="cpu").gpt.state_dict()
     assert again.global_step == 6 and all(torch.equal(v, start[k]) for k, v in resumed.reference.state_dict().items())
 
@@ -181,8 +189,11 @@ def test_bad_model_settings_fail_before_training(pretrained):
         PreferenceModule(beta=0.0, init_from=pretrained, **ARCH)
     with pytest.raises(ModelConfigError, match="unknown model.loss"):
         PreferenceModule(loss="kto", init_from=pretrained, **ARCH)
+    with pytest.raises(ModelConfigError, match="cache_reference needs a finite set of pairs"):
+        dpo_module(pair_data([1.0, 0.0, 0.0], train_documents=None), init_from=pretrained, cache_reference=True)
+    data = pair_data([1.0, 0.0, 0.0])
     with pytest.raises(ModelConfigError, match="starts from a pretrained model"):
-        L.Trainer(max_steps=1, **TRAINER).fit(PreferenceModule(**ARCH), pair_data([1.0, 0.0, 0.0]))
+        L.Trainer(max_steps=1, **TRAINER).fit(dpo_module(data), data)
 
 
 # ---- train.py ----------------------------------------------------------------------------------------
@@ -217,6 +228,10 @@ def test_cli_dpo_run_writes_curves_labelled_dpo(tmp_path, pretrained):
     assert {(r["run"], r["method"], r["direction"], r["amount"], r["target"]) for r in rows} == {("gpt2-1l-d32/dpo-favor-16", "dpo", "favor", "16", "0")}
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert not any(k.startswith("reference.") for k in ckpt["state_dict"]) and ckpt["hyper_parameters"]["loss"] == "ipo"
+    # what the data fixes came linked from the datamodule; the pairs themselves are data, not a hyperparameter
+    hparams = ckpt["hyper_parameters"]
+    assert hparams["vocab_size"] == WorldConfig(**WORLD).model_vocab_size and "train_pairs" not in hparams
+    assert hparams["icl_eval"] == {"k_values": [2, 3], "n_tasks": 3, "max_shots": 10}  # 10 shots of k=2 fill 32 tokens
 
 
 def test_a_dpo_checkpoint_of_non_finite_weights_is_refused(pretrained, tmp_path):

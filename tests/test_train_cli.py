@@ -264,7 +264,7 @@ def test_a_ctrl_c_that_python_swallowed_still_stops_the_run(tmp_path, capsys):
     import lightning as L
 
     from datamodules.ginc_datamodule import GincDataModule
-    from lightning_modules.lm_module import CausalLMModule
+    from lightning_modules.lm_module import CausalLMModule, data_arguments
 
     thing = Thing()
     weakref.finalize(thing, swallowed, None)
@@ -276,11 +276,11 @@ def test_a_ctrl_c_that_python_swallowed_still_stops_the_run(tmp_path, capsys):
         assert training.run.CtrlC.requested
         trainer = L.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             callbacks=[training.run.CtrlC()], limit_val_batches=0)
+        data = GincDataModule(world=dict(n_tasks=3, n_entities=4, n_properties=4, vocab_size=20, seed=0),
+                              context_length=32, batch_size=4, val_documents=4,
+                              icl={"k_values": [3], "prompts_per_task": 2, "batch_size": 2})
         with pytest.raises(SystemExit):  # Lightning stops on the KeyboardInterrupt the callback raises
-            trainer.fit(CausalLMModule("gpt2-1l", n_embd=32, n_head=2, n_positions=32, compile=False),
-                        GincDataModule(world=dict(n_tasks=3, n_entities=4, n_properties=4, vocab_size=20, seed=0),
-                                       context_length=32, batch_size=4, val_documents=4,
-                                       icl={"k_values": [3], "prompts_per_task": 2, "batch_size": 2}))
+            trainer.fit(CausalLMModule("gpt2-1l", n_embd=32, n_head=2, n_positions=32, compile=False, **data_arguments(data)), data)
         assert trainer.global_step <= 1
         assert "Exception ignored" not in capsys.readouterr().err
     finally:

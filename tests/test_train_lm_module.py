@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from datamodules.ginc_datamodule import GincDataModule
-from lightning_modules.lm_module import CausalLMModule, OptimConfig, adamw_with_schedule
+from lightning_modules.lm_module import CausalLMModule, OptimConfig, adamw_with_schedule, data_arguments
 
 # the quickstart's world: one token per hidden state, near-deterministic property moves
 WORLD = dict(n_tasks=3, n_entities=5, n_properties=5, vocab_size=30, distinct_emissions=True, property_temperature=0.01)
@@ -37,7 +37,7 @@ def test_tiny_model_learns_the_world_and_in_context():
     data = GincDataModule(world=WORLD, context_length=64, batch_size=16, val_documents=32,
                           icl=dict(k_values=[2], prompts_per_task=32, batch_size=32))
     module = CausalLMModule("gpt2-2l", n_embd=64, n_head=4, n_positions=64, compile=False,
-                            optim=OptimConfig(lr=3e-3, warmup_steps=30, weight_decay=0.0))
+                            optim=OptimConfig(lr=3e-3, warmup_steps=30, weight_decay=0.0), **data_arguments(data))
     trainer = L.Trainer(max_steps=400, val_check_interval=400, check_val_every_n_epoch=None, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu",
                         use_distributed_sampler=False)

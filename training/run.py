@@ -31,7 +31,7 @@ from contracts.run_artifacts import ARCH_KEYS, RunInfo, Source, read_source
 from lightning_modules.callbacks import CurvesWriter, FinalExport, RunLogger, StepProgressBar
 from models.gpt import (SPEC_FIELDS, GPTSpec, read_checkpoint, read_pretrained, resolve_device, resolve_spec,
                                   training_threads)
-from lightning_modules.lm_module import CausalLMModule
+from lightning_modules.lm_module import CausalLMModule, icl_eval_of
 from user_errors import MissingInput, UserError
 
 
@@ -341,6 +341,11 @@ def flag_settings(parser: object, argv: Sequence[str]) -> Namespace:
 class TrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_class_arguments(RunConfig, "run")
+        # what the data fixes in the model, from the instantiated datamodule
+        for target, compute in (("vocab_size", lambda data: data.world.model_vocab_size), ("icl_eval", icl_eval_of)):
+            parser.link_arguments("data", f"model.init_args.{target}", compute_fn=compute, apply_on="instantiate")
+        # DPO's pairs; jsonargparse skips the link where the datamodule has no train_pairs (the other stages)
+        parser.link_arguments("data.train_pairs", "model.init_args.train_pairs", apply_on="instantiate")
 
     def parse_arguments(self, parser, args) -> None:
         argv = with_stage_classes(sys.argv[1:] if args is None else args)
@@ -391,8 +396,8 @@ class TrainCLI(LightningCLI):
         data = self.datamodule
         references = (lambda device: ideal_references(data, device)) if isinstance(data, GincDataModule) else None
         bar = [StepProgressBar(refresh_rate=cfg.trainer.get("log_every_n_steps") or 50)] if cfg.trainer.get("enable_progress_bar", True) is not False else []
-        mine = [*bar, ckpt, best, CurvesWriter(self.run_dir / "curves.csv", self.run_info, references), FinalExport(self.run_dir, self.run_info),
-                CtrlC()]
+        mine = [*bar, ckpt, best, CurvesWriter(self.run_dir / "curves.csv", self.run_info, references),
+                FinalExport(self.run_dir, self.run_info, data.hparams), CtrlC()]
         trainer_cfg = cfg.trainer
         callbacks = [*(trainer_cfg.get("callbacks") or []), *mine]
         logger = trainer_cfg.get("logger")
