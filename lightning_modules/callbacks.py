@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from contracts.curves_table import write_curves
 from contracts.run_artifacts import RUN_INFO_KEY, RunInfo, write_export
 from lightning_modules.lm_module import check_finite_weights
+from models.gpt import read_checkpoint
 
 
 class RunLogger(TensorBoardLogger):
@@ -107,7 +108,7 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        if self.train_progress_bar is not None and self._should_update(step, trainer.max_steps):
+        if self.train_progress_bar is not None and self.is_enabled and (step % self.refresh_rate == 0 or step == trainer.max_steps):
             self.train_progress_bar.n = step
             shown = {name: f"{trainer.callback_metrics[key].item():{fmt}}" for name, key, fmt in
                      (("loss", "train/loss", ".3f"), ("tok/s", "train/tokens_per_s", ".3g")) if key in trainer.callback_metrics}
@@ -126,10 +127,13 @@ class FinalExport(L.Callback):
         self.run_dir, self.info, self.data_hparams = Path(run_dir), info, data_hparams
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        ckpt = trainer.checkpoint_callback
-        # periodic saves (every_n_train_steps) need not fall on the last step; every rank joins the save
-        if ckpt is not None and getattr(ckpt, "_last_global_step_saved", None) != trainer.global_step:
-            trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.ckpt", weights_only=False)  # full, to resume
+        last = self.run_dir / "checkpoints" / "last.ckpt"
+        # periodic saves (every_n_train_steps) need not fall on the last step: rank 0 reads the step last.ckpt
+        # holds (its tensors stay on disk), and every rank joins the save
+        if trainer.checkpoint_callback is not None:
+            behind = trainer.is_global_zero and (not last.is_file() or read_checkpoint(last)["global_step"] != trainer.global_step)
+            if trainer.strategy.broadcast(behind):
+                trainer.save_checkpoint(last, weights_only=False)  # full, to resume
         if trainer.is_global_zero:
             check_finite_weights(pl_module.gpt.state_dict(), trainer.global_step)  # a diverged run exports nothing
             write_export(self.run_dir, pl_module.gpt, self.data_hparams, self.info, trainer.global_step)

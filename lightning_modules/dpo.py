@@ -120,7 +120,7 @@ class PreferenceModule(CausalLMModule):
         self.reference = GPT2LMHeadModel(self.gpt.config)
         self.reference.load_state_dict(self.gpt.state_dict())
         self.reference.requires_grad_(False).eval()
-        if getattr(self.gpt, "_compiled_call_impl", None) is not None:  # the policy was compiled (on GPU by default)
+        if self.compiles():  # as the policy is (on GPU by default)
             self.reference.compile()
 
     def train(self, mode: bool = True) -> "PreferenceModule":

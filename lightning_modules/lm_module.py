@@ -17,8 +17,7 @@ from typing import TypedDict
 
 import lightning as L
 import torch
-from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-from lightning.pytorch.utilities import GradClipAlgorithmType
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from transformers import GPT2LMHeadModel
 
@@ -172,9 +171,14 @@ class CausalLMModule(L.LightningModule):
         self.gpt = build_gpt(self.spec, vocab, bos_id=vocab - 1, pad_id=vocab - 2)  # world ids: PAD = V, BOS = V + 1
         if self.hparams.init_from is not None:
             load_gpt_weights(self.gpt, self.hparams.init_from)
-        compile_ = self.hparams.compile
-        if compile_ or (compile_ is None and _on_gpu(self)):
+        if self.compiles():
             self.gpt.compile()  # in place: parameter names (and checkpoints) stay those of the plain model
+
+    def compiles(self) -> bool:
+        """Whether configure_model compiles the model: as asked, or by default where it was built on a GPU
+        (a trainer builds it on its device; loading a checkpoint builds it on the CPU)."""
+        compile_ = self.hparams.compile
+        return bool(compile_) or (compile_ is None and self.gpt.device.type == "cuda")
 
     # ---- training -----------------------------------------------------------------------------
     def model_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,13 +229,17 @@ class CausalLMModule(L.LightningModule):
 
         The refusal guards fp16, whose loss scaler a fused optimizer undoes inside its step; bf16 has no
         scaler, so the gradients are plain and clip as they are (with the GPU's fused AdamW and the
-        configs' gradient_clip_val, Lightning would stop at the first step).
+        configs' gradient_clip_val, Lightning would stop at the first step). They clip as Lightning's
+        base precision does: all the optimizer's parameters, by norm unless asked by value.
         """
         plugin = self.trainer.precision_plugin
-        if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
-            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, GradClipAlgorithmType(gradient_clip_algorithm or "norm"))
+        if not (gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            nn.utils.clip_grad_value_(params, gradient_clip_val)
         else:
-            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     # ---- validation: loss on held-out blocks (loader 0) and ICL curves (loader 1) ---------------
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -275,8 +283,3 @@ class CausalLMModule(L.LightningModule):
             last[r["k"], r["task"]] = max(last.get((r["k"], r["task"]), 0), r["shots"])
         wanted = set(self.hparams.log_shots if self.hparams.log_shots is not None else [0, 1, 4, 16])
         return [r for r in rows if r["shots"] in wanted or r["shots"] == last[(r["k"], r["task"])]]
-
-
-def _on_gpu(module: L.LightningModule) -> bool:
-    trainer = module._trainer
-    return trainer is not None and trainer.strategy.root_device.type == "cuda"
