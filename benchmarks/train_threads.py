@@ -27,7 +27,7 @@ from benchmarks.train_throughput import LightningClock, Window  # noqa: E402
 from datamodules.ginc_datamodule import GincDataModule  # noqa: E402
 from datamodules.world import WorldConfig  # noqa: E402
 from models.gpt import training_threads  # noqa: E402
-from lightning_modules.lm_module import CausalLMModule  # noqa: E402
+from lightning_modules.lm_module import CausalLMModule, data_arguments  # noqa: E402
 
 WORLD = WorldConfig(n_tasks=3, n_entities=5, n_properties=5, vocab_size=30, distinct_emissions=True,
                     property_temperature=0.01, property_smoothing=0.5)
@@ -39,8 +39,8 @@ def tokens_per_s(threads: int, steps: int, warmup: int, context: int, batch: int
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     window = Window(warmup, steps, torch.device("cpu"))
-    module = CausalLMModule(size="gpt2-2l", n_embd=64, n_head=4, n_positions=context, compile=False)
     data = GincDataModule(world=WORLD, context_length=context, batch_size=batch, num_workers=0)
+    module = CausalLMModule(size="gpt2-2l", n_embd=64, n_head=4, n_positions=context, compile=False, **data_arguments(data))
     trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[LightningClock(window)],
                         max_steps=window.end + 1, limit_val_batches=0, num_sanity_val_steps=0)

@@ -46,7 +46,7 @@ from datamodules.sampling import shots_for_context
 from datamodules.world import WorldConfig
 from models.gpt import GPTSpec, build_gpt, resolve_device, resolve_spec
 from lightning_modules.icl_metric import ICLCurveMetric, curve_rows
-from lightning_modules.lm_module import CausalLMModule, OptimConfig, adamw_with_schedule
+from lightning_modules.lm_module import CausalLMModule, OptimConfig, adamw_with_schedule, data_arguments
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from NVIDIA's data sheets; first match of the name wins.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
@@ -209,9 +209,10 @@ def lightning_trainer(device: torch.device, callbacks: list[L.Callback], **kwarg
                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, **kwargs)
 
 
-def ours_module(spec: GPTSpec, init_dir: Path, optim: OptimConfig | None = None) -> CausalLMModule:
+def ours_module(spec: GPTSpec, init_dir: Path, cfg: BenchConfig, world: WorldConfig, optim: OptimConfig | None = None) -> CausalLMModule:
+    """Built for the world and the ICL prompts `eval_ours` scores."""
     return CausalLMModule(size="gpt2-4l", n_layer=spec.n_layer, n_embd=spec.n_embd, n_head=spec.n_head,
-                          n_positions=spec.n_positions, init_from=str(init_dir), optim=optim)
+                          n_positions=spec.n_positions, init_from=str(init_dir), optim=optim, **data_arguments(eval_data(cfg, world)))
 
 
 def train_ours(module: CausalLMModule, cfg: BenchConfig, world: WorldConfig, device: torch.device, batch: int, window: Window) -> LightningClock:
@@ -227,11 +228,15 @@ def icl_config(cfg: BenchConfig, batch: int) -> ICLConfig:
     return ICLConfig(k_values=K_VALUES, prompts_per_task=cfg.eval_prompts, batch_size=batch)
 
 
+def eval_data(cfg: BenchConfig, world: WorldConfig) -> GincDataModule:
+    """The ICL prompts alone (val_documents=0: no loss blocks)."""
+    return GincDataModule(world=world, context_length=cfg.context, val_documents=0, icl=icl_config(cfg, cfg.eval_batch))
+
+
 def eval_ours(module: CausalLMModule, cfg: BenchConfig, world: WorldConfig, device: torch.device) -> tuple[float, list[dict]]:
-    """The module's validation on the ICL prompts alone (val_documents=0: no loss blocks)."""
-    data = GincDataModule(world=world, context_length=cfg.context, val_documents=0, icl=icl_config(cfg, cfg.eval_batch))
+    """The module's validation on the ICL prompts alone."""
     start = time.perf_counter()
-    lightning_trainer(device, []).validate(module, datamodule=data, verbose=False)
+    lightning_trainer(device, []).validate(module, datamodule=eval_data(cfg, world), verbose=False)
     return time.perf_counter() - start, module.last_curve_rows
 
 
@@ -286,7 +291,7 @@ def throughput(cfg: BenchConfig, n_layer: int, world: WorldConfig, device: torch
 
     window = Window(cfg.warmup, cfg.steps, device)
     say(f"[{n_layer} layers] ours: {window.end} steps of batch {cfg.batch} (compiling in the warm-up on a GPU) ...")
-    module = ours_module(spec, tmp / "init")
+    module = ours_module(spec, tmp / "init", cfg, world)
     counters.clear()
     clock = train_ours(module, cfg, world, device, cfg.batch, window)
     ours_tps = cfg.steps * cfg.batch * cfg.context / window.seconds
@@ -324,7 +329,7 @@ def loss_check(cfg: BenchConfig, n_layer: int, world: WorldConfig, device: torch
     hf.train()
     hf_loss = [h["loss"] for h in hf.state.log_history if "loss" in h]
 
-    clock = train_ours(ours_module(spec, tmp / "init", optim), cfg, world, device, batch, Window(0, steps - 1, device))
+    clock = train_ours(ours_module(spec, tmp / "init", cfg, world, optim), cfg, world, device, batch, Window(0, steps - 1, device))
     ours_loss = [float(x) for x in clock.losses[:steps]]
     shown = sorted({1, steps // 4, steps // 2, 3 * steps // 4, steps} - {0})
     say("  step " + "".join(f"{s:>9}" for s in shown))
