@@ -6,8 +6,8 @@
     python train.py fit --config configs/dpo-favor.yaml --model.init_from runs/NAME/checkpoints/last.ckpt --run.tasks [2]
     python train.py fit --config configs/pretrain.yaml --run.name NAME --ckpt_path last      # resume NAME
 
-A thin layer on LightningCLI: every option of the model, data and trainer is a flag. The `run`
-group picks the stage (pretrain, sft, dpo; a stage registry, so others can be added) and the run directory
+The flags and --config files name a run's settings (a `TrainConfig`), which `training.run.train` runs;
+every option of the model, data and trainer is a flag. The `run` group picks the stage (pretrain, sft, dpo; a stage registry, so others can be added) and the run directory
 runs/NAME/ that holds config.yaml, checkpoints/{best,last}.ckpt, TensorBoard logs, curves.csv and hf/.
 Bad settings end in one `error:` line and exit status 2 before anything is written.
 """
@@ -18,7 +18,10 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from training.run import CtrlC, cli_main, quiet_lightning, run_quickstart
+from training.cli import print_config, read_command
+from training.console import CtrlC, quiet_lightning
+from training.quickstart import run_quickstart
+from training.run import train
 from user_errors import UserError
 from user_errors.exit_status import INTERRUPTED, exit_status
 
@@ -40,24 +43,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     quiet_lightning()
     CtrlC.watch()
-    status = exit_status(lambda: train(argv, from_command_line),
+    status = exit_status(lambda: start(argv),
                          "resume with --run.name NAME --ckpt_path last (the run's checkpoints are kept)")
     if status == INTERRUPTED and from_command_line:  # not when a caller (a test) runs main() in its own process
         exit_within(EXIT_GRACE_S, INTERRUPTED)
     return status
 
 
-def train(argv: list[str], from_command_line: bool) -> None:
-    """The quickstart without arguments, else LightningCLI on `argv` (which reads sys.argv itself when the
-    arguments came from the command line)."""
+def start(argv: list[str]) -> None:
+    """The quickstart without arguments, else the run the flags ask for."""
     if argv and argv[0] in ("test", "predict"):
         raise UserError(f"train.py has no {argv[0]} split to run `{argv[0]}` on (the GINC stream has no held-out set of "
                         "that kind); use `python train.py validate --config CONFIG --ckpt_path CKPT` or "
                         "`python evaluate.py curves --ckpt CKPT`")
     if not argv:
         run_quickstart()
+        return
+    subcommand, config, show = read_command(argv)
+    if show:
+        print_config(config)
     else:
-        cli_main(None if from_command_line else argv)
+        train(config, subcommand)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -90,6 +90,10 @@ def write_export(run_dir: Path, gpt: GPT2LMHeadModel, data_hparams: dict, info: 
     return path
 
 
+# the checkpoint key that names the LightningModule class of the run that wrote it
+MODULE_CLASS_KEY = "module_class"
+
+
 def read_source(path: str | Path) -> Source:
     """A run's checkpoint (.ckpt) or HF export directory, or one clear error that names the file at fault."""
     path = Path(path)
@@ -113,6 +117,7 @@ def read_source(path: str | Path) -> Source:
         if not isinstance(model, dict):
             raise _broken(path, "its model settings (hyper_parameters) are not a mapping")
         model, info, step = plain(dict(model)), ckpt.get(RUN_INFO_KEY), ckpt.get("global_step", 0)
+        model.setdefault("_class_path", ckpt.get(MODULE_CLASS_KEY))  # older checkpoints keep it in their settings
     else:
         raise MissingInput(f"checkpoint {path} does not exist; pass a run's checkpoints/last.ckpt (or best.ckpt) or its hf/ directory")
     if not isinstance(data, dict) or not isinstance(data.get("context_length"), int):

@@ -21,6 +21,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from transformers import GPT2LMHeadModel
 
+from contracts.run_artifacts import MODULE_CLASS_KEY
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.sampling import shots_for_context
 from models.gpt import GPTSpec, ModelConfigError, build_gpt, read_checkpoint, read_pretrained, resolve_spec
@@ -200,8 +201,10 @@ class CausalLMModule(L.LightningModule):
             raise diverged(f"the training loss ({loss.item()})", self.global_step + 1)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Never write non-finite weights over the last good checkpoint."""
+        """Never write non-finite weights over the last good checkpoint; name the module's class (a resumed run
+        is checked to be of the same kind)."""
         check_finite_weights(checkpoint["state_dict"], self.global_step)
+        checkpoint[MODULE_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     def log_flush_step(self) -> bool:
         """Whether the logger writes this step's values."""

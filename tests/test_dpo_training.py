@@ -205,7 +205,7 @@ def cli(tmp_path, *extra: str) -> int:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ([], "stage dpo starts from a pretrained model: pass --model.init_from"),
+        ([], "stage dpo starts from a pretrained model: set model.init_from"),
         (["--model.beta", "0"], "model.beta must be > 0"),
         (["--data.rejected_weights", "[1.0, 0.0, 0.0]"], "task(s) [0] are both chosen and rejected"),
     ],

@@ -143,7 +143,7 @@ def test_post_training_refuses_settings_that_contradict_the_pretrained_model(bas
     before = snapshot(base)
     code = train.main([*TINY, *SFT, "--run.root", str(root), "--model.init_from", str(base / source), *extra])
     line = assert_refused(code, capsys, message)
-    assert "drop the flag" in line
+    assert "drop the setting" in line
     assert not root.exists() and snapshot(base) == before
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train
-import training.run
+from training.checks import post_training_weights
 
 TINY = ["fit", "--config", "configs/tiny.yaml", "--trainer.val_check_interval", "10"]
 
@@ -65,5 +65,5 @@ def test_sft_mixture_and_task_errors(runs, capsys):
     assert "run.tasks [3] must name tasks of the world (0..2)" in capsys.readouterr().err
     assert train.main([*base, "--run.direction", "favor", "--run.tasks", "[0]", "--data.train_weights", "[1, 0, 0]"]) == 2
     assert "not both" in capsys.readouterr().err
-    assert training.run.post_training_weights([0.5, 0.25, 0.25], "disfavor", [0]) == [0.0, 0.25, 0.25]
-    assert training.run.post_training_weights([0.5, 0.25, 0.25], "favor", [0, 2]) == [0.5, 0.0, 0.25]
+    assert post_training_weights([0.5, 0.25, 0.25], "disfavor", [0]) == [0.0, 0.25, 0.25]
+    assert post_training_weights([0.5, 0.25, 0.25], "favor", [0, 2]) == [0.5, 0.0, 0.25]

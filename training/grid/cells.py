@@ -205,7 +205,10 @@ def stale_cells(cfg: AblationConfig, out: Path) -> list[str]:
 
 def run_cell(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None) -> CellStatus:
     """Train one cell in this process unless it is done; returns done, skipped or failed with the reason."""
-    from training import run as train  # heavy imports (torch, lightning) only when there is training to do
+    # heavy imports (torch, lightning) only when there is training to do
+    from training.cli import config_of
+    from training.console import quiet_lightning
+    from training.run import train
 
     cell_dir = inside(out, cell.name, "cell", "the grid's directory")
     if (cell_dir / "DONE").is_file():
@@ -222,11 +225,11 @@ def run_cell(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None
     (cell_dir / ASKED).write_text(json.dumps(record) + "\n")
     print(f"[ablate] {cell.name}: python train.py {' '.join(args)}", flush=True)
     began = time.perf_counter()
-    train.quiet_lightning()
+    quiet_lightning()
     with (cell_dir / "train.log").open("a") as log:
         try:
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):  # the cell's own log
-                train.cli_main(args)
+                train(config_of(args[1:]))  # args[0] is the subcommand, fit
         except UserError as exc:  # bad settings or a diverged run: the reason goes in the report
             reason = str(exc)
             print(f"error: {reason}", file=log)

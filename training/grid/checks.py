@@ -30,20 +30,21 @@ def check_cells(cfg: AblationConfig, path: Path) -> None:
     parsed once (a grid of 28 cells: 5 parses)."""
     from datamodules.world import world_config
     from models.gpt import SPEC_FIELDS, resolve_spec
-    from training import run as train
+    from training.checks import check_schedule, check_stage, post_training_mixture
+    from training.config import STAGES, RunConfig
 
-    out, parser, seen = Path(cfg.root) / cfg.name, train.train_parser(), set()
+    out, seen = Path(cfg.root) / cfg.name, set()
     for size in cfg.sizes:
         pre = Cell(size, "pretrain")
-        settings = _parse_cell(parser, cfg, pre, out, path, seen)
+        settings = _parse_cell(cfg, pre, out, path, seen)
         model, data = settings.model.init_args, settings.data.init_args
         with _in_cell(path, pre, cfg):
             given = data.world or {}
             world = world_config(given if isinstance(given, dict) else vars(given), "data.world.")
             spec = resolve_spec(model.size, **{key: getattr(model, key) for key in SPEC_FIELDS})
             if size not in cfg.pretrained:
-                train.check_stage(settings.run, train.STAGES["pretrain"], settings.model, settings.data)
-                train.check_schedule(settings.run, settings.trainer)
+                check_stage(RunConfig(**settings.run.as_dict()), STAGES["pretrain"], settings.model.as_dict(), settings.data.as_dict())
+                check_schedule(RunConfig(**settings.run.as_dict()), settings.trainer.as_dict())
         if size in cfg.pretrained:
             world = _given_model(path, size, cfg.pretrained[size], world, spec, data.context_length)
         outside = [t for t in cfg.tasks if t >= world.n_tasks]
@@ -54,16 +55,15 @@ def check_cells(cfg: AblationConfig, path: Path) -> None:
         for method in cfg.methods:
             for direction in cfg.directions:
                 cell = Cell(size, method, direction, max(cfg.amounts))
-                settings = _parse_cell(parser, cfg, cell, out, path, seen)
+                settings = _parse_cell(cfg, cell, out, path, seen)
                 if settings is None:
                     continue  # the same flags as a cell parsed already, but for what the amount sets
-                stage = train.STAGES[method]
+                stage = STAGES[method]
                 with _in_cell(path, cell, cfg):
-                    train.check_stage(settings.run, stage, settings.model, settings.data)
-                    train.check_schedule(settings.run, settings.trainer)
-                    data = settings.data.init_args.clone()
-                    data.world = type(data)(**dataclasses.asdict(world))  # the pretrained model's, as train.py takes it
-                    train.post_training_mixture(settings.run, stage, data)
+                    check_stage(RunConfig(**settings.run.as_dict()), stage, settings.model.as_dict(), settings.data.as_dict())
+                    check_schedule(RunConfig(**settings.run.as_dict()), settings.trainer.as_dict())
+                    data = {**settings.data.init_args.as_dict(), "world": dataclasses.asdict(world)}  # the pretrained model's
+                    post_training_mixture(RunConfig(**settings.run.as_dict()), stage, data)
 
 
 # the flags whose values differ between the cells of one (size, method, direction): what the amount sets, and names
@@ -86,12 +86,14 @@ def _in_cell(path: Path, cell: Cell, cfg: AblationConfig) -> typing.Iterator[Non
         raise AblationConfigError(f"{path}: cell {cell.name}: {exc} (fix {_sources(cfg, cell)})") from None
 
 
-def _parse_cell(parser: object, cfg: AblationConfig, cell: Cell, out: Path, path: Path, seen: set) -> object:
-    """A cell's train.py flags parsed as train.py parses them (its fit settings), or None where the same flags
-    but for _PER_CELL were parsed already; the settings the grid sets itself must keep the grid's values."""
+def _parse_cell(cfg: AblationConfig, cell: Cell, out: Path, path: Path, seen: set) -> object:
+    """A cell's train.py flags parsed as train.py parses them (its settings, defaults filled in, `run` as the
+    RunConfig), or None where the same flags but for _PER_CELL were parsed already; the settings the grid
+    sets itself must keep the grid's values."""
     from jsonargparse import ArgumentError
 
-    from training import run as train
+    from training.cli import config_of
+    from training.options import resolve
 
     flags = cell_args(cfg, cell, out, pretrained_of(cfg, out, cell.size))
     key = tuple("*" if before in _PER_CELL else arg for before, arg in zip(["", *flags], flags))
@@ -100,12 +102,12 @@ def _parse_cell(parser: object, cfg: AblationConfig, cell: Cell, out: Path, path
     seen.add(key)
     with _in_cell(path, cell, cfg):
         try:
-            settings = parser.parse_args(train.with_stage_classes(flags))["fit"]
-        except (ArgumentError, ValueError) as exc:
-            cause = train.user_error_in(exc)
-            if cause is not None:
-                raise cause from None
-            raise UserError(f"train.py refuses its flags: {_flag_reason(str(exc))}") from None
+            config = config_of(flags[1:])  # flags[0] is the subcommand, fit
+            settings = resolve(config)
+        except UserError as exc:
+            if isinstance(exc.__cause__, ArgumentError):  # a flag jsonargparse refused: its innermost reason
+                raise UserError(f"train.py refuses its flags: {_flag_reason(str(exc.__cause__))}") from None
+            raise
     owned = {"run.root": (str(out), "root and name"), "run.name": (cell.name, "its size, method, direction and amount"),
              "run.stage": ("pretrain" if cell.method == "pretrain" else cell.method, "methods"),
              "trainer.max_steps": (cell_steps(cfg, cell), "pretrain_steps" if cell.method == "pretrain"
@@ -148,7 +150,7 @@ def _given_model(path: Path, size: str, ckpt: str, world: object, spec: object, 
     from datamodules.world import world_config, world_differences
     from contracts.run_artifacts import read_source
     from models.gpt import read_pretrained
-    from training.run import source_spec
+    from training.checks import source_spec
 
     what = f"{path}: pretrained checkpoint {ckpt} for {size}"
     if not Path(ckpt).is_dir():
