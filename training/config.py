@@ -107,8 +107,8 @@ class TrainConfig:
                 **{group: asdict(section) for group, section in self.sections().items()}, "trainer": dict(self.trainer)}
 
     def to_json(self) -> str:
-        """The config as canonical JSON: two configs that ask for the same run give the same text."""
-        return json.dumps(self.as_settings(), sort_keys=True, default=str)
+        """The config as canonical JSON (`from_settings` reads it back): equal configs give equal text."""
+        return json.dumps(asdict(self), sort_keys=True, default=str)
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], what: str = "config") -> TrainConfig:

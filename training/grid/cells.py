@@ -1,4 +1,4 @@
-"""The cells of an ablation grid: what each is, the train.py flags it trains with, the records that say
+"""The cells of an ablation grid: what each is, the TrainConfig it trains with, the records that say
 what it was asked (ASKED when it starts, DONE when it ends), which finished cells are stale, training one
 cell, and what became of it (CellStatus).
 
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from safe_io.files import inside
+from training.config import TrainConfig
 from user_errors import UserError
 
 if typing.TYPE_CHECKING:
@@ -121,18 +122,26 @@ def _file_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+def cell_config(cfg: AblationConfig, cell: Cell, out: Path) -> TrainConfig:
+    """The TrainConfig a cell trains with: its train.py flags read as train.py reads them."""
+    from training.cli import config_of  # the parser's classes load torch and lightning
+
+    return config_of(cell_args(cfg, cell, out, pretrained_of(cfg, out, cell.size))[1:])  # [0] is the subcommand, fit
+
+
 def asked_of(cfg: AblationConfig, cell: Cell, out: Path) -> dict[str, object]:
-    """What the grid asks of a cell: its train.py flags, and the content (sha256) of every file they name
-    (the stage's config, the base configs, a config given in the overrides), so that a config edited in
-    place asks something else. The model it starts from is cell_record's."""
+    """What the grid asks of a cell: its TrainConfig (as JSON), and the content (sha256) of every file it
+    names (the stage's config, the base configs, a config given in the overrides), so that a config edited
+    in place asks something else. The model it starts from is cell_record's."""
+    config = cell_config(cfg, cell, out)
+    named = set(config.configs)
     flags = cell_args(cfg, cell, out, pretrained_of(cfg, out, cell.size))
-    named = {value for flag, value in zip(flags, flags[1:]) if flag in ("--config", "-c")}
     named |= {value for value in flags if value.endswith((".yaml", ".yml", ".json"))}  # a config given as a flag's value
     files = {value: _file_hash(Path(value)) for value in sorted(named) if Path(value).is_file()}
-    return {"flags": flags, "files": files}
+    return {"config": json.loads(config.to_json()), "files": files}
 
 
-def asked_flags(cfg: AblationConfig, out: Path) -> dict[str, dict[str, object]]:
+def asked_of_cells(cfg: AblationConfig, out: Path) -> dict[str, dict[str, object]]:
     """What the grid asks of each cell now (asked_of), by cell name: what DONE and jobs.json must match."""
     return {cell.name: asked_of(cfg, cell, out) for cell in cells_of(cfg)}
 
@@ -183,7 +192,7 @@ def stale_cells(cfg: AblationConfig, out: Path) -> list[str]:
     """Finished or interrupted cells whose record differs from what the grid asks of them now (another
     world, config content, tasks, steps or overrides), and the cells trained from a pretraining that is
     stale, gone or another model now: reusing them would report what was not asked for."""
-    stale, asked = [], asked_flags(cfg, out)
+    stale, asked = [], asked_of_cells(cfg, out)
     for size in cfg.sizes:
         pre = Cell(size, "pretrain")
         pre_stale = size not in cfg.pretrained and has_work(out / pre.name) and \
@@ -206,7 +215,6 @@ def stale_cells(cfg: AblationConfig, out: Path) -> list[str]:
 def run_cell(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None) -> CellStatus:
     """Train one cell in this process unless it is done; returns done, skipped or failed with the reason."""
     # heavy imports (torch, lightning) only when there is training to do
-    from training.cli import config_of
     from training.console import quiet_lightning
     from training.run import train
 
@@ -214,11 +222,12 @@ def run_cell(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None
     if (cell_dir / "DONE").is_file():
         return SKIPPED
     record = cell_record(cfg, cell, out, pretrained)  # what DONE records: a resumed cell asks the same as a fresh one
-    flags = args = record["flags"]
+    config = TrainConfig.from_settings(record["config"])
+    args = cell_args(cfg, cell, out, pretrained)  # how to train the cell by hand, for the log
     if cell_dir.exists() and not (cell_dir / ASKED).is_file():  # not made by ablate.py: never deleted or resumed
         return CellStatus.failure(f"{cell_dir} holds no record of ablate.py's ({ASKED}); move it away and rerun")
     if (cell_dir / "checkpoints" / "last.ckpt").is_file() and recorded(cell_dir) == record:
-        args = [*flags, "--ckpt_path", "last"]  # interrupted after a checkpoint: continue from it
+        config.ckpt_path, args = "last", [*args, "--ckpt_path", "last"]  # interrupted after a checkpoint: continue from it
     elif cell_dir.exists():
         shutil.rmtree(cell_dir)  # ours, interrupted before its first checkpoint or asked something else: start again
     cell_dir.mkdir(parents=True, exist_ok=True)
@@ -229,7 +238,7 @@ def run_cell(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None
     with (cell_dir / "train.log").open("a") as log:
         try:
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):  # the cell's own log
-                train(config_of(args[1:]))  # args[0] is the subcommand, fit
+                train(config)
         except UserError as exc:  # bad settings or a diverged run: the reason goes in the report
             reason = str(exc)
             print(f"error: {reason}", file=log)

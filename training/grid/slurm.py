@@ -3,7 +3,7 @@ cells are one job array that starts once that job has succeeded (afterok). Every
 grid's `slurm:` section says. A job that SLURM preempts or times out is requeued by submitit and resumes
 from the cell's last checkpoint.
 
-`<grid>/slurm/jobs.json` records each submitted cell's job id and train.py flags. A rerun (after `--no-wait`, or after this
+`<grid>/slurm/jobs.json` records each submitted cell's job id and what it was asked (its config). A rerun (after `--no-wait`, or after this
 process was stopped) collects the jobs SLURM still holds instead of submitting them again, and
 resubmits only cells that are neither DONE nor queued; a job queued under other settings stops it.
 Job logs are `<grid>/slurm/<job id>_*`.
@@ -26,7 +26,7 @@ import time
 import typing
 from pathlib import Path
 
-from training.grid.cells import Cell, CellFailed, CellStatus, asked_flags, cells_of, outcome, pretrained_of, run_cell
+from training.grid.cells import Cell, CellFailed, CellStatus, asked_of_cells, cells_of, outcome, pretrained_of, run_cell
 from training.grid.checks import AblationConfigError
 from training.grid.config import AblationConfig
 from training.grid.launcher import Launcher
@@ -93,7 +93,7 @@ def held_jobs(timeout_s: float = 60) -> set[str]:
 
 
 def recorded_jobs(out: Path) -> dict[str, dict]:
-    """jobs.json: each submitted cell's job id and train.py flags, by cell name."""
+    """jobs.json: each submitted cell's job id and what it was asked (asked_of), by cell name."""
     path = out / "slurm" / JOBS
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -156,11 +156,11 @@ def submit(cfg: AblationConfig, out: Path, status: dict[str, CellStatus], stop_a
     recorded_path = out / "slurm" / JOBS
     recorded = recorded_jobs(out)
     held = held_jobs() if recorded else set()
-    flags = asked_flags(cfg, out)
+    asked = asked_of_cells(cfg, out)
     jobs = {}
     for name, job in recorded.items():
         if job["id"] in held and name not in status:
-            if job["flags"] != flags.get(name):  # queued before the grid's settings changed
+            if job.get("asked") != asked.get(name):  # queued before the grid's settings changed
                 raise AblationConfigError(f"{out}: cell {name} has SLURM job {job['id']} queued under other settings; "
                                           f"scancel {job['id']}, or give the grid a new name")
             jobs[name] = submitit.SlurmJob(out / "slurm", job["id"])
@@ -169,7 +169,7 @@ def submit(cfg: AblationConfig, out: Path, status: dict[str, CellStatus], stop_a
 
     def record() -> None:
         recorded_path.parent.mkdir(parents=True, exist_ok=True)
-        recorded.update({name: {"id": job.job_id, "flags": flags[name]} for name, job in jobs.items()})
+        recorded.update({name: {"id": job.job_id, "asked": asked[name]} for name, job in jobs.items()})
         recorded_path.write_text(json.dumps(recorded, indent=1))
 
     try:
