@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.fitting import Batch, _residual_fn, fit_batch, stack_groups
+from analysis.fitting import fit_batch, stack_groups
 from analysis.laws import LAW_NAMES, BayesianLaw, get_law
 from analysis.lm import normal_equations, solve_spd
+from analysis.residuals import Batch, _residual_fn
 from analysis.synthetic import synthetic_group
 
 M, S = 3, 23  # odd sizes, so rows never line up with vector widths
