@@ -35,10 +35,12 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from analysis.bootstrap import link_interval, resample_table  # noqa: E402
+from analysis.conditions import select_conditions  # noqa: E402
 from analysis.curves import CurveGroup  # noqa: E402
 from analysis.laws import BAYESIAN_NAMES, get_law  # noqa: E402
-from analysis.shift import (ShiftConfig, _batch, analyse_shift, fit_model, link_interval,  # noqa: E402
-                            named_per_condition, per_condition_thetas, resample_table, select_conditions)
+from analysis.shift import ShiftConfig, analyse_shift  # noqa: E402
+from analysis.shift_fits import _batch, fit_model, named_per_condition, per_condition_thetas  # noqa: E402
 from analysis.synthetic import add_noise, law_prob  # noqa: E402
 
 METHODS, DIRECTIONS = ("sft", "dpo"), ("favor", "disfavor")

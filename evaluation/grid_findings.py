@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from analysis.conditions import condition_fields, condition_key
 from analysis.curves import CurveGroup
-from analysis.shift import ShiftConfig, ShiftResult, bic_comparison, condition_fields, condition_key
+from analysis.shift import ShiftConfig, ShiftResult
+from analysis.shift_fits import bic_comparison
 from analysis.shift_report import condition_rows
 from evaluation.reports import one_thread
 

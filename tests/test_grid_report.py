@@ -8,7 +8,8 @@ import pytest
 from matplotlib.figure import Figure
 
 from analysis.curves import CurveGroup
-from analysis.shift import Conditions, ShiftConfig, ShiftResult, analyse_shift, condition_fields, condition_key, select_conditions
+from analysis.conditions import Conditions, condition_fields, condition_key, select_conditions
+from analysis.shift import ShiftConfig, ShiftResult, analyse_shift
 from analysis.shift_report import condition_rows, plot_parameters
 from analysis.synthetic import add_noise, law_prob
 from evaluation.grid_findings import graded_count, prior_only_verdict, range_comparisons, reemergence

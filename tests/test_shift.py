@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import evaluate
+from analysis.bootstrap import resample_table
+from analysis.conditions import select_conditions
 from analysis.curves import CurveGroup
 from analysis.laws import get_law
-from analysis.shift import ShiftConfig, analyse_shift, crossing, resample_table, select_conditions
+from analysis.shift import ShiftConfig, analyse_shift, crossing
 from analysis.synthetic import add_noise, law_prob
 from contracts.curves_table import prob_rows, read_prompt_table
 
@@ -188,7 +190,7 @@ def test_runs_without_a_model_prefix_are_conditions_of_one_model(tmp_path):
 
 
 def test_interval_helpers_never_give_nan_and_always_contain_the_estimate():
-    from analysis.shift import link_interval, shots_interval
+    from analysis.bootstrap import link_interval, shots_interval
 
     rng = np.random.default_rng(0)
     boot = np.concatenate([rng.uniform(3, 30, 90), np.full(10, np.inf)])
@@ -217,7 +219,8 @@ def test_k_values_fitted_in_worker_processes_equal_one_process():
 
 
 def test_predicted_crossings_equal_a_search_of_the_whole_fine_grid():
-    from analysis.shift import predict, predicted_crossings
+    from analysis.fitting import predict
+    from analysis.shift import predicted_crossings
 
     law = get_law("bayesian_sampling")
     gen = torch.Generator().manual_seed(0)
@@ -260,7 +263,8 @@ def test_joint_fit_does_not_depend_on_the_order_of_the_conditions():
     """The starts give every condition the same noise, so permuting the conditions permutes the fit.
     Drawn in parameter order, the 2 starts of this fit (the sampling-wise law on scoring-wise curves of
     9 conditions x 5 tasks) ended at chi-square 13,680, 13,616, 13,640 and 13,668 in four orders."""
-    from analysis.shift import Conditions, _fit_to, named_per_condition
+    from analysis.conditions import Conditions
+    from analysis.shift_fits import _fit_to, named_per_condition
     from benchmarks.shift_speed import paper_table
 
     groups, _ = paper_table("bayesian_scoring", 1, (3,), (250, 2500), 5, 41, 200, seed=3)
