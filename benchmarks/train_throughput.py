@@ -78,6 +78,9 @@ class BenchConfig:
         return resolve_spec("gpt2-4l", n_layer=n_layer, n_embd=self.n_embd, n_head=self.n_head, n_positions=self.context)
 
 
+# the counts that must be at least 1: their flags' help (the default shown is BenchConfig's)
+COUNTS = {"warmup": "untimed optimizer steps first", "steps": "timed optimizer steps", "batch": "our batch size",
+          "eval_prompts": "ICL prompts per (k, task)", "loss_steps": "steps of the loss check"}
 SMOKE = dict(layers=[2], n_embd=64, n_head=4, context=128, warmup=1, steps=2, batch=8, workers=0, eval_prompts=2, eval_batch=4, loss_steps=4)
 
 
@@ -171,10 +174,12 @@ class LightningClock(L.Callback):
 
 
 # ---- the two stacks --------------------------------------------------------------------------------
-def hf_model(spec: GPTSpec, world: WorldConfig) -> GPT2LMHeadModel:
-    """The baseline's GPT-2: the same architecture as ours, with HF's eager attention."""
+def hf_model(spec: GPTSpec, world: WorldConfig, init_dir: Path) -> GPT2LMHeadModel:
+    """The baseline's GPT-2 from seed 0 (our architecture, HF's eager attention), saved to `init_dir` for ours to start from."""
+    torch.manual_seed(0)
     model = build_gpt(spec, world.model_vocab_size, bos_id=world.bos_id, pad_id=world.pad_id)
     model.set_attn_implementation("eager")
+    model.save_pretrained(init_dir)
     return model
 
 
@@ -273,9 +278,7 @@ def max_prob_gap(a: list[dict], b: list[dict]) -> float:
 def throughput(cfg: BenchConfig, n_layer: int, world: WorldConfig, device: torch.device, peak: float | None, evaluate: bool, tmp: Path) -> float:
     """Both stacks at one size (and the ICL evaluation if asked); returns ours / HF tokens/s."""
     spec = cfg.spec(n_layer)
-    torch.manual_seed(0)
-    model = hf_model(spec, world)
-    model.save_pretrained(tmp / "init")  # ours starts from the very same weights
+    model = hf_model(spec, world, tmp / "init")
     fpt = flops_per_token(model, spec)
 
     def report(name: str, tokens_per_s: float, detail: str) -> None:
@@ -310,8 +313,6 @@ def throughput(cfg: BenchConfig, n_layer: int, world: WorldConfig, device: torch
         say(f"ICL eval ({n_layer} layers, {n_prompts} prompts): ours {ours_s:.2f} s (batch {cfg.eval_batch}, {precision(device)}, label positions only)   "
             f"Trainer.predict full logits {peer_s:.2f} s (fp32, eager, batch {cfg.hf_batch})   ratio {peer_s / ours_s:.1f}x   "
             f"(both include {prompt_s:.2f} s of prompt sampling)   max |prob ours - prob full logits| = {max_prob_gap(ours_rows, peer_rows):.1e}")
-    del hf, module, model
-    release(device)
     return ours_tps / hf_tps
 
 
@@ -320,9 +321,7 @@ def loss_check(cfg: BenchConfig, n_layer: int, world: WorldConfig, device: torch
     spec, steps, batch = cfg.spec(n_layer), cfg.loss_steps, cfg.hf_batch
     optim = OptimConfig(warmup_steps=max(1, steps // 10), total_steps=steps)
     say(f"[loss check, {n_layer} layers] {steps} steps of batch {batch}, lr {optim.lr} (warm-up {optim.warmup_steps}, cosine), both stacks ...")
-    torch.manual_seed(0)
-    model = hf_model(spec, world)
-    model.save_pretrained(tmp / "init")
+    model = hf_model(spec, world, tmp / "init")
     opt = adamw_with_schedule(model, optim, steps, fused=device.type == "cuda")
     hf = hf_trainer(model, str(tmp / "hf"), batch, steps, device, block_dataset(world, cfg.context, batch, steps),
                     optimizers=(opt["optimizer"], opt["lr_scheduler"]["scheduler"]), logging_steps=1, train_sampling_strategy="sequential")
@@ -340,42 +339,29 @@ def loss_check(cfg: BenchConfig, n_layer: int, world: WorldConfig, device: torch
     se = diffs.std().item() / math.sqrt(tail) if tail > 1 else float("nan")
     say(f"  loss_difference (ours - HF, mean of the last {tail} steps): {diffs.mean().item():+.4f} +- {se:.4f} (s.e.)   "
         f"first step: {ours_loss[0] - hf_loss[0]:+.4f}")
-    del hf, model
-    release(device)
-
-
-def release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def parse(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="2 layers, d=64, context 128, a few steps: seconds on a CPU (CI)")
     p.add_argument("--layers", type=int, nargs="+", help="model depths (default 4 12; smoke: 2)")
-    p.add_argument("--warmup", type=int, help="untimed optimizer steps first (default 10)")
-    p.add_argument("--steps", type=int, help="timed optimizer steps (default 30)")
-    p.add_argument("--batch", type=int, help="our batch size (default 32)")
+    for name, text in COUNTS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"{text} (default {getattr(BenchConfig, name)})")
     p.add_argument("--workers", type=int, help="our data workers (default 4 on a GPU, 0 on a CPU)")
-    p.add_argument("--eval-prompts", type=int, help="ICL prompts per (k, task) (default 200)")
     p.add_argument("--loss-check", action="store_true", help="also compare the loss curves of both stacks at the smallest size")
-    p.add_argument("--loss-steps", type=int, help="steps of the loss check (default 200)")
     p.add_argument("--peak-tflops", type=float, help="the peak to divide by for MFU (default: known GPUs' dense bf16 peak)")
     a = p.parse_args(argv)
     given = {k: v for k, v in vars(a).items() if v is not None and k not in ("smoke", "loss_check")}
     cfg = BenchConfig(**{**(SMOKE if a.smoke else {"layers": [4, 12]}), **given})
     if "workers" not in given and not a.smoke and not torch.cuda.is_available():
         cfg.workers = 0
-    for name in ("warmup", "steps", "batch", "eval_prompts", "loss_steps"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if min(cfg.layers) < 1:
-        raise ValueError(f"--layers must all be >= 1, got {cfg.layers}")
-    if cfg.workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {cfg.workers}")
-    if cfg.peak_tflops is not None and cfg.peak_tflops <= 0:
-        raise ValueError(f"--peak-tflops must be > 0, got {cfg.peak_tflops}")
+    rules = [*((name, getattr(cfg, name), "be >= 1", getattr(cfg, name) >= 1) for name in COUNTS),  # (flag, value, rule, whether it holds)
+             ("layers", cfg.layers, "all be >= 1", min(cfg.layers) >= 1),
+             ("workers", cfg.workers, "be >= 0", cfg.workers >= 0),
+             ("peak_tflops", cfg.peak_tflops, "be > 0", cfg.peak_tflops is None or cfg.peak_tflops > 0)]
+    for name, value, rule, ok in rules:
+        if not ok:
+            raise ValueError(f"--{name.replace('_', '-')} must {rule}, got {value}")
     return cfg, a.loss_check
 
 
@@ -401,6 +387,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n_layer in cfg.layers:
             ratios.append(throughput(cfg, n_layer, world, device, peak, n_layer == max(cfg.layers), Path(tmp) / f"l{n_layer}"))
+            gc.collect()  # the size's models went with its call: free them before the next size
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         if with_loss_check:
             loss_check(cfg, min(cfg.layers), world, device, Path(tmp) / "loss")
     say(f"ratio_vs_hf_trainer: {min(ratios):.2f}")
