@@ -199,6 +199,8 @@ def one_line(error: argparse.ArgumentError, prog: str) -> UserError:
     if message.startswith(required):  # jsonargparse names them by key (fit.out); the user typed flags
         names = message[len(required):].split(", ")
         message = required + ", ".join(flag(name.rsplit(".", 1)[-1]) for name in names)
+    # a value jsonargparse refused is named by its key (`Parser key "starts"`) too
+    message = re.sub(r'Parser key "([^"]+)"', lambda key: flag(key.group(1).rsplit(".", 1)[-1]), message)
     return UserError(f"{prog}: {message} (`python {prog} --help` lists the options)")
 
 
