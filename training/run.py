@@ -61,24 +61,24 @@ def train(config: TrainConfig, subcommand: str = "fit") -> RunResult:
         post_training_mixture(run, stage, plain["data"]["init_args"])
     check_schedule(run, settings.trainer.as_dict())
     settings = parse(lambda parser: parser.parse_object(plain, cfg_base=settings))
+    model_args, data_args = settings.model.init_args.as_dict(), settings.data.init_args.as_dict()
     torch.set_num_threads(training_threads(run.cpu_threads))
-    spec = model_spec(settings.model.init_args.as_dict())
+    spec = model_spec(model_args)
     run_dir = run_directory(run, config.ckpt_path, spec.label, subcommand)
     ckpt = checkpoint_of(run, config.ckpt_path)
     if ckpt is not None:
-        check_checkpoint_matches(ckpt, run, spec, settings.model.init_args.as_dict(), settings.data.init_args.as_dict())
-    info = run_info(run, stage, spec, settings.data.init_args.as_dict())
+        check_checkpoint_matches(ckpt, run, spec, model_args, data_args)
+    info = run_info(run, stage, spec, data_args)
 
     L.seed_everything(settings.seed_everything, workers=True)
     datamodule = build(settings.data.as_dict())
     module = build(settings.model.as_dict(), **module_arguments(datamodule))
     trainer_only = settings.clone()
     trainer_only.model = trainer_only.data = None
-    options = parse(lambda parser: parser.instantiate_classes(trainer_only)).trainer  # callbacks or a logger it names
-    options = dict(options)
+    options = dict(parse(lambda parser: parser.instantiate_classes(trainer_only)).trainer)  # callbacks or a logger it names
     options["callbacks"] = [*(options.get("callbacks") or []), *run_callbacks(run, run_dir, info, datamodule, options),
                             SaveConfigCallback(settings_parser(), settings, overwrite=True)]
-    options["logger"] = run_logger(options.get("logger"), run_dir, config.ckpt_path if subcommand == "fit" else None, run)
+    options["logger"] = run_logger(options.get("logger"), run_dir, ckpt if subcommand == "fit" else None)
     options["default_root_dir"] = run_dir
     trainer = L.Trainer(**options)
     module.check_data(datamodule)
@@ -86,7 +86,7 @@ def train(config: TrainConfig, subcommand: str = "fit") -> RunResult:
         print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})")
         if run.eval_at_start and config.ckpt_path is None:
             trainer.validate(module, datamodule=datamodule, verbose=False)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint_of(run, config.ckpt_path))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     else:
         trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt)
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
@@ -138,12 +138,11 @@ def run_callbacks(run: RunConfig, run_dir: Path, info: RunInfo, data: L.Lightnin
     return [*bar, last, best, CurvesWriter(run_dir / "curves.csv", info, references), FinalExport(run_dir, info, data.hparams), CtrlC()]
 
 
-def run_logger(logger: object, run_dir: Path, resume: str | None, run: RunConfig) -> object:
+def run_logger(logger: object, run_dir: Path, resume: Path | None) -> object:
     """TensorBoard in the run directory unless the trainer settings name another logger (or none)."""
     if logger is not None and logger is not True:
         return logger
     # a resumed run logs again from its checkpoint's step: drop what an interrupted run logged after it
-    ckpt = checkpoint_of(run, resume)
-    purge = {"purge_step": int(read_checkpoint(ckpt)["global_step"]) + 1} if ckpt else {}
+    purge = {"purge_step": int(read_checkpoint(resume)["global_step"]) + 1} if resume else {}
     # hp_metric: the HParams view lists the run's hyperparameters with its latest validation loss
     return RunLogger(save_dir=run_dir.parent, name=run_dir.name, version="", default_hp_metric=True, **purge)

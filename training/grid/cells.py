@@ -122,21 +122,16 @@ def _file_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cell_config(cfg: AblationConfig, cell: Cell, out: Path) -> TrainConfig:
-    """The TrainConfig a cell trains with: its train.py flags read as train.py reads them."""
+def asked_of(cfg: AblationConfig, cell: Cell, out: Path) -> dict[str, object]:
+    """What the grid asks of a cell: its TrainConfig (its train.py flags read as train.py reads them, as
+    JSON), and the content (sha256) of every file it names (the stage's config, the base configs, a config
+    given in the overrides), so that a config edited in place asks something else. The model it starts
+    from is cell_record's."""
     from training.cli import config_of  # the parser's classes load torch and lightning
 
-    return config_of(cell_args(cfg, cell, out, pretrained_of(cfg, out, cell.size))[1:])  # [0] is the subcommand, fit
-
-
-def asked_of(cfg: AblationConfig, cell: Cell, out: Path) -> dict[str, object]:
-    """What the grid asks of a cell: its TrainConfig (as JSON), and the content (sha256) of every file it
-    names (the stage's config, the base configs, a config given in the overrides), so that a config edited
-    in place asks something else. The model it starts from is cell_record's."""
-    config = cell_config(cfg, cell, out)
-    named = set(config.configs)
     flags = cell_args(cfg, cell, out, pretrained_of(cfg, out, cell.size))
-    named |= {value for value in flags if value.endswith((".yaml", ".yml", ".json"))}  # a config given as a flag's value
+    config = config_of(flags[1:])  # flags[0] is the subcommand, fit
+    named = set(config.configs) | {value for value in flags if value.endswith((".yaml", ".yml", ".json"))}
     files = {value: _file_hash(Path(value)) for value in sorted(named) if Path(value).is_file()}
     return {"config": json.loads(config.to_json()), "files": files}
 

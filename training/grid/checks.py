@@ -30,8 +30,8 @@ def check_cells(cfg: AblationConfig, path: Path) -> None:
     parsed once (a grid of 28 cells: 5 parses)."""
     from datamodules.world import world_config
     from models.gpt import SPEC_FIELDS, resolve_spec
-    from training.checks import check_schedule, check_stage, post_training_mixture
-    from training.config import STAGES, RunConfig
+    from training.checks import post_training_mixture
+    from training.config import STAGES
 
     out, seen = Path(cfg.root) / cfg.name, set()
     for size in cfg.sizes:
@@ -43,8 +43,7 @@ def check_cells(cfg: AblationConfig, path: Path) -> None:
             world = world_config(given if isinstance(given, dict) else vars(given), "data.world.")
             spec = resolve_spec(model.size, **{key: getattr(model, key) for key in SPEC_FIELDS})
             if size not in cfg.pretrained:
-                check_stage(RunConfig(**settings.run.as_dict()), STAGES["pretrain"], settings.model.as_dict(), settings.data.as_dict())
-                check_schedule(RunConfig(**settings.run.as_dict()), settings.trainer.as_dict())
+                _check_run(settings, STAGES["pretrain"])
         if size in cfg.pretrained:
             world = _given_model(path, size, cfg.pretrained[size], world, spec, data.context_length)
         outside = [t for t in cfg.tasks if t >= world.n_tasks]
@@ -60,10 +59,20 @@ def check_cells(cfg: AblationConfig, path: Path) -> None:
                     continue  # the same flags as a cell parsed already, but for what the amount sets
                 stage = STAGES[method]
                 with _in_cell(path, cell, cfg):
-                    check_stage(RunConfig(**settings.run.as_dict()), stage, settings.model.as_dict(), settings.data.as_dict())
-                    check_schedule(RunConfig(**settings.run.as_dict()), settings.trainer.as_dict())
+                    run = _check_run(settings, stage)
                     data = {**settings.data.init_args.as_dict(), "world": dataclasses.asdict(world)}  # the pretrained model's
-                    post_training_mixture(RunConfig(**settings.run.as_dict()), stage, data)
+                    post_training_mixture(run, stage, data)
+
+
+def _check_run(settings: object, stage: object) -> object:
+    """A cell's resolved settings through train()'s stage and schedule checks; its RunConfig."""
+    from training.checks import check_schedule, check_stage
+    from training.config import RunConfig
+
+    run = RunConfig(**settings.run.as_dict())
+    check_stage(run, stage, settings.model.as_dict(), settings.data.as_dict())
+    check_schedule(run, settings.trainer.as_dict())
+    return run
 
 
 # the flags whose values differ between the cells of one (size, method, direction): what the amount sets, and names
