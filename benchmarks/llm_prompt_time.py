@@ -20,10 +20,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from evaluation.manyshot import load_shots, train_tokenizer  # noqa: E402
-from evaluation.cli import add_curves_command  # noqa: E402
-from models.gpt import resolve_device  # noqa: E402
+from evaluation.arguments import run_commands  # noqa: E402
+from evaluation.cli import COMMANDS  # noqa: E402
 from evaluation.llm_curves import LLMCurveConfig, group_by_type, llm_curve_rows, load_local_lm  # noqa: E402
+from evaluation.manyshot import load_shots, train_tokenizer  # noqa: E402
+from models.gpt import resolve_device  # noqa: E402
 
 DATASET = Path(__file__).resolve().parents[1] / "examples" / "manyshot" / "pirate_persona.jsonl"
 SHAPES = {
@@ -57,12 +58,9 @@ def main() -> None:
         del model
 
         # End to end once, through the real command line.
-        cli = argparse.ArgumentParser()
-        add_curves_command(cli.add_subparsers())
         argv = ["curves", "--hf-model", str(model_dir), "--dataset", str(DATASET), "--out", str(Path(tmp) / "curves.csv"),
                 "--prompts", "1", "--k", str(args.k), "--device", device, "--batch-size", str(args.batch_size)]
-        cli_args = cli.parse_args(argv)
-        cli_args.func(cli_args)
+        run_commands(COMMANDS, argv, "evaluate.py")
 
         start = time.perf_counter()
         model, tokenizer = load_local_lm(model_dir, device)
