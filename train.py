@@ -25,7 +25,6 @@ from training.run import train
 from user_errors import UserError
 from user_errors.exit_status import INTERRUPTED, exit_status
 
-
 # A Ctrl-C that lands while a lock is held (TensorBoard's event writer, logging) can leave interpreter
 # shutdown waiting on it forever; the checkpoints are safe by then, so the process ends regardless.
 EXIT_GRACE_S = 30.0

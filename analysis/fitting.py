@@ -21,8 +21,15 @@ from analysis.curves import CurveGroup
 from analysis.laws import LAW_NAMES, BayesianLaw, as_lists, get_law
 from analysis.lm import LMResult, Stacked, levenberg_marquardt
 from analysis.progress import Progress
-from analysis.residuals import Batch, BatchFit, _best_starts, _residual_fn, ridge_of, theta_covariance
-from analysis.residuals import RIDGE  # noqa: F401 - the fit report quotes the prior's strength from here
+from analysis.residuals import (
+    RIDGE,  # noqa: F401 - the fit report quotes the prior's strength from here
+    Batch,
+    BatchFit,
+    _best_starts,
+    _residual_fn,
+    ridge_of,
+    theta_covariance,
+)
 from user_errors import UserError
 
 SPLITS = ("interpolation", "extrapolation")
@@ -340,7 +347,7 @@ def fit_groups(groups: list[CurveGroup], config: FitConfig, stream=None) -> list
         batches = [stack_groups([j.group for j in b], [j.fit_mask for j in b]).to(config.device) for b in buckets]
         total = sum(len(b) * config.starts * (1 if isinstance(law, BayesianLaw) else b[0].group.n_tasks) for b in buckets)
         fits = fit_batches(law_name, batches, config.space, config.starts, config.seed, config.max_iter,
-                           tol=config.tol, progress=lambda it, active: progress.update(0, f"iteration {it}, {active}/{total} starts improving"))
+                           tol=config.tol, progress=lambda it, active, total=total: progress.update(0, f"iteration {it}, {active}/{total} starts improving"))
         for bucket, batch, fit in zip(buckets, batches, fits):
             M = bucket[0].group.n_tasks
             log_p = predict(law_name, fit.theta, batch.shots, M)[:, 0].cpu().numpy()

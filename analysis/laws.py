@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from user_errors import UserError
 
 LAW_NAMES = ("bayesian", "bayesian_sampling", "bayesian_scoring", "power", "bounded_power", "logistic")

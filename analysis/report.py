@@ -6,10 +6,10 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from matplotlib import colormaps
-from matplotlib.figure import Figure
 import numpy as np
 import torch
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 
 from analysis.fitting import RIDGE, FitConfig, FitResult, flat_params, predict, undetermined
 from analysis.laws import BAYESIAN_NAMES

@@ -33,14 +33,21 @@ import numpy as np
 import torch
 
 from analysis.bootstrap import link_interval, resample_table, shots_interval
-from analysis.conditions import Conditions, condition_label, select_conditions
-from analysis.conditions import condition_fields, condition_key  # noqa: F401 - the shift report reads the order from here
+from analysis.conditions import Conditions, condition_fields, condition_key, condition_label, select_conditions  # noqa: F401 - the shift report reads the order from here
 from analysis.curves import CONDITION_COLUMNS, CurveGroup
 from analysis.fitting import TOL, predict, undetermined
 from analysis.laws import BAYESIAN_NAMES
 from analysis.progress import Progress
-from analysis.shift_fits import (LawChoice, ModelFit, comparison_rows, fit_free, fit_shared, log_prob, named_per_condition,
-                                 per_condition_thetas)
+from analysis.shift_fits import (
+    LawChoice,
+    ModelFit,
+    comparison_rows,
+    fit_free,
+    fit_shared,
+    log_prob,
+    named_per_condition,
+    per_condition_thetas,
+)
 from user_errors import UserError
 
 FITS = ("shared", "free")

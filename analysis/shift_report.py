@@ -5,15 +5,15 @@ import math
 from pathlib import Path
 
 import matplotlib.ticker
+import numpy as np
+import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-import numpy as np
-import torch
 
 from analysis.output import markdown_table, shots_grid
-from safe_io.files import write_csv
 from analysis.shift import ShiftConfig, ShiftResult, condition_fields, condition_key, condition_label, log_prob
+from safe_io.files import write_csv
 
 COMPARISON_COLUMNS = ("k", "fit", "n_params", "chi2", "aic", "bic", "heldout_nrmse", "converged", "preferred", "law")
 LAW_COLUMNS = ("k", "law", "n_params", "chi2", "bic", "delta_bic", "converged", "used")

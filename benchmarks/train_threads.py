@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from benchmarks.train_throughput import LightningClock, Window  # noqa: E402
 from datamodules.ginc_datamodule import GincDataModule  # noqa: E402
 from datamodules.world import WorldConfig  # noqa: E402
-from models.gpt import training_threads  # noqa: E402
 from lightning_modules.lm_module import CausalLMModule, data_arguments  # noqa: E402
+from models.gpt import training_threads  # noqa: E402
 
 WORLD = WorldConfig(n_tasks=3, n_entities=5, n_properties=5, vocab_size=30, distinct_emissions=True,
                     property_temperature=0.01, property_smoothing=0.5)

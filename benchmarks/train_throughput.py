@@ -44,9 +44,9 @@ from transformers.utils.logging import disable_progress_bar
 from datamodules.ginc_datamodule import DocumentBlocks, GincDataModule, ICLConfig, ICLPromptSet
 from datamodules.sampling import shots_for_context
 from datamodules.world import WorldConfig
-from models.gpt import GPTSpec, build_gpt, resolve_device, resolve_spec
 from lightning_modules.icl_metric import ICLCurveMetric, curve_rows
 from lightning_modules.lm_module import CausalLMModule, OptimConfig, adamw_with_schedule, data_arguments
+from models.gpt import GPTSpec, build_gpt, resolve_device, resolve_spec
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from NVIDIA's data sheets; first match of the name wins.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))

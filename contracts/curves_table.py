@@ -13,7 +13,7 @@ import numpy as np
 
 from analysis.curves import CurveGroup
 from safe_io.files import atomic_file, check_table_file
-from user_errors import UserError, MissingInput
+from user_errors import MissingInput, UserError
 
 CURVE_COLUMNS = ("run", "k", "task", "shots", "prob", "nll", "acc", "count")
 OPTIONAL_COLUMNS = ("acc",)  # curves drawn from a law have no accuracy

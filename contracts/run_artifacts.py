@@ -16,11 +16,11 @@ from pathlib import Path
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
-from safe_io.files import EXPORT_DATA_FILE, atomic_dir
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.world import world_config, world_tokenizer
 from models.gpt import SPEC_FIELDS, read_checkpoint, spec_of
-from user_errors import UserError, MissingInput
+from safe_io.files import EXPORT_DATA_FILE, atomic_dir
+from user_errors import MissingInput, UserError
 
 RUN_INFO_KEY = "run_info"  # in a checkpoint, and in DATA_FILE
 DATA_FILE = EXPORT_DATA_FILE  # beside an HF export: the datamodule settings it was trained on, its RunInfo and step

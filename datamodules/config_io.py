@@ -5,8 +5,8 @@ import inspect
 from pathlib import Path
 
 from datamodules.ginc_datamodule import GincDataModule
-from safe_io.files import read_yaml_mapping
 from datamodules.world import WorldConfigError
+from safe_io.files import read_yaml_mapping
 from user_errors import MissingInput
 
 

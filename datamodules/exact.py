@@ -32,7 +32,6 @@ from datamodules.document_reader import mixture_next_prob
 from datamodules.sampling import ICLPrompts
 from datamodules.world import GincWorld, check_weights
 
-
 _DEMOS_PER_CHUNK = 2048
 _LOG_EVERY = 4
 

@@ -125,7 +125,7 @@ class GincSampler:
         return Documents(torch.cat(tokens).long(), tasks, torch.cat(states) if with_states else None)
 
     def icl_prompts(self, task: int, k: int, prompt_ids: torch.Tensor, n_shots: int,
-                    demo_format: str = "label") -> "ICLPrompts":
+                    demo_format: str = "label") -> ICLPrompts:
         """ICL prompts of one task: BOS, then n_shots demonstrations of k tokens separated by the delimiter.
 
         A demonstration walks hidden states from a uniform entity and the prompt's start property

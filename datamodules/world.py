@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
 from user_errors import UserError
 
 if TYPE_CHECKING:
@@ -196,7 +197,7 @@ class GincWorld:
         self.label_token = self.emission[next_entity[None, :, None], next_property[:, None, :]]
 
     @classmethod
-    def build(cls, config: WorldConfig) -> "GincWorld":
+    def build(cls, config: WorldConfig) -> GincWorld:
         rng = np.random.default_rng(config.seed)
         E, P, M = config.n_entities, config.n_properties, config.n_tasks
         if config.distinct_emissions:
@@ -212,7 +213,7 @@ class GincWorld:
         t = lambda a, dtype=torch.float64: torch.as_tensor(a, dtype=dtype)  # noqa: E731
         return cls(config, t(emission, torch.long), t(entity), t(prop), t(start), t(np.asarray(config.weights)))
 
-    def to(self, device: torch.device | str) -> "GincWorld":
+    def to(self, device: torch.device | str) -> GincWorld:
         moved = {k: getattr(self, k).to(device) for k in ("emission", "entity_transition", "property_transition", "start", "weights")}
         return GincWorld(self.config, **moved)
 

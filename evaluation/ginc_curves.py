@@ -16,17 +16,17 @@ from torch.utils.data import DataLoader
 from transformers import GPT2LMHeadModel
 
 from analysis.progress import Progress
+from contracts.run_artifacts import read_source
 from datamodules.config_io import load_datamodule_config, read_data_settings, with_icl_overrides
 from datamodules.document_reader import DocumentReader
 from datamodules.exact import ExactLearner
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.sampling import shots_for_context, split_demonstrations
 from datamodules.world import GincWorld
-from contracts.run_artifacts import read_source
 from lightning_modules.dpo import PreferenceModule  # noqa: F401  (a DPO checkpoint names this class; loading needs it imported)
-from models.gpt import read_pretrained, resolve_device
 from lightning_modules.icl_metric import ICLCurveMetric, curve_rows, label_scores
 from lightning_modules.lm_module import CausalLMModule
+from models.gpt import read_pretrained, resolve_device
 from user_errors import UserError
 
 LEARNERS = ("exact", "reader", "both")

@@ -17,16 +17,26 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib.ticker
-from matplotlib.figure import Figure
 import numpy as np
+from matplotlib.figure import Figure
 
 from analysis.fitting import FitResult
 from analysis.output import markdown_table
 from analysis.shift import ShiftResult
 from analysis.shift_report import family_colour, interval_text
 from evaluation.ginc_curves import LEARNER_NAMES, MEASURED_ON, PRIOR_NAMES
-from evaluation.grid_findings import (FACTOR, cell_fields, csv_float, graded_count, grid_reemergence, learner_kind,
-                                      prior_only_verdict, range_text, trajectories, trajectory_verdict)
+from evaluation.grid_findings import (
+    FACTOR,
+    cell_fields,
+    csv_float,
+    graded_count,
+    grid_reemergence,
+    learner_kind,
+    prior_only_verdict,
+    range_text,
+    trajectories,
+    trajectory_verdict,
+)
 
 MARKERS = {("sft", "favor"): "o", ("sft", "disfavor"): "v", ("dpo", "favor"): "s", ("dpo", "disfavor"): "D"}
 

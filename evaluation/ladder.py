@@ -41,20 +41,20 @@ import torch
 
 from analysis.fitting import FitConfig, FitResult, fit_groups
 from analysis.output import markdown_table
-from safe_io.files import atomic_dir, mark_output
 from analysis.report import summary_table, write_fit_outputs
 from analysis.shift import ShiftConfig, ShiftResult, analyse_shift
 from analysis.shift_report import write_shift_outputs
+from contracts.curves_table import prob_rows, read_curves, write_curves
 from datamodules.config_io import load_datamodule_config
 from datamodules.exact import ExactLearner
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.sampling import split_demonstrations
 from datamodules.world import GincWorld, check_weights
-from contracts.curves_table import prob_rows, read_curves, write_curves
 from evaluation.ginc_curves import exact_curve_rows, reader_curve_rows
 from evaluation.reports import one_thread
 from evaluation.settings import LadderConfig, LadderLearner
 from models.gpt import resolve_device
+from safe_io.files import atomic_dir, mark_output
 from user_errors import UserError
 
 MODEL = "truth"

@@ -20,8 +20,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from contracts.curves_table import curve_row
-from evaluation.manyshot import ManyShotPrompt, Shot, build_prompt, load_shots, resolve_format
 from contracts.run_artifacts import DATA_FILE
+from evaluation.manyshot import ManyShotPrompt, Shot, build_prompt, load_shots, resolve_format
 from models.gpt import resolve_device
 from user_errors import UserError
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
 from user_errors import UserError
 
 FIELDS = ("question", "answer", "answer_type")

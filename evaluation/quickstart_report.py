@@ -8,14 +8,14 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from safe_io.files import write_rows
 from analysis.shift import ShiftConfig, ShiftResult
 from analysis.shift_report import interval_text
-from datamodules.ginc_datamodule import GincDataModule
 from contracts.curves_table import read_rows, write_curves
+from datamodules.ginc_datamodule import GincDataModule
 from evaluation.ginc_curves import LEARNER_NAMES, MEASURED_ON, PRIOR_NAMES, ideal_references, named_learners
 from evaluation.reader_prior import reader_prior_rows
 from evaluation.reports import shift_table
+from safe_io.files import write_rows
 
 
 def probability_table(curves: Mapping[str, list[dict]], k: int, favoured: Sequence[int], shots: Sequence[int]) -> str:

@@ -24,6 +24,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from analysis.curves import rise
+from contracts.run_artifacts import read_source
 from datamodules.config_io import with_icl_overrides
 from datamodules.document_reader import DocumentReader
 from datamodules.exact import ExactLearner
@@ -31,9 +32,8 @@ from datamodules.ginc_datamodule import GincDataModule
 from datamodules.world import GincWorld
 from evaluation.ginc_curves import LEARNER_NAMES, exact_label_scores, ideal_learner, load_model, reader_label_scores
 from evaluation.settings import ReaderGapConfig
-from contracts.run_artifacts import read_source
-from models.gpt import resolve_device
 from lightning_modules.icl_metric import label_scores
+from models.gpt import resolve_device
 from user_errors import UserError
 
 # columns every reader-gap table of the project has (older ones lack `learner`): how an existing --out is
@@ -90,7 +90,7 @@ def paired_differences(model: GPT2LMHeadModel, data: GincDataModule, device: str
                        learner: str = "auto") -> dict[int, list[np.ndarray]]:
     """k -> one array per task [prompts, shots] of model minus ideal learner target probability (NaN where
     the learner has no prediction)."""
-    return {k: [m - l for m, l in pairs] for k, pairs in paired_probabilities(model, data, device, learner).items()}
+    return {k: [m - ref for m, ref in pairs] for k, pairs in paired_probabilities(model, data, device, learner).items()}
 
 
 def gap_statistic(diffs: Sequence[np.ndarray], resamples: int = 200, seed: int = 0) -> tuple[float, float, float]:
@@ -114,7 +114,7 @@ def reader_gaps(model: GPT2LMHeadModel, data: GincDataModule, device: str | torc
     learner = ideal_learner(learner, data.demo_rate)
     rows = []
     for k, pairs in paired_probabilities(model, data, device, learner).items():
-        diffs = [m - l for m, l in pairs]
+        diffs = [m - ref for m, ref in pairs]
         gap, se, noise = gap_statistic(diffs)
         signed = float(np.mean([np.nanmean(d) for d in diffs]))
         with warnings.catch_warnings(action="ignore", category=RuntimeWarning):  # no task rises: NaN shots

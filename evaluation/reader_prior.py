@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2LMHeadModel
 
+from contracts.run_artifacts import read_source
 from datamodules.config_io import with_icl_overrides
 from datamodules.document_reader import DocumentReader, mixture_next_prob
 from datamodules.exact import ExactLearner
@@ -33,7 +34,6 @@ from datamodules.ginc_datamodule import DocumentBlocks, GincDataModule
 from datamodules.world import GincWorld
 from evaluation.ginc_curves import PRIOR_NAMES, icl_demonstrations, ideal_learner, load_model
 from evaluation.settings import ReaderPriorConfig
-from contracts.run_artifacts import read_source
 from models.gpt import resolve_device
 from user_errors import UserError
 

@@ -14,12 +14,12 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from analysis.fitting import FitConfig, FitResult, fit_groups, plan_fits, skipped_fits
-from safe_io.files import atomic_dir
 from analysis.report import write_fit_outputs
 from analysis.shift import ShiftConfig, ShiftResult, analyse_shift
 from analysis.shift_report import write_shift_outputs
-from datamodules.world import check_weights
 from contracts.curves_table import read_curves, read_prompt_table
+from datamodules.world import check_weights
+from safe_io.files import atomic_dir
 from user_errors import UserError
 
 

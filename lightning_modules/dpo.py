@@ -23,8 +23,8 @@ from transformers import GPT2LMHeadModel
 
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.preference_datamodule import PairBlocks, PreferenceDataModule
-from models.gpt import ModelConfigError
 from lightning_modules.lm_module import CausalLMModule
+from models.gpt import ModelConfigError
 from user_errors import UserError
 
 
@@ -123,7 +123,7 @@ class PreferenceModule(CausalLMModule):
         if self.compiles():  # as the policy is (on GPU by default)
             self.reference.compile()
 
-    def train(self, mode: bool = True) -> "PreferenceModule":
+    def train(self, mode: bool = True) -> PreferenceModule:
         super().train(mode)
         if self.reference is not None:
             self.reference.eval()  # Lightning switches every submodule to train mode; the reference keeps no dropout

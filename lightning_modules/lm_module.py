@@ -24,8 +24,8 @@ from transformers import GPT2LMHeadModel
 from contracts.run_artifacts import MODULE_CLASS_KEY
 from datamodules.ginc_datamodule import GincDataModule
 from datamodules.sampling import shots_for_context
-from models.gpt import GPTSpec, ModelConfigError, build_gpt, read_checkpoint, read_pretrained, resolve_spec
 from lightning_modules.icl_metric import ICLCurveMetric, curve_rows, label_scores
+from models.gpt import GPTSpec, ModelConfigError, build_gpt, read_checkpoint, read_pretrained, resolve_spec
 from user_errors import MissingInput, UserError
 
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
-
 from transformers import GPT2Config, GPT2LMHeadModel
+
 from user_errors import UserError
 
 NAMED_LAYERS = (1, 2, 3, 4, 8, 12, 16)

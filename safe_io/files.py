@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
+
 from user_errors import UserError
 
 

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import numpy as np
 
-from contracts.curves_table import read_curves
 from analysis.fitting import FitConfig, fit_groups
+from contracts.curves_table import read_curves
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "curves_ideal.csv"
 

@@ -25,7 +25,7 @@ def smoke_log() -> list[str]:
 
 
 def _tokens_per_s(lines: list[str], layers: int, name: str) -> float:
-    line = next(l for l in lines if f"[{layers} layers] {name} " in l and "tokens/s" in l)
+    line = next(ln for ln in lines if f"[{layers} layers] {name} " in ln and "tokens/s" in ln)
     return float(re.search(r"([\d,]+) tokens/s", line).group(1).replace(",", ""))
 
 
@@ -36,11 +36,11 @@ def test_smoke_times_both_stacks_and_ends_with_the_ratio(smoke_log: list[str]) -
     assert last, smoke_log[-1]
     # tokens/s are printed rounded and the ratio to two decimals
     assert float(last.group(1)) == pytest.approx(ours / hf, rel=1e-2, abs=0.01)
-    assert any("MFU peak: n/a on a CPU" in l for l in smoke_log)
+    assert any("MFU peak: n/a on a CPU" in ln for ln in smoke_log)
 
 
 def test_both_evaluations_score_the_same_prompts_alike(smoke_log: list[str]) -> None:
-    line = next(l for l in smoke_log if "ICL eval (2 layers, 40 prompts)" in l)  # 4 k x 5 tasks x 2 prompts, at the largest size
+    line = next(ln for ln in smoke_log if "ICL eval (2 layers, 40 prompts)" in ln)  # 4 k x 5 tasks x 2 prompts, at the largest size
     ours, peer = (float(x) for x in re.search(r"ours ([\d.]+) s .* full logits ([\d.]+) s", line).groups())
     assert ours > 0 and peer > 0
     # same weights, same prompts: scoring only the label positions must give the full logits' curves
@@ -49,14 +49,14 @@ def test_both_evaluations_score_the_same_prompts_alike(smoke_log: list[str]) -> 
 
 
 def test_loss_check_starts_both_stacks_from_the_same_weights_and_batches(smoke_log: list[str]) -> None:
-    hf_losses = [float(x) for x in next(l for l in smoke_log if l.startswith("  HF ")).split()[1:]]
-    ours_losses = [float(x) for x in next(l for l in smoke_log if l.startswith("  ours ")).split()[1:]]
+    hf_losses = [float(x) for x in next(ln for ln in smoke_log if ln.startswith("  HF ")).split()[1:]]
+    ours_losses = [float(x) for x in next(ln for ln in smoke_log if ln.startswith("  ours ")).split()[1:]]
     assert len(hf_losses) == len(ours_losses) >= 2
     # identical init, data order, optimizer, schedule and clipping (fp32 on a CPU): the curves coincide
     # to the 4 decimals printed, and would part at once if any of these differed
     assert ours_losses == pytest.approx(hf_losses, abs=2e-4)
     assert hf_losses[-1] < hf_losses[0]  # the check trains: the loss moves
-    assert any("loss_difference (ours - HF" in l for l in smoke_log)
+    assert any("loss_difference (ours - HF" in ln for ln in smoke_log)
 
 
 def test_bad_flag_is_one_error_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:

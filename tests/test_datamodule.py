@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.ginc_datamodule import BlockStream, DocumentBlocks, GincDataModule, ICLPromptSet, ICLConfig
+from datamodules.ginc_datamodule import BlockStream, DocumentBlocks, GincDataModule, ICLConfig, ICLPromptSet
 from datamodules.world import WorldConfig, WorldConfigError
 
 WORLD = WorldConfig(n_tasks=3, n_entities=4, n_properties=4, vocab_size=12)

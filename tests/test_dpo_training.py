@@ -14,10 +14,10 @@ from datamodules.ginc_datamodule import BlockStream, GincDataModule
 from datamodules.preference_datamodule import PreferenceDataModule
 from datamodules.sampling import GincSampler
 from datamodules.world import GincWorld, WorldConfig, WorldConfigError
-from lightning_modules.dpo import PreferenceModule, sequence_logps
-from models.gpt import ModelConfigError
 from evaluation.ginc_curves import load_model
+from lightning_modules.dpo import PreferenceModule, sequence_logps
 from lightning_modules.lm_module import CausalLMModule, data_arguments
+from models.gpt import ModelConfigError
 
 WORLD = dict(n_tasks=3, n_entities=4, n_properties=4, vocab_size=20, distinct_emissions=True, seed=0)
 ARCH = dict(size="gpt2-1l", n_embd=32, n_head=2, n_positions=32, compile=False)

@@ -21,7 +21,8 @@ def write_table(path, rows):
         w.writerows(rows)
 
 
-def synthetic_rows(shots=np.arange(41.0), runs=("m/pretrain", "m/sft-favor-50")):
+def synthetic_rows(shots: np.ndarray | None = None, runs=("m/pretrain", "m/sft-favor-50")):
+    shots = np.arange(41.0) if shots is None else shots
     rng = np.random.default_rng(0)
     truth = law_prob("bayesian_sampling", PARAMS, shots, M)[0]
     return [row for run in runs

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import evaluate
+from contracts.curves_table import CURVE_COLUMNS, read_curves
 from evaluation.arguments import WholeNumber, command_parser, parse
 from evaluation.cli import COMMANDS
-from contracts.curves_table import CURVE_COLUMNS, read_curves
 from training.grid import AblationConfig
 from user_errors import UserError
 

@@ -118,8 +118,8 @@ def _export(run_dir: Path, vocab_size: int, n_embd: int, n_entities: int = 5) ->
     vocab_size and n_entities."""
     from dataclasses import asdict
 
-    from datamodules.world import WorldConfig
     from contracts.run_artifacts import RunInfo, write_export
+    from datamodules.world import WorldConfig
     from models.gpt import build_gpt, resolve_spec
 
     world = WorldConfig(n_tasks=3, n_entities=n_entities, n_properties=5, vocab_size=vocab_size, distinct_emissions=True,

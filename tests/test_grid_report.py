@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from analysis.curves import CurveGroup
 from analysis.conditions import Conditions, condition_fields, condition_key, select_conditions
+from analysis.curves import CurveGroup
 from analysis.shift import ShiftConfig, ShiftResult, analyse_shift
 from analysis.shift_report import condition_rows, plot_parameters
 from analysis.synthetic import add_noise, law_prob

@@ -84,7 +84,7 @@ def test_bayesian_jacobian_matches_autograd(name, C):
     shots = torch.tensor([[0.0, 1.0, 3.0, 10.0, 50.0]] * 2, dtype=torch.float64)
     _, jac = law.log_prob_and_jacobian(theta, shots, M, C)
     for b in range(2):
-        auto = torch.autograd.functional.jacobian(lambda t: law.log_prob(t[None], shots[b : b + 1], M, C)[0], theta[b])
+        auto = torch.autograd.functional.jacobian(lambda t, b=b: law.log_prob(t[None], shots[b : b + 1], M, C)[0], theta[b])
         torch.testing.assert_close(jac[b], auto, rtol=1e-8, atol=1e-10)
 
 

@@ -9,11 +9,11 @@ import torch
 
 import evaluate
 from analysis.curves import rise
+from contracts.run_artifacts import RunInfo, write_export
 from datamodules.ginc_datamodule import GincDataModule
 from evaluation.ginc_curves import ideal_learner, model_curve_rows, reader_curve_rows
 from evaluation.reader_gap import gap_statistic, paired_differences, reader_gap_rows, reader_gaps
 from evaluation.reader_prior import reader_prior_rows
-from contracts.run_artifacts import RunInfo, write_export
 from models.gpt import build_gpt, resolve_spec
 from tests.ideal_models import ExactAsModel
 from tests.test_reader_prior import prompts_of

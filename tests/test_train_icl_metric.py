@@ -11,8 +11,8 @@ import torch.multiprocessing as mp
 
 from datamodules.ginc_datamodule import ICLConfig, ICLPromptSet
 from datamodules.world import WorldConfig
-from models.gpt import build_gpt, resolve_spec
 from lightning_modules.icl_metric import ICLCurveMetric, curve_rows, label_scores
+from models.gpt import build_gpt, resolve_spec
 
 WORLD = WorldConfig(n_tasks=3, n_entities=4, n_properties=4, vocab_size=20, distinct_emissions=True)
 ICL = ICLConfig(k_values=[2, 3], prompts_per_task=6, batch_size=4)

@@ -10,7 +10,7 @@ import lightning as L
 from jsonargparse import ActionConfigFile, ArgumentError, Namespace
 from lightning.pytorch.cli import LightningArgumentParser
 
-from training.config import RunConfig, STAGES, TrainConfig
+from training.config import STAGES, RunConfig, TrainConfig
 from user_errors import UserError
 
 HELP = f"""Train GPT-2 on the GINC world. `python train.py` with no arguments runs the quickstart (a small

@@ -19,8 +19,17 @@ from evaluation.ginc_curves import ideal_references
 from lightning_modules.callbacks import CurvesWriter, FinalExport, RunLogger, StepProgressBar
 from lightning_modules.lm_module import data_arguments
 from models.gpt import GPTSpec, read_checkpoint, training_threads
-from training.checks import (check_checkpoint_matches, check_schedule, check_stage, checkpoint_of, group,
-                             inherit_pretrained, model_spec, post_training_mixture, run_directory)
+from training.checks import (
+    check_checkpoint_matches,
+    check_schedule,
+    check_stage,
+    checkpoint_of,
+    group,
+    inherit_pretrained,
+    model_spec,
+    post_training_mixture,
+    run_directory,
+)
 from training.config import SUBCOMMANDS, RunConfig, RunConfigError, Stage, TrainConfig
 from training.console import CtrlC
 from training.options import parse, resolve, settings_parser

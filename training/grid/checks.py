@@ -156,8 +156,8 @@ def _given_model(path: Path, size: str, ckpt: str, world: object, spec: object, 
     architecture that the grid's base configs give `size`."""
     import torch
 
-    from datamodules.world import world_config, world_differences
     from contracts.run_artifacts import read_source
+    from datamodules.world import world_config, world_differences
     from models.gpt import read_pretrained
     from training.checks import source_spec
 

@@ -91,7 +91,7 @@ class AblationConfig:
     slurm: dict[str, str | int | list[str]] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: Path) -> "AblationConfig":
+    def load(cls, path: Path) -> AblationConfig:
         """The grid of a YAML, checked whole before anything is created or trained: its settings (validate),
         every cell's train.py flags as train.py parses them, the given checkpoints against the grid's world
         and sizes (check_cells), and the cells already in its directory (check_finished)."""

@@ -29,8 +29,8 @@ def has_prior(model: Path) -> bool:
     """Whether the KL to a model's ideal learner (auto) is finite for some prior: always for the exact
     learner, which scores the prompts' labels only; for the document reader, which reads whole prompts and
     documents, only where the world has property_smoothing > 0."""
-    from evaluation.ginc_curves import ideal_learner
     from contracts.run_artifacts import read_source
+    from evaluation.ginc_curves import ideal_learner
 
     data = read_source(model).data
     return (ideal_learner("auto", float(data.get("demo_rate", 0.0))) == "exact"
@@ -44,10 +44,10 @@ def report_grid(cfg: AblationConfig, out: Path, status: dict[str, CellStatus], p
     analyses failed."""
     from analysis.report import summary_table
     from contracts.curves_table import read_curves, write_curves
+    from contracts.run_artifacts import read_source
     from evaluation.ginc_curves import checkpoint_curve_rows
     from evaluation.grid_findings import range_comparisons
     from evaluation.reports import fit_table, shift_table
-    from contracts.run_artifacts import read_source
 
     models = {size: model for size in cfg.sizes if (model := pretrained_of(cfg, out, size)).exists()}
     cells = [cell for cell in cells_of(cfg) if cell.method != "pretrain"]
@@ -103,13 +103,13 @@ def reader_tables(cfg: AblationConfig, out: Path, pretrained: list[Path], traine
     each against the model's own ideal learner (auto: the exact learner where the data held prompts), and
     learner_curves.png (the first pretrained model's curves, `baselines`, beside both learners'); returns
     the rows."""
-    from safe_io.files import write_rows
+    from contracts.run_artifacts import read_source
     from datamodules.ginc_datamodule import GincDataModule
     from evaluation.ginc_curves import ideal_references
     from evaluation.grid_report import learner_curves_figure
     from evaluation.reader_gap import reader_gap_rows
     from evaluation.reader_prior import reader_prior_rows
-    from contracts.run_artifacts import read_source
+    from safe_io.files import write_rows
 
     if pretrained:
         ideal = ideal_references(GincDataModule(**read_source(pretrained[0]).data))
@@ -129,8 +129,13 @@ def write_report(cfg: AblationConfig, out: Path, status: dict[str, CellStatus], 
     """report.md, reemergence.png and favoured_prior.png: each cell's status, then what the grid found
     (evaluation/grid_report.py); `ranges`: each size's shared-P vs free verdicts by amount range."""
     from evaluation.ginc_curves import LEARNER_NAMES, PRIOR_NAMES, named_learners
-    from evaluation.grid_report import (extrapolation_section, favoured_prior_section, gap_section, prior_section,
-                                        reemergence_section)
+    from evaluation.grid_report import (
+        extrapolation_section,
+        favoured_prior_section,
+        gap_section,
+        prior_section,
+        reemergence_section,
+    )
 
     lines = [f"# Ablation {cfg.name}", "", f"Sizes {', '.join(cfg.sizes)}; methods {', '.join(cfg.methods)}; directions "
              f"{', '.join(cfg.directions)}; tasks {cfg.tasks}; amounts {cfg.amounts} (x{cfg.epochs} epochs, batch {cfg.batch_size}).", "",
