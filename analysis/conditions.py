@@ -35,7 +35,8 @@ class Conditions:
 def model_key(group: CurveGroup) -> str:
     """Which model a run belongs to: its `model` or `layers` column when present, else the run label
     before '/'; runs without a '/' all belong to one model."""
-    return group.extra.get("model") or group.extra.get("layers") or (group.run.split("/")[0] if "/" in group.run else "")
+    return (group.extra.get("model") or group.extra.get("layers")
+            or (group.run.split("/")[0] if "/" in group.run else ""))
 
 
 def condition_label(group: CurveGroup) -> str:

@@ -230,7 +230,8 @@ def named_stderrs(law_name: str, theta: torch.Tensor, cov: torch.Tensor, M: int,
     sd = ((jac @ cov) * jac).sum(-1).clamp_min(0).sqrt()
     sizes = [v.numel() for v in named.values()]
     per_condition = ("priors", "K") if isinstance(law, BayesianLaw) else law.param_names
-    return [as_lists({k: part.reshape(v.shape) for (k, v), part in zip(named.items(), row.split(sizes))}, C, per_condition)
+    return [as_lists({k: part.reshape(v.shape) for (k, v), part in zip(named.items(), row.split(sizes))},
+                     C, per_condition)
             for row in sd]
 
 
@@ -314,7 +315,8 @@ def plan_fits(groups: list[CurveGroup], config: FitConfig) -> list[FitJob]:
 
 def skipped_fits(jobs: list[FitJob], config: FitConfig) -> list[str]:
     """One line for each (law, job) that cannot be fitted; fit_groups leaves these out."""
-    reasons = (unfittable(j.group, law, j.split, j.fraction, j.fit_mask, j.eval_mask) for law in config.laws for j in jobs)
+    reasons = (unfittable(j.group, law, j.split, j.fraction, j.fit_mask, j.eval_mask)
+               for law in config.laws for j in jobs)
     return [r for r in reasons if r is not None]
 
 
@@ -345,9 +347,12 @@ def fit_groups(groups: list[CurveGroup], config: FitConfig, stream=None) -> list
     for law_name, buckets in plan:
         law = get_law(law_name)
         batches = [stack_groups([j.group for j in b], [j.fit_mask for j in b]).to(config.device) for b in buckets]
-        total = sum(len(b) * config.starts * (1 if isinstance(law, BayesianLaw) else b[0].group.n_tasks) for b in buckets)
+        total = sum(len(b) * config.starts * (1 if isinstance(law, BayesianLaw) else b[0].group.n_tasks)
+                    for b in buckets)
         fits = fit_batches(law_name, batches, config.space, config.starts, config.seed, config.max_iter,
-                           tol=config.tol, progress=lambda it, active, total=total: progress.update(0, f"iteration {it}, {active}/{total} starts improving"))
+                           tol=config.tol,
+                           progress=lambda it, active, total=total: progress.update(
+                               0, f"iteration {it}, {active}/{total} starts improving"))
         for bucket, batch, fit in zip(buckets, batches, fits):
             M = bucket[0].group.n_tasks
             log_p = predict(law_name, fit.theta, batch.shots, M)[:, 0].cpu().numpy()

@@ -20,7 +20,8 @@ def _pandas():
     try:
         import pandas
     except ImportError:
-        raise ImportError('DataFrames of results need pandas: pip install -e ".[frames]" (or pip install pandas)') from None
+        raise ImportError('DataFrames of results need pandas: pip install -e ".[frames]" '
+                          '(or pip install pandas)') from None
     return pandas
 
 
@@ -30,7 +31,8 @@ def fits_frame(results: Sequence[FitResult]) -> pd.DataFrame:
     rows = []
     for r in results:
         row = {"run": r.group.run, "k": r.group.k, "law": r.law, "split": r.split, "fit_fraction": r.fraction,
-               "nrmse": r.nrmse, "nrmse_nll": r.nrmse_nll, "n_params": r.n_params, "loss": r.loss, "converged": r.converged}
+               "nrmse": r.nrmse, "nrmse_nll": r.nrmse_nll, "n_params": r.n_params, "loss": r.loss,
+               "converged": r.converged}
         params, stderr = flat_params(r.params), flat_params(r.stderr)
         rows.append({**row, **params, **{f"{name}_se": stderr[name] for name in params}})
     return _pandas().DataFrame(rows)

@@ -80,7 +80,8 @@ class BayesianLaw:
         """log p [B, C, M, S] and d log p / d theta [B, C, M, S, D], dense."""
         log_p, jac_P, jac_own = self.log_prob_and_jacobian_blocks(theta, shots, M, C)
         # each condition's priors and K only move that condition's points
-        own = jac_own[:, :, :, :, None, :] * torch.eye(C, dtype=theta.dtype, device=theta.device)[:, None, None, :, None]
+        own = (jac_own[:, :, :, :, None, :]
+               * torch.eye(C, dtype=theta.dtype, device=theta.device)[:, None, None, :, None])
         return log_p, torch.cat([jac_P, own.flatten(-2)], -1)
 
     def log_prob_and_jacobian_blocks(self, theta: torch.Tensor, shots: torch.Tensor, M: int, C: int,

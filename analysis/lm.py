@@ -83,7 +83,8 @@ def _rows_of_P_equations(r: torch.Tensor, rows: torch.Tensor, own: torch.Tensor)
     by_task_t = by_task.transpose(-1, -2)
     P_P, g_P = _block_diagonal(_matmul(by_task_t, by_task)), _matmul(by_task_t, r_task)[..., 0].reshape(B, M * M)
     own_t = own.transpose(-1, -2)
-    own_own, g_own = _block_diagonal(_matmul(own_t, own)), _matmul(own_t, r.reshape(B, C, M * S, 1))[..., 0].reshape(B, C * Do)
+    own_own, g_own = (_block_diagonal(_matmul(own_t, own)),
+                      _matmul(own_t, r.reshape(B, C, M * S, 1))[..., 0].reshape(B, C * Do))
     # P[i, m] against condition c's parameters: residuals (c, i, .) only
     cross = _matmul(rows.transpose(-1, -2), own.reshape(B, C, M, S, Do))  # [B, C, M(i), M(m), Do]
     cross = cross.permute(0, 2, 3, 1, 4).reshape(B, M * M, C * Do)
@@ -106,7 +107,8 @@ def normal_equations(r: torch.Tensor, J: torch.Tensor, J_own: torch.Tensor | Non
         r_c, Ot = r.reshape(B, C, Nc, 1), J_own.transpose(-1, -2)
         cross = _matmul(J.reshape(B, C, Nc, Ds).transpose(-1, -2), J_own)  # [B, C, Ds, Do]
         cross = cross.transpose(1, 2).reshape(B, Ds, C * Do)
-        A = torch.cat([torch.cat([A, cross], -1), torch.cat([cross.transpose(1, 2), _block_diagonal(_matmul(Ot, J_own))], -1)], 1)
+        A = torch.cat([torch.cat([A, cross], -1),
+                       torch.cat([cross.transpose(1, 2), _block_diagonal(_matmul(Ot, J_own))], -1)], 1)
         g = torch.cat([g, _matmul(Ot, r_c)[..., 0].reshape(B, C * Do)], -1)
         if columns is not None:
             A, g = A[:, columns][:, :, columns], g[:, columns]
@@ -181,7 +183,8 @@ def _evaluate_rows(residual_fn: ResidualFn, theta: torch.Tensor, rows: torch.Ten
     r, *J = residual_fn(theta[:first], rows[:first])
     parts = [normal_equations(r, *J)]
     step = max(1, CHUNK_ELEMENTS // max(sum(j[0].numel() for j in J if j.dim() > 1), 1))
-    parts += [normal_equations(*residual_fn(theta[i:i + step], rows[i:i + step])) for i in range(first, len(rows), step)]
+    parts += [normal_equations(*residual_fn(theta[i:i + step], rows[i:i + step]))
+              for i in range(first, len(rows), step)]
     return tuple(torch.cat(p) for p in zip(*parts))
 
 

@@ -79,7 +79,8 @@ def _residual_fn(law, batch: Batch, space: str, owner: Callable[[torch.Tensor], 
                 r, scale = w * (-log_p - y), -w[..., None]
             S = jac_P.shape[3]
             if rows_of_P and C == 1:
-                return r.reshape(A, -1), (scale * jac_own).reshape(A, M * S, M), (scale * jac_P).reshape(A, M, S, M), columns
+                return (r.reshape(A, -1), (scale * jac_own).reshape(A, M * S, M),
+                        (scale * jac_P).reshape(A, M, S, M), columns)
             if rows_of_P:
                 return r.reshape(A, -1), scale * jac_P, (scale * jac_own).reshape(A, C, -1, M)
             if C == 1:  # a tied law: one dense Jacobian

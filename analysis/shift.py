@@ -2,9 +2,10 @@
 
 The runs of one model and k are its conditions (pretrained baseline, SFT/DPO at several amounts).
 The joint fit shares P (or gamma, beta) across conditions and gives each its own priors and K; the free
-fit refits everything per condition, starting also from the joint fit's values, so it is never worse. Both are weighted least squares with each point's sampling error
-sqrt(p(1-p)/count), i.e. maximum likelihood under that Gaussian noise model, so their chi-square,
-AIC and BIC compare them; so does NRMSE on held-out late shots.
+fit refits everything per condition, starting also from the joint fit's values, so it is never worse.
+Both are weighted least squares with each point's sampling error sqrt(p(1-p)/count), i.e. maximum
+likelihood under that Gaussian noise model, so their chi-square, AIC and BIC compare them; so does
+NRMSE on held-out late shots.
 
 The law is chosen at each k by the evidence unless it is given: the joint fit of each of the three
 Bayesian laws to all shots, and the law of the lowest BIC (chi-square + parameters x log points) is
@@ -123,7 +124,8 @@ def crossing(shots: np.ndarray, prob: np.ndarray, threshold: float) -> float:
 
 def predicted_crossings(law_name: str, theta: torch.Tensor, shared: bool, M: int, C: int, horizon: float,
                         thresholds: np.ndarray, refine: int = 10) -> np.ndarray:
-    """Shots at which the law's p_i(n) first reaches threshold_i, per condition and task [..., C, M]; inf beyond horizon.
+    """Shots at which the law's p_i(n) first reaches threshold_i, per condition and task [..., C, M];
+    inf beyond horizon.
 
     The law is evaluated on every `refine`-th point of a fine grid (0.05 shots to 20, then 0.2% steps),
     and on the fine points only between the last coarse point below and the first at or above."""

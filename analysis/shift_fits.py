@@ -160,7 +160,8 @@ class LawChoice:
     scores: list[LawScore]
 
 
-def law_scores(cond: Conditions, config: ShiftConfig, laws: Collection[str]) -> tuple[list[LawScore], dict[str, BatchFit]]:
+def law_scores(cond: Conditions, config: ShiftConfig,
+               laws: Collection[str]) -> tuple[list[LawScore], dict[str, BatchFit]]:
     """The joint fit of each law to all shots of one k, with its chi-square, BIC and priors. The tied
     laws are fitted first; the original law starts also from their fits (see _fit_to)."""
     C, M, _ = cond.prob.shape
@@ -239,5 +240,6 @@ def bic_comparison(groups: list[CurveGroup], config: ShiftConfig, runs: Collecti
         free = _fit_to(cond.mask, cond, config, joint.theta[0], law=law)
         rows += comparison_rows(cond.k, {name: (float(2 * fit.loss.sum()), _n_params(law, M, C, name == "shared"),
                                                 math.nan, bool(fit.converged.all()))
-                                         for name, fit in (("shared", joint), ("free", free))}, int(cond.mask.sum()), law)
+                                         for name, fit in (("shared", joint), ("free", free))},
+                                    int(cond.mask.sum()), law)
     return rows

@@ -92,7 +92,8 @@ def plot_parameters(result: ShiftResult, k: int, M: int, path: Path) -> None:
     axes[0].set_ylim(0, 1)
     for rows, style, dx in ((shared, "o", -0.1), (free, "s", 0.1)):
         mid, lo, hi = (_series(rows, key, M)[:, 0] for key in ("K", "K_lo", "K_hi"))
-        axes[1].errorbar(x + dx, mid, yerr=_yerr(mid, lo, hi), fmt=style, ms=3, capsize=2, label=f"{rows[0]['fit']} fit")
+        axes[1].errorbar(x + dx, mid, yerr=_yerr(mid, lo, hi), fmt=style, ms=3, capsize=2,
+                         label=f"{rows[0]['fit']} fit")
     axes[1].set_yscale("log")
     Ks = _series(shared + free, "K", M)[:, 0]
     axes[1].set_ylim(Ks.min() / 1e3, Ks.max() * 1e3)  # bars the data do not bound run off the edge
@@ -269,7 +270,8 @@ def write_shift_outputs(result: ShiftResult, config: ShiftConfig, curves_path: P
         shared = condition_rows(result.rows, k, "shared")
         lines += [f"## k = {k}: priors and K (joint fit)", "", markdown_table(
             ["condition", "K [lo, hi]", *[f"prior {i} [lo, hi]" for i in range(M)]],
-            [[r0["condition"], interval_text(r0, "K", ".3g"), *[interval_text(r, "prior") for r in shared[c * M:(c + 1) * M]]]
+            [[r0["condition"], interval_text(r0, "K", ".3g"),
+              *[interval_text(r, "prior") for r in shared[c * M:(c + 1) * M]]]
              for c, r0 in enumerate(shared[::M])]), ""]
         if true_priors is not None:
             base = [float(r["prior"]) for r in shared[:M]]

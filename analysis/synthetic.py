@@ -31,4 +31,5 @@ def synthetic_group(run: str, k: int, law_name: str, params: dict, shots: np.nda
     """A measured-looking group drawn from a law, and its noise-free p [M, S]."""
     truth = law_prob(law_name, params, shots, M)[0]
     prob = add_noise(truth, count, rng)
-    return CurveGroup(run, k, np.asarray(shots, dtype=np.float64), prob, -np.log(prob), np.full_like(prob, count)), truth
+    return CurveGroup(run, k, np.asarray(shots, dtype=np.float64), prob, -np.log(prob),
+                      np.full_like(prob, count)), truth

@@ -41,7 +41,8 @@ def _hmm(start: np.ndarray, trans: np.ndarray, emission: np.ndarray, vocab: int)
 def peer_documents(world: GincWorld, n_docs: int, length: int, rng: np.random.Generator) -> torch.Tensor:
     cfg = world.config
     emission = world.emission.reshape(-1).numpy()
-    hmms = [_hmm(world.start[m].numpy(), world.transition_matrix(m).numpy(), emission, cfg.vocab_size) for m in range(cfg.n_tasks)]
+    hmms = [_hmm(world.start[m].numpy(), world.transition_matrix(m).numpy(), emission, cfg.vocab_size)
+            for m in range(cfg.n_tasks)]
     docs = []
     for _ in range(n_docs):
         task = rng.choice(cfg.n_tasks, p=np.asarray(cfg.weights))
@@ -50,7 +51,8 @@ def peer_documents(world: GincWorld, n_docs: int, length: int, rng: np.random.Ge
     return torch.from_numpy(np.stack(docs))
 
 
-def peer_prompts(world: GincWorld, task: int, k: int, n_prompts: int, n_shots: int, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+def peer_prompts(world: GincWorld, task: int, k: int, n_prompts: int, n_shots: int,
+                 rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
     cfg = world.config
     P, S = cfg.n_properties, cfg.n_states
     trans = world.transition_matrix(task).numpy()
@@ -113,7 +115,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    n_peer_docs, n_docs, n_peer_prompts, n_prompts, n_peer_exact = (2, 64, 2, 32, 1) if args.smoke else (24, 4096, 20, 1000, 3)
+    n_peer_docs, n_docs, n_peer_prompts, n_prompts, n_peer_exact = ((2, 64, 2, 32, 1) if args.smoke
+                                                                    else (24, 4096, 20, 1000, 3))
     length = 1024 if args.smoke else args.doc_length
     world = GincWorld.build(WorldConfig())
     sampler, rng = GincSampler(world), np.random.default_rng(0)
@@ -123,12 +126,14 @@ def main() -> None:
     sampler.documents(torch.arange(8), 64)  # warm-up
     docs, t_ours = timed(sampler.documents, torch.arange(n_docs), length)
     peer_tps, ours_tps = n_peer_docs * length / t_peer, docs.tokens.numel() / t_ours
-    print(f"documents  hmmlearn: {peer_tps:,.0f} tokens/s   ours: {ours_tps:,.0f} tokens/s   ({length}-token documents, 1 core)")
+    print(f"documents  hmmlearn: {peer_tps:,.0f} tokens/s   ours: {ours_tps:,.0f} tokens/s   "
+          f"({length}-token documents, 1 core)")
 
     _, t_peer = timed(peer_prompts, world, 0, args.k, n_peer_prompts, n_shots, rng)
     prompts, t_ours = timed(sampler.icl_prompts, 0, args.k, torch.arange(n_prompts), n_shots)
     peer_pps, ours_pps = n_peer_prompts / t_peer, n_prompts / t_ours
-    print(f"prompts    python loop: {peer_pps:,.1f} prompts/s   ours: {ours_pps:,.0f} prompts/s   (k={args.k}, {n_shots} shots)")
+    print(f"prompts    python loop: {peer_pps:,.1f} prompts/s   ours: {ours_pps:,.0f} prompts/s   "
+          f"(k={args.k}, {n_shots} shots)")
 
     x, y = prompts.demonstrations()
     learner = ExactLearner(world)
@@ -137,7 +142,8 @@ def main() -> None:
     pred, t_ours = timed(learner.predict_demos, x, y)
     gap = float(np.abs(pred.prob[:n_peer_exact].numpy() - peer_prob).max())
     peer_eps, ours_eps = n_peer_exact / t_peer, n_prompts / t_ours
-    print(f"exact      hmmlearn: {peer_eps:,.3f} prompts/s   ours: {ours_eps:,.1f} prompts/s   max |p_ours - p_hmmlearn| = {gap:.1e}")
+    print(f"exact      hmmlearn: {peer_eps:,.3f} prompts/s   ours: {ours_eps:,.1f} prompts/s   "
+          f"max |p_ours - p_hmmlearn| = {gap:.1e}")
     if not gap <= 1e-8:
         raise SystemExit(f"error: the exact learner disagrees with hmmlearn by {gap:.1e}")
     print(f"ratio_prompts_vs_loop: {ours_pps / peer_pps:,.0f}")

@@ -38,7 +38,8 @@ def make_grid(sizes: int, ks: list[int], tasks: int, max_shots: int, seed: int) 
         for k in ks:
             law = BAYESIAN_NAMES[len(groups) % 3]
             gamma = rng.uniform(0.6, 0.95, tasks)
-            P = np.where(np.eye(tasks, dtype=bool), gamma[:, None], rng.uniform(0.05, 0.5, (tasks, tasks)) * gamma[None])
+            P = np.where(np.eye(tasks, dtype=bool), gamma[:, None],
+                         rng.uniform(0.05, 0.5, (tasks, tasks)) * gamma[None])
             params = {"priors": rng.dirichlet(np.full(tasks, 3.0)).tolist(), "K": float(rng.uniform(0.3, 2.0)),
                       "P": P.tolist(), "gamma": gamma.tolist(), "beta": (gamma * rng.uniform(0.1, 0.6, tasks)).tolist()}
             shots = np.arange(float(min(1024 // (k + 1), max_shots)))
@@ -56,10 +57,12 @@ def make_gradual(per_law: int, tasks: int, max_shots: int, count: int, seed: int
         for j in range(per_law):
             gamma = rng.uniform(0.55, 0.8, tasks)
             beta = gamma * rng.uniform(0.5, 0.8, tasks)
-            P = np.where(np.eye(tasks, dtype=bool), gamma[:, None], beta[None, :] * rng.uniform(0.7, 1.3, (tasks, tasks)))
+            P = np.where(np.eye(tasks, dtype=bool), gamma[:, None],
+                         beta[None, :] * rng.uniform(0.7, 1.3, (tasks, tasks)))
             params = {"priors": rng.dirichlet(np.full(tasks, 3.0)).tolist(), "K": float(rng.uniform(0.1, 0.3)),
                       "P": P.clip(0.01, 0.99).tolist(), "gamma": gamma.tolist(), "beta": beta.tolist()}
-            group, _ = synthetic_group(f"gradual-{law}-{j}", 3, law, params, np.arange(float(max_shots)), tasks, count, rng)
+            group, _ = synthetic_group(f"gradual-{law}-{j}", 3, law, params, np.arange(float(max_shots)), tasks,
+                                       count, rng)
             groups.append(group)
     return groups
 
@@ -116,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peer-max-iter", type=int, default=500, help="L-BFGS iterations per sequential fit")
     parser.add_argument("--device", default="cpu", help="where our batched fitter runs (the peer stays on the CPU)")
-    parser.add_argument("--tol", type=float, default=FitConfig.tol, help="our fits' precision in chi-square (0: to rounding)")
+    parser.add_argument("--tol", type=float, default=FitConfig.tol,
+                        help="our fits' precision in chi-square (0: to rounding)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -149,9 +153,11 @@ def main(argv: list[str] | None = None) -> None:
           f"({int((~ok).sum())} fits not finite, left out of its mean)")
     gradual = [j for j, g in enumerate(groups) if g.run.startswith("gradual")]
     for law in BAYESIAN_NAMES:
-        mine = [r.nrmse for r in ours if r.law == law and r.split == "extrapolation" and r.group.run.startswith("gradual")]
+        mine = [r.nrmse for r in ours
+                if r.law == law and r.split == "extrapolation" and r.group.run.startswith("gradual")]
         theirs = np.array(peer[(law, "extrapolation")])[gradual]
-        print(f"gradual curves, {law} extrapolation NRMSE: ours {np.mean(mine):.4f}, sequential {np.nanmean(theirs):.4f}")
+        print(f"gradual curves, {law} extrapolation NRMSE: ours {np.mean(mine):.4f}, "
+              f"sequential {np.nanmean(theirs):.4f}")
     print(f"ratio_vs_sequential: {t_peer / t_ours:.1f}")
 
 

@@ -40,7 +40,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny model, for a CPU")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     parser.add_argument("--shuffles", type=int, default=8, help="prompts per answer type in the timed run")
-    parser.add_argument("--repeat", type=int, default=1, help="tile the dataset's rows this many times (longer prompts)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="tile the dataset's rows this many times (longer prompts)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--k", type=int, default=1, help="answer tokens scored")
     args = parser.parse_args()
@@ -58,8 +59,9 @@ def main() -> None:
         del model
 
         # End to end once, through the real command line.
-        argv = ["curves", "--hf-model", str(model_dir), "--dataset", str(DATASET), "--out", str(Path(tmp) / "curves.csv"),
-                "--prompts", "1", "--k", str(args.k), "--device", device, "--batch-size", str(args.batch_size)]
+        argv = ["curves", "--hf-model", str(model_dir), "--dataset", str(DATASET),
+                "--out", str(Path(tmp) / "curves.csv"), "--prompts", "1", "--k", str(args.k), "--device", device,
+                "--batch-size", str(args.batch_size)]
         run_commands(COMMANDS, argv, "evaluate.py")
 
         start = time.perf_counter()

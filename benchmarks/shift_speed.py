@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peer-resamples", type=int, default=10,
                         help="resampled tables of the straightforward run (and of ours on the same problem)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--law", choices=BAYESIAN_NAMES, default="bayesian_sampling", help="the law the table is drawn from")
+    parser.add_argument("--law", choices=BAYESIAN_NAMES, default="bayesian_sampling",
+                        help="the law the table is drawn from")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     threadpool_limits(1)
@@ -197,10 +198,10 @@ def main(argv: list[str] | None = None) -> None:
     k_rows = [r for r in rows if r["task"] == 0]
     covered_0 = sum(r["prior_lo"] <= truth[(r["run"], r["k"])]["priors"][0] <= r["prior_hi"] for r in k_rows)
     covered_K = sum(r["K_lo"] <= truth[(r["run"], r["k"])]["K"] <= r["K_hi"] for r in k_rows)
-    print(f"ours, whole table: {t_table:.1f}s; the generating law ({law}) chosen at {chosen.count(law)} of {len(chosen)} "
-          f"(model, k); joint-fit intervals cover the favoured task's true prior {covered_0}/{len(k_rows)} "
-          f"({covered_0 / len(k_rows):.1%}), every true prior {covered}/{len(rows)} ({covered / len(rows):.1%}), "
-          f"the true K {covered_K}/{len(k_rows)} ({covered_K / len(k_rows):.1%})")
+    print(f"ours, whole table: {t_table:.1f}s; the generating law ({law}) chosen at {chosen.count(law)} "
+          f"of {len(chosen)} (model, k); joint-fit intervals cover the favoured task's true prior "
+          f"{covered_0}/{len(k_rows)} ({covered_0 / len(k_rows):.1%}), every true prior {covered}/{len(rows)} "
+          f"({covered / len(rows):.1%}), the true K {covered_K}/{len(k_rows)} ({covered_K / len(k_rows):.1%})")
 
     # the same problem both ways: the first model at the first k, `peer_resamples` resampled tables
     cond = select_conditions(groups, "gpt2-1l/pretrain")[0]
@@ -214,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     peer = straightforward(cond, small, resamples)
     t_peer = time.perf_counter() - t0
     C, M, _ = cond.prob.shape
-    print(f"one problem ({C} conditions at k={cond.k}, {small.resamples} resampled tables, {law}), joint and free fits:")
+    print(f"one problem ({C} conditions at k={cond.k}, {small.resamples} resampled tables, {law}), "
+          "joint and free fits:")
     for name in ("shared", "free"):
         shared = name == "shared"
         mine = named_per_condition(law, ours[name].theta[0] if shared else ours[name].theta, shared, M, C)

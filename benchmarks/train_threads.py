@@ -40,7 +40,8 @@ def tokens_per_s(threads: int, steps: int, warmup: int, context: int, batch: int
     torch.manual_seed(0)
     window = Window(warmup, steps, torch.device("cpu"))
     data = GincDataModule(world=WORLD, context_length=context, batch_size=batch, num_workers=0)
-    module = CausalLMModule(size="gpt2-2l", n_embd=64, n_head=4, n_positions=context, compile=False, **data_arguments(data))
+    module = CausalLMModule(size="gpt2-2l", n_embd=64, n_head=4, n_positions=context, compile=False,
+                            **data_arguments(data))
     trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[LightningClock(window)],
                         max_steps=window.end + 1, limit_val_batches=0, num_sanity_val_steps=0)
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
             busy = [] if load == "as is" else [
                 subprocess.Popen([sys.executable, "-c", BUSY, "600"]) for _ in range(args.busy)]
             try:
-                rate = {name: tokens_per_s(n, steps, warmup, context, batch) for name, n in (("default", default), ("ours", ours))}
+                rate = {name: tokens_per_s(n, steps, warmup, context, batch)
+                        for name, n in (("default", default), ("ours", ours))}
             finally:
                 for proc in busy:
                     proc.kill()

@@ -55,7 +55,8 @@ _START = time.perf_counter()
 
 
 def say(msg: str) -> None:
-    print(f"{time.perf_counter() - _START:6.1f}s  {msg}", flush=True)  # a partial log is useful when the device time runs out
+    # a partial log is useful when the device time runs out
+    print(f"{time.perf_counter() - _START:6.1f}s  {msg}", flush=True)
 
 
 @dataclass
@@ -75,13 +76,15 @@ class BenchConfig:
     peak_tflops: float | None = None
 
     def spec(self, n_layer: int) -> GPTSpec:
-        return resolve_spec("gpt2-4l", n_layer=n_layer, n_embd=self.n_embd, n_head=self.n_head, n_positions=self.context)
+        return resolve_spec("gpt2-4l", n_layer=n_layer, n_embd=self.n_embd, n_head=self.n_head,
+                            n_positions=self.context)
 
 
 # the counts that must be at least 1: their flags' help (the default shown is BenchConfig's)
 COUNTS = {"warmup": "untimed optimizer steps first", "steps": "timed optimizer steps", "batch": "our batch size",
           "eval_prompts": "ICL prompts per (k, task)", "loss_steps": "steps of the loss check"}
-SMOKE = dict(layers=[2], n_embd=64, n_head=4, context=128, warmup=1, steps=2, batch=8, workers=0, eval_prompts=2, eval_batch=4, loss_steps=4)
+SMOKE = dict(layers=[2], n_embd=64, n_head=4, context=128, warmup=1, steps=2, batch=8, workers=0, eval_prompts=2,
+             eval_batch=4, loss_steps=4)
 
 
 # ---- what is measured ------------------------------------------------------------------------------
@@ -105,7 +108,8 @@ def peak_flops(device: torch.device, override: float | None) -> tuple[float | No
 
 def flops_per_token(model: GPT2LMHeadModel, spec: GPTSpec) -> float:
     """6 N + 12 L d T: N excludes the token and position embeddings (the tied LM head is the token table)."""
-    n = sum(p.numel() for name, p in model.named_parameters() if not name.startswith(("transformer.wte", "transformer.wpe")))
+    n = sum(p.numel() for name, p in model.named_parameters()
+            if not name.startswith(("transformer.wte", "transformer.wpe")))
     return 6 * n + 12 * spec.n_layer * spec.n_embd * spec.n_positions
 
 
@@ -150,7 +154,8 @@ class LightningClock(L.Callback):
         self._catcher: warnings.catch_warnings | None = None
         self._ended = 0.0
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict,
+                             batch_idx: int) -> None:
         if self.window.start <= trainer.global_step < self.window.end:
             self.between_steps += time.perf_counter() - self._ended
         if trainer.global_step == self.window.end and self.window.device.type == "cuda":
@@ -159,7 +164,8 @@ class LightningClock(L.Callback):
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: dict, batch: dict, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: dict, batch: dict,
+                           batch_idx: int) -> None:
         if self._catcher is not None:
             torch.cuda.set_sync_debug_mode("default")
             self._catcher.__exit__(None, None, None)
@@ -175,7 +181,8 @@ class LightningClock(L.Callback):
 
 # ---- the two stacks --------------------------------------------------------------------------------
 def hf_model(spec: GPTSpec, world: WorldConfig, init_dir: Path) -> GPT2LMHeadModel:
-    """The baseline's GPT-2 from seed 0 (our architecture, HF's eager attention), saved to `init_dir` for ours to start from."""
+    """The baseline's GPT-2 from seed 0 (our architecture, HF's eager attention), saved to `init_dir`
+    for ours to start from."""
     torch.manual_seed(0)
     model = build_gpt(spec, world.model_vocab_size, bos_id=world.bos_id, pad_id=world.pad_id)
     model.set_attn_implementation("eager")
@@ -194,8 +201,9 @@ def block_dataset(world: WorldConfig, context: int, batch: int, n_batches: int) 
     return [{"input_ids": row, "labels": torch.cat([row.new_full((1,), -100), row[1:]])} for row in rows]
 
 
-def hf_trainer(model: GPT2LMHeadModel, out: str, batch: int, max_steps: int, device: torch.device, dataset: list | None = None,
-               callbacks: list[TrainerCallback] | None = None, optimizers: tuple = (None, None), **overrides: object) -> Trainer:
+def hf_trainer(model: GPT2LMHeadModel, out: str, batch: int, max_steps: int, device: torch.device,
+               dataset: list | None = None, callbacks: list[TrainerCallback] | None = None,
+               optimizers: tuple = (None, None), **overrides: object) -> Trainer:
     """A Trainer with its defaults but for the batch, the steps and no checkpoints, reports or progress prints."""
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=max_steps, save_strategy="no",
                              report_to="none", disable_tqdm=True, use_cpu=device.type == "cpu", **overrides)
@@ -210,20 +218,25 @@ def precision(device: torch.device) -> str:
 
 
 def lightning_trainer(device: torch.device, callbacks: list[L.Callback], **kwargs: object) -> L.Trainer:
-    return L.Trainer(accelerator=device.type, devices=1, precision=precision(device), logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, **kwargs)
+    return L.Trainer(accelerator=device.type, devices=1, precision=precision(device), logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     callbacks=callbacks, **kwargs)
 
 
-def ours_module(spec: GPTSpec, init_dir: Path, cfg: BenchConfig, world: WorldConfig, optim: OptimConfig | None = None) -> CausalLMModule:
+def ours_module(spec: GPTSpec, init_dir: Path, cfg: BenchConfig, world: WorldConfig,
+                optim: OptimConfig | None = None) -> CausalLMModule:
     """Built for the world and the ICL prompts `eval_ours` scores."""
     return CausalLMModule(size="gpt2-4l", n_layer=spec.n_layer, n_embd=spec.n_embd, n_head=spec.n_head,
-                          n_positions=spec.n_positions, init_from=str(init_dir), optim=optim, **data_arguments(eval_data(cfg, world)))
+                          n_positions=spec.n_positions, init_from=str(init_dir), optim=optim,
+                          **data_arguments(eval_data(cfg, world)))
 
 
-def train_ours(module: CausalLMModule, cfg: BenchConfig, world: WorldConfig, device: torch.device, batch: int, window: Window) -> LightningClock:
+def train_ours(module: CausalLMModule, cfg: BenchConfig, world: WorldConfig, device: torch.device, batch: int,
+               window: Window) -> LightningClock:
     clock = LightningClock(window)
     data = GincDataModule(world=world, context_length=cfg.context, batch_size=batch, num_workers=cfg.workers)
-    trainer = lightning_trainer(device, [clock], max_steps=window.end + 1, limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0)
+    trainer = lightning_trainer(device, [clock], max_steps=window.end + 1, limit_val_batches=0, num_sanity_val_steps=0,
+                                gradient_clip_val=1.0)
     trainer.fit(module, datamodule=data)
     return clock
 
@@ -238,15 +251,18 @@ def eval_data(cfg: BenchConfig, world: WorldConfig) -> GincDataModule:
     return GincDataModule(world=world, context_length=cfg.context, val_documents=0, icl=icl_config(cfg, cfg.eval_batch))
 
 
-def eval_ours(module: CausalLMModule, cfg: BenchConfig, world: WorldConfig, device: torch.device) -> tuple[float, list[dict]]:
+def eval_ours(module: CausalLMModule, cfg: BenchConfig, world: WorldConfig,
+              device: torch.device) -> tuple[float, list[dict]]:
     """The module's validation on the ICL prompts alone."""
     start = time.perf_counter()
     lightning_trainer(device, []).validate(module, datamodule=eval_data(cfg, world), verbose=False)
     return time.perf_counter() - start, module.last_curve_rows
 
 
-def eval_full_logits(model: GPT2LMHeadModel, cfg: BenchConfig, world: WorldConfig, device: torch.device, out: str) -> tuple[float, float, list[dict]]:
-    """Trainer.predict's full logits on the CPU, label positions picked there; returns (seconds, prompt seconds, rows)."""
+def eval_full_logits(model: GPT2LMHeadModel, cfg: BenchConfig, world: WorldConfig, device: torch.device,
+                     out: str) -> tuple[float, float, list[dict]]:
+    """Trainer.predict's full logits on the CPU, label positions picked there;
+    returns (seconds, prompt seconds, rows)."""
     start = time.perf_counter()
     prompts = ICLPromptSet(world, icl_config(cfg, cfg.hf_batch), cfg.context)  # items of one (k, task) each
     prompt_seconds = time.perf_counter() - start
@@ -275,7 +291,8 @@ def max_prob_gap(a: list[dict], b: list[dict]) -> float:
 
 
 # ---- the run ---------------------------------------------------------------------------------------
-def throughput(cfg: BenchConfig, n_layer: int, world: WorldConfig, device: torch.device, peak: float | None, evaluate: bool, tmp: Path) -> float:
+def throughput(cfg: BenchConfig, n_layer: int, world: WorldConfig, device: torch.device, peak: float | None,
+               evaluate: bool, tmp: Path) -> float:
     """Both stacks at one size (and the ICL evaluation if asked); returns ours / HF tokens/s."""
     spec = cfg.spec(n_layer)
     model = hf_model(spec, world, tmp / "init")
@@ -287,7 +304,8 @@ def throughput(cfg: BenchConfig, n_layer: int, world: WorldConfig, device: torch
 
     window = Window(cfg.warmup, cfg.steps, device)
     say(f"[{n_layer} layers] HF Trainer: {window.end} steps of batch {cfg.hf_batch} ...")
-    hf = hf_trainer(model, str(tmp / "hf"), cfg.hf_batch, window.end, device, block_dataset(world, cfg.context, cfg.hf_batch, window.end), [HFClock(window)])
+    hf = hf_trainer(model, str(tmp / "hf"), cfg.hf_batch, window.end, device,
+                    block_dataset(world, cfg.context, cfg.hf_batch, window.end), [HFClock(window)])
     hf.train()
     hf_tps = cfg.steps * cfg.hf_batch * cfg.context / window.seconds
     report("HF Trainer", hf_tps, f"fp32, eager attention, batch {cfg.hf_batch}, {hf.args.optim.value}")
@@ -301,18 +319,23 @@ def throughput(cfg: BenchConfig, n_layer: int, world: WorldConfig, device: torch
     on_gpu = device.type == "cuda"  # the module compiles exactly when it runs on a GPU (compile=None)
     syncs = "n/a (CPU)" if clock.syncs is None else str(clock.syncs)
     breaks = f", graph breaks {sum(counters['graph_break'].values())}" if on_gpu else ""
-    report("ours", ours_tps, f"{precision(device)}, SDPA, fused AdamW={on_gpu}, compile={on_gpu}{breaks}, batch {cfg.batch}, "
-                             f"{cfg.workers} workers ({1e3 * clock.between_steps / cfg.steps:.1f} ms/step between steps); host syncs in one step: {syncs}")
+    report("ours", ours_tps, f"{precision(device)}, SDPA, fused AdamW={on_gpu}, compile={on_gpu}{breaks}, "
+                             f"batch {cfg.batch}, {cfg.workers} workers "
+                             f"({1e3 * clock.between_steps / cfg.steps:.1f} ms/step between steps); "
+                             f"host syncs in one step: {syncs}")
 
     if evaluate:
         n_prompts = len(K_VALUES) * world.n_tasks * cfg.eval_prompts
-        say(f"[{n_layer} layers] ICL evaluation: {len(K_VALUES)} k x {world.n_tasks} tasks x {cfg.eval_prompts} prompts = {n_prompts} ...")
+        say(f"[{n_layer} layers] ICL evaluation: {len(K_VALUES)} k x {world.n_tasks} tasks x "
+            f"{cfg.eval_prompts} prompts = {n_prompts} ...")
         ours_s, ours_rows = eval_ours(module, cfg, world, device)
         model.load_state_dict(module.gpt.state_dict())  # the peer scores the same weights
         peer_s, prompt_s, peer_rows = eval_full_logits(model, cfg, world, device, str(tmp / "predict"))
-        say(f"ICL eval ({n_layer} layers, {n_prompts} prompts): ours {ours_s:.2f} s (batch {cfg.eval_batch}, {precision(device)}, label positions only)   "
-            f"Trainer.predict full logits {peer_s:.2f} s (fp32, eager, batch {cfg.hf_batch})   ratio {peer_s / ours_s:.1f}x   "
-            f"(both include {prompt_s:.2f} s of prompt sampling)   max |prob ours - prob full logits| = {max_prob_gap(ours_rows, peer_rows):.1e}")
+        say(f"ICL eval ({n_layer} layers, {n_prompts} prompts): ours {ours_s:.2f} s "
+            f"(batch {cfg.eval_batch}, {precision(device)}, label positions only)   "
+            f"Trainer.predict full logits {peer_s:.2f} s (fp32, eager, batch {cfg.hf_batch})   "
+            f"ratio {peer_s / ours_s:.1f}x   (both include {prompt_s:.2f} s of prompt sampling)   "
+            f"max |prob ours - prob full logits| = {max_prob_gap(ours_rows, peer_rows):.1e}")
     return ours_tps / hf_tps
 
 
@@ -320,15 +343,18 @@ def loss_check(cfg: BenchConfig, n_layer: int, world: WorldConfig, device: torch
     """Both stacks from the same weights on the same batches with the same AdamW and schedule; losses compared."""
     spec, steps, batch = cfg.spec(n_layer), cfg.loss_steps, cfg.hf_batch
     optim = OptimConfig(warmup_steps=max(1, steps // 10), total_steps=steps)
-    say(f"[loss check, {n_layer} layers] {steps} steps of batch {batch}, lr {optim.lr} (warm-up {optim.warmup_steps}, cosine), both stacks ...")
+    say(f"[loss check, {n_layer} layers] {steps} steps of batch {batch}, lr {optim.lr} "
+        f"(warm-up {optim.warmup_steps}, cosine), both stacks ...")
     model = hf_model(spec, world, tmp / "init")
     opt = adamw_with_schedule(model, optim, steps, fused=device.type == "cuda")
     hf = hf_trainer(model, str(tmp / "hf"), batch, steps, device, block_dataset(world, cfg.context, batch, steps),
-                    optimizers=(opt["optimizer"], opt["lr_scheduler"]["scheduler"]), logging_steps=1, train_sampling_strategy="sequential")
+                    optimizers=(opt["optimizer"], opt["lr_scheduler"]["scheduler"]), logging_steps=1,
+                    train_sampling_strategy="sequential")
     hf.train()
     hf_loss = [h["loss"] for h in hf.state.log_history if "loss" in h]
 
-    clock = train_ours(ours_module(spec, tmp / "init", cfg, world, optim), cfg, world, device, batch, Window(0, steps - 1, device))
+    clock = train_ours(ours_module(spec, tmp / "init", cfg, world, optim), cfg, world, device, batch,
+                       Window(0, steps - 1, device))
     ours_loss = [float(x) for x in clock.losses[:steps]]
     shown = sorted({1, steps // 4, steps // 2, 3 * steps // 4, steps} - {0})
     say("  step " + "".join(f"{s:>9}" for s in shown))
@@ -337,25 +363,29 @@ def loss_check(cfg: BenchConfig, n_layer: int, world: WorldConfig, device: torch
     tail = min(20, steps)
     diffs = torch.tensor(ours_loss[-tail:]) - torch.tensor(hf_loss[-tail:])
     se = diffs.std().item() / math.sqrt(tail) if tail > 1 else float("nan")
-    say(f"  loss_difference (ours - HF, mean of the last {tail} steps): {diffs.mean().item():+.4f} +- {se:.4f} (s.e.)   "
-        f"first step: {ours_loss[0] - hf_loss[0]:+.4f}")
+    say(f"  loss_difference (ours - HF, mean of the last {tail} steps): {diffs.mean().item():+.4f} +- {se:.4f} "
+        f"(s.e.)   first step: {ours_loss[0] - hf_loss[0]:+.4f}")
 
 
 def parse(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--smoke", action="store_true", help="2 layers, d=64, context 128, a few steps: seconds on a CPU (CI)")
+    p.add_argument("--smoke", action="store_true",
+                   help="2 layers, d=64, context 128, a few steps: seconds on a CPU (CI)")
     p.add_argument("--layers", type=int, nargs="+", help="model depths (default 4 12; smoke: 2)")
     for name, text in COUNTS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"{text} (default {getattr(BenchConfig, name)})")
     p.add_argument("--workers", type=int, help="our data workers (default 4 on a GPU, 0 on a CPU)")
-    p.add_argument("--loss-check", action="store_true", help="also compare the loss curves of both stacks at the smallest size")
-    p.add_argument("--peak-tflops", type=float, help="the peak to divide by for MFU (default: known GPUs' dense bf16 peak)")
+    p.add_argument("--loss-check", action="store_true",
+                   help="also compare the loss curves of both stacks at the smallest size")
+    p.add_argument("--peak-tflops", type=float,
+                   help="the peak to divide by for MFU (default: known GPUs' dense bf16 peak)")
     a = p.parse_args(argv)
     given = {k: v for k, v in vars(a).items() if v is not None and k not in ("smoke", "loss_check")}
     cfg = BenchConfig(**{**(SMOKE if a.smoke else {"layers": [4, 12]}), **given})
     if "workers" not in given and not a.smoke and not torch.cuda.is_available():
         cfg.workers = 0
-    rules = [*((name, getattr(cfg, name), "be >= 1", getattr(cfg, name) >= 1) for name in COUNTS),  # (flag, value, rule, whether it holds)
+    # (flag, value, rule, whether it holds)
+    rules = [*((name, getattr(cfg, name), "be >= 1", getattr(cfg, name) >= 1) for name in COUNTS),
              ("layers", cfg.layers, "all be >= 1", min(cfg.layers) >= 1),
              ("workers", cfg.workers, "be >= 0", cfg.workers >= 0),
              ("peak_tflops", cfg.peak_tflops, "be > 0", cfg.peak_tflops is None or cfg.peak_tflops > 0)]
@@ -377,16 +407,19 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     device = torch.device(resolve_device("auto"))
     if device.type == "cpu":
-        torch.set_num_threads(1)  # CPU numbers only show the paths run; threads spinning against other jobs made them 10x slower
+        # CPU numbers only show the paths run; threads spinning against other jobs made them 10x slower
+        torch.set_num_threads(1)
     peak, peak_label = peak_flops(device, cfg.peak_tflops)
     world = WorldConfig()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     say(f"device: {name}   torch {torch.__version__}   MFU peak: {peak_label}")
-    say("MFU: model FLOP/s over the peak, 6 * N_non-embedding + 12 * n_layer * d * T FLOPs per token (PaLM, appendix B)")
+    say("MFU: model FLOP/s over the peak, 6 * N_non-embedding + 12 * n_layer * d * T FLOPs per token "
+        "(PaLM, appendix B)")
     ratios = []
     with tempfile.TemporaryDirectory() as tmp:
         for n_layer in cfg.layers:
-            ratios.append(throughput(cfg, n_layer, world, device, peak, n_layer == max(cfg.layers), Path(tmp) / f"l{n_layer}"))
+            ratios.append(throughput(cfg, n_layer, world, device, peak, n_layer == max(cfg.layers),
+                                     Path(tmp) / f"l{n_layer}"))
             gc.collect()  # the size's models went with its call: free them before the next size
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -28,10 +28,12 @@ def curve_row(run: str, k: int, task: int, shots: int, prob: float, nll: float, 
     probability and argmax accuracy ("" where unmeasured); `extra` keys become extra columns. An nll a
     rounding error below 0 (a mean of -log 1 can come out -1e-17) is written as 0, so the table reads back."""
     nll = 0.0 if -NLL_ROUNDING <= nll < 0.0 else nll
-    return {"run": run, "k": k, "task": task, "shots": shots, "prob": prob, "nll": nll, "acc": acc, "count": count, **extra}
+    return {"run": run, "k": k, "task": task, "shots": shots, "prob": prob, "nll": nll, "acc": acc, "count": count,
+            **extra}
 
 
-def prob_rows(run: str, k: int, shots: np.ndarray, prob: np.ndarray, count: int, **extra: object) -> list[dict[str, object]]:
+def prob_rows(run: str, k: int, shots: np.ndarray, prob: np.ndarray, count: int,
+              **extra: object) -> list[dict[str, object]]:
     """Rows for mean probabilities prob [M, S] known without their prompts (a law's curves, a synthetic
     draw): nll is -log of the mean, acc is left unmeasured."""
     return [curve_row(run, k, i, int(s), float(prob[i, j]), float(-np.log(prob[i, j])), "", count, **extra)
@@ -81,7 +83,8 @@ def _number(path: Path, line: int, column: str, text: str, integer: bool) -> flo
     try:
         value = float(text)
     except (TypeError, ValueError):
-        raise UserError(f"{path} line {line}: column {column} is {text!r}, not a number; fix or drop that row") from None
+        raise UserError(f"{path} line {line}: column {column} is {text!r}, not a number; "
+                        "fix or drop that row") from None
     if math.isnan(value):
         raise UserError(f"{path} line {line}: {column} is NaN; drop the row or measure it again")
     if integer and (not math.isfinite(value) or value < 0 or value != int(value) or value >= 2**31):
@@ -150,8 +153,8 @@ def _read_rows(path: Path, step: int | None) -> list[dict[str, object]]:
             at = int(_number(path, line, "step", raw["step"], True)) if raw.get("step") else -1
             key = (row["run"], row["k"], at)
             if (*key, row["task"], row["shots"]) in seen:
-                raise UserError(f"{path} line {line}: duplicate row for run {row['run']}, k {row['k']}, task {row['task']}, "
-                                 f"shots {row['shots']}" + (f", step {at}" if at >= 0 else ""))
+                raise UserError(f"{path} line {line}: duplicate row for run {row['run']}, k {row['k']}, "
+                                f"task {row['task']}, shots {row['shots']}" + (f", step {at}" if at >= 0 else ""))
             seen.add((*key, row["task"], row["shots"]))
             rows.append((key, {**row, **{c: raw[c] for c in extra_cols}}))
     if not rows:
@@ -171,7 +174,8 @@ def _pick_steps(path: Path, keys: list[tuple[str, int, int]], step: int | None) 
     if lacking:
         have = sorted(steps[lacking[0]] - {-1})
         raise UserError(f"{path}: run {lacking[0]} has no rows at step {step}"
-                         + (f"; its steps are {', '.join(map(str, have))}" if have else "; the table has no step column"))
+                         + (f"; its steps are {', '.join(map(str, have))}" if have
+                            else "; the table has no step column"))
     return {key for key in keys if key[2] == step}
 
 
@@ -208,14 +212,16 @@ def read_prompt_table(path: str | os.PathLike) -> dict[tuple[str, int, int], np.
         reader = csv.DictReader(f)
         missing = [c for c in PROMPT_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise UserError(f"{path}: missing column(s) {', '.join(missing)}; a per-prompt table needs {', '.join(PROMPT_COLUMNS)}")
+            raise UserError(f"{path}: missing column(s) {', '.join(missing)}; "
+                            f"a per-prompt table needs {', '.join(PROMPT_COLUMNS)}")
         for line, row in enumerate(reader, start=2):
             try:
                 key = (row["run"], int(row["k"]), int(row["task"]))
                 prob = float(row["prob"])
                 cells.setdefault(key, {})[(int(row["prompt"]), int(row["shots"]))] = prob
             except ValueError:
-                raise UserError(f"{path} line {line}: k, task, prompt, shots must be integers and prob a number") from None
+                raise UserError(f"{path} line {line}: k, task, prompt, shots must be integers "
+                                "and prob a number") from None
             if not 0.0 <= prob <= 1.0:
                 raise UserError(f"{path} line {line}: prob = {prob} is outside [0, 1]")
     out = {}

@@ -99,29 +99,34 @@ def read_source(path: str | Path) -> Source:
     path = Path(path)
     if path.is_dir():
         if not (path / "config.json").is_file() or not (path / DATA_FILE).is_file():
-            raise MissingInput(f"{path} is not an HF export of a run (needs config.json and {DATA_FILE}); point at a run's hf/ directory or a .ckpt")
+            raise MissingInput(f"{path} is not an HF export of a run (needs config.json and {DATA_FILE}); "
+                               "point at a run's hf/ directory or a .ckpt")
         config = _read_json(path / "config.json")
         try:
             config = GPT2Config.from_dict(config)
             model = {"size": None, **asdict(spec_of(config)), "vocab_size": config.vocab_size}
         except (TypeError, ValueError, AttributeError) as exc:
-            raise _broken(path / "config.json", f"not a GPT-2 config: {type(exc).__name__}: {_first_line(exc)}") from None
+            raise _broken(path / "config.json",
+                          f"not a GPT-2 config: {type(exc).__name__}: {_first_line(exc)}") from None
         meta = _read_json(path / DATA_FILE)
         where = path / DATA_FILE
         data, info, step = meta.get("data"), meta.get(RUN_INFO_KEY), meta.get("step", 0)
     elif path.is_file():
         ckpt = read_checkpoint(path)
         if not isinstance(ckpt, dict) or "datamodule_hyper_parameters" not in ckpt:
-            raise UserError(f"{path} was not written by train.py (no GINC datamodule settings inside); use a run's checkpoint")
+            raise UserError(f"{path} was not written by train.py (no GINC datamodule settings inside); "
+                            "use a run's checkpoint")
         where, model, data = path, ckpt.get("hyper_parameters"), ckpt["datamodule_hyper_parameters"]
         if not isinstance(model, dict):
             raise _broken(path, "its model settings (hyper_parameters) are not a mapping")
         model, info, step = plain(dict(model)), ckpt.get(RUN_INFO_KEY), ckpt.get("global_step", 0)
         model.setdefault("_class_path", ckpt.get(MODULE_CLASS_KEY))  # older checkpoints keep it in their settings
     else:
-        raise MissingInput(f"checkpoint {path} does not exist; pass a run's checkpoints/last.ckpt (or best.ckpt) or its hf/ directory")
+        raise MissingInput(f"checkpoint {path} does not exist; pass a run's checkpoints/last.ckpt (or best.ckpt) "
+                           "or its hf/ directory")
     if not isinstance(data, dict) or not isinstance(data.get("context_length"), int):
-        raise _broken(where, "it does not record the data settings the run was trained on (data: world, context_length, ...)")
+        raise _broken(where, "it does not record the data settings the run was trained on "
+                             "(data: world, context_length, ...)")
     data = {k: v for k, v in plain(dict(data)).items() if k in _DATA_KEYS}
     try:
         world_config(data.get("world"), "data.world.")
@@ -144,7 +149,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _broken(path: Path, why: str) -> UserError:
-    return UserError(f"{path} cannot be read back: {why}; export the run again (train.py writes it) or pass another checkpoint")
+    return UserError(f"{path} cannot be read back: {why}; export the run again (train.py writes it) "
+                     "or pass another checkpoint")
 
 
 def _read_json(path: Path) -> dict:

@@ -88,4 +88,5 @@ class DocumentReader:
         if next_tokens:  # including the prediction after the last token
             task_next[:, L - 1] = state @ self.emits
             nxt = mixture_next_log_prob(evidence, task_next)
-        return ReaderOutput(torch.where(possible, log_prob, torch.zeros_like(log_prob)), possible, task_lp, nxt, task_next)
+        return ReaderOutput(torch.where(possible, log_prob, torch.zeros_like(log_prob)), possible, task_lp, nxt,
+                            task_next)

@@ -49,7 +49,8 @@ class TaskTerms:
     them into the predictive, sum_m w_m exp(evidence_m) next_prob_m / sum_m w_m exp(evidence_m)."""
 
     evidence: torch.Tensor  # [N, n, M]: log p(D_<n, x_n | m), the start property summed out
-    next_prob: torch.Tensor  # [N, n, M, V]: p(k-th token | D_<n, x_n, m): over labels ("label"), next tokens ("sampled")
+    next_prob: torch.Tensor  # [N, n, M, V]: p(k-th token | D_<n, x_n, m): over labels ("label"),
+                             # next tokens ("sampled")
     seen: torch.Tensor  # [N, n + 1, M]: log p(D_<=j | m), j = 0..n
 
 
@@ -68,7 +69,8 @@ class ExactLearner:
         counts = torch.bincount(flat, minlength=self.V)
         self.R = int(counts.max())
         order = torch.argsort(flat, stable=True)
-        rank = torch.arange(flat.numel(), device=dev) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        rank = (torch.arange(flat.numel(), device=dev)
+                - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts))
         self.preimage = torch.full((self.V, self.R), -1, dtype=torch.long, device=dev)
         self.preimage[flat[order], rank] = order
         pre, valid = self.preimage.clamp_min(0), (self.preimage >= 0).double()

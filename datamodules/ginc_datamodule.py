@@ -40,7 +40,8 @@ class ICLConfig:
             if value < 1:
                 raise WorldConfigError(f"icl.{name} must be >= 1, got {value}")
         if self.n_shots is not None and self.n_shots < 1:
-            raise WorldConfigError(f"icl.n_shots must be >= 1 (or null: as many as fill the context), got {self.n_shots}")
+            raise WorldConfigError(f"icl.n_shots must be >= 1 (or null: as many as fill the context), "
+                                   f"got {self.n_shots}")
         if not self.k_values or len(set(self.k_values)) != len(self.k_values):
             raise WorldConfigError(f"icl.k_values must list each example length once, got {self.k_values}")
         if self.tasks is not None and (not self.tasks or any(t < 0 for t in self.tasks)):
@@ -123,7 +124,8 @@ class DocumentBlocks:
         for task, k in {(int(t), int(k)) for t, k in zip(tasks[picked], ks[picked])}:
             rows = picked & (tasks == task) & (ks == k)
             # prompt ids far above any evaluation prompt's, so training never shows an evaluation prompt
-            prompts = self.sampler.icl_prompts(task, k, ids[rows] + _TRAIN_PROMPT_OFFSET, L // (k + 1) + 1, demo.demo_format)
+            prompts = self.sampler.icl_prompts(task, k, ids[rows] + _TRAIN_PROMPT_OFFSET, L // (k + 1) + 1,
+                                               demo.demo_format)
             tokens[rows] = prompts.tokens[:, :L]
 
 
@@ -145,14 +147,16 @@ class BlockStream(IterableDataset):
 class ICLPromptSet(Dataset):
     """Evaluation prompts: one item = a batch of prompts of one (k, task), this rank's share only."""
 
-    def __init__(self, world: WorldConfig, icl: ICLConfig, context_length: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, world: WorldConfig, icl: ICLConfig, context_length: int, rank: int = 0,
+                 world_size: int = 1) -> None:
         sampler = GincSampler(GincWorld.build(world))
         tasks = icl.tasks if icl.tasks is not None else list(range(world.n_tasks))
         items = []
         for k in icl.k_values:
             n_shots = icl.n_shots or shots_for_context(context_length, k)
             if n_shots * (k + 1) > context_length:
-                raise WorldConfigError(f"{n_shots} shots of k={k} need {n_shots * (k + 1)} tokens, more than context_length {context_length}; lower icl.n_shots")
+                raise WorldConfigError(f"{n_shots} shots of k={k} need {n_shots * (k + 1)} tokens, "
+                                       f"more than context_length {context_length}; lower icl.n_shots")
             for task in tasks:
                 for lo in range(0, icl.prompts_per_task, icl.batch_size):
                     ids = torch.arange(lo, min(lo + icl.batch_size, icl.prompts_per_task))
@@ -160,7 +164,8 @@ class ICLPromptSet(Dataset):
         self.items = []
         for k, task, ids, n_shots in items[rank::world_size]:
             p = sampler.icl_prompts(task, k, ids, n_shots, icl.demo_format)
-            self.items.append({"input_ids": p.tokens, "label_pos": p.label_pos, "labels": p.labels, "k": k, "task": task})
+            self.items.append({"input_ids": p.tokens, "label_pos": p.label_pos, "labels": p.labels, "k": k,
+                               "task": task})
 
     def __len__(self) -> int:
         return len(self.items)
@@ -206,13 +211,16 @@ class GincDataModule(L.LightningDataModule):
         if batch_size < 1:
             raise WorldConfigError(f"batch_size must be >= 1, got {batch_size}")
         if train_documents is not None and train_documents < 1:
-            raise WorldConfigError(f"train_documents must be >= 1 (or null for an endless stream), got {train_documents}")
+            raise WorldConfigError(f"train_documents must be >= 1 (or null for an endless stream), "
+                                   f"got {train_documents}")
         for k in self.icl.k_values:
             shots_for_context(context_length, k)  # checks k and that one example fits
         if self.icl.tasks is not None and max(self.icl.tasks) >= self.world.n_tasks:
-            raise WorldConfigError(f"icl.tasks {self.icl.tasks} must name tasks of the world (0..{self.world.n_tasks - 1})")
+            raise WorldConfigError(f"icl.tasks {self.icl.tasks} must name tasks of the world "
+                                   f"(0..{self.world.n_tasks - 1})")
         self.context_length, self.batch_size = context_length, batch_size
-        self.train_weights = None if train_weights is None else list(check_weights(train_weights, self.world.n_tasks, "train_weights"))
+        self.train_weights = (None if train_weights is None
+                              else list(check_weights(train_weights, self.world.n_tasks, "train_weights")))
         self.train_documents, self.train_stream = train_documents, train_stream
         self.val_documents, self.num_workers = val_documents, num_workers
         if not 0.0 <= demo_rate <= 1.0:
@@ -238,7 +246,8 @@ class GincDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world_size = self._rank()
         stream = BlockStream(self.train_blocks(), self._start_batch(), rank, world_size)
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> list[DataLoader]:
         rank, world_size = self._rank()
@@ -246,7 +255,8 @@ class GincDataModule(L.LightningDataModule):
             n_batches = math.ceil(self.val_documents / self.batch_size)
             val = DocumentBlocks(self.world, self.context_length, self.batch_size, self.train_weights, "val")
             reader = DocumentReader(GincWorld.build(self.world), val.weights)
-            self._val_items[rank, world_size] = [with_floor(val.batch(i), reader) for i in range(rank, n_batches, world_size)]
+            self._val_items[rank, world_size] = [with_floor(val.batch(i), reader)
+                                                 for i in range(rank, n_batches, world_size)]
         return [DataLoader(self._val_items[rank, world_size], batch_size=None), self.icl_dataloader()]
 
     def icl_dataloader(self) -> DataLoader:

@@ -25,13 +25,15 @@ class PairBlocks(DocumentBlocks):
     Pair i is the same whichever rank, worker or batch draws it; `length` is the pair length, BOS included.
     """
 
-    def __init__(self, world: WorldConfig, length: int, batch_size: int, chosen: np.ndarray, rejected: np.ndarray, stream: str, n_pairs: int | None) -> None:
+    def __init__(self, world: WorldConfig, length: int, batch_size: int, chosen: np.ndarray, rejected: np.ndarray,
+                 stream: str, n_pairs: int | None) -> None:
         super().__init__(world, length, batch_size, chosen, stream, n_pairs)
         self.rejected = rejected
 
     def pairs(self, pair_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """The pairs `pair_ids` of this stream (also how DPO scores every pair once with the reference)."""
-        chosen, rejected = self.sampler.preference_pairs(pair_ids, self.context_length - 1, self.weights, self.rejected, self.stream)
+        chosen, rejected = self.sampler.preference_pairs(pair_ids, self.context_length - 1, self.weights, self.rejected,
+                                                         self.stream)
         bos = torch.full((pair_ids.shape[0], 1), self.world.bos_id, dtype=torch.long)
         return {"chosen_ids": torch.cat([bos, chosen.tokens], 1), "rejected_ids": torch.cat([bos, rejected.tokens], 1),
                 "chosen_tasks": chosen.tasks, "rejected_tasks": rejected.tasks, "pair_ids": pair_ids}
@@ -49,15 +51,19 @@ class PreferenceDataModule(GincDataModule):
     sequence, BOS included (None: the context length). Other arguments are GincDataModule's.
     """
 
-    def __init__(self, rejected_weights: list[float] | None = None, pair_length: int | None = None, train_stream: str = "preference", **kwargs: Any) -> None:
+    def __init__(self, rejected_weights: list[float] | None = None, pair_length: int | None = None,
+                 train_stream: str = "preference", **kwargs: Any) -> None:
         super().__init__(train_stream=train_stream, **kwargs)
         self.pair_length = self.context_length if pair_length is None else pair_length
         if not 2 <= self.pair_length <= self.context_length:
-            raise WorldConfigError(f"pair_length must be in [2, context_length={self.context_length}] (BOS plus at least one token), got {pair_length}")
-        self.chosen_weights, self.rejected_weights = preference_mixtures(self.world, self.train_weights, rejected_weights)
+            raise WorldConfigError(f"pair_length must be in [2, context_length={self.context_length}] "
+                                   f"(BOS plus at least one token), got {pair_length}")
+        self.chosen_weights, self.rejected_weights = preference_mixtures(self.world, self.train_weights,
+                                                                         rejected_weights)
 
     def train_blocks(self) -> PairBlocks:
-        return PairBlocks(self.world, self.pair_length, self.batch_size, self.chosen_weights, self.rejected_weights, self.train_stream, self.train_documents)
+        return PairBlocks(self.world, self.pair_length, self.batch_size, self.chosen_weights, self.rejected_weights,
+                          self.train_stream, self.train_documents)
 
     @property
     def train_pairs(self) -> PairBlocks:
@@ -68,15 +74,18 @@ class PreferenceDataModule(GincDataModule):
 def preference_mixtures(world: WorldConfig, chosen: object, rejected: object) -> tuple[np.ndarray, np.ndarray]:
     """(chosen, rejected) mixtures, normalised; the two must put weight on disjoint sets of tasks."""
     if chosen is None:
-        raise WorldConfigError("preference data needs a chosen mixture: pass --run.direction favor|disfavor with --run.tasks [..], or data.train_weights")
+        raise WorldConfigError("preference data needs a chosen mixture: pass --run.direction favor|disfavor "
+                               "with --run.tasks [..], or data.train_weights")
     chosen = check_weights(chosen, world.n_tasks, "train_weights (the chosen mixture)")
     if rejected is None:
         rest = np.where(chosen > 0, 0.0, np.asarray(world.weights))
         if rest.sum() <= 0:
-            raise WorldConfigError("the chosen mixture covers every task the world samples, so nothing is left to reject; favour fewer tasks or give data.rejected_weights")
+            raise WorldConfigError("the chosen mixture covers every task the world samples, so nothing is left "
+                                   "to reject; favour fewer tasks or give data.rejected_weights")
         rejected = rest
     rejected = check_weights(rejected, world.n_tasks, "rejected_weights")
     both = np.flatnonzero((chosen > 0) & (rejected > 0)).tolist()
     if both:
-        raise WorldConfigError(f"task(s) {both} are both chosen and rejected (favoured set overlaps the disfavoured set); make data.train_weights and data.rejected_weights disjoint")
+        raise WorldConfigError(f"task(s) {both} are both chosen and rejected (favoured set overlaps the "
+                               "disfavoured set); make data.train_weights and data.rejected_weights disjoint")
     return chosen, rejected

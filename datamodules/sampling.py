@@ -58,8 +58,10 @@ class ChainSampler:
         self.emission_scaled = torch.zeros(S * S, dtype=token_dtype, device=joint.device)
         self.emission_scaled[::S] = world.emission.reshape(-1).to(token_dtype)  # token of a path entry h * S
 
-    def run(self, key: int, seq_ids: torch.Tensor, tasks: torch.Tensor, first: torch.Tensor, n_steps: int) -> torch.Tensor:
-        """Advance each sequence from its first state n_steps times -> time-major int32 path [n_steps + 1, B] of h * S."""
+    def run(self, key: int, seq_ids: torch.Tensor, tasks: torch.Tensor, first: torch.Tensor,
+            n_steps: int) -> torch.Tensor:
+        """Advance each sequence from its first state n_steps times -> time-major int32
+        path [n_steps + 1, B] of h * S."""
         S, B, dev = self.n_states, seq_ids.shape[0], seq_ids.device
         path = torch.empty(n_steps + 1, B, dtype=torch.int32, device=dev)  # time-major: contiguous rows
         path[0] = first * S
@@ -107,8 +109,10 @@ class GincSampler:
         self.config = world.config
         self.chains = ChainSampler(world)
 
-    def documents(self, doc_ids: torch.Tensor, length: int, weights: object = None, stream: str = "pretrain", with_states: bool = False) -> Documents:
-        """Documents `doc_ids` of a stream: each picks a task by `weights` (default: the world's), then walks its HMM."""
+    def documents(self, doc_ids: torch.Tensor, length: int, weights: object = None, stream: str = "pretrain",
+                  with_states: bool = False) -> Documents:
+        """Documents `doc_ids` of a stream: each picks a task by `weights` (default: the world's),
+        then walks its HMM."""
         cfg, w = self.config, self.world
         doc_ids = torch.as_tensor(doc_ids, dtype=torch.long, device=w.device)
         mix = torch.as_tensor(check_weights(cfg.weights if weights is None else weights, cfg.n_tasks), device=w.device)
@@ -140,7 +144,8 @@ class GincSampler:
         if not 0 <= task < cfg.n_tasks:
             raise WorldConfigError(f"task {task} is out of range for a world of {cfg.n_tasks} tasks")
         if demo_format not in DEMO_FORMATS:
-            raise WorldConfigError(f"unknown demonstration format {demo_format!r}; choose one of {', '.join(DEMO_FORMATS)}")
+            raise WorldConfigError(f"unknown demonstration format {demo_format!r}; "
+                                   f"choose one of {', '.join(DEMO_FORMATS)}")
         check_example_length(k)
         if n_shots < 1:
             raise WorldConfigError(f"n_shots must be >= 1, got {n_shots}")
@@ -163,7 +168,8 @@ class GincSampler:
         label_pos = 1 + torch.arange(n_shots, device=w.device) * (k + 1) + (k - 1)
         return ICLPrompts(torch.cat([bos, body], 1), label_pos.expand(N, -1), y, task, k, start_prop, demo_format)
 
-    def preference_pairs(self, pair_ids: torch.Tensor, length: int, chosen_weights: object, rejected_weights: object, stream: str = "preference") -> tuple[Documents, Documents]:
+    def preference_pairs(self, pair_ids: torch.Tensor, length: int, chosen_weights: object, rejected_weights: object,
+                         stream: str = "preference") -> tuple[Documents, Documents]:
         """Pairs (chosen, rejected): chosen documents from one mixture, rejected ones from another."""
         chosen = self.documents(pair_ids, length, chosen_weights, stream=f"{stream}/chosen")
         rejected = self.documents(pair_ids, length, rejected_weights, stream=f"{stream}/rejected")
@@ -191,8 +197,10 @@ class ICLPrompts:
 
 
 def split_demonstrations(tokens: torch.Tensor, k: int, n_shots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ICL prompt tokens [N, n_shots * (k + 1)] -> inputs x [N, n, k-1] and the k-th token [N, n] of each demonstration."""
-    body = torch.cat([tokens[:, 1:], tokens.new_full((tokens.shape[0], 1), DELIMITER)], 1)  # drop BOS, restore the last delimiter
+    """ICL prompt tokens [N, n_shots * (k + 1)] -> inputs x [N, n, k-1] and the k-th token [N, n]
+    of each demonstration."""
+    # drop BOS, restore the last delimiter
+    body = torch.cat([tokens[:, 1:], tokens.new_full((tokens.shape[0], 1), DELIMITER)], 1)
     demos = body.reshape(tokens.shape[0], n_shots, k + 1)
     return demos[..., : k - 1], demos[..., k - 1]
 
@@ -207,5 +215,6 @@ def shots_for_context(context_length: int, k: int) -> int:
     check_example_length(k)
     n = context_length // (k + 1)
     if n < 1:
-        raise WorldConfigError(f"context_length {context_length} is too short for one example of length k={k} (needs {k + 1}); raise it or lower k")
+        raise WorldConfigError(f"context_length {context_length} is too short for one example of length k={k} "
+                               f"(needs {k + 1}); raise it or lower k")
     return n

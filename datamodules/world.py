@@ -92,7 +92,8 @@ def check_world_values(values: Mapping[str, object], prefix: str = "") -> None:
     known = [f.name for f in fields(WorldConfig)]
     unknown = [key for key in values if key not in known and not str(key).startswith("__")]
     if unknown:
-        raise WorldConfigError(f"{prefix}{unknown[0]} is not a world setting; the world's settings are {', '.join(known)}")
+        raise WorldConfigError(f"{prefix}{unknown[0]} is not a world setting; "
+                               f"the world's settings are {', '.join(known)}")
     v = {f.name: f.default for f in fields(WorldConfig)} | {k: values[k] for k in known if k in values}
     for name, least in _INTS.items():
         if not _is_int(v[name]):
@@ -101,25 +102,29 @@ def check_world_values(values: Mapping[str, object], prefix: str = "") -> None:
         if v[name] < _INTS[name]:
             raise WorldConfigError(f"{prefix}{name} must be >= {_INTS[name]}, got {v[name]}")
     if v["n_properties"] < 2:
-        raise WorldConfigError(f"{prefix}n_properties must be >= 2 (property 0 is the delimiter), got {v['n_properties']}")
+        raise WorldConfigError(f"{prefix}n_properties must be >= 2 (property 0 is the delimiter), "
+                               f"got {v['n_properties']}")
     if not isinstance(v["distinct_emissions"], (bool, np.bool_)):
         raise WorldConfigError(f"{prefix}distinct_emissions must be true or false, got {v['distinct_emissions']!r}")
     needed = v["n_entities"] * (v["n_properties"] - 1) + 1 if v["distinct_emissions"] else 2
     if v["vocab_size"] < needed:
         raise WorldConfigError(
-            f"{prefix}vocab_size {v['vocab_size']} is smaller than the emission table needs ({needed}: the delimiter plus "
+            f"{prefix}vocab_size {v['vocab_size']} is smaller than the emission table needs "
+            f"({needed}: the delimiter plus "
             f"{'one token per (entity, property>0)' if v['distinct_emissions'] else 'one token'}); raise vocab_size"
         )
     for name in _TEMPERATURES:
         if not (_is_real(v[name]) and math.isfinite(v[name]) and v[name] >= _LEAST_TEMPERATURE):
-            raise WorldConfigError(f"{prefix}{name} must be > 0 and finite (at least {_LEAST_TEMPERATURE:.1e}), got {v[name]!r}")
+            raise WorldConfigError(f"{prefix}{name} must be > 0 and finite (at least {_LEAST_TEMPERATURE:.1e}), "
+                                   f"got {v[name]!r}")
     for name in _SHARES:
         if not (_is_real(v[name]) and 0.0 <= v[name] <= 1.0):
             raise WorldConfigError(f"{prefix}{name} must be in [0, 1], got {v[name]!r}")
     weights = v["weights"]
     if weights is not None:
         if not isinstance(weights, (list, tuple, np.ndarray)) or not all(_is_real(w) for w in weights):
-            raise WorldConfigError(f"{prefix}weights must be finite numbers >= 0, one per task (or null: uniform), got {weights!r}")
+            raise WorldConfigError(f"{prefix}weights must be finite numbers >= 0, one per task (or null: uniform), "
+                                   f"got {weights!r}")
         check_weights(weights, v["n_tasks"], f"{prefix}weights")
 
 
@@ -154,7 +159,8 @@ def check_weights(weights: object, n_tasks: int, name: str = "weights") -> np.nd
     except (TypeError, ValueError):
         raise WorldConfigError(f"{name} must be a list of one number per task, got {weights!r}") from None
     if w.shape[0] != n_tasks:
-        raise WorldConfigError(f"{name} has {w.shape[0]} entries but the world has {n_tasks} tasks; give one weight per task")
+        raise WorldConfigError(f"{name} has {w.shape[0]} entries but the world has {n_tasks} tasks; "
+                               "give one weight per task")
     if not np.all(np.isfinite(w)) or np.any(w < 0):
         raise WorldConfigError(f"{name} must be finite and >= 0, got {w.tolist()}")
     with np.errstate(over="ignore"):  # an overflow is refused below
@@ -214,7 +220,8 @@ class GincWorld:
         return cls(config, t(emission, torch.long), t(entity), t(prop), t(start), t(np.asarray(config.weights)))
 
     def to(self, device: torch.device | str) -> GincWorld:
-        moved = {k: getattr(self, k).to(device) for k in ("emission", "entity_transition", "property_transition", "start", "weights")}
+        moved = {k: getattr(self, k).to(device)
+                 for k in ("emission", "entity_transition", "property_transition", "start", "weights")}
         return GincWorld(self.config, **moved)
 
     @property

@@ -57,7 +57,8 @@ class CurvesWriter(L.Callback):
             return
         step = trainer.global_step
         # replace: a run resumed from before an evaluation it already wrote evaluates that step again
-        write_curves([{**r, "run": self.info.run, **self.info.columns(step)} for r in rows], self.path, append=True, replace=True)
+        write_curves([{**r, "run": self.info.run, **self.info.columns(step)} for r in rows], self.path, append=True,
+                     replace=True)
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if loggers and self._reference_rows is None:
             self._reference_rows = self.references(pl_module.device) if self.references else {}
@@ -108,10 +109,12 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        if self.train_progress_bar is not None and self.is_enabled and (step % self.refresh_rate == 0 or step == trainer.max_steps):
+        if self.train_progress_bar is not None and self.is_enabled and (step % self.refresh_rate == 0
+                                                                        or step == trainer.max_steps):
             self.train_progress_bar.n = step
             shown = {name: f"{trainer.callback_metrics[key].item():{fmt}}" for name, key, fmt in
-                     (("loss", "train/loss", ".3f"), ("tok/s", "train/tokens_per_s", ".3g")) if key in trainer.callback_metrics}
+                     (("loss", "train/loss", ".3f"), ("tok/s", "train/tokens_per_s", ".3g"))
+                     if key in trainer.callback_metrics}
             self.train_progress_bar.set_postfix(shown)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
@@ -131,7 +134,8 @@ class FinalExport(L.Callback):
         # periodic saves (every_n_train_steps) need not fall on the last step: rank 0 reads the step last.ckpt
         # holds (its tensors stay on disk), and every rank joins the save
         if trainer.checkpoint_callback is not None:
-            behind = trainer.is_global_zero and (not last.is_file() or read_checkpoint(last)["global_step"] != trainer.global_step)
+            behind = trainer.is_global_zero and (not last.is_file()
+                                                 or read_checkpoint(last)["global_step"] != trainer.global_step)
             if trainer.strategy.broadcast(behind):
                 trainer.save_checkpoint(last, weights_only=False)  # full, to resume
         if trainer.is_global_zero:

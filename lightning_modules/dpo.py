@@ -30,11 +30,13 @@ from user_errors import UserError
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
              ref_rejected_logps: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sigmoid DPO (Rafailov et al. 2023): mean of -log sigmoid(beta * h), h = chosen log-ratio minus rejected log-ratio.
+    """Sigmoid DPO (Rafailov et al. 2023): mean of -log sigmoid(beta * h), h = chosen log-ratio
+    minus rejected log-ratio.
 
     Returns (loss, chosen rewards, rejected rewards); a reward is beta * log(policy / reference) [B].
     """
-    chosen, rejected = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    chosen, rejected = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                   beta)
     return -F.logsigmoid(beta * (chosen - rejected)).mean(), beta * chosen, beta * rejected
 
 
@@ -44,11 +46,13 @@ def ipo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
 
     Returns (loss, chosen rewards, rejected rewards) as `dpo_loss` does.
     """
-    chosen, rejected = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    chosen, rejected = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                   beta)
     return (chosen - rejected - 1 / (2 * beta)).square().mean(), beta * chosen, beta * rejected
 
 
-def _log_ratios(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _log_ratios(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor,
+                beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """log(policy / reference) of the chosen and the rejected sequences, in float32 (bf16 sums lose the margin)."""
     if not beta > 0:
         raise UserError(f"beta must be > 0, got {beta}; DPO/IPO need a positive KL strength (default 0.1)")
@@ -93,24 +97,30 @@ class PreferenceModule(CausalLMModule):
     def __init__(self, beta: float = 0.1, loss: str = "dpo", cache_reference: bool | None = None,
                  train_pairs: PairBlocks | None = None, **kwargs: Any) -> None:
         if not beta > 0:
-            raise ModelConfigError(f"model.beta must be > 0, got {beta}; it is the KL strength of DPO/IPO (default 0.1)")
+            raise ModelConfigError(f"model.beta must be > 0, got {beta}; "
+                                   "it is the KL strength of DPO/IPO (default 0.1)")
         if loss not in LOSS_FUNCTIONS:
             raise ModelConfigError(f"unknown model.loss {loss!r}; choose one of {', '.join(LOSS_FUNCTIONS)}")
         if cache_reference and (train_pairs is None or train_pairs.n_documents is None):
-            raise ModelConfigError("model.cache_reference needs a finite set of pairs: set data.train_documents (or leave cache_reference null)")
+            raise ModelConfigError("model.cache_reference needs a finite set of pairs: set data.train_documents "
+                                   "(or leave cache_reference null)")
         super().__init__(**kwargs)
         self.train_pairs = train_pairs
         self.reference: GPT2LMHeadModel | None = None
-        self.reference_cache: torch.Tensor | None = None  # [2, pairs]: reference log p of each chosen / rejected document
+        # [2, pairs]: reference log p of each chosen / rejected document
+        self.reference_cache: torch.Tensor | None = None
 
     def check_data(self, data: GincDataModule) -> None:
         super().check_data(data)
         if not isinstance(data, PreferenceDataModule):
-            raise ModelConfigError("PreferenceModule trains on preference pairs: set data.class_path to datamodules.preference_datamodule.PreferenceDataModule")
+            raise ModelConfigError("PreferenceModule trains on preference pairs: set data.class_path to "
+                                   "datamodules.preference_datamodule.PreferenceDataModule")
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.hparams.init_from is None:  # checked here, not in __init__, so evaluation can load a checkpoint without it
-            raise ModelConfigError("preference training starts from a pretrained model: pass --model.init_from runs/NAME/checkpoints/last.ckpt (or runs/NAME/hf)")
+        # checked here, not in __init__, so evaluation can load a checkpoint without it
+        if stage == "fit" and self.hparams.init_from is None:
+            raise ModelConfigError("preference training starts from a pretrained model: "
+                                   "pass --model.init_from runs/NAME/checkpoints/last.ckpt (or runs/NAME/hf)")
 
     def configure_model(self) -> None:
         if self.reference is not None:
@@ -165,7 +175,8 @@ class PreferenceModule(CausalLMModule):
         if self.reference_cache is None or self.log_flush_step():
             with torch.no_grad():
                 ref = next_token_log_probs(self.reference, ids)
-        logps = target_logps(ref, ids) if self.reference_cache is None else self.reference_cache[:, pair_ids].reshape(-1)
+        logps = (target_logps(ref, ids) if self.reference_cache is None
+                 else self.reference_cache[:, pair_ids].reshape(-1))
         return logps, ref
 
     # ---- training (validation is the causal-LM module's) --------------------------------------

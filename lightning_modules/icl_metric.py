@@ -17,7 +17,8 @@ from transformers import GPT2LMHeadModel
 from contracts.curves_table import curve_row
 
 
-def label_scores(model: GPT2LMHeadModel, input_ids: torch.Tensor, label_pos: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def label_scores(model: GPT2LMHeadModel, input_ids: torch.Tensor, label_pos: torch.Tensor,
+                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability [b, n] of each label given its prefix, and whether it is the top-1 token [b, n]."""
     hidden = model.transformer(input_ids=input_ids).last_hidden_state
     predicting = (label_pos - 1)[..., None].expand(-1, -1, hidden.shape[-1])  # the output at pos-1 predicts pos
@@ -64,6 +65,7 @@ def curve_rows(sums: dict[str, torch.Tensor], k_values: Sequence[int], run: str,
     rows = []
     for i, t, s in count.nonzero().tolist():
         rows.append(curve_row(run, k_values[i], t, s, prob[i, t, s].item(), nll[i, t, s].item(), hits[i, t, s].item(),
-                              int(count[i, t, s]), **({"undefined": int(undefined[i, t, s])} if undefined_column else {}),
+                              int(count[i, t, s]),
+                              **({"undefined": int(undefined[i, t, s])} if undefined_column else {}),
                               **extra))
     return rows

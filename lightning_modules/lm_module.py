@@ -79,7 +79,8 @@ def load_gpt_weights(model: GPT2LMHeadModel, source: str | Path) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise ModelConfigError(f"{source} holds a different model than configured ({str(exc).splitlines()[0]}); use its size") from None
+        raise ModelConfigError(f"{source} holds a different model than configured ({str(exc).splitlines()[0]}); "
+                               "use its size") from None
 
 
 class ICLEval(TypedDict):
@@ -144,9 +145,11 @@ class CausalLMModule(L.LightningModule):
         is logged as scalars (the last one always is). icl_eval: the ICL prompts validation scores (None:
         none). train.py sets vocab_size and icl_eval from the datamodule; `data_arguments(data)` gives both."""
         super().__init__()
-        self.spec: GPTSpec = resolve_spec(size, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions, dropout=dropout)
+        self.spec: GPTSpec = resolve_spec(size, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions,
+                                          dropout=dropout)
         if init_from is not None and not Path(init_from).exists():
-            raise MissingInput(f"init_from checkpoint {init_from} does not exist; pass the path of a pretraining run's checkpoint or HF export")
+            raise MissingInput(f"init_from checkpoint {init_from} does not exist; "
+                               "pass the path of a pretraining run's checkpoint or HF export")
         self.optim = optim if isinstance(optim, OptimConfig) else OptimConfig(**(optim or {}))
         self.save_hyperparameters(ignore=list(self.data_only))
         self.gpt: GPT2LMHeadModel | None = None
@@ -158,17 +161,20 @@ class CausalLMModule(L.LightningModule):
     def check_data(self, data: GincDataModule) -> None:
         """Raise before training when the data does not fit the model (train.py calls it before fit)."""
         if data.context_length > self.spec.n_positions:
-            raise ModelConfigError(f"data.context_length {data.context_length} exceeds the model's n_positions {self.spec.n_positions}; raise model.n_positions or lower the context")
+            raise ModelConfigError(f"data.context_length {data.context_length} exceeds the model's "
+                                   f"n_positions {self.spec.n_positions}; raise model.n_positions or lower the context")
         vocab = self.hparams.vocab_size
         if vocab is not None and vocab != data.world.model_vocab_size:
-            raise ModelConfigError(f"model.vocab_size {vocab} differs from the world's {data.world.model_vocab_size} (vocab_size + PAD + BOS); leave it null")
+            raise ModelConfigError(f"model.vocab_size {vocab} differs from the world's {data.world.model_vocab_size} "
+                                   "(vocab_size + PAD + BOS); leave it null")
 
     def configure_model(self) -> None:
         if self.gpt is not None:
             return
         vocab = self.hparams.vocab_size
         if vocab is None:
-            raise ModelConfigError("the vocabulary is unknown: build the module with vocab_size, the world's model_vocab_size (data_arguments(data) gives it)")
+            raise ModelConfigError("the vocabulary is unknown: build the module with vocab_size, "
+                                   "the world's model_vocab_size (data_arguments(data) gives it)")
         self.gpt = build_gpt(self.spec, vocab, bos_id=vocab - 1, pad_id=vocab - 2)  # world ids: PAD = V, BOS = V + 1
         if self.hparams.init_from is not None:
             load_gpt_weights(self.gpt, self.hparams.init_from)
@@ -213,7 +219,8 @@ class CausalLMModule(L.LightningModule):
     def log_rates(self, n_tokens: int) -> None:
         """Count this step's tokens; log lr and tokens/s when the logger flushes."""
         self._tokens += n_tokens
-        # self.log turns a Python float into a device tensor, a blocking host-to-device copy: floats only when the logger flushes
+        # self.log turns a Python float into a device tensor, a blocking host-to-device copy:
+        # floats only when the logger flushes
         if self.log_flush_step():
             self.log("lr", self.lr_schedulers().get_last_lr()[0])
             now = time.perf_counter()
@@ -223,7 +230,8 @@ class CausalLMModule(L.LightningModule):
     def configure_optimizers(self) -> dict:
         total = self.optim.total_steps or self.trainer.max_steps
         if total is None or total < 1:
-            raise ModelConfigError("the learning-rate decay needs a length: set trainer.max_steps (the data stream is endless) or model.optim.total_steps")
+            raise ModelConfigError("the learning-rate decay needs a length: set trainer.max_steps "
+                                   "(the data stream is endless) or model.optim.total_steps")
         return adamw_with_schedule(self.gpt, self.optim, total, fused=self.device.type == "cuda")
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
@@ -258,7 +266,8 @@ class CausalLMModule(L.LightningModule):
                     self.log(name, loss.float() - floor.float(), add_dataloader_idx=False, sync_dist=True,
                              batch_size=ids.shape[0])
         elif self.icl is None:
-            raise ModelConfigError("the data gives ICL prompts but the module has no icl_eval: build it with data_arguments(data)")
+            raise ModelConfigError("the data gives ICL prompts but the module has no icl_eval: "
+                                   "build it with data_arguments(data)")
         else:
             logp, hit = label_scores(self.gpt, batch["input_ids"], batch["label_pos"], batch["labels"])
             self.icl.update(batch["k"], batch["task"], logp, hit)
@@ -278,7 +287,8 @@ class CausalLMModule(L.LightningModule):
         rows = curve_rows(self.icl.compute(), self.icl.k_values, run="")
         self.last_curve_rows = [] if self.trainer.sanity_checking else rows
         for r in self._rows_to_log(rows):
-            self.log(f"icl/acc_k{r['k']}_task{r['task']}_shots{r['shots']}", r["acc"], add_dataloader_idx=False, rank_zero_only=True)
+            self.log(f"icl/acc_k{r['k']}_task{r['task']}_shots{r['shots']}", r["acc"], add_dataloader_idx=False,
+                     rank_zero_only=True)
 
     def _rows_to_log(self, rows: list[dict]) -> list[dict]:
         last: dict[tuple, int] = {}

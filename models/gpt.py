@@ -42,13 +42,15 @@ NAMED_SIZES = {f"gpt2-{n}l": GPTSpec(n_layer=n) for n in NAMED_LAYERS}
 def resolve_spec(size: str | None, **overrides: int | float | None) -> GPTSpec:
     """The named size (None: GPTSpec's defaults) with the given fields overridden (None keeps its value)."""
     if size is not None and size not in NAMED_SIZES:
-        raise ModelConfigError(f"unknown model size {size!r}; choose one of {', '.join(NAMED_SIZES)} (and override n_layer/n_embd/... for others)")
+        raise ModelConfigError(f"unknown model size {size!r}; choose one of {', '.join(NAMED_SIZES)} "
+                               "(and override n_layer/n_embd/... for others)")
     spec = replace(NAMED_SIZES[size] if size else GPTSpec(), **{k: v for k, v in overrides.items() if v is not None})
     for name in ("n_layer", "n_embd", "n_head", "n_positions"):
         if getattr(spec, name) < 1:
             raise ModelConfigError(f"{name} must be >= 1, got {getattr(spec, name)}")
     if spec.n_embd % spec.n_head:
-        raise ModelConfigError(f"n_embd {spec.n_embd} is not divisible by n_head {spec.n_head}; pick a head count that divides it")
+        raise ModelConfigError(f"n_embd {spec.n_embd} is not divisible by n_head {spec.n_head}; "
+                               "pick a head count that divides it")
     if not 0.0 <= spec.dropout < 1.0:
         raise ModelConfigError(f"dropout must be in [0, 1), got {spec.dropout}")
     return spec
@@ -117,7 +119,8 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as exc:  # a truncated or foreign file fails in many ways (zip, pickle, EOF, ...)
-        raise ModelConfigError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:80]}); "
+        raise ModelConfigError(f"{path} is not a readable checkpoint "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:80]}); "
                                "pass a checkpoints/last.ckpt written by train.py, or the run's hf/ directory") from None
 
 
@@ -126,5 +129,6 @@ def read_pretrained(path: str | Path) -> GPT2LMHeadModel:
     try:
         return GPT2LMHeadModel.from_pretrained(path)
     except Exception as exc:  # a corrupt safetensors or config file
-        raise ModelConfigError(f"{path} is not a loadable HF export ({type(exc).__name__}: {str(exc).splitlines()[0][:80]}); "
+        raise ModelConfigError(f"{path} is not a loadable HF export "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:80]}); "
                                "export it again or pass the run's checkpoints/last.ckpt") from None

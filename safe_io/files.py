@@ -384,7 +384,8 @@ def read_yaml_mapping(path: Path, what: str, error: type[UserError]) -> dict:
     try:
         cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as exc:
-        raise error(f"{what} {path} cannot be read ({exc.strerror or type(exc).__name__}); check the path and its permissions") from None
+        raise error(f"{what} {path} cannot be read ({exc.strerror or type(exc).__name__}); "
+                    "check the path and its permissions") from None
     except UnicodeDecodeError:
         raise error(f"{what} {path} is not UTF-8 text; a {what} is a YAML file") from None
     except yaml.YAMLError as exc:
