@@ -65,7 +65,8 @@ def ablate(config: Path, stop_after: int | None = None, parallel: int = 1,
 
 def main(argv: Sequence[str] | None = None) -> int:
     return exit_status(lambda: run_command(ablate, argv, "ablate.py"),
-                       "rerun the same command to resume (finished cells are kept, a cell resumes from its last checkpoint)")
+                       "rerun the same command to resume (finished cells are kept, a cell resumes from its last "
+                       "checkpoint)")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,16 @@
 
     python train.py                                                   # the quickstart (a few CPU minutes)
     python train.py fit --config configs/pretrain.yaml --model configs/model/gpt2-12l.yaml --trainer.devices 8
-    python train.py fit --config configs/sft-favor.yaml --model.init_from runs/NAME/checkpoints/last.ckpt --run.tasks [2]
-    python train.py fit --config configs/dpo-favor.yaml --model.init_from runs/NAME/checkpoints/last.ckpt --run.tasks [2]
+    python train.py fit --config configs/sft-favor.yaml --model.init_from runs/NAME/checkpoints/last.ckpt
+        --run.tasks [2]
+    python train.py fit --config configs/dpo-favor.yaml --model.init_from runs/NAME/checkpoints/last.ckpt
+        --run.tasks [2]
     python train.py fit --config configs/pretrain.yaml --run.name NAME --ckpt_path last      # resume NAME
 
 The flags and --config files name a run's settings (a `TrainConfig`), which `training.run.train` runs;
-every option of the model, data and trainer is a flag. The `run` group picks the stage (pretrain, sft, dpo; a stage registry, so others can be added) and the run directory
-runs/NAME/ that holds config.yaml, checkpoints/{best,last}.ckpt, TensorBoard logs, curves.csv and hf/.
+every option of the model, data and trainer is a flag. The `run` group picks the stage (pretrain, sft, dpo; a
+stage registry, so others can be added) and the run directory runs/NAME/ that holds config.yaml,
+checkpoints/{best,last}.ckpt, TensorBoard logs, curves.csv and hf/.
 Bad settings end in one `error:` line and exit status 2 before anything is written.
 """
 from __future__ import annotations
@@ -52,8 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def start(argv: list[str]) -> None:
     """The quickstart without arguments, else the run the flags ask for."""
     if argv and argv[0] in ("test", "predict"):
-        raise UserError(f"train.py has no {argv[0]} split to run `{argv[0]}` on (the GINC stream has no held-out set of "
-                        "that kind); use `python train.py validate --config CONFIG --ckpt_path CKPT` or "
+        raise UserError(f"train.py has no {argv[0]} split to run `{argv[0]}` on (the GINC stream has no held-out "
+                        "set of that kind); use `python train.py validate --config CONFIG --ckpt_path CKPT` or "
                         "`python evaluate.py curves --ckpt CKPT`")
     if not argv:
         run_quickstart()

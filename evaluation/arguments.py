@@ -53,7 +53,8 @@ class WholeNumber:
         if value < self.least:
             raise argparse.ArgumentTypeError(f"{value} must be >= {self.least}")
         if value > MOST:
-            raise argparse.ArgumentTypeError(f"{value} is beyond {MOST}; give a whole number from {self.least} to {MOST}")
+            raise argparse.ArgumentTypeError(f"{value} is beyond {MOST}; give a whole number from {self.least} "
+                                             f"to {MOST}")
         return value
 
 

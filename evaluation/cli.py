@@ -60,7 +60,8 @@ def curves(out: Path, ckpt: list[Path] | None = None, ideal: bool = False, hf_mo
         raise UserError("curves measures one source: give one of --ckpt, --ideal or --hf-model"
                         + (f", not {' and '.join(sources)}" if sources else ""))
     if ideal and data_config is None:
-        raise UserError("--ideal needs --data-config (a YAML with the GINC world and ICL settings, e.g. configs/data/ginc.yaml)")
+        raise UserError("--ideal needs --data-config (a YAML with the GINC world and ICL settings, "
+                        "e.g. configs/data/ginc.yaml)")
     if hf_model is not None:
         from evaluation.llm_curves import check_not_ginc_export
 

@@ -33,7 +33,8 @@ LEARNERS = ("exact", "reader", "both")
 COMPARED = ("auto", "exact", "reader")  # what a model is measured against (reader-gap, reader-prior)
 LEARNER_NAMES = {"exact": "exact learner", "reader": "document reader"}
 PRIOR_NAMES = {"exact": "exact-learner prior", "reader": "reader prior"}
-MEASURED_ON = {"exact": "the labels of held-out prompts", "reader": "held-out prompts and documents"}  # where its KL is taken
+# where its KL is taken
+MEASURED_ON = {"exact": "the labels of held-out prompts", "reader": "held-out prompts and documents"}
 
 
 def ideal_learner(choice: str, demo_rate: float) -> str:
@@ -61,18 +62,20 @@ def load_model(path: str | Path) -> GPT2LMHeadModel:
 
 
 @torch.no_grad()
-def model_curve_rows(model: GPT2LMHeadModel, data: GincDataModule, run: str, device: torch.device, **extra: object) -> list[dict]:
+def model_curve_rows(model: GPT2LMHeadModel, data: GincDataModule, run: str, device: torch.device,
+                     **extra: object) -> list[dict]:
     """ICL curve rows of a model on the datamodule's ICL prompts (all of them: one process)."""
     model = model.to(device).eval()
     metric = _metric(data).to(device)
     for batch in _progress(data.icl_dataloader(), run):
-        logp, hit = label_scores(model, batch["input_ids"].to(device), batch["label_pos"].to(device), batch["labels"].to(device))
+        logp, hit = label_scores(model, batch["input_ids"].to(device), batch["label_pos"].to(device),
+                                 batch["labels"].to(device))
         metric.update(batch["k"], batch["task"], logp, hit)
     return curve_rows(metric.compute(), data.icl.k_values, run, **extra)
 
 
-def exact_curve_rows(data: GincDataModule, run: str = "exact", weights: object = None, device: str | torch.device = "cpu",
-                     progress: bool = True, **extra: object) -> list[dict]:
+def exact_curve_rows(data: GincDataModule, run: str = "exact", weights: object = None,
+                     device: str | torch.device = "cpu", progress: bool = True, **extra: object) -> list[dict]:
     """The exact Bayesian learner's curve rows on the same prompts (prior = `weights`, default the world's)."""
     learner = ExactLearner(GincWorld.build(data.world).to(device), weights)
     metric = _metric(data).to(device)
@@ -121,7 +124,8 @@ def reader_label_scores(reader: DocumentReader, batch: dict, device: str | torch
     labels, pos = batch["labels"].to(device), batch["label_pos"].to(device)
     out = reader.read(batch["input_ids"].to(device), next_tokens=True)
     scores = out.next_log_prob.gather(1, (pos - 1)[..., None].expand(-1, -1, out.next_log_prob.shape[-1]))
-    return scores.gather(-1, labels[..., None]).squeeze(-1), scores.argmax(-1) == labels, out.possible.gather(1, pos - 1)
+    return (scores.gather(-1, labels[..., None]).squeeze(-1), scores.argmax(-1) == labels,
+            out.possible.gather(1, pos - 1))
 
 
 _REFERENCES: dict[tuple[str, str, int, str], dict[str, list[dict]]] = {}

@@ -50,11 +50,13 @@ class Reemergence:
 
     @property
     def within(self) -> int:
-        return sum(within_factor(csv_float(r["shots_to_recover"]), csv_float(r["measured_shots_to_recover"])) for r in self.compared)
+        return sum(within_factor(csv_float(r["shots_to_recover"]), csv_float(r["measured_shots_to_recover"]))
+                   for r in self.compared)
 
     @property
     def covered(self) -> int:
-        return sum(csv_float(r["shots_to_recover_lo"]) <= csv_float(r["measured_shots_to_recover"]) <= csv_float(r["shots_to_recover_hi"])
+        return sum(csv_float(r["shots_to_recover_lo"]) <= csv_float(r["measured_shots_to_recover"])
+                   <= csv_float(r["shots_to_recover_hi"])
                    for r in self.compared)
 
 
@@ -136,7 +138,8 @@ def amount_ranges(amounts: Iterable[float]) -> dict[str, list[float]]:
     values = sorted(set(amounts))
     if len(values) < 2:
         return {"all amounts": values}
-    return {"all amounts": values, "small half": values[:(len(values) + 1) // 2], "large half": values[len(values) // 2:]}
+    return {"all amounts": values, "small half": values[:(len(values) + 1) // 2],
+            "large half": values[len(values) // 2:]}
 
 
 def range_comparisons(groups: list[CurveGroup], config: ShiftConfig, shift: ShiftResult) -> list[dict]:
@@ -155,8 +158,8 @@ def range_comparisons(groups: list[CurveGroup], config: ShiftConfig, shift: Shif
                                             shift.chosen_laws())
         for k in sorted({c["k"] for c in comparison}):
             bic = {c["fit"]: c for c in comparison if c["k"] == k}
-            rows.append({"k": k, "range": name, "amounts": chosen, "shared": bic["shared"]["bic"], "free": bic["free"]["bic"],
-                         "preferred": "shared" if bic["shared"]["preferred"] else "free"})
+            rows.append({"k": k, "range": name, "amounts": chosen, "shared": bic["shared"]["bic"],
+                         "free": bic["free"]["bic"], "preferred": "shared" if bic["shared"]["preferred"] else "free"})
     return rows
 
 
@@ -199,5 +202,6 @@ def prior_only_verdict(ranges: Mapping[str, Mapping], cells: Sequence[tuple[floa
     kl_text = "no learner priors, so BIC alone"
     if base_kl and cells:
         amount, run, kl = max(cells, key=lambda c: c[2])
-        kl_text = f"no cell's KL left exceeds {KL_FACTOR:g}x the base model's {base_kl:.4f} (largest: {run}, {kl / base_kl:.2f}x)"
+        kl_text = (f"no cell's KL left exceeds {KL_FACTOR:g}x the base model's {base_kl:.4f} "
+                   f"(largest: {run}, {kl / base_kl:.2f}x)")
     return f"- prior-only account holds throughout: the shared P is preferred on every amount range; {kl_text}"

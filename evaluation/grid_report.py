@@ -61,20 +61,21 @@ def reemergence_section(shifts: Mapping[str, ShiftResult], out: Path) -> list[st
     n = len(found.compared)
     lines = [f"A task is suppressed in a cell when its zero-shot probability fell below the baseline's (the "
              f"threshold); it re-emerges at the shots where its probability returns to it. Of {len(found.suppressed)} "
-             f"suppressed (cell, k, task), {n} were measured to re-emerge after at least one shot, {at_once} before one "
-             f"shot, and {len(never)} not within the measured shots ({never_but_predicted} of them predicted to re-emerge "
-             "within them).", ""]
+             f"suppressed (cell, k, task), {n} were measured to re-emerge after at least one shot, {at_once} before "
+             f"one shot, and {len(never)} not within the measured shots ({never_but_predicted} of them predicted to "
+             "re-emerge within them).", ""]
     if n:
-        lines += [f"**Predicted within a factor of {FACTOR:g} of the measured shots: {_share(found.within, n)}; measured "
-                  f"inside the predicted 95% interval: {_share(found.covered, n)}.**", "",
-                  markdown_table(["run", "k", "task", "predicted [95%]", "measured", "predicted / measured"],
-                                 [[r["run"], r["k"], r["task"], interval_text(r, "shots_to_recover", ".3g"),
-                                   f"{csv_float(r['measured_shots_to_recover']):.3g}",
-                                   f"{csv_float(r['shots_to_recover']) / csv_float(r['measured_shots_to_recover']):.2f}"]
-                                  for r in found.compared]), ""]
+        lines += [f"**Predicted within a factor of {FACTOR:g} of the measured shots: {_share(found.within, n)}; "
+                  f"measured inside the predicted 95% interval: {_share(found.covered, n)}.**", "",
+                  markdown_table(
+                      ["run", "k", "task", "predicted [95%]", "measured", "predicted / measured"],
+                      [[r["run"], r["k"], r["task"], interval_text(r, "shots_to_recover", ".3g"),
+                        f"{csv_float(r['measured_shots_to_recover']):.3g}",
+                        f"{csv_float(r['shots_to_recover']) / csv_float(r['measured_shots_to_recover']):.2f}"]
+                       for r in found.compared]), ""]
     lines += [f"Predicted beyond the measured shots (inf: not within 10x them, or beyond the largest measured shot): "
-              f"{len(found.beyond)} of {len(found.suppressed)}; {beyond_but_measured} of them were measured to re-emerge "
-              "within the shots (misses, also above), the rest are untested by these shots.", ""]
+              f"{len(found.beyond)} of {len(found.suppressed)}; {beyond_but_measured} of them were measured to "
+              "re-emerge within the shots (misses, also above), the rest are untested by these shots.", ""]
     if found.beyond:
         lines += [markdown_table(["run", "k", "task", "predicted [95%]", "measured"],
                                  [[r["run"], r["k"], r["task"], interval_text(r, "shots_to_recover", ".3g"),
@@ -160,11 +161,13 @@ def _row_lines(method: str, direction: str, base: Mapping, cells: list[dict], ta
             f"baseline's {law[0]:.3f}")
     if all(r["run"] in reader for r in series):
         learned = [csv_float(reader[r["run"]][f"prior_{task}"]) for r in series]
-        text += f"; {learner} {trajectory_verdict(direction, amounts, learned)} ({' -> '.join(f'{v:.3f}' for v in learned)})"
+        text += (f"; {learner} {trajectory_verdict(direction, amounts, learned)} "
+                 f"({' -> '.join(f'{v:.3f}' for v in learned)})")
     return text
 
 
-def prior_section(shift: ShiftResult, task: int, reader: Mapping[str, Mapping], ranges: Sequence[Mapping] = ()) -> list[str]:
+def prior_section(shift: ShiftResult, task: int, reader: Mapping[str, Mapping],
+                  ranges: Sequence[Mapping] = ()) -> list[str]:
     """Per k: the task's prior in each cell with the learner prior and the KL it leaves, the verdicts per
     method and direction, shared P vs free on each amount range (`ranges`: range_comparisons' rows; the
     shift's own comparison where none), and where the prior-only account fails."""
@@ -189,17 +192,19 @@ def prior_section(shift: ShiftResult, task: int, reader: Mapping[str, Mapping], 
                     for cells in rows.values() for r in cells if r["run"] in reader]
         lines += [f"### k = {k}: task {task}'s prior", "", markdown_table(
             ["cell", "amount", "law prior [95%] (joint fit)", learner, "KL left (nats)", "KL / base"], table), "",
-            *[_row_lines(method, direction, base, cells, task, reader, learner) for (method, direction), cells in rows.items()],
+            *[_row_lines(method, direction, base, cells, task, reader, learner)
+              for (method, direction), cells in rows.items()],
             f"- shared P vs free: held-out NRMSE {comparison['shared']['heldout_nrmse']:.3f} vs "
             f"{comparison['free']['heldout_nrmse']:.3f} (all amounts); by BIC, "
             + "; ".join(f"{range_text(r)}: {r['preferred']}" for r in by_range.values()),
             prior_only_verdict(by_range, kl_cells, base_kl), ""]
     if base_kl is not None:
-        against = f"the {LEARNER_NAMES[kind]}" if kind in LEARNER_NAMES else "the learner of reader_prior.csv's `learner` column"
+        against = (f"the {LEARNER_NAMES[kind]}" if kind in LEARNER_NAMES
+                   else "the learner of reader_prior.csv's `learner` column")
         where = MEASURED_ON.get(kind, "held-out prompts")
-        lines += [f"KL left: the mean KL from the model to {against} at the prior that fits it best (nats per position, "
-                  f"on {where}); the baseline's {base_kl:.4f} is what a model that learned its pretraining data "
-                  "leaves, and KL / base is each cell's multiple of it. Above it is what no prior explains: "
+        lines += [f"KL left: the mean KL from the model to {against} at the prior that fits it best (nats per "
+                  f"position, on {where}); the baseline's {base_kl:.4f} is what a model that learned its pretraining "
+                  "data leaves, and KL / base is each cell's multiple of it. Above it is what no prior explains: "
                   "changed task knowledge.", ""]
     return lines
 
@@ -214,7 +219,8 @@ def favoured_prior_section(shifts: Mapping[str, ShiftResult], task: int, reader:
             "dotted: learner).", "", "![favoured prior](favoured_prior.png)", ""]
 
 
-def plot_favoured_prior(shifts: Mapping[str, ShiftResult], task: int, reader: Mapping[str, Mapping], path: Path) -> bool:
+def plot_favoured_prior(shifts: Mapping[str, ShiftResult], task: int, reader: Mapping[str, Mapping],
+                        path: Path) -> bool:
     """The favoured task's prior against the amount (log x) per method and direction, one panel per size
     and k; False (no file) without post-trained cells."""
     panels = [(size, shift, k) for size, shift in shifts.items() for k in sorted({r["k"] for r in shift.rows})]
@@ -242,7 +248,8 @@ def _favoured_panel(ax, shift: ShiftResult, k: int, task: int, reader: Mapping[s
     base, rows = trajectories(shift, k, task)
     ax.axhline(csv_float(base["prior"]), color="0.3", lw=1, label="baseline (joint fit)")
     if base["run"] in reader:
-        ax.axhline(csv_float(reader[base["run"]][f"prior_{task}"]), color="0.3", lw=1, ls=":", label="baseline (learner)")
+        ax.axhline(csv_float(reader[base["run"]][f"prior_{task}"]), color="0.3", lw=1, ls=":",
+                   label="baseline (learner)")
     for j, ((method, direction), cells) in enumerate(rows.items()):
         amount = np.array([cell_fields(r)[2] for r in cells])
         shift_x = 1.0 + 0.04 * (j - (len(rows) - 1) / 2)  # rows side by side on the log axis
@@ -250,7 +257,8 @@ def _favoured_panel(ax, shift: ShiftResult, k: int, task: int, reader: Mapping[s
         style = _row_style(method, direction)
         ax.errorbar(amount * shift_x, mid, yerr=[mid - lo, hi - mid], fmt=style["marker"], color=style["color"], ms=4,
                     capsize=2, label=f"{method} {direction}")
-        learned = [(a, csv_float(reader[r["run"]][f"prior_{task}"])) for a, r in zip(amount, cells) if r["run"] in reader]
+        learned = [(a, csv_float(reader[r["run"]][f"prior_{task}"]))
+                   for a, r in zip(amount, cells) if r["run"] in reader]
         if learned:
             a, v = np.array(learned).T
             ax.plot(a * shift_x * 1.08, v, "x", color=style["color"], ms=5, label=f"{method} {direction} (learner)")
@@ -296,7 +304,8 @@ def gap_section(gaps: Sequence[Mapping], out: Path | None = None) -> list[str]:
                             "90% after (model / learner)"],
                            [[g["run"], g["k"], g["gap"], g["gap_se"], g["noise"], g["signed"], g["prompts"],
                              f"{csv_float(g['model_rise']):.3f} / {csv_float(g['learner_rise']):.3f}",
-                             f"{csv_float(g['model_shots_to_90']):.1f} / {csv_float(g['learner_shots_to_90']):.1f}"] for g in gaps]),
+                             f"{csv_float(g['model_shots_to_90']):.1f} / {csv_float(g['learner_shots_to_90']):.1f}"]
+                            for g in gaps]),
             "", *picture]
 
 
@@ -310,7 +319,8 @@ def learner_curves_figure(model: Sequence[Mapping], ideal: Mapping[str, Sequence
     for ax, k in zip(axes, ks):
         for name, rows in {"model": model, **ideal}.items():
             for task in sorted({int(r["task"]) for r in model}):
-                points = sorted((int(r["shots"]), float(r["prob"])) for r in rows if int(r["k"]) == k and int(r["task"]) == task)
+                points = sorted((int(r["shots"]), float(r["prob"]))
+                                for r in rows if int(r["k"]) == k and int(r["task"]) == task)
                 ax.plot(*zip(*points), styles[name], color=f"C{task}", lw=1.2,
                         label=f"task {task}, {name}" if ax is axes[0] else None)
         ax.set(title=f"k = {k}", xlabel="shots")

@@ -92,7 +92,8 @@ def run_ladder(config: LadderConfig, out: str | os.PathLike) -> tuple[list[FitRe
     if any(not (math.isfinite(s) and s > 1.0) for s in config.strengths):
         raise UserError(f"--strengths {list(config.strengths)} must all be finite and above 1 (1 is the baseline "
                          "itself; a factor of inf would give the task all or none of the prior)")
-    shift_config = ShiftConfig(baseline=f"{MODEL}/pretrain", law=config.law, resamples=config.resamples, starts=config.starts)
+    shift_config = ShiftConfig(baseline=f"{MODEL}/pretrain", law=config.law, resamples=config.resamples,
+                               starts=config.starts)
     conditions = ladder_weights(check_weights(data.world.weights, M), config.task, list(config.strengths))
     with atomic_dir(out, [config.data_config], "report") as tmp:
         write_curves(ladder_rows(data, conditions, config.learner, device), tmp / "curves.csv")
@@ -124,7 +125,8 @@ def ladder_rows(data: GincDataModule, conditions: dict[str, np.ndarray], learner
     """Curve rows of `learner` (one of LEARNERS) at each condition's prior, on the data module's ICL prompts."""
     if learner in MEASURED:
         return [row for name, weights in conditions.items()
-                for row in MEASURED[learner](data, f"{MODEL}/{name}", weights.tolist(), device, **condition_columns(name))]
+                for row in MEASURED[learner](data, f"{MODEL}/{name}", weights.tolist(), device,
+                                             **condition_columns(name))]
     terms = task_evidence(data, device)
     rows = []
     for name, weights in conditions.items():
@@ -188,10 +190,10 @@ def ladder_report(conditions: dict[str, np.ndarray], shift: ShiftResult, config:
            "property or the query's own tokens carry evidence, the learner's first points differ from the law's "
            "too. A bias here measures that gap, not noise.")
     lines = ["# Ground-truth ladder", "",
-             f"{learner} of `{ladder.data_config}` with their prior set to known conditions: the "
-             f"world's mixture, then task {ladder.task} favoured or disfavoured by {', '.join(f'{s:g}' for s in ladder.strengths)} "
-             f"(its weight multiplied or divided, the rest renormalised). Shift law: `{ladder.law}` (joint fit: P shared, "
-             f"priors and K per condition). {gap}", "",
+             f"{learner} of `{ladder.data_config}` with their prior set to known conditions: the world's mixture, "
+             f"then task {ladder.task} favoured or disfavoured by {', '.join(f'{s:g}' for s in ladder.strengths)} "
+             f"(its weight multiplied or divided, the rest renormalised). Shift law: `{ladder.law}` (joint fit: P "
+             f"shared, priors and K per condition). {gap}", "",
              "## Fits of all laws", "", summary_table(fits), ""]
     for k in sorted({r["k"] for r in shift.rows}):
         shared = [r for r in shift.rows if r["k"] == k and r["fit"] == "shared"]
@@ -202,8 +204,8 @@ def ladder_report(conditions: dict[str, np.ndarray], shift: ShiftResult, config:
         M = len(conditions["pretrain"])
         lines += [f"## k = {k}", "",
                   f"Priors (joint fit) against the truth: mean bias {np.mean(est - truth):+.3f}, mean absolute error "
-                  f"{np.mean(np.abs(est - truth)):.3f}, largest {np.max(np.abs(est - truth)):.3f}; the {config.level:.0%} "
-                  f"intervals cover the truth in {covered.sum()} of {len(covered)} cases.", "",
+                  f"{np.mean(np.abs(est - truth)):.3f}, largest {np.max(np.abs(est - truth)):.3f}; the "
+                  f"{config.level:.0%} intervals cover the truth in {covered.sum()} of {len(covered)} cases.", "",
                   "Bias by task (fitted - true, averaged over conditions): "
                   + ", ".join(f"task {i}: {np.mean((est - truth)[i::M]):+.3f}" for i in range(M)), "",
                   markdown_table(["condition", f"true prior of task {ladder.task}", "fitted [lo, hi]", "covered"],
@@ -211,11 +213,13 @@ def ladder_report(conditions: dict[str, np.ndarray], shift: ShiftResult, config:
                                    f"{r['prior']:.3f} [{r['prior_lo']:.3f}, {r['prior_hi']:.3f}]", bool(covered[j])]
                                   for j, r in enumerate(shared) if r["task"] == ladder.task]), ""]
         verdict = {c["fit"]: c for c in shift.comparison if c["k"] == k}
-        lines += [f"Shared P vs free (P does not move here): BIC {verdict['shared']['bic']} vs {verdict['free']['bic']}, "
-                  f"so the {'shared' if verdict['shared']['preferred'] else 'free'} fit is preferred.", ""]
+        lines += [f"Shared P vs free (P does not move here): BIC {verdict['shared']['bic']} vs "
+                  f"{verdict['free']['bic']}, so the {'shared' if verdict['shared']['preferred'] else 'free'} fit is "
+                  "preferred.", ""]
         recover = [r for r in shared if r["shots_to_recover"] != "" and r["task"] == ladder.task]
         if recover:
-            lines += ["Reemergence of the disfavoured task (shots to return to its baseline zero-shot probability):", "",
+            lines += ["Reemergence of the disfavoured task (shots to return to its baseline zero-shot "
+                      "probability):", "",
                       markdown_table(["condition", "predicted [lo, hi]", "measured"],
                                      [[r["run"].split("/", 1)[1],
                                        f"{r['shots_to_recover']:.3g} [{r['shots_to_recover_lo']:.3g}, "

@@ -99,7 +99,8 @@ def load_local_lm(model_dir: str | Path, device: str = "auto") -> tuple[PreTrain
         try:
             import accelerate  # noqa: F401  (device_map needs it)
         except ImportError:
-            raise UserError(f"model directory {model_dir}: {weight_bytes / 2**30:.1f} GiB of weights need several GPUs; pip install accelerate") from None
+            raise UserError(f"model directory {model_dir}: {weight_bytes / 2**30:.1f} GiB of weights need several "
+                            "GPUs; pip install accelerate") from None
         kwargs["device_map"] = "auto"
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -129,11 +130,13 @@ def group_by_type(shots: Sequence[Shot], n_shots: int | None) -> dict[str, list[
         by_type.setdefault(shot.answer_type, []).append(shot)
     for name, rows in sorted(by_type.items()):
         if n_shots is not None and n_shots > len(rows):
-            raise UserError(f"answer type '{name}' has {len(rows)} rows but shots asks for {n_shots}; lower shots or add rows")
+            raise UserError(f"answer type '{name}' has {len(rows)} rows but shots asks for {n_shots}; lower shots or "
+                            "add rows")
     return {name: by_type[name] for name in sorted(by_type)}
 
 
-def build_prompts(tokenizer: PreTrainedTokenizerBase, by_type: dict[str, list[Shot]], config: LLMCurveConfig, max_length: int) -> dict[str, list[ManyShotPrompt]]:
+def build_prompts(tokenizer: PreTrainedTokenizerBase, by_type: dict[str, list[Shot]], config: LLMCurveConfig,
+                  max_length: int) -> dict[str, list[ManyShotPrompt]]:
     """`config.shuffles` prompts per answer type, each a seeded shuffle of that type's rows."""
     prompt_format = resolve_format(tokenizer, config.prompt_format)
     prompts: dict[str, list[ManyShotPrompt]] = {}
@@ -146,7 +149,8 @@ def build_prompts(tokenizer: PreTrainedTokenizerBase, by_type: dict[str, list[Sh
 
 
 @torch.no_grad()
-def score_prompts(model: PreTrainedModel, prompts: Sequence[ManyShotPrompt], k_max: int, batch_size: int = 4) -> list[PromptScores]:
+def score_prompts(model: PreTrainedModel, prompts: Sequence[ManyShotPrompt], k_max: int,
+                  batch_size: int = 4) -> list[PromptScores]:
     """Score the first k_max tokens of every answer of every prompt, one forward pass per batch of prompts."""
     device = model.get_input_embeddings().weight.device
     # Only the logits at scored positions are projected onto the vocabulary when the model allows it:
@@ -210,7 +214,8 @@ def answer_type_rows(scores: dict[str, list[PromptScores]], config: LLMCurveConf
     return rows
 
 
-def llm_curve_rows(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, by_type: dict[str, list[Shot]], config: LLMCurveConfig) -> list[dict]:
+def llm_curve_rows(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, by_type: dict[str, list[Shot]],
+                   config: LLMCurveConfig) -> list[dict]:
     """Build the prompts, score them and return the curve rows; reports the time per prompt on stderr."""
     max_length = config.max_length or context_length(model, tokenizer)
     prompts = build_prompts(tokenizer, by_type, config, max_length)
@@ -229,12 +234,13 @@ def check_not_ginc_export(model_dir: str | Path) -> None:
     """Refuse an HF export of a GINC run trained here: its tokens are the world's, so English prompts
     score nothing it learned, and its curves come from `--ckpt`, on its own world's prompts."""
     if (Path(model_dir) / DATA_FILE).is_file():
-        raise UserError(f"model directory {model_dir} is the export of a GINC run trained here (it has {DATA_FILE}), whose "
-                        f"vocabulary is its world's tokens, not text; measure it on its own world's prompts "
+        raise UserError(f"model directory {model_dir} is the export of a GINC run trained here (it has {DATA_FILE}), "
+                        f"whose vocabulary is its world's tokens, not text; measure it on its own world's prompts "
                         f"(checkpoint_curve_rows, `evaluate.py curves --ckpt {model_dir}`)")
 
 
-def hf_curve_rows(model_dir: str | Path, dataset: str | Path, config: LLMCurveConfig, device: str = "auto") -> list[dict]:
+def hf_curve_rows(model_dir: str | Path, dataset: str | Path, config: LLMCurveConfig,
+                  device: str = "auto") -> list[dict]:
     """The curve rows of a local HF causal LM on a JSONL dataset of {question, answer, answer_type} rows."""
     check_not_ginc_export(model_dir)
     by_type = group_by_type(load_shots(dataset), config.shots)  # before the model: bad data fails fast

@@ -79,7 +79,8 @@ def resolve_format(tokenizer: PreTrainedTokenizerBase, prompt_format: str) -> st
     return prompt_format
 
 
-def render(tokenizer: PreTrainedTokenizerBase, shots: Sequence[Shot], prompt_format: str) -> tuple[str, list[tuple[int, int]]]:
+def render(tokenizer: PreTrainedTokenizerBase, shots: Sequence[Shot],
+           prompt_format: str) -> tuple[str, list[tuple[int, int]]]:
     """The prompt text and the character range [start, end) of each answer in it."""
     if prompt_format == "plain":
         pieces, before = [], ""
@@ -93,7 +94,8 @@ def render(tokenizer: PreTrainedTokenizerBase, shots: Sequence[Shot], prompt_for
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     split = _MARK.split(text)  # text, index, text, index, ..., text
     if [int(i) for i in split[1::2]] != list(range(len(shots))):
-        raise UserError("the tokenizer's chat template does not render every assistant turn once, in order; use --format plain")
+        raise UserError("the tokenizer's chat template does not render every assistant turn once, in order; "
+                        "use --format plain")
     pieces = [shots[int(piece)].answer if j % 2 else piece for j, piece in enumerate(split)]
     return _join(pieces)
 
@@ -108,19 +110,22 @@ def _join(pieces: list[str]) -> tuple[str, list[tuple[int, int]]]:
     return "".join(pieces), spans
 
 
-def build_prompt(tokenizer: PreTrainedTokenizerBase, shots: Sequence[Shot], prompt_format: str, max_length: int) -> ManyShotPrompt:
+def build_prompt(tokenizer: PreTrainedTokenizerBase, shots: Sequence[Shot], prompt_format: str,
+                 max_length: int) -> ManyShotPrompt:
     """Tokenize the rendered prompt, locate every answer's tokens, and keep the demonstrations that fit max_length."""
     text, char_spans = render(tokenizer, shots, prompt_format)
     # A chat template writes its own BOS into the text; the plain format needs the tokenizer's.
     try:
         enc = tokenizer(text, add_special_tokens=prompt_format == "plain", return_offsets_mapping=True)
     except NotImplementedError:
-        raise UserError("the tokenizer cannot report character offsets; the model directory needs a fast tokenizer (tokenizer.json)") from None
+        raise UserError("the tokenizer cannot report character offsets; the model directory needs a fast tokenizer "
+                        "(tokenizer.json)") from None
     offsets = enc["offset_mapping"]
     token_spans = []
     for j, ((a, b), inside) in enumerate(zip(char_spans, _overlapping_tokens(offsets, char_spans))):
         if not inside:
-            raise UserError(f"the tokenizer gives no tokens for the answer of demonstration {j} ({text[a:b]!r}); check its files")
+            raise UserError(f"the tokenizer gives no tokens for the answer of demonstration {j} ({text[a:b]!r}); "
+                            "check its files")
         start, end = inside[0], inside[-1] + 1
         covered = text[offsets[start][0] : offsets[end - 1][1]]
         # A token may carry the whitespace before an answer (" Yes"), never other template text.
@@ -132,7 +137,8 @@ def build_prompt(tokenizer: PreTrainedTokenizerBase, shots: Sequence[Shot], prom
         token_spans.append((start, end))
     kept = [span for span in token_spans if span[1] <= max_length]
     if not kept:
-        raise UserError(f"the first demonstration needs {token_spans[0][1]} tokens, more than the context of {max_length}; raise --max-length or shorten the rows")
+        raise UserError(f"the first demonstration needs {token_spans[0][1]} tokens, more than the context of "
+                        f"{max_length}; raise --max-length or shorten the rows")
     return ManyShotPrompt(list(enc["input_ids"][: kept[-1][1]]), kept)
 
 

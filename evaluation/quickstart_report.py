@@ -26,14 +26,16 @@ def probability_table(curves: Mapping[str, list[dict]], k: int, favoured: Sequen
         for j, (name, rows) in enumerate(curves.items()):
             prob = [[float(r["prob"]) for r in rows if r["k"] == k and r["shots"] == s
                      and (r["task"] in favoured) == (group == "favoured")] for s in shots]
-            lines.append(f"{group if j == 0 else '':9}{name:{width}}" + "".join(f"{sum(p) / len(p):7.3f}" if p else f"{'-':>7}" for p in prob))
+            lines.append(f"{group if j == 0 else '':9}{name:{width}}"
+                         + "".join(f"{sum(p) / len(p):7.3f}" if p else f"{'-':>7}" for p in prob))
     return "\n".join(lines)
 
 
 def curve_gap(rows: list[dict], reference: list[dict], k: int) -> float:
     """Mean absolute target-probability difference at k over the (task, shots) points both curves have."""
     ref = {(r["task"], r["shots"]): float(r["prob"]) for r in reference if r["k"] == k}
-    diffs = [abs(float(r["prob"]) - ref[r["task"], r["shots"]]) for r in rows if r["k"] == k and (r["task"], r["shots"]) in ref]
+    diffs = [abs(float(r["prob"]) - ref[r["task"], r["shots"]])
+             for r in rows if r["k"] == k and (r["task"], r["shots"]) in ref]
     return sum(diffs) / max(len(diffs), 1)
 
 
@@ -46,7 +48,8 @@ def prior_table(shift: ShiftResult, runs: Mapping[str, str], task: int, reader: 
     learner's prior (`reader`: name -> row of `reader_prior_rows`)."""
     rows = {r["run"]: r for r in shift.rows if r["fit"] == "shared" and r["task"] == task}
     width = max(map(len, runs)) + 2
-    lines = [f"{'':{width}}{'law-fitted prior [95%]':>40}{named_learners(reader.values(), PRIOR_NAMES):>21}{'KL left (nats)':>16}"]
+    lines = [f"{'':{width}}{'law-fitted prior [95%]':>40}{named_learners(reader.values(), PRIOR_NAMES):>21}"
+             f"{'KL left (nats)':>16}"]
     for name, run in runs.items():
         lines.append(f"{name:{width}}{interval_text(rows[run], 'prior'):>40}{reader[name][f'prior_{task}']:21.3f}"
                      f"{reader[name]['kl']:16.4f}")
@@ -56,7 +59,8 @@ def prior_table(shift: ShiftResult, runs: Mapping[str, str], task: int, reader: 
 def prior_note(reader: Mapping[str, dict]) -> str:
     """What the law-free prior of the rows is, for each learner they used."""
     return "; ".join(f"{PRIOR_NAMES[learner]}: the prior with which the {LEARNER_NAMES[learner]} best predicts the "
-                     f"model, by KL on {MEASURED_ON[learner]}" for learner in sorted({r["learner"] for r in reader.values()}))
+                     f"model, by KL on {MEASURED_ON[learner]}"
+                     for learner in sorted({r["learner"] for r in reader.values()}))
 
 
 def reemergence_lines(shift: ShiftResult, runs: Mapping[str, str]) -> list[str]:
@@ -67,7 +71,8 @@ def reemergence_lines(shift: ShiftResult, runs: Mapping[str, str]) -> list[str]:
         if r["fit"] == "shared" and r["run"] in names and r["shots_to_recover"] != "":
             lo, hi = _shots(r["shots_to_recover_lo"]), _shots(r["shots_to_recover_hi"])
             lines.append(f"  {names[r['run']]}, task {r['task']} (back to {r['threshold']:.3f}): predicted "
-                         f"{_shots(r['shots_to_recover'])} [{lo}, {hi}], measured {_shots(r['measured_shots_to_recover'])}")
+                         f"{_shots(r['shots_to_recover'])} [{lo}, {hi}], measured "
+                         f"{_shots(r['measured_shots_to_recover'])}")
     return lines or ["  no task is suppressed below its baseline zero-shot probability"]
 
 
@@ -83,18 +88,22 @@ def quickstart_report(curves: Mapping[str, list[dict]], runs: Mapping[str, str],
     others = sorted({int(r["task"]) for r in curves[base]} - set(favoured))
     gap = {name: curve_gap(curves[base], curves[name], k) for name in ("exact Bayesian", "document reader")}
     comparison = {c["fit"]: c for c in shift.comparison if c["k"] == k}
+    reading = ("post-training looks like a move of priors" if comparison["shared"]["preferred"]
+               else "post-training changed more than the priors")
     return "\n".join([
-        f"\nProbability of the right label by shots, k={k}: favoured = task(s) {list(favoured)}, others = mean of tasks {others}",
+        f"\nProbability of the right label by shots, k={k}: favoured = task(s) {list(favoured)}, others = mean of "
+        f"tasks {others}",
         probability_table(curves, k, favoured, shots),
         f"The exact learner knows the prompt format; the document reader knows only documents (the best a model of "
-        f"documents can do). The pretrained model ({loss['val/loss']:.3f} nats/token, {loss['val/excess_loss']:.3f} above "
-        f"the documents' floor) is closer to the {min(gap, key=gap.get)}: mean |model - learner| over tasks and shots "
-        f"{gap['document reader']:.3f} to the reader, {gap['exact Bayesian']:.3f} to the exact learner.",
-        f"\nPrior of task {favoured[0]} (shift analysis, k={k}: P shared, priors and K per model; {prior_note(reader)})",
+        f"documents can do). The pretrained model ({loss['val/loss']:.3f} nats/token, {loss['val/excess_loss']:.3f} "
+        f"above the documents' floor) is closer to the {min(gap, key=gap.get)}: mean |model - learner| over tasks and "
+        f"shots {gap['document reader']:.3f} to the reader, {gap['exact Bayesian']:.3f} to the exact learner.",
+        f"\nPrior of task {favoured[0]} (shift analysis, k={k}: P shared, priors and K per model; "
+        f"{prior_note(reader)})",
         prior_table(shift, runs, favoured[0], reader),
         f"Shared P vs free: BIC {comparison['shared']['bic']:.1f} vs {comparison['free']['bic']:.1f}, so the "
         f"{'shared' if comparison['shared']['preferred'] else 'free'} fit is preferred "
-        f"({'post-training looks like a move of priors' if comparison['shared']['preferred'] else 'post-training changed more than the priors'}).",
+        f"({reading}).",
         "\nRe-emergence of suppressed tasks with shots (predicted by the shared fit [95%], measured on the curve):",
         *reemergence_lines(shift, runs)])
 

@@ -76,7 +76,8 @@ def paired_probabilities(model: GPT2LMHeadModel, data: GincDataModule, device: s
     ideal = learner_scores(ideal_learner(learner, data.demo_rate), data, device)
     parts: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
     for batch in data.icl_dataloader():
-        logp, _ = label_scores(model, batch["input_ids"].to(device), batch["label_pos"].to(device), batch["labels"].to(device))
+        logp, _ = label_scores(model, batch["input_ids"].to(device), batch["label_pos"].to(device),
+                               batch["labels"].to(device))
         ideal_logp, _, defined = ideal(batch)
         pair = logp.double().exp(), torch.where(defined, ideal_logp.exp(), torch.nan)
         parts.setdefault((batch["k"], batch["task"]), []).append(tuple(p.cpu().numpy() for p in pair))
@@ -138,9 +139,10 @@ def reader_gap_rows(paths: Sequence[str | Path], prompts: int = ReaderGapConfig.
         src = read_source(path)
         data = GincDataModule(**with_icl_overrides(src.data, list(k_values) if k_values else None, prompts))
         for g in reader_gaps(load_model(path), data, resolve_device(device), learner):
-            print(f"{src.label} k={g.k}: |model - {LEARNER_NAMES[g.learner]}| {g.gap:.4f} +- {g.gap_se:.4f} (noise alone "
-                  f"{g.noise:.4f}; signed {g.signed:+.4f}; {g.prompts} prompts per task); rise {g.model_rise:.3f}, 90% after "
-                  f"{g.model_shots_to_90:.1f} shots (learner {g.learner_rise:.3f}, {g.learner_shots_to_90:.1f})",
+            print(f"{src.label} k={g.k}: |model - {LEARNER_NAMES[g.learner]}| {g.gap:.4f} +- {g.gap_se:.4f} "
+                  f"(noise alone {g.noise:.4f}; signed {g.signed:+.4f}; {g.prompts} prompts per task); rise "
+                  f"{g.model_rise:.3f}, 90% after {g.model_shots_to_90:.1f} shots (learner {g.learner_rise:.3f}, "
+                  f"{g.learner_shots_to_90:.1f})",
                   file=sys.stderr, flush=True)
             rows.append({"run": src.label, **dataclasses.asdict(g), **src.columns()})
     return rows

@@ -103,7 +103,8 @@ def _read_labels(model: GPT2LMHeadModel, learner: ExactLearner, batch: dict, dem
     """The label positions of an ICL batch, as prompts: the output before each label predicts it."""
     terms = learner.task_terms(*icl_demonstrations(batch, demo_format, "cpu"))
     before = (batch["label_pos"] - 1)[..., None].expand(-1, -1, learner.V)
-    return _block(_logits(model, batch["input_ids"], learner.V, device).gather(1, before), terms.evidence, terms.next_prob)
+    return _block(_logits(model, batch["input_ids"], learner.V, device).gather(1, before), terms.evidence,
+                  terms.next_prob)
 
 
 def learner_blocks(learner: str, model: GPT2LMHeadModel, data: GincDataModule, documents: int,
@@ -113,7 +114,8 @@ def learner_blocks(learner: str, model: GPT2LMHeadModel, data: GincDataModule, d
     world = GincWorld.build(data.world)
     if learner == "exact":
         exact = ExactLearner(world)
-        return {"prompts": [_read_labels(model, exact, batch, data.icl.demo_format, device) for batch in data.icl_dataloader()],
+        return {"prompts": [_read_labels(model, exact, batch, data.icl.demo_format, device)
+                            for batch in data.icl_dataloader()],
                 "documents": []}
     reader = DocumentReader(world)
     return {name: [_read(model, reader, tokens, device) for tokens in batches]
@@ -143,7 +145,8 @@ def fit_reader_prior(model: GPT2LMHeadModel, data: GincDataModule, documents: in
     read = learner_blocks(learner, model, data, documents, torch.device(device))
     blocks = [b for source in read.values() for b in source]
     world_kl = mean_kl(blocks, torch.as_tensor(data.world.weights, dtype=torch.float64).log())
-    free = torch.zeros(data.world.n_tasks - 1, dtype=torch.float64, requires_grad=True)  # the last logit stays 0: no flat direction
+    # the last logit stays 0: no flat direction
+    free = torch.zeros(data.world.n_tasks - 1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([free], lr=1.0, max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14,
                             line_search_fn="strong_wolfe")
 
@@ -163,7 +166,8 @@ def fit_reader_prior(model: GPT2LMHeadModel, data: GincDataModule, documents: in
         total = float(mean_kl(blocks, best))
     positions = sum(int(b.possible.sum()) for b in blocks)
     outside = sum(float(b.outside[b.possible].sum()) for b in blocks) / positions
-    return ReaderFit(learner, best.exp().tolist(), total, float(world_kl), kl["prompts"], kl["documents"], outside, positions)
+    return ReaderFit(learner, best.exp().tolist(), total, float(world_kl), kl["prompts"], kl["documents"], outside,
+                     positions)
 
 
 def reader_prior_rows(paths: Sequence[str | Path], prompts: int = ReaderPriorConfig.prompts,
@@ -184,5 +188,6 @@ def reader_prior_rows(paths: Sequence[str | Path], prompts: int = ReaderPriorCon
               f"nats, {fit.kl_world:.4f} at the world's prior)", file=sys.stderr, flush=True)
         rows.append({"run": src.label, "learner": fit.learner, **{f"prior_{i}": p for i, p in enumerate(fit.prior)},
                      "kl": fit.kl, "kl_world": fit.kl_world, "kl_prompts": fit.kl_prompts,
-                     "kl_documents": fit.kl_documents, "outside": fit.outside, "positions": fit.positions, **src.columns()})
+                     "kl_documents": fit.kl_documents, "outside": fit.outside, "positions": fit.positions,
+                     **src.columns()})
     return rows

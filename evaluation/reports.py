@@ -45,8 +45,9 @@ def fit_table(curves: str | os.PathLike, out: str | os.PathLike, config: FitConf
     jobs = plan_fits(groups, config)
     skipped = skipped_fits(jobs, config)
     if len(skipped) == len(jobs) * len(config.laws):  # nothing to fit: keep the old report, say why
-        raise UserError(f"no fit can be made: {skipped[0]}" + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else "")
-                         + "; measure more shots or choose a law with fewer parameters")
+        raise UserError(f"no fit can be made: {skipped[0]}"
+                        + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else "")
+                        + "; measure more shots or choose a law with fewer parameters")
     with one_thread(), atomic_dir(out, [curves], "report") as tmp:
         results = fit_groups(groups, config)
         write_fit_outputs(results, config, Path(curves), tmp, plots=plots, skipped=skipped)

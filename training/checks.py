@@ -31,16 +31,19 @@ def post_training_weights(world_weights: Sequence[float], direction: str, tasks:
 def check_stage(run: RunConfig, stage: Stage, model: Settings, data: Settings) -> None:
     """The classes and the starting point fit the stage."""
     if (model["class_path"], data["class_path"]) != (stage.module, stage.data):
-        raise RunConfigError(f"stage {run.stage} trains {stage.module} on {stage.data}; drop the model or data class_path "
-                             "your config sets, or add a stage for them to training.config.STAGES")
+        raise RunConfigError(f"stage {run.stage} trains {stage.module} on {stage.data}; drop the model or data "
+                             "class_path your config sets, or add a stage for them to training.config.STAGES")
     init_from = model["init_args"].get("init_from")
     if stage.needs_init and not init_from:
-        raise RunConfigError(f"stage {run.stage} starts from a pretrained model: set model.init_from to runs/NAME/checkpoints/last.ckpt (or runs/NAME/hf)")
+        raise RunConfigError(f"stage {run.stage} starts from a pretrained model: set model.init_from to "
+                             "runs/NAME/checkpoints/last.ckpt (or runs/NAME/hf)")
     if not stage.needs_init and init_from:
-        raise RunConfigError(f"stage {run.stage} trains from scratch; drop model.init_from or pick a post-training stage")
+        raise RunConfigError(f"stage {run.stage} trains from scratch; "
+                             "drop model.init_from or pick a post-training stage")
 
 
-def inherit_pretrained(model: Settings, data: Settings, given_model: Mapping[str, Any], given_data: Mapping[str, Any]) -> None:
+def inherit_pretrained(model: Settings, data: Settings, given_model: Mapping[str, Any],
+                       given_data: Mapping[str, Any]) -> None:
     """A post-training run takes the architecture and the world of the run it starts from. `given_model` and
     `given_data` are the settings its config names: one that contradicts the pretrained model is refused,
     not silently replaced."""
@@ -49,8 +52,8 @@ def inherit_pretrained(model: Settings, data: Settings, given_model: Mapping[str
         read_pretrained(src.path)  # broken weights stop here, before the run directory exists
     contradiction = pretrained_contradiction(src, given_model, given_data)
     if contradiction:
-        raise RunConfigError(f"{contradiction} in the pretrained model {src.path}; drop the setting: post-training keeps "
-                             "the world, context length and architecture of the model it starts from")
+        raise RunConfigError(f"{contradiction} in the pretrained model {src.path}; drop the setting: post-training "
+                             "keeps the world, context length and architecture of the model it starts from")
     for key in ARCH_KEYS:
         model[key] = src.model.get(key)
     data["world"], data["context_length"] = dict(src.data["world"]), src.data["context_length"]
@@ -70,7 +73,8 @@ def pretrained_contradiction(src: Source, given_model: Mapping[str, Any], given_
         return f"data.context_length {context} here, {src.data['context_length']}"
     there = source_spec(src)
     size = given_model.get("size")
-    if size is not None and given_model.get("n_layer") is None:  # a named size is its depth; widths are overridden beside it
+    # a named size is its depth; widths are overridden beside it
+    if size is not None and given_model.get("n_layer") is None:
         depth = resolve_spec(size).n_layer
         if depth != there.n_layer:
             return f"model.size {size} gives n_layer {depth} here, {there.n_layer}"
@@ -138,8 +142,8 @@ def check_checkpoint_matches(ckpt: Path, run: RunConfig, spec: GPTSpec, model: S
     if contradiction:
         config = ckpt.resolve().parent.parent / "config.yaml"
         fix = f" (its run's config.yaml lists them: {config})" if config.is_file() else ""
-        raise RunConfigError(f"{contradiction} in the checkpoint {ckpt}; ckpt_path continues or validates a run with the "
-                             f"world and model it was trained on: give the settings it was trained with{fix}")
+        raise RunConfigError(f"{contradiction} in the checkpoint {ckpt}; ckpt_path continues or validates a run with "
+                             f"the world and model it was trained on: give the settings it was trained with{fix}")
 
 
 def checkpoint_of(run: RunConfig, ckpt_path: str | None) -> Path | None:
@@ -166,7 +170,8 @@ def check_schedule(run: RunConfig, trainer: Settings) -> None:
     steps = trainer.get("max_steps")
     if steps is None or steps < 1:
         got = "" if steps is None else f", got {steps}"
-        raise RunConfigError(f"set trainer.max_steps >= 1{got} (the GINC stream is endless, so it is the length of training)")
+        raise RunConfigError(f"set trainer.max_steps >= 1{got} (the GINC stream is endless, so it is the length of "
+                             "training)")
 
 
 def run_directory(run: RunConfig, ckpt_path: str | None, model_label: str, subcommand: str) -> Path:
@@ -184,16 +189,19 @@ def _run_directory(run: RunConfig, ckpt_path: str | None, model_label: str) -> P
         raise RunConfigError("ckpt_path last needs run.name NAME (the run to resume), or give the checkpoint's path")
     if ckpt_path not in (None, "last"):
         if Path(ckpt_path).is_dir():
-            raise RunConfigError(f"ckpt_path {ckpt_path} is a directory; pass a checkpoint file such as runs/NAME/checkpoints/last.ckpt "
-                                 "(an hf/ export starts post-training: model.init_from)")
+            raise RunConfigError(f"ckpt_path {ckpt_path} is a directory; pass a checkpoint file such as "
+                                 "runs/NAME/checkpoints/last.ckpt (an hf/ export starts post-training: "
+                                 "model.init_from)")
         if not Path(ckpt_path).is_file():
-            raise MissingInput(f"ckpt_path {ckpt_path} does not exist; pass runs/NAME/checkpoints/last.ckpt, or run.name NAME with ckpt_path last")
+            raise MissingInput(f"ckpt_path {ckpt_path} does not exist; pass runs/NAME/checkpoints/last.ckpt, "
+                               "or run.name NAME with ckpt_path last")
         read_checkpoint(ckpt_path)
         return inside(root, run.name, "run.name", "run.root") if run.name else Path(ckpt_path).resolve().parent.parent
     name = run.name or f"{model_label}-{run.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = inside(root, name, "run.name", "run.root")
     if ckpt_path is None and (run_dir / "checkpoints").exists():
-        raise RunConfigError(f"run directory {run_dir} already has checkpoints; pick another run.name or resume it with ckpt_path last")
+        raise RunConfigError(f"run directory {run_dir} already has checkpoints; pick another run.name or resume it "
+                             "with ckpt_path last")
     if ckpt_path == "last":
         if not (run_dir / "checkpoints" / "last.ckpt").is_file():
             raise MissingInput(f"nothing to resume: {run_dir}/checkpoints/last.ckpt does not exist; check run.name")

@@ -9,18 +9,21 @@ from training.config import SUBCOMMANDS, RunConfigError, TrainConfig
 from training.options import HELP, parse, resolve, settings_parser
 
 # options whose value may be a YAML file of settings (jsonargparse reads a file given to any group)
-CONFIG_OPTIONS = ("--config", "-c", "--model", "--data", "--run", "--trainer", "--model.optim", "--data.world", "--data.icl")
+CONFIG_OPTIONS = ("--config", "-c", "--model", "--data", "--run", "--trainer", "--model.optim", "--data.world",
+                  "--data.icl")
 PRINT_CONFIG = "--print_config"
 
 
 def read_command(argv: Sequence[str]) -> tuple[str, TrainConfig, bool]:
     """(subcommand, the config the flags name, whether to print the resolved config instead of running)."""
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: train.py {{{','.join(SUBCOMMANDS)}}} [--config FILE] [--run.* --model.* --data.* --trainer.* ...]\n\n{HELP}")
+        print(f"usage: train.py {{{','.join(SUBCOMMANDS)}}} [--config FILE] "
+              f"[--run.* --model.* --data.* --trainer.* ...]\n\n{HELP}")
         raise SystemExit(0)
     subcommand, options = argv[0], list(argv[1:])
     if subcommand not in SUBCOMMANDS:
-        raise RunConfigError(f"unknown subcommand {subcommand!r}; choose one of {', '.join(SUBCOMMANDS)} (`python train.py --help`)")
+        raise RunConfigError(f"unknown subcommand {subcommand!r}; choose one of {', '.join(SUBCOMMANDS)} "
+                             "(`python train.py --help`)")
     show = PRINT_CONFIG in options
     return subcommand, config_of(o for o in options if o != PRINT_CONFIG), show
 
@@ -32,7 +35,8 @@ def config_of(options: Iterable[str]) -> TrainConfig:
     configs, flags = split_configs(options)
     under = TrainConfig.from_files(*configs) if configs else TrainConfig()
     # the flags of a model or data class the configs name need that class to parse
-    classes = [arg for group, section in under.sections().items() for arg in (f"--{group}.class_path", section.class_path)]
+    classes = [arg for group, section in under.sections().items()
+               for arg in (f"--{group}.class_path", section.class_path)]
     given = parse(lambda parser: parser.parse_args([*classes, *flags], defaults=False))
     settings = {key: value for key, value in given.as_dict().items() if key != "config" and not key.startswith("__")}
     return TrainConfig.from_files(*configs, overrides=settings)

@@ -30,7 +30,8 @@ GINC = "datamodules.ginc_datamodule.GincDataModule"
 STAGES = {
     "pretrain": Stage(LM_MODULE, GINC, "", needs_init=False),
     "sft": Stage(LM_MODULE, GINC, "sft", needs_init=True),
-    "dpo": Stage("lightning_modules.dpo.PreferenceModule", "datamodules.preference_datamodule.PreferenceDataModule", "dpo", needs_init=True),
+    "dpo": Stage("lightning_modules.dpo.PreferenceModule", "datamodules.preference_datamodule.PreferenceDataModule",
+                 "dpo", needs_init=True),
 }
 # the classes a run gets when nothing names its classes: a stage replaces them with its own
 BASE_CLASSES = {"model": LM_MODULE, "data": GINC}
@@ -123,7 +124,8 @@ class TrainConfig:
             raise RunConfigError(f"{what}: unknown run setting(s) {', '.join(bad)}; the run settings are "
                                  f"{', '.join(f.name for f in fields(RunConfig))}")
         return cls(configs=[str(c) for c in settings.get("configs") or []], run=RunConfig(**run),
-                   model=class_config(settings.get("model"), "model", what), data=class_config(settings.get("data"), "data", what),
+                   model=class_config(settings.get("model"), "model", what),
+                   data=class_config(settings.get("data"), "data", what),
                    trainer=dict(settings.get("trainer") or {}), seed_everything=settings.get("seed_everything", 0),
                    ckpt_path=settings.get("ckpt_path"))
 
@@ -134,7 +136,8 @@ class TrainConfig:
         files = read_layers(paths)
         given = nested(overrides or {})
         folded = {key: value for key, value in layered(files, given).items() if key not in ("model", "data")}
-        return cls.from_settings({**folded, "configs": list(paths), "model": given.get("model"), "data": given.get("data")},
+        return cls.from_settings({**folded, "configs": list(paths), "model": given.get("model"),
+                                  "data": given.get("data")},
                                  "config " + ", ".join(map(str, paths)))
 
 
@@ -144,7 +147,8 @@ def read_layers(paths: Sequence[str | Path]) -> dict[str, Any]:
     for path in paths:
         config = read_yaml_mapping(Path(path), "config", RunConfigError)
         if not config:
-            raise RunConfigError(f"config {path} is empty; give the run's settings (run, model, data, trainer), as configs/tiny.yaml does")
+            raise RunConfigError(f"config {path} is empty; give the run's settings (run, model, data, trainer), as "
+                                 "configs/tiny.yaml does")
         merged = layered(merged, nested(config))
     return merged
 
@@ -176,5 +180,6 @@ def nested(settings: Mapping[str, Any]) -> dict[str, Any]:
     for group in ("model", "data"):
         if isinstance(out.get(group), Mapping):
             section = class_config(out[group], group, "config")
-            out[group] = {"init_args": section.init_args, **({"class_path": section.class_path} if section.class_path else {})}
+            out[group] = {"init_args": section.init_args,
+                          **({"class_path": section.class_path} if section.class_path else {})}
     return out

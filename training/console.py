@@ -60,5 +60,6 @@ def quiet_lightning() -> None:
     if not any(isinstance(f, _NoTips) for f in tips.filters):
         tips.addFilter(_NoTips())
     # Lightning's pytree helper uses a torch API that torch deprecated; it warns in every run
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
     torch.set_float32_matmul_precision("high")

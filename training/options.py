@@ -33,7 +33,8 @@ def settings_parser() -> LightningArgumentParser:
     from lightning_modules.lm_module import CausalLMModule
 
     parser = LightningArgumentParser(description=HELP, default_env=False, exit_on_error=False)
-    parser.add_argument("-c", "--config", action=ActionConfigFile, help="a YAML file of settings (repeat to layer several)")
+    parser.add_argument("-c", "--config", action=ActionConfigFile,
+                        help="a YAML file of settings (repeat to layer several)")
     parser.add_lightning_class_args(L.Trainer, "trainer")
     parser.set_defaults({f"trainer.{key}": value for key, value in TRAINER_DEFAULTS.items()})
     # what the data fixes in the model is passed in by train() (training.run.module_arguments), not a setting
@@ -43,7 +44,8 @@ def settings_parser() -> LightningArgumentParser:
     parser.add_argument("--seed_everything", type=int, default=0,
                         help="seed of the run: same seed, same initial weights, so runs compare and resume exactly")
     parser.add_argument("--ckpt_path", type=str | None, default=None,
-                        help="a checkpoint to continue (fit) or score (validate); `last`: the named run's own last.ckpt")
+                        help="a checkpoint to continue (fit) or score (validate); `last`: the named run's own "
+                             "last.ckpt")
     return parser
 
 

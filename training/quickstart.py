@@ -26,7 +26,8 @@ def run_quickstart(root: str = "runs", overrides: Mapping[str, Any] | None = Non
     laid over every run's (the tests shorten it so)."""
     began = time.perf_counter()
     on_gpu = resolve_device("auto") == "cuda"
-    common = layered({"run": {"root": root}, **({"trainer": {"accelerator": "gpu", "precision": "bf16-mixed"}} if on_gpu else {})},
+    common = layered({"run": {"root": root},
+                      **({"trainer": {"accelerator": "gpu", "precision": "bf16-mixed"}} if on_gpu else {})},
                      overrides or {})
     name = f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}"
     pre = train(TrainConfig.from_files(*WORLD, overrides=layered({"run": {"name": f"{name}/pretrain"}}, common)))
@@ -37,7 +38,8 @@ def run_quickstart(root: str = "runs", overrides: Mapping[str, Any] | None = Non
         cell = {"run": {"direction": direction, "name": f"{name}/sft-{direction}-{amount}"},
                 "model": {"init_from": str(pre.last_checkpoint)}, "data": {"train_documents": amount},
                 "trainer": {"max_steps": steps, "val_check_interval": steps}}
-        posts[label] = train(TrainConfig.from_files(*WORLD, CONFIGS / "quickstart-sft.yaml", overrides=layered(cell, common)))
+        posts[label] = train(TrainConfig.from_files(*WORLD, CONFIGS / "quickstart-sft.yaml",
+                                                    overrides=layered(cell, common)))
     loss = {key: pre.metrics[key] for key in ("val/loss", "val/excess_loss")}
     favoured = next(iter(posts.values())).config.run.tasks
     out = pre.run_dir.parent

@@ -63,9 +63,11 @@ def train(config: TrainConfig, subcommand: str = "fit") -> RunResult:
     plain = {"model": settings.model.as_dict(), "data": settings.data.as_dict()}
     check_stage(run, stage, plain["model"], plain["data"])
     if stage.needs_init:
-        inherit_pretrained(plain["model"]["init_args"], plain["data"]["init_args"], config.model.init_args, config.data.init_args)
+        inherit_pretrained(plain["model"]["init_args"], plain["data"]["init_args"], config.model.init_args,
+                           config.data.init_args)
     else:
-        world_config(group(plain["data"]["init_args"]["world"], "data.world"), "data.world.")  # finite and in range, named
+        # finite and in range, named
+        world_config(group(plain["data"]["init_args"]["world"], "data.world"), "data.world.")
     if run.direction is not None:
         post_training_mixture(run, stage, plain["data"]["init_args"])
     check_schedule(run, settings.trainer.as_dict())
@@ -84,7 +86,8 @@ def train(config: TrainConfig, subcommand: str = "fit") -> RunResult:
     module = build(settings.model.as_dict(), **module_arguments(datamodule))
     trainer_only = settings.clone()
     trainer_only.model = trainer_only.data = None
-    options = dict(parse(lambda parser: parser.instantiate_classes(trainer_only)).trainer)  # callbacks or a logger it names
+    # callbacks or a logger it names
+    options = dict(parse(lambda parser: parser.instantiate_classes(trainer_only)).trainer)
     options["callbacks"] = [*(options.get("callbacks") or []), *run_callbacks(run, run_dir, info, datamodule, options),
                             SaveConfigCallback(settings_parser(), settings, overwrite=True)]
     options["logger"] = run_logger(options.get("logger"), run_dir, ckpt if subcommand == "fit" else None)
@@ -133,7 +136,8 @@ def run_info(run: RunConfig, stage: Stage, spec: GPTSpec, data: dict) -> RunInfo
                    amount=amount if post else "", layers=spec.n_layer, target=" ".join(map(str, run.tasks or [])))
 
 
-def run_callbacks(run: RunConfig, run_dir: Path, info: RunInfo, data: L.LightningDataModule, trainer: dict) -> list[L.Callback]:
+def run_callbacks(run: RunConfig, run_dir: Path, info: RunInfo, data: L.LightningDataModule,
+                  trainer: dict) -> list[L.Callback]:
     """The run's own callbacks: progress, last.ckpt on its schedule, best.ckpt, the curves table, the HF export
     at the end, and Ctrl-C."""
     # last.ckpt on its own schedule; best.ckpt only when a validation has just scored the weights it
@@ -143,8 +147,10 @@ def run_callbacks(run: RunConfig, run_dir: Path, info: RunInfo, data: L.Lightnin
     best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min",
                            save_top_k=1, enable_version_counter=False)
     references = (lambda device: ideal_references(data, device)) if isinstance(data, GincDataModule) else None
-    bar = [StepProgressBar(refresh_rate=trainer.get("log_every_n_steps") or 50)] if trainer.get("enable_progress_bar", True) is not False else []
-    return [*bar, last, best, CurvesWriter(run_dir / "curves.csv", info, references), FinalExport(run_dir, info, data.hparams), CtrlC()]
+    bar = ([StepProgressBar(refresh_rate=trainer.get("log_every_n_steps") or 50)]
+           if trainer.get("enable_progress_bar", True) is not False else [])
+    return [*bar, last, best, CurvesWriter(run_dir / "curves.csv", info, references),
+            FinalExport(run_dir, info, data.hparams), CtrlC()]
 
 
 def run_logger(logger: object, run_dir: Path, resume: Path | None) -> object:

@@ -40,7 +40,8 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return f"{self.size}/pretrain" if self.method == "pretrain" else f"{self.size}/{self.method}-{self.direction}-{self.amount}"
+        return (f"{self.size}/pretrain" if self.method == "pretrain"
+                else f"{self.size}/{self.method}-{self.direction}-{self.amount}")
 
 
 class State(enum.Enum):
@@ -91,7 +92,8 @@ def cells_of(cfg: AblationConfig) -> list[Cell]:
 
 def cell_steps(cfg: AblationConfig, cell: Cell) -> int:
     """A cell's training steps: pretrain_steps, or its amount seen `epochs` times in batches of batch_size."""
-    return cfg.pretrain_steps if cell.method == "pretrain" else max(1, math.ceil(cell.amount * cfg.epochs / cfg.batch_size))
+    return (cfg.pretrain_steps if cell.method == "pretrain"
+            else max(1, math.ceil(cell.amount * cfg.epochs / cfg.batch_size)))
 
 
 def cell_args(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None) -> list[str]:
@@ -104,8 +106,9 @@ def cell_args(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | Non
         extra = cfg.pretrain_overrides
     else:
         args = ["--config", str(CONFIGS / f"{cell.method}-{cell.direction}.yaml"), *base, "--run.stage", cell.method,
-                "--run.direction", cell.direction, "--run.tasks", str(list(cfg.tasks)), "--model.init_from", str(pretrained),
-                "--data.train_documents", str(cell.amount), "--data.batch_size", str(cfg.batch_size)]
+                "--run.direction", cell.direction, "--run.tasks", str(list(cfg.tasks)),
+                "--model.init_from", str(pretrained), "--data.train_documents", str(cell.amount),
+                "--data.batch_size", str(cfg.batch_size)]
         extra = [*cfg.posttrain_overrides, *cfg.method_overrides.get(cell.method, [])]
     interval = max(1, steps // cfg.evals_per_cell)
     return ["fit", *args, "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(interval),
@@ -222,7 +225,8 @@ def run_cell(cfg: AblationConfig, cell: Cell, out: Path, pretrained: Path | None
     if cell_dir.exists() and not (cell_dir / ASKED).is_file():  # not made by ablate.py: never deleted or resumed
         return CellStatus.failure(f"{cell_dir} holds no record of ablate.py's ({ASKED}); move it away and rerun")
     if (cell_dir / "checkpoints" / "last.ckpt").is_file() and recorded(cell_dir) == record:
-        config.ckpt_path, args = "last", [*args, "--ckpt_path", "last"]  # interrupted after a checkpoint: continue from it
+        # interrupted after a checkpoint: continue from it
+        config.ckpt_path, args = "last", [*args, "--ckpt_path", "last"]
     elif cell_dir.exists():
         shutil.rmtree(cell_dir)  # ours, interrupted before its first checkpoint or asked something else: start again
     cell_dir.mkdir(parents=True, exist_ok=True)

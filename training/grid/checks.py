@@ -60,7 +60,8 @@ def check_cells(cfg: AblationConfig, path: Path) -> None:
                 stage = STAGES[method]
                 with _in_cell(path, cell, cfg):
                     run = _check_run(settings, stage)
-                    data = {**settings.data.init_args.as_dict(), "world": dataclasses.asdict(world)}  # the pretrained model's
+                    data = {**settings.data.init_args.as_dict(),
+                            "world": dataclasses.asdict(world)}  # the pretrained model's
                     post_training_mixture(run, stage, data)
 
 
@@ -76,7 +77,8 @@ def _check_run(settings: object, stage: object) -> object:
 
 
 # the flags whose values differ between the cells of one (size, method, direction): what the amount sets, and names
-_PER_CELL = ("--run.name", "--model.init_from", "--data.train_documents", "--trainer.max_steps", "--trainer.val_check_interval")
+_PER_CELL = ("--run.name", "--model.init_from", "--data.train_documents", "--trainer.max_steps",
+             "--trainer.val_check_interval")
 
 
 def _sources(cfg: AblationConfig, cell: Cell) -> str:
@@ -123,14 +125,15 @@ def _parse_cell(cfg: AblationConfig, cell: Cell, out: Path, path: Path, seen: se
                                    else "amounts x epochs / batch_size")}
     if cell.method != "pretrain":
         owned |= {"run.direction": (cell.direction, "directions"), "run.tasks": (list(cfg.tasks), "tasks"),
-                  "model.init_args.init_from": (str(pretrained_of(cfg, out, cell.size)), "pretrained, or the pretraining"),
+                  "model.init_args.init_from": (str(pretrained_of(cfg, out, cell.size)),
+                                                "pretrained, or the pretraining"),
                   "data.init_args.train_documents": (cell.amount, "amounts"),
                   "data.init_args.batch_size": (cfg.batch_size, "batch_size")}
     for key, (value, source) in owned.items():
         if settings.get(key) != value:
-            raise AblationConfigError(f"{path}: cell {cell.name}: {_sources(cfg, cell)} set {key.replace('init_args.', '')} "
-                                      f"to {settings.get(key)!r}, which the grid sets itself ({value!r}, from {source}); "
-                                      "drop it there")
+            raise AblationConfigError(f"{path}: cell {cell.name}: {_sources(cfg, cell)} set "
+                                      f"{key.replace('init_args.', '')} to {settings.get(key)!r}, which the grid sets "
+                                      f"itself ({value!r}, from {source}); drop it there")
     return settings
 
 
@@ -184,8 +187,8 @@ def _given_model(path: Path, size: str, ckpt: str, world: object, spec: object, 
         raise AblationConfigError(f"{what} does not record the world it was trained on ({_reason(exc)}); pass a "
                                   "checkpoint or hf/ export written by train.py") from None
     differ = [f"world.{name} {there} (grid: {here})" for name, here, there in world_differences(world, theirs)]
-    differ += [f"{k} {getattr(their_spec, k)} (grid: {getattr(spec, k)})" for k in ("n_layer", "n_embd", "n_head", "n_positions")
-               if getattr(their_spec, k) != getattr(spec, k)]
+    differ += [f"{k} {getattr(their_spec, k)} (grid: {getattr(spec, k)})"
+               for k in ("n_layer", "n_embd", "n_head", "n_positions") if getattr(their_spec, k) != getattr(spec, k)]
     differ += [f"context_length {their_context} (grid: {context_length})"] if their_context != context_length else []
     if differ:
         raise AblationConfigError(f"{what} is another model than the grid's base configs give {size}: it has "
@@ -226,6 +229,6 @@ def check_finished(cfg: AblationConfig, path: Path) -> None:
         if not existing.is_dir():
             raise AblationConfigError(f"{path}: {existing} is a file where cell {cell.name} trains; move it away")
         if cell_dir.is_dir() and not (cell_dir / "DONE").is_file() and not (cell_dir / ASKED).is_file():
-            raise AblationConfigError(f"{path}: {cell_dir} holds no record of ablate.py's ({ASKED}), so it is not a cell "
-                                      "this grid started and is neither deleted nor reused; move it away, or give the "
-                                      "grid a new name")
+            raise AblationConfigError(f"{path}: {cell_dir} holds no record of ablate.py's ({ASKED}), so it is not a "
+                                      "cell this grid started and is neither deleted nor reused; move it away, or "
+                                      "give the grid a new name")

@@ -104,7 +104,8 @@ class AblationConfig:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(raw) - known)
         if unknown:
-            raise AblationConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise AblationConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; "
+                                      f"known: {', '.join(sorted(known))}")
         hints = typing.get_type_hints(cls)
         for name, value in raw.items():
             if not _is_a(value, hints[name]):
@@ -129,7 +130,8 @@ class AblationConfig:
         except UserError as exc:
             raise AblationConfigError(str(exc)) from None
         examples = {"sizes": f"a model size, e.g. [gpt2-1l] (known: {', '.join(NAMED_SIZES)})",
-                    "methods": f"a method ({', '.join(METHODS)})", "directions": f"a direction ({', '.join(DIRECTIONS)})",
+                    "methods": f"a method ({', '.join(METHODS)})",
+                    "directions": f"a direction ({', '.join(DIRECTIONS)})",
                     "amounts": "an amount > 0 (documents or pairs; 0 = the pretrained model itself)"}
         for what, example in examples.items():
             if not getattr(self, what):
@@ -137,13 +139,15 @@ class AblationConfig:
         for size in self.sizes:  # a size names the directory of its cells: a known name only, never a path
             if size not in NAMED_SIZES:
                 raise AblationConfigError(f"{path}: unknown model size {size!r} in sizes; choose from "
-                                          f"{', '.join(NAMED_SIZES)} (set n_embd, n_head, ... in base_configs for other widths)")
+                                          f"{', '.join(NAMED_SIZES)} (set n_embd, n_head, ... in base_configs for "
+                                          "other widths)")
         for method in [*self.methods, *self.method_overrides]:
             if method not in METHODS:
                 raise AblationConfigError(f"{path}: unknown method {method!r}; choose from {', '.join(METHODS)}")
         for direction in self.directions:
             if direction not in DIRECTIONS:
-                raise AblationConfigError(f"{path}: unknown direction {direction!r}; choose from {', '.join(DIRECTIONS)}")
+                raise AblationConfigError(f"{path}: unknown direction {direction!r}; "
+                                          f"choose from {', '.join(DIRECTIONS)}")
         for what, values in (("sizes", self.sizes), ("methods", self.methods), ("directions", self.directions),
                              ("tasks", self.tasks), ("amounts", self.amounts)):
             repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
@@ -158,7 +162,8 @@ class AblationConfig:
             raise AblationConfigError(f"{path}: amounts {self.amounts} has no amount > 0, so nothing is post-trained; "
                                       f"add {examples['amounts']}")
         for value, what, least in ((self.epochs, "epochs", 1), (self.batch_size, "batch_size", 1),
-                                   (self.pretrain_steps, "pretrain_steps", 1), (self.evals_per_cell, "evals_per_cell", 1),
+                                   (self.pretrain_steps, "pretrain_steps", 1),
+                                   (self.evals_per_cell, "evals_per_cell", 1),
                                    (self.reader_prompts, "reader_prompts", 1), (self.gap_prompts, "gap_prompts", 2)):
             if value < least:
                 raise AblationConfigError(f"{path}: {what} must be >= {least}, got {value}")
@@ -181,7 +186,8 @@ class AblationConfig:
             if key not in SLURM_KEYS:
                 raise AblationConfigError(f"{path}: unknown slurm setting {key!r}; known: {', '.join(SLURM_KEYS)}")
             if not _is_a(value, SLURM_KEYS[key]):
-                raise AblationConfigError(f"{path}: slurm.{key} is {value!r}, which is not {_describe(SLURM_KEYS[key])}")
+                raise AblationConfigError(f"{path}: slurm.{key} is {value!r}, which is not "
+                                          f"{_describe(SLURM_KEYS[key])}")
             least = 0 if key == "gpus_per_cell" else 1
             if SLURM_KEYS[key] is int and value < least:
                 raise AblationConfigError(f"{path}: slurm.{key} must be >= {least}, got {value}")

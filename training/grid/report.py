@@ -70,7 +70,8 @@ def report_grid(cfg: AblationConfig, out: Path, status: dict[str, CellStatus], p
                  "reader tables": (reader_tables, cfg, out, list(models.values()), [*models.values(), *finished],
                                    list(baselines.values()))}
     started = {name: pool.submit(*call) for name, call in elsewhere.items()} if pool is not None else {}
-    settings = {size: dataclasses.replace(shift_settings, baseline=base_rows[0]["run"]) for size, base_rows in baselines.items()}
+    settings = {size: dataclasses.replace(shift_settings, baseline=base_rows[0]["run"])
+                for size, base_rows in baselines.items()}
     shifts = {size: _report(f"shift of {size}", shift_table, curves, out / "shift" / size, settings[size],
                             true_priors=true_priors(models[size])) for size in baselines}
     groups = read_curves(curves)
@@ -115,7 +116,8 @@ def reader_tables(cfg: AblationConfig, out: Path, pretrained: list[Path], traine
         ideal = ideal_references(GincDataModule(**read_source(pretrained[0]).data))
         learner_curves_figure(baselines[0], ideal, out / "learner_curves.png")
 
-    print("[ablate] ideal-learner priors of every model, and the pretrained models' gap to their ideal learner", flush=True)
+    print("[ablate] ideal-learner priors of every model, and the pretrained models' gap to their ideal learner",
+          flush=True)
     reader = reader_prior_rows([m for m in trained if has_prior(m)], cfg.reader_prompts)
     if reader:
         write_rows(reader, out / "reader_prior.csv")
@@ -137,19 +139,22 @@ def write_report(cfg: AblationConfig, out: Path, status: dict[str, CellStatus], 
         reemergence_section,
     )
 
-    lines = [f"# Ablation {cfg.name}", "", f"Sizes {', '.join(cfg.sizes)}; methods {', '.join(cfg.methods)}; directions "
-             f"{', '.join(cfg.directions)}; tasks {cfg.tasks}; amounts {cfg.amounts} (x{cfg.epochs} epochs, batch {cfg.batch_size}).", "",
+    lines = [f"# Ablation {cfg.name}", "",
+             f"Sizes {', '.join(cfg.sizes)}; methods {', '.join(cfg.methods)}; directions {', '.join(cfg.directions)}; "
+             f"tasks {cfg.tasks}; amounts {cfg.amounts} (x{cfg.epochs} epochs, batch {cfg.batch_size}).", "",
              "| cell | status |", "| --- | --- |", *[f"| {n} | {s} |" for n, s in status.items()], "",
              "- combined curves: `curves.csv`", "- law fits: `fits/report.md`",
              *[f"- shift of {size}: `shift/{size}/report.md`" for size in shifts],
-             (f"- {named_learners(list(reader.values()), PRIOR_NAMES)} of every model (law-free): `reader_prior.csv`" if reader else
+             (f"- {named_learners(list(reader.values()), PRIOR_NAMES)} of every model (law-free): `reader_prior.csv`"
+              if reader else
               "- reader priors (law-free): none: the world has no property_smoothing, so no prior makes the KL to the "
               "reader finite"),
              f"- gaps to the {named_learners(gaps, LEARNER_NAMES) or 'ideal learner'}: `reader_gap.csv`", "",
-             "## What the grid shows", "", "### Reemergence", "", *reemergence_section(shifts, out), *gap_section(gaps, out),
-             *favoured_prior_section(shifts, cfg.tasks[0], reader, out)]
+             "## What the grid shows", "", "### Reemergence", "", *reemergence_section(shifts, out),
+             *gap_section(gaps, out), *favoured_prior_section(shifts, cfg.tasks[0], reader, out)]
     for size, shift in shifts.items():
         lines += [f"## {size}", "", *prior_section(shift, cfg.tasks[0], reader, ranges.get(size, []))]
-    lines += ["## Laws in extrapolation", "", f"Fit on shots <= {cfg.fit_fraction:g} x the largest, scored on the rest, "
+    lines += ["## Laws in extrapolation", "",
+              f"Fit on shots <= {cfg.fit_fraction:g} x the largest, scored on the rest, "
               "over every cell's curves:", "", *extrapolation_section(results)]
     (out / "report.md").write_text("\n".join(lines))

@@ -39,5 +39,6 @@ def train_cells(cfg: AblationConfig, out: Path, launcher: Launcher,
     known |= {cell.name: SKIPPED for cell in cells_of(cfg) if (out / cell.name / "DONE").is_file()}
     trained, stopped = launcher.train(cfg, out, [c for c in cells_of(cfg) if c.name not in known], known, stop_after)
     status = known | trained
-    order = [name for size in cfg.sizes for name in (f"{size}/pretrain", *(c.name for c in cells_of(cfg) if c.size == size))]
+    order = [name for size in cfg.sizes
+             for name in (f"{size}/pretrain", *(c.name for c in cells_of(cfg) if c.size == size))]
     return {name: status[name] for name in order if name in status}, stopped

@@ -3,9 +3,9 @@ cells are one job array that starts once that job has succeeded (afterok). Every
 grid's `slurm:` section says. A job that SLURM preempts or times out is requeued by submitit and resumes
 from the cell's last checkpoint.
 
-`<grid>/slurm/jobs.json` records each submitted cell's job id and what it was asked (its config). A rerun (after `--no-wait`, or after this
-process was stopped) collects the jobs SLURM still holds instead of submitting them again, and
-resubmits only cells that are neither DONE nor queued; a job queued under other settings stops it.
+`<grid>/slurm/jobs.json` records each submitted cell's job id and what it was asked (its config). A rerun (after
+`--no-wait`, or after this process was stopped) collects the jobs SLURM still holds instead of submitting them
+again, and resubmits only cells that are neither DONE nor queued; a job queued under other settings stops it.
 Job logs are `<grid>/slurm/<job id>_*`.
 
 The driver (the process that submits and waits) holds the grid's lock (processes.py); the jobs
@@ -86,7 +86,8 @@ def held_jobs(timeout_s: float = 60) -> set[str]:
     try:
         result = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise UserError(f"squeue did not answer ({exc}); run ablate.py --launcher slurm where SLURM's commands work") from None
+        raise UserError(f"squeue did not answer ({exc}); "
+                        "run ablate.py --launcher slurm where SLURM's commands work") from None
     if result.returncode != 0:
         raise UserError(f"squeue failed: {result.stderr.strip()}; is the SLURM controller reachable from here?")
     return set(result.stdout.split())
@@ -108,7 +109,8 @@ def queued_cells(out: Path) -> dict[str, str]:
         held = held_jobs(timeout_s=15)
     except UserError:
         return {}
-    return {name: job["id"] for name, job in recorded.items() if job["id"] in held and not (out / name / "DONE").is_file()}
+    return {name: job["id"] for name, job in recorded.items()
+            if job["id"] in held and not (out / name / "DONE").is_file()}
 
 
 def _unsubmitted(folder: Path) -> set[Path]:
@@ -136,11 +138,12 @@ def sbatch_errors(folder: Path, what: str, submitted: int) -> typing.Iterator[No
         if not existed:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # made for this submission alone, and empty again
-        kept = (f"; the {submitted} job(s) submitted before it are recorded in {folder / JOBS} and a rerun collects them"
+        kept = (f"; the {submitted} job(s) submitted before it are recorded in {folder / JOBS} and a rerun "
+                "collects them"
                 if submitted else "")
         if isinstance(exc, FileNotFoundError) and exc.filename == "sbatch":
-            raise UserError(f"sbatch is not installed here, so {what} cannot be submitted; run ablate.py --launcher slurm "
-                            f"where SLURM's commands work{kept}") from None
+            raise UserError(f"sbatch is not installed here, so {what} cannot be submitted; run ablate.py --launcher "
+                            f"slurm where SLURM's commands work{kept}") from None
         reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
         raise UserError(f"sbatch refused {what}: {reason}; check the grid's slurm: section and that the SLURM "
                         f"controller answers (sinfo), then rerun{kept}") from None
