@@ -220,6 +220,16 @@ def _script(path: Path, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
+def test_slurm_commands_missing_is_one_line_and_writes_nothing(tmp_path):
+    pytest.importorskip("submitit")
+    config = _grid(tmp_path, "no-slurm", slurm={"cpus_per_cell": 1})
+    run = _ablate("--config", str(config), "--launcher", "slurm", "--no-wait",
+                  env={"PATH": str(Path(sys.executable).parent)})
+    line = _one_error_line(run)
+    assert "sbatch and srun: not installed here" in line and "--launcher local" in line, line
+    assert not (tmp_path / "no-slurm").exists()
+
+
 REFUSED = "sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)"
 
 
@@ -234,6 +244,7 @@ def test_a_refused_sbatch_is_one_line_and_leaves_no_submission_files(tmp_path, a
     _script(bin_dir / "sbatch", f'left=$(cat {tmp_path}/accepted)\nif [ -n "$left" ]; then\n'
                                 f'  printf "" > {tmp_path}/accepted; echo "Submitted batch job 4242"; exit 0\nfi\n'
                                 f'echo "{REFUSED}" >&2\nexit 1')
+    _script(bin_dir / "srun", "exit 0")  # submitit looks for it; the jobs never run
     config = _grid(tmp_path, "refused", slurm={"cpus_per_cell": 1})
     run = _ablate("--config", str(config), "--launcher", "slurm", "--no-wait",
                   env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})

@@ -122,8 +122,8 @@ def _unsubmitted(folder: Path) -> set[Path]:
 
 @contextlib.contextmanager
 def sbatch_errors(folder: Path, what: str, submitted: int) -> typing.Iterator[None]:
-    """A submission refused by sbatch (or sbatch missing) as one line with sbatch's own message; the files
-    of the refused submission are removed. submitit prints sbatch's message itself: it goes in the line."""
+    """A submission refused by sbatch as one line with sbatch's own message; the files of the refused
+    submission are removed. submitit prints sbatch's message itself: it goes in the line."""
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
     existed = folder.is_dir()
@@ -141,9 +141,6 @@ def sbatch_errors(folder: Path, what: str, submitted: int) -> typing.Iterator[No
         kept = (f"; the {submitted} job(s) submitted before it are recorded in {folder / JOBS} and a rerun "
                 "collects them"
                 if submitted else "")
-        if isinstance(exc, FileNotFoundError) and exc.filename == "sbatch":
-            raise UserError(f"sbatch is not installed here, so {what} cannot be submitted; run ablate.py --launcher "
-                            f"slurm where SLURM's commands work{kept}") from None
         reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
         raise UserError(f"sbatch refused {what}: {reason}; check the grid's slurm: section and that the SLURM "
                         f"controller answers (sinfo), then rerun{kept}") from None
@@ -156,6 +153,10 @@ def submit(cfg: AblationConfig, out: Path, status: dict[str, CellStatus], stop_a
     are recorded in jobs.json also when a later submission fails."""
     import submitit
 
+    missing = [command for command in ("sbatch", "srun") if shutil.which(command) is None]
+    if missing:  # submitit itself would stop with a traceback
+        raise UserError(f"{' and '.join(missing)}: not installed here, so the grid's cells cannot be submitted; "
+                        "run ablate.py --launcher slurm where SLURM's commands work, or use --launcher local")
     recorded_path = out / "slurm" / JOBS
     recorded = recorded_jobs(out)
     held = held_jobs() if recorded else set()
