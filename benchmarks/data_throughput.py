@@ -7,7 +7,7 @@ Three workloads, each produced by the peer (the way the existing research code d
              demonstration and hypothesis (task, start property), combined with Bayes' rule in numpy
 The exact learner's probabilities are checked against the peer's. The last line is the documents ratio.
 
-    python benchmarks/data_throughput.py            # the README's numbers
+    python benchmarks/data_throughput.py            # the numbers in docs/performance.md
     python benchmarks/data_throughput.py --smoke    # seconds, for CI
 """
 from __future__ import annotations

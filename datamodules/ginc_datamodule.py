@@ -1,7 +1,7 @@
 """LightningDataModule of the GINC world: pretraining/SFT blocks, validation blocks and ICL prompts.
 
-Training data is streamed: each batch is generated when it is needed from its global index (a few ms
-on one CPU core for 32 x 1024 tokens, see the README), so there is nothing to store, any mixture can
+Training data is streamed: each batch is generated when it is needed from its global index (about 30 ms
+on one CPU core for 32 x 1024 tokens, see docs/guide.md), so there is nothing to store, any mixture can
 be asked for, and a run resumed at batch b continues with exactly batch b. Rank r of W takes global
 batches r, r + W, ...; worker w of a loader takes every num_workers-th of those, and the loader
 interleaves them back in order.

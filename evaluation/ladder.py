@@ -24,7 +24,7 @@ take its departures from the law's assumptions away one at a time, to find what 
 
 The exact-demos learner's curve is the mean over prompts of that posterior predictive with each prompt's
 own l and q; the two differ only in the prompt-to-prompt spread of the evidence, which makes the mean
-curve depend on the prior less steeply than any learner with fixed evidence per shot does (README: "The
+curve depend on the prior less steeply than any learner with fixed evidence per shot does (docs/results.md: "The
 law's bias on known priors").
 """
 from __future__ import annotations
