@@ -15,7 +15,8 @@ def _grid(tmp_path: Path, root: str, **extra) -> Path:
         "name": "t", "root": str(tmp_path / root), "sizes": ["gpt2-1l"], "base_configs": [str(BASE)],
         "pretrain_steps": 30, "pretrain_overrides": ["--model.optim.lr", "3e-3", "--model.optim.warmup_steps", "5"],
         "posttrain_overrides": ["--model.optim.lr", "1e-3", "--model.optim.warmup_steps", "1"],
-        "overrides": ["--data.context_length", "32", "--model.n_positions", "32", "--data.icl", "{k_values: [3], prompts_per_task: 8, batch_size: 8}",
+        "overrides": ["--data.context_length", "32", "--model.n_positions", "32",
+                      "--data.icl", "{k_values: [3], prompts_per_task: 8, batch_size: 8}",
                       "--data.world.property_smoothing", "0.5"],
         "methods": ["sft", "dpo"], "directions": ["favor"], "tasks": [0], "amounts": [0, 32], "batch_size": 16,
         "evals_per_cell": 1, "fit_fraction": 0.5, "laws": ["power", "bayesian_sampling"], "shift_resamples": 4,
@@ -55,7 +56,8 @@ def test_grid_reports_what_it_found(finished):
     with (out / "reader_prior.csv").open() as f:
         reader = {r["run"]: r for r in csv.DictReader(f)}
     assert set(reader) == {r["run"] for r in _table(out / "curves.csv")}
-    assert all(abs(sum(float(r[f"prior_{i}"]) for i in range(3)) - 1) < 1e-9 and float(r["kl"]) <= float(r["kl_world"]) + 1e-9
+    assert all(abs(sum(float(r[f"prior_{i}"]) for i in range(3)) - 1) < 1e-9
+               and float(r["kl"]) <= float(r["kl_world"]) + 1e-9
                for r in reader.values())
     with (out / "reader_gap.csv").open() as f:
         gaps = list(csv.DictReader(f))
@@ -63,8 +65,8 @@ def test_grid_reports_what_it_found(finished):
     report = (out / "report.md").read_text()
     for line in ("### k = 3: task 0's prior", "- sft favor: law prior", "- dpo favor: law prior", "reader prior",
                  "by BIC, all amounts (32)", "graded at", "| KL / base |", "- prior-only account ", "### Reemergence",
-                 "## Laws in extrapolation", "Pretrained models against the document reader", "![favoured prior](favoured_prior.png)",
-                 "| rise (model / learner) |", "](learner_curves.png)"):
+                 "## Laws in extrapolation", "Pretrained models against the document reader",
+                 "![favoured prior](favoured_prior.png)", "| rise (model / learner) |", "](learner_curves.png)"):
         assert line in report, line
     assert (out / "favoured_prior.png").stat().st_size > 1000 and (out / "learner_curves.png").stat().st_size > 1000
     assert report.index("- sft favor: law prior") < report.index("- dpo favor: law prior")  # SFT before DPO
@@ -90,12 +92,14 @@ def test_failed_cell_is_reported_and_the_others_finish(finished, tmp_path, launc
         _needs_slurm()
     pretrained = finished / "whole" / "t" / "gpt2-1l" / "pretrain" / "hf"
     # disfavouring every task leaves an all-zero mixture: that cell fails, the favour cell runs
-    config = _grid(tmp_path, "failing", pretrained={"gpt2-1l": str(pretrained)}, methods=["sft"], directions=["favor", "disfavor"], tasks=[0, 1, 2])
+    config = _grid(tmp_path, "failing", pretrained={"gpt2-1l": str(pretrained)}, methods=["sft"],
+                   directions=["favor", "disfavor"], tasks=[0, 1, 2])
     assert ablate.main(["--config", str(config), *launch]) == 1
     out = tmp_path / "failing" / "t"
     report = (out / "report.md").read_text()
     assert "| gpt2-1l/sft-disfavor-32 | failed" in report and "| gpt2-1l/sft-favor-32 | done |" in report
-    assert "all zero" in report.split("sft-disfavor-32 | failed", 1)[1].splitlines()[0]  # the reason, not just the verdict
+    # the reason, not just the verdict
+    assert "all zero" in report.split("sft-disfavor-32 | failed", 1)[1].splitlines()[0]
     assert any(r["run"].endswith("sft-favor-32") for r in _table(out / "curves.csv"))
 
 
@@ -140,7 +144,8 @@ def test_bad_ablation_config(tmp_path, capsys):
     ("name: x\nsizes: [gpt2-1l]\namounts: 32\n", "amounts is 32, which is not a list of an integer"),
     ("name: x\nsizes: [gpt2-1l\n", "is not valid YAML"),
     ("- a\n- b\n", "must be a mapping of settings"),
-    ("name: x\nsizes: [gpt2-1l]\nfit_fraction: 0.5\nlaws: [power, 3]\n", "laws is ['power', 3], which is not a list of text or null"),
+    ("name: x\nsizes: [gpt2-1l]\nfit_fraction: 0.5\nlaws: [power, 3]\n",
+     "laws is ['power', 3], which is not a list of text or null"),
     ("name: ../../escape\nsizes: [gpt2-1l]\n", "name '../../escape' would write outside"),
     (f"name: x\nroot: {__file__}\nsizes: [gpt2-1l]\n", f"root {__file__} is a file"),
     ("name: x\nsizes: [gpt2-1l]\nfit_fraction: 5\n", "fit fractions [5] must lie strictly between 0 and 1"),
@@ -150,7 +155,8 @@ def test_bad_ablation_config(tmp_path, capsys):
     ("name: x\nsizes: [gpt2-1l, gpt2-1l]\n", "sizes lists 'gpt2-1l' more than once"),
     ("name: x\nsizes: [gpt2-1l]\ntasks: [-1]\n", "tasks must be task indices >= 0"),
     ("name: x\nsizes: [gpt2-1l]\nmethod_overrides: {rlhf: [--model.beta, '1']}\n", "unknown method 'rlhf'"),
-    ("name: x\nsizes: [gpt2-1l]\nmethod_overrides: {dpo: --model.beta}\n", "which is not a mapping of text to a list of text"),
+    ("name: x\nsizes: [gpt2-1l]\nmethod_overrides: {dpo: --model.beta}\n",
+     "which is not a mapping of text to a list of text"),
 ])
 def test_bad_ablation_yaml_is_one_line(tmp_path, capsys, text, message):
     import ablate
@@ -192,7 +198,8 @@ def test_cells_in_parallel_processes_give_the_same_table(finished, tmp_path):
     assert ablate.main(["--config", str(_grid(tmp_path, "parallel")), "--parallel", "2"]) == 0
     out = tmp_path / "parallel" / "t"
     assert _table(out / "curves.csv") == _table(finished / "whole" / "t" / "curves.csv")
-    assert all((out / "gpt2-1l" / cell / "train.log").stat().st_size > 0 for cell in ("pretrain", "sft-favor-32", "dpo-favor-32"))
+    assert all((out / "gpt2-1l" / cell / "train.log").stat().st_size > 0
+               for cell in ("pretrain", "sft-favor-32", "dpo-favor-32"))
     assert "| gpt2-1l/dpo-favor-32 | done |" in (out / "report.md").read_text()
 
 
@@ -255,7 +262,8 @@ def test_a_preempted_slurm_cell_resumes_from_its_checkpoint(tmp_path):
 
     _needs_slurm()
     longer = {"pretrain_steps": 400, "methods": ["sft"], "directions": ["favor"],
-              "pretrain_overrides": ["--model.optim.lr", "3e-3", "--model.optim.warmup_steps", "5", "--run.checkpoint_every", "20"]}
+              "pretrain_overrides": ["--model.optim.lr", "3e-3", "--model.optim.warmup_steps", "5",
+                                     "--run.checkpoint_every", "20"]}
     assert ablate.main(["--config", str(_grid(tmp_path, "local", **longer))]) == 0
     config = _grid(tmp_path, "slurm", slurm={"cpus_per_cell": 1, "mem_gb": 2, "time_min": 5}, **longer)
     assert ablate.main(["--config", str(config), "--launcher", "slurm", "--no-wait"]) == 0
@@ -266,7 +274,8 @@ def test_a_preempted_slurm_cell_resumes_from_its_checkpoint(tmp_path):
         assert time.monotonic() - began < 300, "the pretraining job wrote no checkpoint"
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    while (state := subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()) != "PENDING":
+    while (state := subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"],
+                                   capture_output=True, text=True).stdout.strip()) != "PENDING":
         assert state and time.monotonic() - began < 300, f"the job was not requeued (state {state or 'gone'})"
         time.sleep(0.2)
     # SLURM holds a requeued job back for about two minutes; the test need not wait for that
@@ -306,5 +315,6 @@ def test_a_slurm_job_that_ends_without_a_result_is_a_failed_cell(tmp_path):
     assert not waiting.is_alive(), f"still waiting on {sorted(jobs)}"
     lines = {name: str(s) for name, s in status.items()}
     assert lines["gpt2-1l/pretrain"].startswith("failed: SLURM job") and "cancelled" in lines["gpt2-1l/pretrain"]
-    assert all("its pretraining (gpt2-1l/pretrain) failed" in lines[f"gpt2-1l/{cell}"] and "_log.err" in lines[f"gpt2-1l/{cell}"]
+    assert all("its pretraining (gpt2-1l/pretrain) failed" in lines[f"gpt2-1l/{cell}"]
+               and "_log.err" in lines[f"gpt2-1l/{cell}"]
                for cell in ("sft-favor-32", "dpo-favor-32")), lines

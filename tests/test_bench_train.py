@@ -40,7 +40,8 @@ def test_smoke_times_both_stacks_and_ends_with_the_ratio(smoke_log: list[str]) -
 
 
 def test_both_evaluations_score_the_same_prompts_alike(smoke_log: list[str]) -> None:
-    line = next(ln for ln in smoke_log if "ICL eval (2 layers, 40 prompts)" in ln)  # 4 k x 5 tasks x 2 prompts, at the largest size
+    # 4 k x 5 tasks x 2 prompts, at the largest size
+    line = next(ln for ln in smoke_log if "ICL eval (2 layers, 40 prompts)" in ln)
     ours, peer = (float(x) for x in re.search(r"ours ([\d.]+) s .* full logits ([\d.]+) s", line).groups())
     assert ours > 0 and peer > 0
     # same weights, same prompts: scoring only the label positions must give the full logits' curves
@@ -76,5 +77,6 @@ def test_peak_is_the_dense_bf16_peak_of_the_named_gpu() -> None:
 def test_flops_per_token_is_the_palm_count_for_gpt2_small() -> None:
     with torch.device("meta"):  # no memory, no init time: only the parameter shapes matter
         model = build_gpt(resolve_spec("gpt2-12l"), vocab_size=52, bos_id=51, pad_id=50)
-    non_embedding = 12 * (12 * 768 * 768 + 13 * 768) + 2 * 768  # per block: attention 4d^2 + MLP 8d^2, biases and 2 norms; final norm
+    # per block: attention 4d^2 + MLP 8d^2, biases and 2 norms; final norm
+    non_embedding = 12 * (12 * 768 * 768 + 13 * 768) + 2 * 768
     assert flops_per_token(model, resolve_spec("gpt2-12l")) == 6 * non_embedding + 12 * 12 * 768 * 1024

@@ -63,12 +63,14 @@ def test_icl_prompt_set_shards_without_loss_or_overlap():
 
 
 def test_datamodule_loaders():
-    dm = GincDataModule(world=WORLD, context_length=32, batch_size=4, val_documents=8, icl={"k_values": [3], "prompts_per_task": 2})
+    dm = GincDataModule(world=WORLD, context_length=32, batch_size=4, val_documents=8,
+                        icl={"k_values": [3], "prompts_per_task": 2})
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == (4, 32)
     val, icl = dm.val_dataloader()
     assert len(val) == 2 and len(icl) == 3
-    sft = GincDataModule(world=WORLD, context_length=32, batch_size=4, train_weights=[0, 1, 0], train_documents=8, train_stream="sft")
+    sft = GincDataModule(world=WORLD, context_length=32, batch_size=4, train_weights=[0, 1, 0], train_documents=8,
+                         train_stream="sft")
     assert (next(iter(sft.train_dataloader()))["tasks"] == 1).all()
 
 
@@ -89,7 +91,8 @@ def test_demonstration_rows_replace_a_share_of_pretraining_blocks_deterministica
     row = int(changed.nonzero()[0])
     task = int(mixed["tasks"][row])
     doc_id = int(mixed_dm.train_blocks().doc_ids(3)[row])
-    candidates = [sampler.icl_prompts(task, k, torch.tensor([doc_id + (1 << 40)]), 48 // (k + 1) + 1, "sampled").tokens[0, :48]
+    candidates = [sampler.icl_prompts(task, k, torch.tensor([doc_id + (1 << 40)]), 48 // (k + 1) + 1,
+                                      "sampled").tokens[0, :48]
                   for k in (3, 5)]
     assert any(torch.equal(mixed["input_ids"][row], c) for c in candidates)
     with pytest.raises(WorldConfigError, match="demo_rate must be in"):

@@ -99,7 +99,8 @@ def test_curves_append_refuses_a_run_already_in_the_table_unless_replace(tmp_pat
     import evaluate
 
     config = tmp_path / "world.yaml"
-    config.write_text("world: {n_tasks: 2, n_entities: 3, n_properties: 4, vocab_size: 8, seed: 1}\ncontext_length: 32\n"
+    config.write_text("world: {n_tasks: 2, n_entities: 3, n_properties: 4, vocab_size: 8, seed: 1}\n"
+                      "context_length: 32\n"
                       "icl: {k_values: [3], prompts_per_task: 4, batch_size: 4}\n")
     out = tmp_path / "curves.csv"
     base = ["curves", "--ideal", "--data-config", str(config), "--out", str(out), "--device", "cpu"]
@@ -124,12 +125,14 @@ def test_reference_curves_are_computed_once_per_world_and_prompt_set(monkeypatch
 
     calls = []
     real = ginc_curves.exact_curve_rows
-    monkeypatch.setattr(ginc_curves, "exact_curve_rows", lambda data, *a, **kw: calls.append(data) or real(data, *a, **kw))
+    monkeypatch.setattr(ginc_curves, "exact_curve_rows",
+                        lambda data, *a, **kw: calls.append(data) or real(data, *a, **kw))
     monkeypatch.setattr(ginc_curves, "_REFERENCES", {})
 
     def data(seed: int, prompts: int, **extra) -> GincDataModule:
         return GincDataModule(world={"n_tasks": 2, "n_entities": 3, "n_properties": 4, "vocab_size": 8, "seed": seed},
-                              context_length=32, icl={"k_values": [3], "prompts_per_task": prompts, "batch_size": 4}, **extra)
+                              context_length=32, icl={"k_values": [3], "prompts_per_task": prompts, "batch_size": 4},
+                              **extra)
 
     first = ginc_curves.ideal_references(data(1, 4))
     again = ginc_curves.ideal_references(data(1, 4, train_documents=16))  # post-training data, same prompts

@@ -40,7 +40,8 @@ def test_ipo_loss_equals_hand_computed_value():
     assert over.item() == pytest.approx(16.0)
 
 
-@pytest.mark.parametrize(("loss_fn", "beta"), [(dpo_loss, 0.5), (ipo_loss, 0.1)])  # IPO: both margins below its target 5
+# IPO: both margins below its target 5
+@pytest.mark.parametrize(("loss_fn", "beta"), [(dpo_loss, 0.5), (ipo_loss, 0.1)])
 def test_gradients_raise_chosen_and_lower_rejected(loss_fn, beta):
     pc, pr = PC.clone().requires_grad_(), PR.clone().requires_grad_()
     loss_fn(pc, pr, RC, RR, beta)[0].backward()
@@ -59,7 +60,8 @@ def test_non_positive_beta_is_rejected(loss_fn, beta):
 
 def test_sequence_logps_sums_token_log_probs_after_the_bos():
     torch.manual_seed(0)
-    model = build_gpt(resolve_spec("gpt2-1l", n_embd=16, n_head=2, n_positions=8), vocab_size=7, bos_id=6, pad_id=5).eval()
+    model = build_gpt(resolve_spec("gpt2-1l", n_embd=16, n_head=2, n_positions=8),
+                      vocab_size=7, bos_id=6, pad_id=5).eval()
     ids = torch.tensor([[6, 1, 2, 3, 0], [6, 4, 4, 1, 2]])
     with torch.no_grad():
         logits = model(input_ids=ids).logits.log_softmax(-1)

@@ -28,7 +28,8 @@ TRAINER = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=
 
 
 def pair_data(train_weights, **kw) -> PreferenceDataModule:
-    args = dict(world=WORLD, context_length=CONTEXT, batch_size=8, train_weights=train_weights, train_documents=64, val_documents=8, icl=ICL)
+    args = dict(world=WORLD, context_length=CONTEXT, batch_size=8, train_weights=train_weights, train_documents=64,
+                val_documents=8, icl=ICL)
     return PreferenceDataModule(**{**args, **kw})
 
 
@@ -67,7 +68,8 @@ def task_loglik(model) -> torch.Tensor:
     world = WorldConfig(**WORLD)
     sampler, out = GincSampler(GincWorld.build(world)), []
     for task in range(world.n_tasks):
-        docs = sampler.documents(torch.arange(64), CONTEXT - 1, torch.eye(world.n_tasks)[task].tolist(), stream="heldout")
+        docs = sampler.documents(torch.arange(64), CONTEXT - 1, torch.eye(world.n_tasks)[task].tolist(),
+                                 stream="heldout")
         ids = torch.cat([torch.full((64, 1), world.bos_id), docs.tokens], 1)
         out.append(sequence_logps(model.eval(), ids).mean() / (CONTEXT - 1))
     return torch.stack(out)
@@ -83,7 +85,8 @@ def relative(loglik: torch.Tensor, task: int) -> float:
 def heldout_margin(module: PreferenceModule, train_weights) -> float:
     """Mean chosen-minus-rejected log-ratio to the reference on 64 pairs the run never saw."""
     pairs = pair_data(train_weights, train_stream="heldout-pairs").train_blocks().pairs(torch.arange(64))
-    ratio = {h: sequence_logps(module.gpt.eval(), pairs[h]) - sequence_logps(module.reference, pairs[h]) for h in ("chosen_ids", "rejected_ids")}
+    ratio = {h: sequence_logps(module.gpt.eval(), pairs[h]) - sequence_logps(module.reference, pairs[h])
+             for h in ("chosen_ids", "rejected_ids")}
     return (ratio["chosen_ids"] - ratio["rejected_ids"]).mean().item()
 
 
@@ -134,18 +137,21 @@ def test_favour_raises_the_task_and_disfavour_lowers_it(pretrained):
     loglik = {"pretrained": task_loglik(CausalLMModule.load_from_checkpoint(pretrained, map_location="cpu").gpt),
               "favour 0": task_loglik(favour.gpt), "disfavour 0": task_loglik(disfavour.gpt)}
     for name, ll in loglik.items():  # the README's table: pytest -s shows it
-        print(f"{name:12} log-lik/token of tasks 0, 1, 2: {ll.numpy().round(3)}, task 0 minus others {relative(ll, 0):+.3f}")
+        print(f"{name:12} log-lik/token of tasks 0, 1, 2: {ll.numpy().round(3)}, "
+              f"task 0 minus others {relative(ll, 0):+.3f}")
     before, after_favour, after_disfavour = (relative(ll, 0) for ll in loglik.values())
     assert after_favour > before + 0.05 and after_disfavour < before - 0.05
     # the policy now prefers held-out chosen documents over rejected ones, relative to the reference (0 at the start)
     assert heldout_margin(favour, [1.0, 0.0, 0.0]) > 1.0 and heldout_margin(disfavour, [0.0, 0.5, 0.5]) > 1.0
     logged = trainer.callback_metrics
-    for name in ("train/loss", "train/reward_acc", "train/reward_chosen", "train/reward_rejected", "train/margin", "train/kl", "lr", "val/loss"):
+    for name in ("train/loss", "train/reward_acc", "train/reward_chosen", "train/reward_rejected", "train/margin",
+                 "train/kl", "lr", "val/loss"):
         assert torch.isfinite(logged[name]), name
     assert logged["train/margin"] > 0 and logged["train/kl"] > 0
     assert favour.reference_cache is not None  # 240 pairs trained of 64: the reference was scored once per pair
     # validation measured the ICL curves exactly as the causal-LM module does: every task, every shot count
-    assert {r["task"] for r in favour.last_curve_rows} == {0, 1, 2} and all(r["count"] == 4 for r in favour.last_curve_rows)
+    assert ({r["task"] for r in favour.last_curve_rows} == {0, 1, 2}
+            and all(r["count"] == 4 for r in favour.last_curve_rows))
 
 
 def test_reference_stays_frozen_and_out_of_the_optimizer(pretrained):
@@ -176,10 +182,12 @@ def test_checkpoint_holds_the_policy_only_and_resumes_with_the_same_reference(pr
 def test_cached_reference_trains_like_the_live_one(pretrained):
     cached, _ = dpo_run(pretrained, [1.0, 0.0, 0.0], steps=12, cache_reference=True)  # 96 pairs seen of 64: revisited
     live, _ = dpo_run(pretrained, [1.0, 0.0, 0.0], steps=12, cache_reference=False)
-    assert cached.reference_cache is not None and cached.reference_cache.shape == (2, 64) and live.reference_cache is None
+    assert (cached.reference_cache is not None and cached.reference_cache.shape == (2, 64)
+            and live.reference_cache is None)
     pairs = pair_data([1.0, 0.0, 0.0]).train_blocks().pairs(torch.arange(64))
     with torch.no_grad():
-        assert torch.allclose(cached.reference_cache[0], sequence_logps(cached.reference, pairs["chosen_ids"]), atol=1e-4)
+        assert torch.allclose(cached.reference_cache[0], sequence_logps(cached.reference, pairs["chosen_ids"]),
+                              atol=1e-4)
     for (name, a), b in zip(cached.gpt.state_dict().items(), live.gpt.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-4), name
 
@@ -198,7 +206,8 @@ def test_bad_model_settings_fail_before_training(pretrained):
 
 # ---- train.py ----------------------------------------------------------------------------------------
 def cli(tmp_path, *extra: str) -> int:
-    return train.main(["fit", "--config", "configs/tiny.yaml", "--config", "configs/dpo-favor.yaml", "--run.root", str(tmp_path / "runs"),
+    return train.main(["fit", "--config", "configs/tiny.yaml", "--config", "configs/dpo-favor.yaml",
+                       "--run.root", str(tmp_path / "runs"),
                        "--trainer.precision", "32-true", "--data.num_workers", "0", "--data.batch_size", "8", *extra])
 
 
@@ -225,7 +234,8 @@ def test_cli_dpo_run_writes_curves_labelled_dpo(tmp_path, pretrained):
     with (run / "curves.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert {r["step"] for r in rows} == {"0", "4"}  # before training and after it
-    assert {(r["run"], r["method"], r["direction"], r["amount"], r["target"]) for r in rows} == {("gpt2-1l-d32/dpo-favor-16", "dpo", "favor", "16", "0")}
+    assert ({(r["run"], r["method"], r["direction"], r["amount"], r["target"]) for r in rows}
+            == {("gpt2-1l-d32/dpo-favor-16", "dpo", "favor", "16", "0")})
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert not any(k.startswith("reference.") for k in ckpt["state_dict"]) and ckpt["hyper_parameters"]["loss"] == "ipo"
     # what the data fixes came linked from the datamodule; the pairs themselves are data, not a hyperparameter

@@ -55,7 +55,8 @@ def brute_force(world: GincWorld, x: np.ndarray, y: np.ndarray, weights: np.ndar
 
 @pytest.fixture(scope="module")
 def tiny() -> GincWorld:
-    return GincWorld.build(WorldConfig(n_tasks=3, n_entities=3, n_properties=3, vocab_size=5, property_temperature=1.0, seed=3))
+    return GincWorld.build(WorldConfig(n_tasks=3, n_entities=3, n_properties=3, vocab_size=5, property_temperature=1.0,
+                                       seed=3))
 
 
 @pytest.mark.parametrize("k", [2, 3, 5])

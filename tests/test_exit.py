@@ -53,7 +53,8 @@ def test_the_status_of_main_is_kept_and_anything_else_keeps_its_traceback():
         exit_status(raises(SystemExit(0)), "")
 
 
-@pytest.mark.parametrize("script, argv", [("evaluate.py", ["fit", "--curves", "c.csv"]), ("ablate.py", ["--parallel", "x"])])
+@pytest.mark.parametrize("script, argv", [("evaluate.py", ["fit", "--curves", "c.csv"]),
+                                          ("ablate.py", ["--parallel", "x"])])
 def test_a_bad_command_line_is_one_error_line_and_status_2(script, argv):
     proc = subprocess.run([sys.executable, script, *argv], cwd=ROOT, timeout=300, capture_output=True, text=True)
     lines = proc.stderr.strip().splitlines()

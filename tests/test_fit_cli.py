@@ -123,7 +123,8 @@ def test_a_law_with_too_few_points_is_skipped_with_a_line_in_the_report(tmp_path
     assert {(r["law"], r["split"]) for r in rows} == {("bayesian", "interpolation"), ("power", "interpolation"),
                                                     ("power", "extrapolation")}
     report = (out / "report.md").read_text()
-    assert "bayesian on run m/pretrain, k 3, extrapolation (fit fraction 0.1): 12 parameters but only 9 points" in report
+    assert ("bayesian on run m/pretrain, k 3, extrapolation (fit fraction 0.1): 12 parameters but only 9 points"
+            in report)
 
 
 def test_a_runs_own_table_fits_its_last_evaluation_by_default(tmp_path, capsys):
@@ -180,13 +181,16 @@ def test_a_report_directory_is_replaced_whole_with_the_users_modes(tmp_path):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["fit"], "error: evaluate.py fit: the following arguments are required: --curves, --out (`python evaluate.py fit --help`"),
+    (["fit"], "error: evaluate.py fit: the following arguments are required: --curves, --out "
+              "(`python evaluate.py fit --help`"),
     (["fitt"], "error: evaluate.py: argument command: invalid choice: 'fitt'"),
-    (["fit", "--curves", "c.csv", "--out", "o", "--starts", "many"], "argument --starts: 'many' is not a whole number; give one >= 1"),
+    (["fit", "--curves", "c.csv", "--out", "o", "--starts", "many"],
+     "argument --starts: 'many' is not a whole number; give one >= 1"),
     (["fit", "--curves", "c.csv", "--out", "o", "--starts", "0"], "argument --starts: 0 must be >= 1"),
     (["fit", "--curves", "c.csv", "--out", "o", "--seed", "-1"], "argument --seed: -1 must be >= 0"),
     (["curves", "--ideal", "--out", "c.csv", "--prompts", "0"], "argument --prompts: 0 must be >= 1"),
-    (["shift", "--curves", "c.csv", "--out", "o", "--baseline", "b", "--resamples", "0"], "argument --resamples: 0 must be >= 1"),
+    (["shift", "--curves", "c.csv", "--out", "o", "--baseline", "b", "--resamples", "0"],
+     "argument --resamples: 0 must be >= 1"),
     (["ladder", "--out", "o", "--k", "0"], "argument --k: 0 must be >= 1"),
 ])
 def test_bad_flags_are_one_line_naming_the_help(capsys, argv, message):

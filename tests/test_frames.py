@@ -43,7 +43,8 @@ def test_fits_frame_has_a_row_per_fit_with_its_parameters_and_errors():
 
 
 def test_fits_frame_agrees_with_fits_csv(tmp_path):
-    curves = write_curves([row for g in groups() for row in prob_rows(g.run, g.k, g.shots, g.prob, 2000)], tmp_path / "c.csv")
+    curves = write_curves([row for g in groups() for row in prob_rows(g.run, g.k, g.shots, g.prob, 2000)],
+                          tmp_path / "c.csv")
     results, skipped = fit_table(curves, tmp_path / "fits", FitConfig(laws=("power",), starts=2), plots=False)
     with (tmp_path / "fits" / "fits.csv").open() as f:
         written = list(csv.DictReader(f))

@@ -64,7 +64,8 @@ def test_a_size_that_is_a_path_is_refused_and_nothing_outside_is_touched(tmp_pat
     ({"amounts": []}, "amounts is empty"),
     ({"amounts": [0]}, "has no amount > 0"),
     ({"tasks": [7]}, "tasks [7]: [7] not in the world gpt2-1l is pretrained on, which has 3 tasks (0..2)"),
-    ({"overrides": [*SMALL, "--data.world.n_tasks", "2"], "tasks": [0, 2]}, "tasks [0, 2]: [2] not in the world gpt2-1l is pretrained on, which has 2 tasks"),
+    ({"overrides": [*SMALL, "--data.world.n_tasks", "2"], "tasks": [0, 2]},
+     "tasks [0, 2]: [2] not in the world gpt2-1l is pretrained on, which has 2 tasks"),
     ({"slurm": {"gpus_per_cell": -1}}, "slurm.gpus_per_cell must be >= 0, got -1"),
     ({"slurm": {"mem_gb": -5}}, "slurm.mem_gb must be >= 1, got -5"),
     ({"slurm": {"sbatch": ["--qos"]}}, "slurm.sbatch flag '--qos' is not of the form --name=value"),
@@ -86,10 +87,13 @@ def test_a_bad_setting_is_refused_before_anything_is_made(tmp_path, capsys, extr
      "cell gpt2-1l/dpo-favor-16: train.py refuses its flags: model: Option 'betaa' is not accepted (fix base_configs, "
      "overrides or posttrain_overrides, method_overrides.dpo)"),
     ({"overrides": [*SMALL, "--trainer.max_epochss", "3"]}, "unrecognized arguments: --trainer.max_epochss 3"),
-    ({"overrides": [*SMALL, "--data.world.n_tasks", "0"]}, "cell gpt2-1l/pretrain: data.world.n_tasks must be >= 1, got 0"),
-    ({"overrides": [*SMALL, "--data.world.start_temperature", "nan"]}, "cell gpt2-1l/pretrain: data.world.start_temperature"),
+    ({"overrides": [*SMALL, "--data.world.n_tasks", "0"]},
+     "cell gpt2-1l/pretrain: data.world.n_tasks must be >= 1, got 0"),
+    ({"overrides": [*SMALL, "--data.world.start_temperature", "nan"]},
+     "cell gpt2-1l/pretrain: data.world.start_temperature"),
     ({"overrides": [*SMALL, "--run.root", "elsewhere"]}, "set run.root to 'elsewhere', which the grid sets itself"),
-    ({"posttrain_overrides": ["--run.tasks", "[1]"]}, "set run.tasks to [1], which the grid sets itself ([0], from tasks)"),
+    ({"posttrain_overrides": ["--run.tasks", "[1]"]},
+     "set run.tasks to [1], which the grid sets itself ([0], from tasks)"),
     ({"posttrain_overrides": ["--data.train_weights", "[1, 0, 0]"]}, "give either run.direction with run.tasks or "
      "data.train_weights, not both"),
 ])
@@ -122,8 +126,8 @@ def _export(run_dir: Path, vocab_size: int, n_embd: int, n_entities: int = 5) ->
     from datamodules.world import WorldConfig
     from models.gpt import build_gpt, resolve_spec
 
-    world = WorldConfig(n_tasks=3, n_entities=n_entities, n_properties=5, vocab_size=vocab_size, distinct_emissions=True,
-                        property_temperature=0.01, property_smoothing=0.5)
+    world = WorldConfig(n_tasks=3, n_entities=n_entities, n_properties=5, vocab_size=vocab_size,
+                        distinct_emissions=True, property_temperature=0.01, property_smoothing=0.5)
     gpt = build_gpt(resolve_spec("gpt2-1l", n_embd=n_embd, n_head=4, n_positions=32), vocab_size + 2,
                     bos_id=vocab_size + 1, pad_id=vocab_size)
     info = RunInfo(run="given/pretrain", stage="pretrain", method="", direction="", amount="", layers=1, target="")
@@ -134,7 +138,8 @@ def test_a_pretrained_model_of_another_world_is_refused(tmp_path, capsys):
     """The given model's recorded world and architecture against what the grid's base configs give its size."""
     other = _export(tmp_path / "other", vocab_size=20, n_embd=32, n_entities=4)
     line = _refused(tmp_path, capsys, ["--config", str(_grid(tmp_path, pretrained={"gpt2-1l": str(other)}))])
-    assert f"pretrained checkpoint {other} for gpt2-1l is another model than the grid's base configs give gpt2-1l" in line
+    assert (f"pretrained checkpoint {other} for gpt2-1l is another model than the grid's base configs give gpt2-1l"
+            in line)
     assert "world.vocab_size 20 (grid: 30)" in line and "n_embd 32 (grid: 64)" in line
     same = _export(tmp_path / "same", vocab_size=30, n_embd=64)
     assert AblationConfig.load(_grid(tmp_path, pretrained={"gpt2-1l": str(same)})).pretrained == {"gpt2-1l": str(same)}
@@ -178,4 +183,5 @@ def test_finished_cells_are_stale_once_a_base_config_changes(tmp_path, capsys):
     AblationConfig.load(config)  # the same content again: both cells are reused
     shutil.rmtree(out / "pretrain")  # what the stale-cell error used to advise
     line = _refused(tmp_path, capsys, ["--config", str(config)])
-    assert "cell gpt2-1l/sft-favor-16 finished under other settings" in line and f"remove {out / 'sft-favor-16'} " in line
+    assert ("cell gpt2-1l/sft-favor-16 finished under other settings" in line
+            and f"remove {out / 'sft-favor-16'} " in line)

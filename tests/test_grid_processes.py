@@ -112,7 +112,8 @@ def test_workers_and_their_dataloader_workers_die_with_the_driver(tmp_path, stop
     out = tmp_path / "killed" / "t"
     with (tmp_path / "stdout").open("w") as stdout, (tmp_path / "stderr").open("w") as stderr:
         driver = subprocess.Popen([sys.executable, "ablate.py", "--config", str(config), "--parallel", "2"], cwd=ROOT,
-                                  stdout=stdout, stderr=stderr, start_new_session=True,  # its own group, as in a terminal
+                                  stdout=stdout, stderr=stderr,
+                                  start_new_session=True,  # its own group, as in a terminal
                                       # with Ctrl-C's default action even when the tests run as a background job
                                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -197,10 +198,12 @@ def test_an_absurd_parallel_is_capped_and_never_hangs(tmp_path, parallel):
     began = time.monotonic()
     run = _ablate("--config", str(_grid(tmp_path, "capped")), "--parallel", parallel, "--stop-after", "0", timeout=60)
     if len(parallel) > 10:  # beyond 2^31 - 1: refused in one line like every count
-        assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith("error: ") and "beyond" in run.stderr
+        assert (run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith("error: ")
+                and "beyond" in run.stderr)
         return
     assert run.returncode == 0, run.stderr
-    assert f"[ablate] --parallel {parallel}: " in run.stdout and " worker processes (0 cells left to train, " in run.stdout
+    assert (f"[ablate] --parallel {parallel}: " in run.stdout
+            and " worker processes (0 cells left to train, " in run.stdout)
     assert time.monotonic() - began < 30
 
 

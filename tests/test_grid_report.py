@@ -47,7 +47,8 @@ def shift_rows(runs: list[str], M: int = 2, k: int = 3) -> list[dict]:
             for task in range(M):
                 prior = level if task == 0 else (1 - level) / (M - 1)
                 rows.append({"run": run, "k": k, "task": task, "fit": fit, "condition": run.split("/")[-1],
-                             "method": method, "direction": direction, "amount": "" if math.isnan(amount) else f"{amount:g}",
+                             "method": method, "direction": direction,
+                             "amount": "" if math.isnan(amount) else f"{amount:g}",
                              "prior": prior, "prior_lo": prior * 0.9, "prior_hi": prior * 1.05, "prior_se": 0.01,
                              "K": 0.5, "K_lo": 0.4, "K_hi": 0.6, "K_se": 0.05, "gamma": 0.8, "gamma_lo": 0.7,
                              "gamma_hi": 0.9, "gamma_se": 0.05, "undetermined": "", "shots_to_recover": ""})
@@ -62,7 +63,8 @@ def test_tables_and_plots_from_unordered_input_come_out_ordered(monkeypatch, tmp
     plot_parameters(ShiftResult(rows, [], [], {}), 3, 2, tmp_path / "p.png")
     assert [t.get_text() for t in drawn[0].axes[0].get_xticklabels()] == [run.split("/")[-1] for run in ORDERED]
     # the grid report's per-cell table: baseline, then SFT favour, SFT disfavour, DPO favour, DPO disfavour
-    comparison = [{"k": 3, "fit": f, "bic": 10.0, "heldout_nrmse": 0.1, "preferred": f == "shared"} for f in ("shared", "free")]
+    comparison = [{"k": 3, "fit": f, "bic": 10.0, "heldout_nrmse": 0.1, "preferred": f == "shared"}
+                  for f in ("shared", "free")]
     lines = "\n".join(prior_section(ShiftResult(rows, comparison, [], {}), 0, {})).splitlines()
     cells = [line.split(" | ")[:2] for line in lines if line.startswith("| ") and "---" not in line][1:]
     assert cells == [["| baseline", "0"], ["| sft-favor", "8"], ["| sft-favor", "128"], ["| sft-disfavor", "16"],
@@ -74,7 +76,8 @@ def test_tables_and_plots_from_unordered_input_come_out_ordered(monkeypatch, tmp
 
 def recovery(run: str, task: int, predicted: float, lo: float, hi: float, measured: float, fit: str = "shared") -> dict:
     method, direction, amount = condition_fields(run)
-    return {"run": run, "k": 3, "task": task, "fit": fit, "method": method, "direction": direction, "amount": f"{amount:g}",
+    return {"run": run, "k": 3, "task": task, "fit": fit, "method": method, "direction": direction,
+            "amount": f"{amount:g}",
             "shots_to_recover": predicted, "shots_to_recover_lo": lo, "shots_to_recover_hi": hi,
             "measured_shots_to_recover": measured, "undetermined": ""}
 
@@ -102,9 +105,11 @@ def test_reemergence_counts_factor_two_and_coverage_on_a_hand_made_table(tmp_pat
     shots = np.arange(61.0)
     cond = Conditions(3, [], shots, np.zeros((1, 1, 61)), np.ones((1, 1, 61)))
     text = "\n".join(reemergence_section({"m": ShiftResult(HAND_MADE, [], [cond], {})}, tmp_path))
-    assert "Of 8 suppressed (cell, k, task), 4 were measured to re-emerge after at least one shot, 1 before one shot" in text
+    assert ("Of 8 suppressed (cell, k, task), 4 were measured to re-emerge after at least one shot, "
+            "1 before one shot" in text)
     assert "within a factor of 2 of the measured shots: 2 of 4 (50%)" in text and "interval: 1 of 4 (25%)" in text
-    assert "3 of 8; 1 of them were measured to re-emerge" in text and "(1 of them predicted to re-emerge within them)" in text
+    assert ("3 of 8; 1 of them were measured to re-emerge" in text
+            and "(1 of them predicted to re-emerge within them)" in text)
     assert (tmp_path / "reemergence.png").stat().st_size > 1000
 
 
@@ -117,7 +122,8 @@ def test_graded_amounts_lie_between_the_baseline_and_saturation_with_their_inter
 
 def test_learner_column_names_the_prior_and_each_row_counts_its_graded_amounts():
     runs = ["gpt2-2l/pretrain", "gpt2-2l/sft-favor-8", "gpt2-2l/sft-favor-128"]
-    comparison = [{"k": 3, "fit": f, "bic": 10.0, "heldout_nrmse": 0.1, "preferred": f == "shared"} for f in ("shared", "free")]
+    comparison = [{"k": 3, "fit": f, "bic": 10.0, "heldout_nrmse": 0.1, "preferred": f == "shared"}
+                  for f in ("shared", "free")]
     shift = ShiftResult(shift_rows(runs), comparison, [], {})
     reader = {run: {"prior_0": 0.3, "prior_1": 0.7, "kl": kl} for run, kl in zip(runs, (0.1, 0.15, 0.35))}
     text = "\n".join(prior_section(shift, 0, reader))
@@ -126,7 +132,8 @@ def test_learner_column_names_the_prior_and_each_row_counts_its_graded_amounts()
     assert "KL left exceeds 2x the base model's 0.1000 from amount 128" in text
     exact = {run: {**row, "learner": "exact"} for run, row in reader.items()}
     text = "\n".join(prior_section(shift, 0, exact))
-    assert "| exact-learner prior |" in text and "; exact-learner prior monotone" in text and "to the exact learner" in text
+    assert ("| exact-learner prior |" in text and "; exact-learner prior monotone" in text
+            and "to the exact learner" in text)
 
 
 def test_prior_only_verdict_names_the_first_failing_amount_or_says_it_holds():
@@ -135,10 +142,12 @@ def test_prior_only_verdict_names_the_first_failing_amount_or_says_it_holds():
                 "preferred": preferred}
 
     ranges = {"all amounts": verdict("all amounts", [8, 16, 64, 128], "free"),
-              "small half": verdict("small half", [8, 16], "shared"), "large half": verdict("large half", [64, 128], "free")}
+              "small half": verdict("small half", [8, 16], "shared"),
+              "large half": verdict("large half", [64, 128], "free")}
     cells = [(8.0, "m/sft-favor-8", 0.11), (128.0, "m/sft-favor-128", 0.15)]
-    assert prior_only_verdict(ranges, cells, 0.1).startswith("- prior-only account fails from amount 64: the free fit wins "
-                                                              "on large half (64, 128): BIC 100.0 shared vs 90.0 free")
+    assert prior_only_verdict(ranges, cells, 0.1).startswith("- prior-only account fails from amount 64: "
+                                                              "the free fit wins on large half (64, 128): "
+                                                              "BIC 100.0 shared vs 90.0 free")
     assert "fails from amount 8" in prior_only_verdict(ranges, [(8.0, "m/sft-favor-8", 0.25)], 0.1)
     holding = {name: {**r, "preferred": "shared"} for name, r in ranges.items()}
     assert prior_only_verdict(holding, cells, 0.1).startswith("- prior-only account holds throughout")
@@ -159,7 +168,8 @@ def moving_late(amounts=(0, 25, 50, 500, 1000)) -> list[CurveGroup]:
         gamma = np.array(GAMMA) * (1 - 0.3 * (a >= 500) * np.eye(M)[0])
         params = {"priors": (w / w.sum()).tolist(), "K": 0.8, "gamma": gamma.tolist(), "beta": BETA}
         prob = add_noise(law_prob("bayesian_sampling", params, SHOTS, M)[0], 1000, rng)
-        extra = {"stage": "pretrain"} if a == 0 else {"stage": "sft", "method": "sft", "direction": "favor", "amount": str(a)}
+        extra = ({"stage": "pretrain"} if a == 0
+                 else {"stage": "sft", "method": "sft", "direction": "favor", "amount": str(a)})
         run = "m/pretrain" if a == 0 else f"m/sft-favor-{a}"
         groups.append(CurveGroup(run, 3, SHOTS, prob, -np.log(prob), np.full_like(prob, 1000), extra))
     return groups
@@ -176,4 +186,5 @@ def test_amount_ranges_find_where_the_shared_prior_stops_fitting():
     assert (rows["small half"]["preferred"], rows["large half"]["preferred"], rows["all amounts"]["preferred"]) == \
         ("shared", "free", "free")
     assert rows["all amounts"]["free"] == pytest.approx(next(c["bic"] for c in shift.comparison if c["fit"] == "free"))
-    assert prior_only_verdict(rows, [], None).startswith("- prior-only account fails from amount 500: the free fit wins on large half")
+    assert prior_only_verdict(rows, [], None).startswith("- prior-only account fails from amount 500: "
+                                                          "the free fit wins on large half")

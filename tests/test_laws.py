@@ -84,7 +84,8 @@ def test_bayesian_jacobian_matches_autograd(name, C):
     shots = torch.tensor([[0.0, 1.0, 3.0, 10.0, 50.0]] * 2, dtype=torch.float64)
     _, jac = law.log_prob_and_jacobian(theta, shots, M, C)
     for b in range(2):
-        auto = torch.autograd.functional.jacobian(lambda t, b=b: law.log_prob(t[None], shots[b : b + 1], M, C)[0], theta[b])
+        auto = torch.autograd.functional.jacobian(lambda t, b=b: law.log_prob(t[None], shots[b : b + 1], M, C)[0],
+                                                  theta[b])
         torch.testing.assert_close(jac[b], auto, rtol=1e-8, atol=1e-10)
 
 
@@ -103,7 +104,8 @@ def test_laws_finite_for_many_shots_and_extreme_parameters(name):
     law = get_law(name)
     D = law.n_params(M)
     theta = torch.cat([torch.full((1, D), v, dtype=torch.float64) for v in (-40.0, 0.0, 25.0)])
-    theta = torch.cat([theta, 30.0 * torch.randn(4, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64)])
+    theta = torch.cat([theta, 30.0 * torch.randn(4, D, generator=torch.Generator().manual_seed(0),
+                                                 dtype=torch.float64)])
     shots = torch.arange(1001, dtype=torch.float64).expand(theta.shape[0], -1)
     log_p = law.log_prob(theta, shots, M, 1)
     assert not torch.isnan(log_p).any()

@@ -3,8 +3,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("user_errors", "safe_io", "datamodules", "analysis", "models", "contracts", "lightning_modules", "evaluation",
-            "training")
+PACKAGES = ("user_errors", "safe_io", "datamodules", "analysis", "models", "contracts", "lightning_modules",
+            "evaluation", "training")
 SCRIPTS = ("train", "evaluate", "ablate")
 BASE = ("user_errors", "safe_io")
 ALLOWED = {
@@ -16,7 +16,8 @@ ALLOWED = {
     "contracts": (*BASE, "analysis", "datamodules", "models", "contracts"),
     "lightning_modules": (*BASE, "datamodules", "models", "contracts", "lightning_modules"),
     "evaluation": (*BASE, "datamodules", "analysis", "models", "contracts", "lightning_modules", "evaluation"),
-    "training": (*BASE, "datamodules", "analysis", "models", "contracts", "lightning_modules", "evaluation", "training"),
+    "training": (*BASE, "datamodules", "analysis", "models", "contracts", "lightning_modules", "evaluation",
+                 "training"),
 }
 
 
@@ -69,8 +70,8 @@ def test_no_global_plotting_state_at_import() -> None:
 def sets_plot_state(path: Path) -> bool:
     tree = ast.parse(path.read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {f"{node.module}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
-                 for alias in node.names}
+    imported |= {f"{node.module}.{alias.name}" for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module for alias in node.names}
     backend = [node for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr == "use"
                and isinstance(node.value, ast.Name) and node.value.id == "matplotlib"]
     return "matplotlib.pyplot" in imported or bool(backend)

@@ -28,7 +28,8 @@ def snapshot(*paths: Path) -> dict[str, str]:
             return "link -> " + os.readlink(p)
         return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
 
-    return {str(p): state(p) for path in paths for p in sorted([path, *path.rglob("*")]) if p.is_symlink() or p.exists()}
+    return {str(p): state(p) for path in paths for p in sorted([path, *path.rglob("*")])
+            if p.is_symlink() or p.exists()}
 
 
 def forbid_work(monkeypatch) -> None:
@@ -297,7 +298,8 @@ def test_a_table_out_that_is_a_symbolic_link_is_refused(tmp_path, capsys, no_wor
     link.symlink_to(tmp_path / target)
     assert "is a symbolic link" in refused(capsys, ideal(link, *(["--append"] if append else [])), tmp_path)
     if not append:
-        assert "is a symbolic link" in refused(capsys, ["reader-gap", "--ckpt", run_dir / "hf", "--out", link], tmp_path)
+        assert "is a symbolic link" in refused(capsys, ["reader-gap", "--ckpt", run_dir / "hf", "--out", link],
+                                               tmp_path)
 
 
 def test_the_library_writers_refuse_a_link(tmp_path):
@@ -310,7 +312,7 @@ def test_the_library_writers_refuse_a_link(tmp_path):
     assert (tmp_path / "LINK.csv").is_symlink() and (tmp_path / "notes.txt").read_bytes() == USER_FILES["notes.txt"]
 
 
-# --- directories that cannot be renamed ---------------------------------------------------------------------------------
+# --- directories that cannot be renamed -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("command", ["fit", "shift", "ladder"])
 @pytest.mark.parametrize("where", [".", "..", "here", "/"])
@@ -336,7 +338,7 @@ def test_a_mount_point_is_refused_before_any_work(tmp_path, capsys, monkeypatch,
     assert "is a mount point" in line
 
 
-# --- the other inputs the tester found ------------------------------------------------------------------------------------
+# --- the other inputs the tester found --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value", ["inf", "nan", "1"])
 def test_ladder_strengths_that_are_not_finite_and_above_1_name_the_flag(tmp_path, capsys, no_work, value):

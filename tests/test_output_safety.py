@@ -132,7 +132,8 @@ def test_an_empty_data_config_is_refused_not_run_as_the_default_world(tmp_path, 
     empty.write_text("")
     out = tmp_path / "ladder"
     assert evaluate.main(["ladder", "--data-config", str(empty), "--out", str(out)]) == 2
-    assert capsys.readouterr().err.strip().endswith("is empty; give the world and ICL settings, as configs/data/ginc.yaml does")
+    assert capsys.readouterr().err.strip().endswith("is empty; give the world and ICL settings, "
+                                                    "as configs/data/ginc.yaml does")
     assert not out.exists()
 
 
@@ -151,7 +152,8 @@ def test_ctrl_c_during_a_fit_stops_with_one_line_130_and_the_old_report_intact(t
     out = tmp_path / "fits"
     assert evaluate.main(COMMANDS["fit"](CURVES, out)) == 0
     before = snapshot(out)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "evaluate.py"), "fit", "--curves", str(CURVES), "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "evaluate.py"), "fit", "--curves", str(CURVES),
+                             "--out", str(out)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=default_sigint)
     deadline = time.time() + 60

@@ -20,7 +20,8 @@ from tests.test_reader_prior import prompts_of
 from training.grid.report import has_prior
 from user_errors import UserError
 
-WORLD = dict(n_tasks=3, n_entities=3, n_properties=4, vocab_size=14, distinct_emissions=True, property_smoothing=0.5, seed=1)
+WORLD = dict(n_tasks=3, n_entities=3, n_properties=4, vocab_size=14, distinct_emissions=True, property_smoothing=0.5,
+             seed=1)
 
 
 def test_gap_recovers_a_known_offset_and_its_noise():
@@ -54,7 +55,8 @@ def test_paired_differences_are_the_curves_table_difference():
     model = build_gpt(resolve_spec("gpt2-1l", n_embd=16, n_head=2, n_positions=24), data.world.model_vocab_size,
                       data.world.bos_id, data.world.pad_id).eval()
     diffs = paired_differences(model, data)
-    model_rows = {(r["k"], r["task"], r["shots"]): r["prob"] for r in model_curve_rows(model, data, "m", torch.device("cpu"))}
+    model_rows = {(r["k"], r["task"], r["shots"]): r["prob"]
+                  for r in model_curve_rows(model, data, "m", torch.device("cpu"))}
     reader_rows = {(r["k"], r["task"], r["shots"]): r["prob"] for r in reader_curve_rows(data, progress=False)}
     for k, per_task in diffs.items():
         assert len(per_task) == 3 and all(d.shape[0] == 6 for d in per_task)
@@ -99,6 +101,7 @@ def test_auto_compares_a_run_trained_on_prompts_with_the_exact_learner(tmp_path)
 
 
 def test_an_unknown_learner_is_one_error_line(tmp_path, capsys):
-    assert evaluate.main(["reader-gap", "--ckpt", str(tmp_path), "--out", str(tmp_path / "gap.csv"), "--learner", "bayes"]) == 2
+    assert evaluate.main(["reader-gap", "--ckpt", str(tmp_path), "--out", str(tmp_path / "gap.csv"),
+                          "--learner", "bayes"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error:") and "bayes" in err

@@ -31,7 +31,8 @@ def test_a_reader_with_a_known_prior_is_fitted_back_to_it(weights):
 
 def test_documents_and_prompts_are_scored_apart_and_together():
     fit = fit_reader_prior(ReaderAsModel(GincWorld.build(WORLD), [0.6, 0.3, 0.1]), data(), documents=0)
-    assert fit.positions == 3 * 8 * 64 and fit.kl_prompts == pytest.approx(fit.kl) and fit.kl_documents != fit.kl_documents
+    assert (fit.positions == 3 * 8 * 64 and fit.kl_prompts == pytest.approx(fit.kl)
+            and fit.kl_documents != fit.kl_documents)
     assert fit.outside == pytest.approx(0.0, abs=1e-12)  # a reader puts nothing on tokens no task can emit
 
 

@@ -86,7 +86,8 @@ def test_icl_prompt_structure(world):
     x, y = p.demonstrations()
     assert x.shape == (6, n, k - 1) and torch.equal(y, p.labels)
     # each demonstration starts at the prompt's start property; the label is the argmax-next emission
-    first_props = torch.stack([(world.emission[:, sp] == x[i, :, 0][:, None]).any(1) for i, sp in enumerate(p.start_property)])
+    first_props = torch.stack([(world.emission[:, sp] == x[i, :, 0][:, None]).any(1)
+                               for i, sp in enumerate(p.start_property)])
     assert first_props.all()
     assert ((p.start_property >= 1) & (p.start_property < world.config.n_properties)).all()
     # prompts do not depend on which other prompts are generated with them
@@ -100,7 +101,8 @@ def test_icl_labels_follow_the_most_likely_next_state(world):
     p = s.icl_prompts(task=0, k=k, prompt_ids=torch.arange(50), n_shots=10)
     x, y = p.demonstrations()
     # every label is reachable: some state emitting x_{k-1} has it as its argmax-next emission
-    ok = (world.emission.reshape(-1)[None, None, :] == x[..., -1:]) & (world.label_token[0].reshape(-1)[None, None, :] == y[..., None])
+    ok = ((world.emission.reshape(-1)[None, None, :] == x[..., -1:])
+          & (world.label_token[0].reshape(-1)[None, None, :] == y[..., None]))
     assert ok.any(-1).all()
 
 

@@ -147,7 +147,8 @@ def test_shift_command_writes_report(tmp_path, capsys):
     (["--baseline", "gpt2-2l/pretrain", "--law", "power"], "shift needs a Bayesian law"),
     (["--baseline", "gpt2-2l/pretrain", "--tol", "-1"], "tol -1.0 must be 0 (to rounding) or more"),
     (["--baseline", "gpt2-2l/pretrain", "--true-priors", "0.5", "0.5"], "true_priors has 2 weights"),
-    (["--baseline", "gpt2-2l/pretrain", "--true-priors", "0.5", "0.5", "0.5", "-0.5"], "true_priors must be finite and >= 0"),
+    (["--baseline", "gpt2-2l/pretrain", "--true-priors", "0.5", "0.5", "0.5", "-0.5"],
+     "true_priors must be finite and >= 0"),
     (["--baseline", "gpt2-2l/pretrain", "--true-priors", "1", "1", "1", "1"], "sum to 4, not 1"),
 ])
 def test_shift_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
@@ -301,7 +302,8 @@ def test_the_law_is_chosen_by_bic_and_the_report_shows_every_law(tmp_path):
                                                     ("bayesian", "bayesian_sampling", "bayesian_scoring")}
     used = {r["k"]: r["law"] for r in laws if r["used"] == "True"}
     assert used == {"3": "bayesian_scoring", "5": "bayesian_scoring"}, laws
-    assert all(float(r["delta_bic"]) >= 0 for r in laws) and all(float(r["delta_bic"]) == 0 for r in laws if r["used"] == "True")
+    assert (all(float(r["delta_bic"]) >= 0 for r in laws)
+            and all(float(r["delta_bic"]) == 0 for r in laws if r["used"] == "True"))
     assert {r["law"] for r in csv.DictReader(open(out / "shift.csv"))} == {"bayesian_scoring"}
     priors = list(csv.DictReader(open(out / "law_priors.csv")))
     assert len(priors) == 3 * 2 * 5 * 5  # laws x k x conditions x tasks

@@ -88,7 +88,8 @@ def test_world_values_are_finite_and_in_range(tmp_path, capsys, flag, value, mes
 
 def test_post_training_checks_the_world_values_it_is_given(base, tmp_path, capsys):
     root = tmp_path / "runs"
-    code = train.main([*TINY, *SFT, "--run.root", str(root), "--model.init_from", str(base / "checkpoints" / "last.ckpt"),
+    code = train.main([*TINY, *SFT, "--run.root", str(root),
+                       "--model.init_from", str(base / "checkpoints" / "last.ckpt"),
                        "--data.world.start_temperature", "nan"])
     assert_refused(code, capsys, "data.world.start_temperature must be > 0 and finite")
     assert not root.exists()
@@ -98,7 +99,8 @@ def test_post_training_checks_the_world_values_it_is_given(base, tmp_path, capsy
     ("last", ["--data.world.n_tasks", "1"], "data.world.n_tasks 1 here, 3 in the checkpoint"),
     ("path", ["--data.world.n_tasks", "1"], "data.world.n_tasks 1 here, 3 in the checkpoint"),
     ("validate", ["--data.world.n_tasks", "1"], "data.world.n_tasks 1 here, 3 in the checkpoint"),
-    ("path", ["--data.world.weights", "[2, 1, 1]"], "data.world.weights [0.5, 0.25, 0.25] here, [0.3333, 0.3333, 0.3333] in the checkpoint"),
+    ("path", ["--data.world.weights", "[2, 1, 1]"],
+     "data.world.weights [0.5, 0.25, 0.25] here, [0.3333, 0.3333, 0.3333] in the checkpoint"),
     ("last", ["--data.context_length", "16"], "data.context_length 16 here, 32 in the checkpoint"),
     ("last", ["--model.n_embd", "64"], "model.n_embd 64 here, 32 in the checkpoint"),
     ("validate", ["--model.size", "gpt2-2l"], "model.n_layer 2 here, 1 in the checkpoint"),
@@ -130,13 +132,15 @@ def test_a_ckpt_path_that_is_a_directory_or_foreign_is_one_line(base, tmp_path, 
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--data.world.n_tasks", "5"], "data.world.n_tasks 5 here, 3 in the pretrained model"),
-    (["--data.world.weights", "[1, 0, 0]"], "data.world.weights [1, 0, 0] here, [0.3333, 0.3333, 0.3333] in the pretrained model"),
+    (["--data.world.weights", "[1, 0, 0]"],
+     "data.world.weights [1, 0, 0] here, [0.3333, 0.3333, 0.3333] in the pretrained model"),
     (["--data.context_length", "16"], "data.context_length 16 here, 32 in the pretrained model"),
     (["--model.n_embd", "64"], "model.n_embd 64 here, 32 in the pretrained model"),
     (["--model.size", "gpt2-2l"], "model.size gpt2-2l gives n_layer 2 here, 1 in the pretrained model"),
 ])
 @pytest.mark.parametrize("source", ["checkpoints/last.ckpt", "hf"])
-def test_post_training_refuses_settings_that_contradict_the_pretrained_model(base, tmp_path, capsys, extra, message, source):
+def test_post_training_refuses_settings_that_contradict_the_pretrained_model(base, tmp_path, capsys, extra, message,
+                                                                             source):
     """Post-training takes the world and architecture of the model it starts from; a setting given that
     says otherwise is refused, not silently replaced."""
     root = tmp_path / "runs"
@@ -158,7 +162,8 @@ def test_flags_that_agree_with_the_pretrained_model_are_accepted_and_configs_giv
                        "--data.world.weights", "[2, 2, 2]", "--model.size", "gpt2-1l", "--model.n_embd", "32",
                        "--model.init_from", str(base / "checkpoints" / "last.ckpt"), "--trainer.max_steps", "1",
                        "--run.eval_at_start", "false"]) == 0
-    world = torch.load(root / "sft" / "checkpoints" / "last.ckpt", weights_only=False)["datamodule_hyper_parameters"]["world"]
+    world = torch.load(root / "sft" / "checkpoints" / "last.ckpt",
+                       weights_only=False)["datamodule_hyper_parameters"]["world"]
     assert (world["n_tasks"], world["seed"]) == (3, 0)
 
 
@@ -196,7 +201,8 @@ def test_config_paths_are_yaml_files(tmp_path, capsys, extra, message):
     paths["DIR"].mkdir()
     paths["EMPTY"].write_text("")
     paths["BINARY"].write_bytes(b"\x80\x81\xff")
-    name = lambda text: text.replace("DIR", str(paths["DIR"])).replace("EMPTY", str(paths["EMPTY"])).replace("BINARY", str(paths["BINARY"]))  # noqa: E731
+    name = lambda text: (text.replace("DIR", str(paths["DIR"])).replace("EMPTY", str(paths["EMPTY"]))  # noqa: E731
+                         .replace("BINARY", str(paths["BINARY"])))
     root = tmp_path / "runs"
     code = train.main([*TINY, "--run.root", str(root), *[name(arg) for arg in extra]])
     assert_refused(code, capsys, name(message))

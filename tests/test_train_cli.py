@@ -23,7 +23,8 @@ def run_train(tmp_path, *extra: str) -> int:
     ("extra", "message"),
     [
         (["--model.size", "gpt2-5l"], "unknown model size 'gpt2-5l'"),
-        (["--run.stage", "sft", "--run.direction", "favor", "--run.tasks", "[0]"], "starts from a pretrained model: set model.init_from"),
+        (["--run.stage", "sft", "--run.direction", "favor", "--run.tasks", "[0]"],
+         "starts from a pretrained model: set model.init_from"),
         (["--run.stage", "sft", "--model.init_from", "nowhere/last.ckpt"], "nowhere/last.ckpt does not exist"),
         (["--data.train_weights", "[1.0, 0.0]"], "train_weights has 2 entries but the world has 3 tasks"),
         (["--data.train_weights", "[0.0, 0.0, 0.0]"], "train_weights are all zero"),
@@ -35,7 +36,8 @@ def run_train(tmp_path, *extra: str) -> int:
         (["--model.optim.lr", "-1"], "model.optim.lr = -1.0 must be > 0"),
         (["--run.root", __file__], f"run.root {__file__} is a file"),
         (["--run.name", "/tmp/elsewhere"], "run.name '/tmp/elsewhere' would write outside"),
-        (["--model.class_path", "lightning_modules.dpo.PreferenceModule"], "stage pretrain trains lightning_modules.lm_module.CausalLMModule"),
+        (["--model.class_path", "lightning_modules.dpo.PreferenceModule"],
+         "stage pretrain trains lightning_modules.lm_module.CausalLMModule"),
     ],
 )
 def test_config_errors_give_one_line_and_write_nothing(tmp_path, capsys, extra, message):
@@ -63,10 +65,14 @@ def test_bad_flags_are_one_line_not_the_usage(tmp_path, capsys, extra, message):
 
 @pytest.mark.parametrize(("extra", "module", "data"), [
     ([], "lightning_modules.lm_module.CausalLMModule", "datamodules.ginc_datamodule.GincDataModule"),
-    (["--run.stage", "dpo"], "lightning_modules.dpo.PreferenceModule", "datamodules.preference_datamodule.PreferenceDataModule"),
-    (["--config", "configs/dpo-favor.yaml"], "lightning_modules.dpo.PreferenceModule", "datamodules.preference_datamodule.PreferenceDataModule"),
-    (["--run.stage=dpo"], "lightning_modules.dpo.PreferenceModule", "datamodules.preference_datamodule.PreferenceDataModule"),
-    (["--run", "{stage: dpo, tasks: [0]}"], "lightning_modules.dpo.PreferenceModule", "datamodules.preference_datamodule.PreferenceDataModule"),
+    (["--run.stage", "dpo"], "lightning_modules.dpo.PreferenceModule",
+     "datamodules.preference_datamodule.PreferenceDataModule"),
+    (["--config", "configs/dpo-favor.yaml"], "lightning_modules.dpo.PreferenceModule",
+     "datamodules.preference_datamodule.PreferenceDataModule"),
+    (["--run.stage=dpo"], "lightning_modules.dpo.PreferenceModule",
+     "datamodules.preference_datamodule.PreferenceDataModule"),
+    (["--run", "{stage: dpo, tasks: [0]}"], "lightning_modules.dpo.PreferenceModule",
+     "datamodules.preference_datamodule.PreferenceDataModule"),
 ])
 def test_the_stage_sets_the_module_and_data_classes(capsys, extra, module, data):
     """--run.stage, or run.stage in a config, picks the classes; the last one named wins, as in the parse."""
@@ -101,20 +107,22 @@ def test_tiny_run_dir_export_and_evaluate(tmp_path):
     assert torch.equal(hf.state_dict()["transformer.h.0.mlp.c_fc.weight"], last["gpt.transformer.h.0.mlp.c_fc.weight"])
 
     out = tmp_path / "curves.csv"
-    assert evaluate.main(["curves", "--ckpt", str(run / "checkpoints" / "last.ckpt"), str(run / "hf"), "--out", str(out)]) == 0
+    assert evaluate.main(["curves", "--ckpt", str(run / "checkpoints" / "last.ckpt"), str(run / "hf"),
+                          "--out", str(out)]) == 0
     with out.open() as f:
         evaluated = list(csv.DictReader(f))
     final = [r for r in rows if r["step"] == "8"]
     assert len(evaluated) == 2 * len(final)  # the checkpoint and the export, same prompts
     for source in (evaluated[: len(final)], evaluated[len(final):]):
         for a, b in zip(source, final):
-            assert (a["run"], a["k"], a["task"], a["shots"], a["count"]) == (b["run"], b["k"], b["task"], b["shots"], b["count"])
+            assert ((a["run"], a["k"], a["task"], a["shots"], a["count"])
+                    == (b["run"], b["k"], b["task"], b["shots"], b["count"]))
             assert float(a["prob"]) == pytest.approx(float(b["prob"]), abs=1e-5)
 
 
 def test_a_diverging_run_stops_with_one_line_and_keeps_only_finite_checkpoints(tmp_path, capsys):
-    code = run_train(tmp_path, "--model.optim.lr", "1e6", "--trainer.max_steps", "40", "--trainer.val_check_interval", "2",
-                     "--run.name", "diverges")
+    code = run_train(tmp_path, "--model.optim.lr", "1e6", "--trainer.max_steps", "40",
+                     "--trainer.val_check_interval", "2", "--run.name", "diverges")
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "non-finite" in err[-1] or "became nan" in err[-1], err[-3:]
@@ -146,7 +154,8 @@ def test_a_broken_checkpoint_is_one_line(tmp_path, capsys, target):
             code = evaluate.main(["curves", "--ckpt", str(ckpt), "--out", str(tmp_path / "c.csv")])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and ("not a readable checkpoint" in err[-1] or "not a loadable HF export" in err[-1]), err[-3:]
+    assert err[-1].startswith("error: ") and ("not a readable checkpoint" in err[-1]
+                                              or "not a loadable HF export" in err[-1]), err[-3:]
     assert not (tmp_path / "runs" / "sft").exists() and not (tmp_path / "c.csv").exists()
 
 
@@ -202,8 +211,9 @@ def test_the_quickstart_reports_curves_priors_and_reemergence(tmp_path, capsys):
     """The quickstart's whole path on a few steps and prompts: five runs, the table of both ideal learners,
     the favoured task's prior from the shift analysis and the reader, re-emergence, and its outputs."""
     quiet_lightning()
-    run_quickstart(str(tmp_path / "runs"), {"trainer": {"max_steps": 6, "val_check_interval": 3, "enable_progress_bar": False},
-                                            "data": {"icl": {"prompts_per_task": 8, "k_values": [2]}, "val_documents": 16}})
+    run_quickstart(str(tmp_path / "runs"),
+                   {"trainer": {"max_steps": 6, "val_check_interval": 3, "enable_progress_bar": False},
+                    "data": {"icl": {"prompts_per_task": 8, "k_values": [2]}, "val_documents": 16}})
     out = capsys.readouterr().out
     for line in ("favoured pretrained", "after SFT-favour", "after SFT-disfavour", "exact Bayesian", "document reader",
                  "Prior of task 0", "Shared P vs free", "Re-emergence of suppressed tasks", "quickstart took"):
@@ -278,7 +288,8 @@ def test_a_ctrl_c_that_python_swallowed_still_stops_the_run(tmp_path, capsys):
                               context_length=32, batch_size=4, val_documents=4,
                               icl={"k_values": [3], "prompts_per_task": 2, "batch_size": 2})
         with pytest.raises(SystemExit):  # Lightning stops on the KeyboardInterrupt the callback raises
-            trainer.fit(CausalLMModule("gpt2-1l", n_embd=32, n_head=2, n_positions=32, compile=False, **data_arguments(data)), data)
+            trainer.fit(CausalLMModule("gpt2-1l", n_embd=32, n_head=2, n_positions=32, compile=False,
+                                       **data_arguments(data)), data)
         assert trainer.global_step <= 1
         assert "Exception ignored" not in capsys.readouterr().err
     finally:

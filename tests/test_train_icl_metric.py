@@ -29,7 +29,8 @@ def metric_rows(rank: int = 0, world_size: int = 1) -> list[dict]:
     model, metric = tiny_gpt(), ICLCurveMetric(ICL.k_values, WORLD.n_tasks, CONTEXT // 3)
     with torch.no_grad():
         for item in ICLPromptSet(WORLD, ICL, CONTEXT, rank, world_size):
-            metric.update(item["k"], item["task"], *label_scores(model, item["input_ids"], item["label_pos"], item["labels"]))
+            metric.update(item["k"], item["task"],
+                          *label_scores(model, item["input_ids"], item["label_pos"], item["labels"]))
     return curve_rows(metric.compute(), ICL.k_values, run="m")
 
 
@@ -47,7 +48,8 @@ def test_label_scores_match_full_logits():
 
 def test_rows_are_means_per_k_task_shots():
     metric = ICLCurveMetric([2, 5], n_tasks=2, max_shots=4)
-    metric.update(5, 1, torch.log(torch.tensor([[0.5, 0.25], [0.25, 0.25]])), torch.tensor([[True, False], [False, False]]))
+    metric.update(5, 1, torch.log(torch.tensor([[0.5, 0.25], [0.25, 0.25]])),
+                  torch.tensor([[True, False], [False, False]]))
     metric.update(5, 1, torch.log(torch.tensor([[1.0, 0.5]])), torch.tensor([[True, True]]))
     rows = curve_rows(metric.compute(), [2, 5], run="r", step=3)
     assert [(r["k"], r["task"], r["shots"]) for r in rows] == [(5, 1, 0), (5, 1, 1)]  # unseen cells give no row
@@ -55,7 +57,8 @@ def test_rows_are_means_per_k_task_shots():
     assert first["count"] == 3 and first["step"] == 3 and first["run"] == "r"
     assert first["prob"] == pytest.approx((0.5 + 0.25 + 1.0) / 3)
     assert first["acc"] == pytest.approx(2 / 3)
-    assert first["nll"] == pytest.approx(-(torch.log(torch.tensor([0.5, 0.25, 1.0], dtype=torch.float64)).sum().item()) / 3)
+    assert first["nll"] == pytest.approx(-(torch.log(torch.tensor([0.5, 0.25, 1.0],
+                                                                  dtype=torch.float64)).sum().item()) / 3)
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, out: str) -> None:
@@ -73,7 +76,8 @@ def test_two_ddp_processes_give_the_single_process_curves(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "rows.pt")
-    mp.start_processes(_ddp_worker, args=(2, port, out), nprocs=2, start_method="fork")  # fork: the children need not re-import torch
+    # fork: the children need not re-import torch
+    mp.start_processes(_ddp_worker, args=(2, port, out), nprocs=2, start_method="fork")
     ddp, single = torch.load(out), metric_rows()
     assert len(single) == len(ddp) == WORLD.n_tasks * (CONTEXT // 3 + CONTEXT // 4)  # shots of k=2 and k=3
     assert len(ICLPromptSet(WORLD, ICL, CONTEXT, 0, 2)) < len(ICLPromptSet(WORLD, ICL, CONTEXT))  # ranks really split

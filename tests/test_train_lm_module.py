@@ -38,9 +38,9 @@ def test_tiny_model_learns_the_world_and_in_context():
                           icl=dict(k_values=[2], prompts_per_task=32, batch_size=32))
     module = CausalLMModule("gpt2-2l", n_embd=64, n_head=4, n_positions=64, compile=False,
                             optim=OptimConfig(lr=3e-3, warmup_steps=30, weight_decay=0.0), **data_arguments(data))
-    trainer = L.Trainer(max_steps=400, val_check_interval=400, check_val_every_n_epoch=None, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu",
-                        use_distributed_sampler=False)
+    trainer = L.Trainer(max_steps=400, val_check_interval=400, check_val_every_n_epoch=None, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, accelerator="cpu", use_distributed_sampler=False)
     first = trainer.validate(module, data, verbose=False)[0]
     before = first["val/loss"]
     start = module.last_curve_rows

@@ -35,7 +35,8 @@ def one_thread():
 
 def fit(root, name: str, *extra: str) -> int:
     return train.main(["fit", "--config", "configs/tiny.yaml", "--run.root", str(root), "--run.name", name,
-                       "--trainer.max_steps", "10", "--run.checkpoint_every", "3", "--trainer.val_check_interval", "5", *extra])
+                       "--trainer.max_steps", "10", "--run.checkpoint_every", "3", "--trainer.val_check_interval", "5",
+                       *extra])
 
 
 def final_state(run) -> dict[str, torch.Tensor]:
@@ -52,7 +53,8 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
     with pytest.raises(Killed):
         fit(tmp_path, "killed", "--trainer.callbacks+=tests.test_train_resume.KillAt", "--trainer.callbacks.step=7")
     killed = tmp_path / "killed"
-    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6  # the last save before the kill
+    # the last save before the kill
+    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
     assert fit(tmp_path, "killed", "--ckpt_path", "last") == 0
 
     whole, resumed = final_state(tmp_path / "whole"), final_state(killed)
@@ -90,7 +92,8 @@ def test_tensorboard_steps_match_curves_and_a_resume_does_not_repeat_them(tmp_pa
         curve_steps = sorted({int(r["step"]) for r in csv.DictReader(f)})
     assert [e.step for e in events.Scalars("val/loss")] == curve_steps == [0, 10, 20, 30]
     # hp_metric: one point per evaluation, no -1 placeholders, and still declared for the HParams view
-    assert [e.step for e in events.Scalars("hp_metric")] == curve_steps and min(e.value for e in events.Scalars("hp_metric")) > 0
+    assert ([e.step for e in events.Scalars("hp_metric")] == curve_steps
+            and min(e.value for e in events.Scalars("hp_metric")) > 0)
     assert "_hparams_/experiment" in events.PluginTagToContent("hparams")
     image = events.Tags()["images"][0]
     assert sorted({e.step for e in events.Images(image)}) == curve_steps

@@ -21,7 +21,8 @@ def runs(tmp_path_factory):
     assert train.main([*TINY, "--run.root", str(root), "--run.name", "pre", "--trainer.max_steps", "60"]) == 0
     ckpt = root / "pre" / "checkpoints" / "last.ckpt"
     for direction in ("favor", "disfavor"):
-        assert train.main([*TINY, "--run.root", str(root), "--run.name", direction, "--run.stage", "sft", "--run.direction", direction,
+        assert train.main([*TINY, "--run.root", str(root), "--run.name", direction, "--run.stage", "sft",
+                           "--run.direction", direction,
                            "--run.tasks", "[0]", "--model.init_from", str(ckpt), "--data.train_documents", "64",
                            "--trainer.max_steps", "30", "--model.optim.lr", "3e-3"]) == 0
     torch.set_num_threads(threads)
@@ -63,7 +64,8 @@ def test_sft_mixture_and_task_errors(runs, capsys):
     base = [*TINY, "--run.root", str(runs), "--run.stage", "sft", "--model.init_from", ckpt]
     assert train.main([*base, "--run.direction", "favor", "--run.tasks", "[3]"]) == 2
     assert "run.tasks [3] must name tasks of the world (0..2)" in capsys.readouterr().err
-    assert train.main([*base, "--run.direction", "favor", "--run.tasks", "[0]", "--data.train_weights", "[1, 0, 0]"]) == 2
+    assert train.main([*base, "--run.direction", "favor", "--run.tasks", "[0]",
+                       "--data.train_weights", "[1, 0, 0]"]) == 2
     assert "not both" in capsys.readouterr().err
     assert post_training_weights([0.5, 0.25, 0.25], "disfavor", [0]) == [0.0, 0.25, 0.25]
     assert post_training_weights([0.5, 0.25, 0.25], "favor", [0, 2]) == [0.5, 0.0, 0.25]

@@ -79,7 +79,8 @@ def test_world_values_are_typed_finite_and_in_range(kwargs, fragment):
 def test_world_settings_are_named_where_they_were_given():
     from datamodules.world import world_config
 
-    with pytest.raises(WorldConfigError, match=r"^data\.world\.n_taks is not a world setting; the world's settings are n_tasks, "):
+    with pytest.raises(WorldConfigError,
+                       match=r"^data\.world\.n_taks is not a world setting; the world's settings are n_tasks, "):
         world_config({"n_taks": 3}, "data.world.")
     with pytest.raises(WorldConfigError, match=r"^data\.world\.start_temperature must be > 0 and finite"):
         world_config({"start_temperature": float("nan")}, "data.world.")
