@@ -6,8 +6,9 @@ import pytest
 import yaml
 
 import ablate
+from tests.conftest import REPO
 
-BASE = Path(__file__).resolve().parent.parent / "configs" / "ablations" / "tiny-base.yaml"
+BASE = REPO / "configs" / "ablations" / "tiny-base.yaml"
 
 
 def _grid(tmp_path: Path, root: str, **extra) -> Path:
@@ -39,6 +40,7 @@ def finished(tmp_path_factory) -> Path:
     return tmp
 
 
+@pytest.mark.slow
 def test_grid_writes_curves_fits_and_shift(finished):
     out = finished / "whole" / "t"
     rows = _table(out / "curves.csv")
@@ -50,6 +52,7 @@ def test_grid_writes_curves_fits_and_shift(finished):
     assert "| gpt2-1l/sft-favor-32 | done |" in report
 
 
+@pytest.mark.slow
 def test_grid_reports_what_it_found(finished):
     """Every cell's law-fitted and reader prior beside each other, the verdicts, and the gap to the reader."""
     out = finished / "whole" / "t"
@@ -74,6 +77,7 @@ def test_grid_reports_what_it_found(finished):
     assert f"{float(reader['gpt2-1l-d64/sft-favor-32']['prior_0']):.3f}" in sft
 
 
+@pytest.mark.slow
 def test_interrupted_grid_resumes_to_the_same_table(finished, tmp_path):
     config = _grid(tmp_path, "resumed")
     assert ablate.main(["--config", str(config), "--stop-after", "2"]) == 0  # pretraining and one cell, then "killed"
@@ -86,7 +90,9 @@ def test_interrupted_grid_resumes_to_the_same_table(finished, tmp_path):
         assert float(a["prob"]) == pytest.approx(float(b["prob"]), abs=1e-6)
 
 
-@pytest.mark.parametrize("launch", [["--parallel", "1"], ["--parallel", "2"], ["--launcher", "slurm"]])
+@pytest.mark.parametrize("launch", [["--parallel", "1"], ["--parallel", "2"],
+                                    pytest.param(["--launcher", "slurm"], marks=pytest.mark.slurm)])
+@pytest.mark.slow
 def test_failed_cell_is_reported_and_the_others_finish(finished, tmp_path, launch):
     if "slurm" in launch:
         _needs_slurm()
@@ -104,6 +110,7 @@ def test_failed_cell_is_reported_and_the_others_finish(finished, tmp_path, launc
 
 
 @pytest.mark.parametrize("method", ["sft", "dpo"])
+@pytest.mark.slow
 def test_a_diverging_cell_is_reported_failed(finished, tmp_path, method):
     """Every stage gets the same guard: a diverging cell, SFT or DPO, is failed, not DONE, and exports nothing.
     The lr that diverges is given to that method alone (method_overrides): the other method's cell trains."""
@@ -120,6 +127,7 @@ def test_a_diverging_cell_is_reported_failed(finished, tmp_path, method):
     assert not (out / "gpt2-1l" / f"{method}-favor-32" / "hf").exists()
 
 
+@pytest.mark.slow
 def test_a_given_pretrained_model_is_measured_on_the_cells_prompts(finished, tmp_path):
     """The grid's overrides give its cells 12 prompts per (k, task); the given checkpoint was trained with 8.
     The shift compares them point by point, so the baseline is measured on the cells' prompts too."""
@@ -179,6 +187,7 @@ def test_trajectory_verdict_counts_steps_back_and_whether_they_leave_the_interva
         "not monotone (1 of 2 steps go the other way, 1 beyond their intervals)"
 
 
+@pytest.mark.slow
 def test_finished_cells_are_not_reused_under_other_settings(finished, capsys):
     """A rerun with another task (or steps, or overrides) must not skip every cell and report the old ones."""
     config = yaml.safe_load(_grid(finished, "whole").read_text())
@@ -192,6 +201,7 @@ def test_finished_cells_are_not_reused_under_other_settings(finished, capsys):
     assert (finished / "whole" / "t" / "report.md").read_text() == before
 
 
+@pytest.mark.slow
 def test_cells_in_parallel_processes_give_the_same_table(finished, tmp_path):
     """--parallel 2: each cell a `python train.py` process of its own, a size's cells after its
     pretraining; the curves equal those of the grid trained in one process, to the last digit."""
@@ -224,6 +234,8 @@ def _needs_slurm() -> None:
         pytest.skip(reason)
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
 def test_grid_through_slurm_gives_the_same_table(finished, tmp_path, capsys):
     """Each size's pretraining a SLURM job and its cells one job array after it, on a real cluster: --no-wait
     submits and exits, a rerun collects without submitting again, and the curves equal the one-process grid's."""
@@ -252,6 +264,8 @@ def test_grid_through_slurm_gives_the_same_table(finished, tmp_path, capsys):
     assert list((out / "slurm").glob("*_log.out")), "submitit's job logs"
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
 def test_a_preempted_slurm_cell_resumes_from_its_checkpoint(tmp_path):
     """SLURM signals a job (USR2) before its time runs out: submitit calls the cell's checkpoint hook and
     requeues it, and the cell resumes from its last.ckpt to the curves of a run that was never stopped.
@@ -290,6 +304,8 @@ def test_a_preempted_slurm_cell_resumes_from_its_checkpoint(tmp_path):
         assert float(a["prob"]) == pytest.approx(float(b["prob"]), abs=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
 def test_a_slurm_job_that_ends_without_a_result_is_a_failed_cell(tmp_path):
     """A cancelled pretraining job: SLURM cancels the cell array waiting for it, and each cell is reported
     failed with the reason and its log, instead of being waited for forever."""

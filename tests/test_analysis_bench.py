@@ -2,14 +2,17 @@
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow  # the fit and shift benchmarks' quick runs
 
 
 def run_quick(script: str, ratio: str, timeout: int) -> str:
     """A benchmark's --quick run: its stdout, after checking that `ratio: X` (X > 0) is its last line."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick"],
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick"],
                           capture_output=True, text=True, timeout=timeout, check=True)
     last = re.fullmatch(rf"{ratio}: ([0-9.]+)", proc.stdout.strip().splitlines()[-1])
     assert last and float(last.group(1)) > 0, proc.stdout

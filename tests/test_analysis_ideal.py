@@ -1,14 +1,16 @@
 """The shipped curves of the exact Bayesian learner of the GINC world (examples/curves_ideal.csv)."""
-from pathlib import Path
 
 import numpy as np
+import pytest
 
 from analysis.fitting import FitConfig, fit_groups
 from contracts.curves_table import read_curves
+from tests.conftest import REPO
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "curves_ideal.csv"
+EXAMPLE = REPO / "examples" / "curves_ideal.csv"
 
 
+@pytest.mark.slow
 def test_tied_bayesian_laws_extrapolate_exact_learner_at_least_as_well_as_baselines():
     groups = [g for g in read_curves(EXAMPLE) if g.k in (3, 10)]  # the shortest and the longest examples
     assert len(groups) == 2

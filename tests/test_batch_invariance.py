@@ -11,6 +11,7 @@ from analysis.laws import LAW_NAMES, BayesianLaw, get_law
 from analysis.lm import normal_equations, solve_spd
 from analysis.residuals import Batch, _residual_fn
 from analysis.synthetic import synthetic_group
+from tests.conftest import TRUE_LAW
 
 M, S = 3, 23  # odd sizes, so rows never line up with vector widths
 
@@ -59,8 +60,7 @@ def test_solves_of_a_row_do_not_depend_on_the_batch():
 @pytest.mark.parametrize("law_name", ["bayesian", "bayesian_sampling", "logistic"])
 def test_a_group_fits_exactly_the_same_alone_as_in_any_batch(law_name):
     rng = np.random.default_rng(2)
-    params = {"priors": [0.5, 0.3, 0.2], "K": 0.4, "gamma": [0.8, 0.7, 0.75], "beta": [0.3, 0.2, 0.35]}
-    groups = [synthetic_group(f"r{j}", 3, "bayesian_scoring", params, np.arange(37.0), M, 300, rng)[0]
+    groups = [synthetic_group(f"r{j}", 3, "bayesian_scoring", TRUE_LAW, np.arange(37.0), M, 300, rng)[0]
               for j in range(5)]
     fit = lambda gs: fit_batch(law_name, stack_groups(gs, [g.mask for g in gs]), starts=4, seed=3, max_iter=120)  # noqa: E731
     alone = fit(groups[2:3])
@@ -75,11 +75,10 @@ def test_batches_of_other_shapes_in_one_loop_fit_as_each_alone(law_name):
     from analysis.fitting import fit_batches
 
     rng = np.random.default_rng(4)
-    params = {"priors": [0.5, 0.3, 0.2], "K": 0.4, "gamma": [0.8, 0.7, 0.75], "beta": [0.3, 0.2, 0.35]}
     shapes = [np.arange(19.0), np.arange(41.0)]
     batches = []
     for shots in shapes:
-        groups = [synthetic_group(f"r{j}", 3, "bayesian_scoring", params, shots, M, 300, rng)[0] for j in range(3)]
+        groups = [synthetic_group(f"r{j}", 3, "bayesian_scoring", TRUE_LAW, shots, M, 300, rng)[0] for j in range(3)]
         batches.append(stack_groups(groups, [g.mask for g in groups]))
     together = fit_batches(law_name, batches, starts=4, seed=3, max_iter=120)
     for batch, fit in zip(batches, together):

@@ -29,6 +29,7 @@ def _tokens_per_s(lines: list[str], layers: int, name: str) -> float:
     return float(re.search(r"([\d,]+) tokens/s", line).group(1).replace(",", ""))
 
 
+@pytest.mark.slow
 def test_smoke_times_both_stacks_and_ends_with_the_ratio(smoke_log: list[str]) -> None:
     hf, ours = _tokens_per_s(smoke_log, 2, "HF Trainer"), _tokens_per_s(smoke_log, 2, "ours")
     assert hf > 0 and ours > 0
@@ -39,6 +40,7 @@ def test_smoke_times_both_stacks_and_ends_with_the_ratio(smoke_log: list[str]) -
     assert any("MFU peak: n/a on a CPU" in ln for ln in smoke_log)
 
 
+@pytest.mark.slow
 def test_both_evaluations_score_the_same_prompts_alike(smoke_log: list[str]) -> None:
     # 4 k x 5 tasks x 2 prompts, at the largest size
     line = next(ln for ln in smoke_log if "ICL eval (2 layers, 40 prompts)" in ln)
@@ -49,6 +51,7 @@ def test_both_evaluations_score_the_same_prompts_alike(smoke_log: list[str]) -> 
     assert float(re.search(r"max \|prob ours - prob full logits\| = ([\d.e+-]+)", line).group(1)) < 1e-4
 
 
+@pytest.mark.slow
 def test_loss_check_starts_both_stacks_from_the_same_weights_and_batches(smoke_log: list[str]) -> None:
     hf_losses = [float(x) for x in next(ln for ln in smoke_log if ln.startswith("  HF ")).split()[1:]]
     ours_losses = [float(x) for x in next(ln for ln in smoke_log if ln.startswith("  ours ")).split()[1:]]

@@ -8,8 +8,9 @@ from torch.utils.data import DataLoader
 
 from datamodules.ginc_datamodule import BlockStream, DocumentBlocks, GincDataModule, ICLConfig, ICLPromptSet
 from datamodules.world import WorldConfig, WorldConfigError
+from tests.conftest import SMOOTH_WORLD, TINY_WORLD
 
-WORLD = WorldConfig(n_tasks=3, n_entities=4, n_properties=4, vocab_size=12)
+WORLD = WorldConfig(**TINY_WORLD)
 
 
 def _take(loader, n):
@@ -78,16 +79,15 @@ def test_demonstration_rows_replace_a_share_of_pretraining_blocks_deterministica
     from datamodules.sampling import GincSampler
     from datamodules.world import GincWorld, WorldConfig
 
-    world = dict(n_tasks=3, n_entities=4, n_properties=5, vocab_size=12, property_smoothing=0.5, seed=1)
     icl = dict(k_values=[3, 5], demo_format="sampled")
-    plain = GincDataModule(world=world, context_length=48, batch_size=64, icl=icl).train_blocks().batch(3)
-    mixed_dm = GincDataModule(world=world, context_length=48, batch_size=64, icl=icl, demo_rate=0.5)
+    plain = GincDataModule(world=SMOOTH_WORLD, context_length=48, batch_size=64, icl=icl).train_blocks().batch(3)
+    mixed_dm = GincDataModule(world=SMOOTH_WORLD, context_length=48, batch_size=64, icl=icl, demo_rate=0.5)
     mixed = mixed_dm.train_blocks().batch(3)
     assert torch.equal(mixed["input_ids"], mixed_dm.train_blocks().batch(3)["input_ids"])  # a function of the index
     changed = (mixed["input_ids"] != plain["input_ids"]).any(1)
     assert 0.3 < changed.float().mean() < 0.7, changed.float().mean()
     assert torch.equal(mixed["input_ids"][~changed], plain["input_ids"][~changed])
-    sampler = GincSampler(GincWorld.build(WorldConfig(**world)))
+    sampler = GincSampler(GincWorld.build(WorldConfig(**SMOOTH_WORLD)))
     row = int(changed.nonzero()[0])
     task = int(mixed["tasks"][row])
     doc_id = int(mixed_dm.train_blocks().doc_ids(3)[row])
@@ -96,7 +96,7 @@ def test_demonstration_rows_replace_a_share_of_pretraining_blocks_deterministica
                   for k in (3, 5)]
     assert any(torch.equal(mixed["input_ids"][row], c) for c in candidates)
     with pytest.raises(WorldConfigError, match="demo_rate must be in"):
-        GincDataModule(world=world, demo_rate=1.5)
+        GincDataModule(world=SMOOTH_WORLD, demo_rate=1.5)
 
 
 @pytest.mark.parametrize(("icl", "message"), [

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+from tests.conftest import REPO
+
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 README_MAX_LINES = 200
 
 LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\[\]]*\])*\]\(\s*<?([^()\s<>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
@@ -64,7 +65,7 @@ def anchors(page: Path) -> frozenset[str]:
     return frozenset(out)
 
 
-def broken_links(page: Path, root: Path = ROOT) -> list[str]:
+def broken_links(page: Path, root: Path = REPO) -> list[str]:
     """One line per link of `page` that does not resolve, named relative to `root`."""
     text = page.read_text(encoding="utf-8")
     kept = dict(prose_lines(text))
@@ -88,13 +89,13 @@ def broken_links(page: Path, root: Path = ROOT) -> list[str]:
     return broken
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_relative_link_and_anchor_resolves(page):
     assert not broken_links(page), "\n".join(broken_links(page))
 
 
 def test_readme_is_one_page():
-    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
     assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines; the rest belongs in docs/"
 
 

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import train
-from datamodules.ginc_datamodule import BlockStream, GincDataModule
+from datamodules.ginc_datamodule import BlockStream
 from datamodules.preference_datamodule import PreferenceDataModule
 from datamodules.sampling import GincSampler
 from datamodules.world import GincWorld, WorldConfig, WorldConfigError
@@ -18,9 +18,9 @@ from evaluation.ginc_curves import load_model
 from lightning_modules.dpo import PreferenceModule, sequence_logps
 from lightning_modules.lm_module import CausalLMModule, data_arguments
 from models.gpt import ModelConfigError
+from tests.conftest import TINY_ARCH, TINY_FIT, TINY_WORLD
 
-WORLD = dict(n_tasks=3, n_entities=4, n_properties=4, vocab_size=20, distinct_emissions=True, seed=0)
-ARCH = dict(size="gpt2-1l", n_embd=32, n_head=2, n_positions=32, compile=False)
+pytestmark = pytest.mark.usefixtures("single_thread")
 ICL = dict(k_values=[3], prompts_per_task=4, batch_size=4)
 CONTEXT = 32
 TRAINER = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -28,29 +28,20 @@ TRAINER = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=
 
 
 def pair_data(train_weights, **kw) -> PreferenceDataModule:
-    args = dict(world=WORLD, context_length=CONTEXT, batch_size=8, train_weights=train_weights, train_documents=64,
+    args = dict(world=TINY_WORLD, context_length=CONTEXT, batch_size=8, train_weights=train_weights, train_documents=64,
                 val_documents=8, icl=ICL)
     return PreferenceDataModule(**{**args, **kw})
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> str:
-    """A 1-layer d=32 GPT-2 pretrained for 60 steps on the 3-task mixture (a couple of seconds)."""
-    torch.set_num_threads(1)  # tiny models run faster on one thread than on two contended ones
-    L.seed_everything(0)
-    data = GincDataModule(world=WORLD, context_length=CONTEXT, batch_size=16, val_documents=8, icl=ICL)
-    model = CausalLMModule(**ARCH, optim=dict(lr=3e-3, warmup_steps=5, weight_decay=0.0), **data_arguments(data))
-    trainer = L.Trainer(max_steps=60, limit_val_batches=0, **TRAINER)
-    trainer.fit(model, data)
-    path = str(tmp_path_factory.mktemp("pretrained") / "pretrained.ckpt")
-    trainer.save_checkpoint(path)
-    return path
+@pytest.fixture
+def pretrained(tiny_run) -> str:
+    return str(tiny_run / "checkpoints" / "last.ckpt")
 
 
 def dpo_module(data: PreferenceDataModule, **model_kw) -> PreferenceModule:
     """A module built as train.py builds it: what the data fixes, its pairs included, from the datamodule."""
-    return PreferenceModule(**ARCH, optim=dict(lr=1e-3, warmup_steps=2, weight_decay=0.0), train_pairs=data.train_pairs,
-                            **data_arguments(data), **model_kw)
+    return PreferenceModule(**TINY_ARCH, optim=dict(lr=1e-3, warmup_steps=2, weight_decay=0.0),
+                            train_pairs=data.train_pairs, **data_arguments(data), **model_kw)
 
 
 def dpo_run(init_from: str, train_weights, steps: int = 30, **model_kw) -> tuple[PreferenceModule, L.Trainer]:
@@ -65,7 +56,7 @@ def dpo_run(init_from: str, train_weights, steps: int = 30, **model_kw) -> tuple
 @torch.no_grad()
 def task_loglik(model) -> torch.Tensor:
     """Mean log-likelihood per token [n_tasks] of 64 held-out documents of each task (a stream no run trains on)."""
-    world = WorldConfig(**WORLD)
+    world = WorldConfig(**TINY_WORLD)
     sampler, out = GincSampler(GincWorld.build(world)), []
     for task in range(world.n_tasks):
         docs = sampler.documents(torch.arange(64), CONTEXT - 1, torch.eye(world.n_tasks)[task].tolist(),
@@ -95,7 +86,7 @@ def test_pairs_come_from_the_chosen_and_rejected_sets_and_repeat_for_a_seed():
     blocks = pair_data([1.0, 0.0, 0.0]).train_blocks()
     batch = blocks.batch(2)
     assert batch["chosen_ids"].shape == batch["rejected_ids"].shape == (8, CONTEXT)
-    assert (batch["chosen_ids"][:, 0] == WorldConfig(**WORLD).bos_id).all()
+    assert (batch["chosen_ids"][:, 0] == WorldConfig(**TINY_WORLD).bos_id).all()
     assert (batch["chosen_tasks"] == 0).all() and (batch["rejected_tasks"] != 0).all()
     rejected = blocks.pairs(torch.arange(400))["rejected_tasks"]  # the others, in the world's (uniform) proportions
     assert set(rejected.tolist()) == {1, 2} and 0.4 < (rejected == 1).float().mean() < 0.6
@@ -131,18 +122,21 @@ def test_bad_preference_data_fails_with_one_line(kw, message):
 
 
 # ---- training --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_favour_raises_the_task_and_disfavour_lowers_it(pretrained):
     favour, trainer = dpo_run(pretrained, [1.0, 0.0, 0.0])
     disfavour, _ = dpo_run(pretrained, [0.0, 0.5, 0.5])
     loglik = {"pretrained": task_loglik(CausalLMModule.load_from_checkpoint(pretrained, map_location="cpu").gpt),
               "favour 0": task_loglik(favour.gpt), "disfavour 0": task_loglik(disfavour.gpt)}
-    for name, ll in loglik.items():  # the README's table: pytest -s shows it
+    # the policy now prefers held-out chosen documents over rejected ones, relative to the reference (0 at the start)
+    margins = {"pretrained": 0.0, "favour 0": heldout_margin(favour, [1.0, 0.0, 0.0]),
+               "disfavour 0": heldout_margin(disfavour, [0.0, 0.5, 0.5])}
+    for name, ll in loglik.items():  # the table in docs/guide.md: pytest -s shows it
         print(f"{name:12} log-lik/token of tasks 0, 1, 2: {ll.numpy().round(3)}, "
-              f"task 0 minus others {relative(ll, 0):+.3f}")
+              f"task 0 minus others {relative(ll, 0):+.3f}, held-out margin {margins[name]:.3g}")
     before, after_favour, after_disfavour = (relative(ll, 0) for ll in loglik.values())
     assert after_favour > before + 0.05 and after_disfavour < before - 0.05
-    # the policy now prefers held-out chosen documents over rejected ones, relative to the reference (0 at the start)
-    assert heldout_margin(favour, [1.0, 0.0, 0.0]) > 1.0 and heldout_margin(disfavour, [0.0, 0.5, 0.5]) > 1.0
+    assert margins["favour 0"] > 1.0 and margins["disfavour 0"] > 1.0
     logged = trainer.callback_metrics
     for name in ("train/loss", "train/reward_acc", "train/reward_chosen", "train/reward_rejected", "train/margin",
                  "train/kl", "lr", "val/loss"):
@@ -194,9 +188,9 @@ def test_cached_reference_trains_like_the_live_one(pretrained):
 
 def test_bad_model_settings_fail_before_training(pretrained):
     with pytest.raises(ModelConfigError, match="beta must be > 0"):
-        PreferenceModule(beta=0.0, init_from=pretrained, **ARCH)
+        PreferenceModule(beta=0.0, init_from=pretrained, **TINY_ARCH)
     with pytest.raises(ModelConfigError, match="unknown model.loss"):
-        PreferenceModule(loss="kto", init_from=pretrained, **ARCH)
+        PreferenceModule(loss="kto", init_from=pretrained, **TINY_ARCH)
     with pytest.raises(ModelConfigError, match="cache_reference needs a finite set of pairs"):
         dpo_module(pair_data([1.0, 0.0, 0.0], train_documents=None), init_from=pretrained, cache_reference=True)
     data = pair_data([1.0, 0.0, 0.0])
@@ -206,7 +200,7 @@ def test_bad_model_settings_fail_before_training(pretrained):
 
 # ---- train.py ----------------------------------------------------------------------------------------
 def cli(tmp_path, *extra: str) -> int:
-    return train.main(["fit", "--config", "configs/tiny.yaml", "--config", "configs/dpo-favor.yaml",
+    return train.main([*TINY_FIT, "--config", "configs/dpo-favor.yaml",
                        "--run.root", str(tmp_path / "runs"),
                        "--trainer.precision", "32-true", "--data.num_workers", "0", "--data.batch_size", "8", *extra])
 
@@ -227,6 +221,7 @@ def test_cli_bad_input_gives_one_error_line(tmp_path, capsys, pretrained, extra,
     assert not any((tmp_path / "runs").rglob("*.ckpt"))
 
 
+@pytest.mark.slow
 def test_cli_dpo_run_writes_curves_labelled_dpo(tmp_path, pretrained):
     assert cli(tmp_path, "--model.init_from", pretrained, "--run.name", "dpo", "--trainer.max_steps", "4",
                "--trainer.val_check_interval", "4", "--data.train_documents", "16", "--model.loss", "ipo") == 0
@@ -240,7 +235,7 @@ def test_cli_dpo_run_writes_curves_labelled_dpo(tmp_path, pretrained):
     assert not any(k.startswith("reference.") for k in ckpt["state_dict"]) and ckpt["hyper_parameters"]["loss"] == "ipo"
     # what the data fixes came linked from the datamodule; the pairs themselves are data, not a hyperparameter
     hparams = ckpt["hyper_parameters"]
-    assert hparams["vocab_size"] == WorldConfig(**WORLD).model_vocab_size and "train_pairs" not in hparams
+    assert hparams["vocab_size"] == WorldConfig(**TINY_WORLD).model_vocab_size and "train_pairs" not in hparams
     assert hparams["icl_eval"] == {"k_values": [2, 3], "n_tasks": 3, "max_shots": 10}  # 10 shots of k=2 fill 32 tokens
 
 

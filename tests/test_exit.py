@@ -2,21 +2,20 @@
 interrupted script ends even when interpreter shutdown would wait forever."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO
 from user_errors import UserError
 from user_errors.exit_status import exit_status
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
+@pytest.mark.slow
 def test_exit_within_ends_a_process_whose_shutdown_would_wait_forever():
     # a non-daemon thread that never finishes: Python's shutdown joins it forever
     code = ("import threading, train; train.exit_within(0.5, 130); "
             "threading.Thread(target=threading.Event().wait).start()")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=120, capture_output=True, text=True)
     assert proc.returncode == 130, proc.stderr
 
 
@@ -55,8 +54,9 @@ def test_the_status_of_main_is_kept_and_anything_else_keeps_its_traceback():
 
 @pytest.mark.parametrize("script, argv", [("evaluate.py", ["fit", "--curves", "c.csv"]),
                                           ("ablate.py", ["--parallel", "x"])])
+@pytest.mark.slow
 def test_a_bad_command_line_is_one_error_line_and_status_2(script, argv):
-    proc = subprocess.run([sys.executable, script, *argv], cwd=ROOT, timeout=300, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, script, *argv], cwd=REPO, timeout=300, capture_output=True, text=True)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {script}"), proc.stderr
     assert f"`python {script}" in lines[0] and "--help` lists the options" in lines[0]

@@ -8,9 +8,9 @@ import pytest
 import evaluate
 from analysis.synthetic import law_prob
 from contracts.curves_table import prob_rows
+from tests.conftest import TRUE_LAW
 
 M = 3
-PARAMS = {"priors": [0.5, 0.3, 0.2], "K": 0.8, "gamma": [0.9, 0.8, 0.85], "beta": [0.3, 0.2, 0.25]}
 
 
 def write_table(path, rows):
@@ -24,7 +24,7 @@ def write_table(path, rows):
 def synthetic_rows(shots: np.ndarray | None = None, runs=("m/pretrain", "m/sft-favor-50")):
     shots = np.arange(41.0) if shots is None else shots
     rng = np.random.default_rng(0)
-    truth = law_prob("bayesian_sampling", PARAMS, shots, M)[0]
+    truth = law_prob("bayesian_sampling", TRUE_LAW, shots, M)[0]
     return [row for run in runs
             for row in prob_rows(run, 3, shots, np.clip(truth + rng.normal(0, 0.01, truth.shape), 0.01, 0.99), 1000,
                                   layers=2)]
@@ -37,6 +37,7 @@ def fit(tmp_path, rows, *extra):
     return evaluate.main(["fit", "--curves", str(curves), "--out", str(out), "--starts", "3", *extra]), out
 
 
+@pytest.mark.slow
 def test_fit_writes_the_design_outputs(tmp_path, capsys):
     code, out = fit(tmp_path, synthetic_rows(), "--laws", "bayesian", "bayesian_sampling", "power",
                     "--fit-fraction", "0.25", "0.5")
@@ -114,6 +115,7 @@ def test_row_with_missing_fields_is_one_line(tmp_path, capsys):
     assert err == [err[0]] and "line 5" in err[0] and "columns expected" in err[0]
 
 
+@pytest.mark.slow
 def test_a_law_with_too_few_points_is_skipped_with_a_line_in_the_report(tmp_path):
     code, out = fit(tmp_path, synthetic_rows(shots=np.arange(30.0)), "--laws", "bayesian", "power")
     assert code == 0
@@ -133,7 +135,7 @@ def test_a_runs_own_table_fits_its_last_evaluation_by_default(tmp_path, capsys):
     code, out = fit(tmp_path, early + late, "--laws", "bayesian_sampling", "--splits", "interpolation", "--no-plots")
     assert code == 0
     params = json.loads((out / "params.json").read_text())
-    assert abs(params[0]["params"]["priors"][0] - PARAMS["priors"][0]) < 0.1  # the step-300 curves, not flat 0.5
+    assert abs(params[0]["params"]["priors"][0] - TRUE_LAW["priors"][0]) < 0.1  # the step-300 curves, not flat 0.5
     code, out = fit(tmp_path, early + late, "--laws", "power", "--splits", "interpolation", "--no-plots",
                     "--step", "100")
     assert code == 0
@@ -165,6 +167,7 @@ def test_an_unusable_out_is_refused_before_any_fit(tmp_path, capsys, where):
     assert blocker.read_text() == "not a directory"
 
 
+@pytest.mark.slow
 def test_a_report_directory_is_replaced_whole_with_the_users_modes(tmp_path):
     import os
 

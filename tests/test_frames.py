@@ -2,10 +2,10 @@
 import csv
 import os
 import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from analysis.fitting import FitConfig, fit_groups, flat_params
 from analysis.frames import comparison_frame, fits_frame, shift_frame
@@ -13,16 +13,15 @@ from analysis.shift import ShiftConfig, analyse_shift
 from analysis.synthetic import synthetic_group
 from contracts.curves_table import prob_rows, write_curves
 from evaluation.reports import fit_table
+from tests.conftest import REPO, TRUE_LAW
 
-ROOT = Path(__file__).resolve().parent.parent
 M = 3
 SHOTS = np.arange(0.0, 41.0)
-TRUTH = {"priors": [0.5, 0.3, 0.2], "K": 0.7, "gamma": [0.9, 0.8, 0.85], "beta": [0.3, 0.25, 0.2]}
 
 
 def groups(n: int = 2):
     rng = np.random.default_rng(0)
-    return [synthetic_group(f"m/c{i}", 3, "bayesian_sampling", TRUTH, SHOTS, M, 2000, rng)[0] for i in range(n)]
+    return [synthetic_group(f"m/c{i}", 3, "bayesian_sampling", TRUE_LAW, SHOTS, M, 2000, rng)[0] for i in range(n)]
 
 
 def test_flat_params_names_every_entry():
@@ -38,7 +37,7 @@ def test_fits_frame_has_a_row_per_fit_with_its_parameters_and_errors():
     for row, r in zip(frame.itertuples(index=False), results):
         assert (row.run, row.law, row.nrmse, row.converged) == (r.group.run, r.law, r.nrmse, r.converged)
     bayes = frame[frame.law == "bayesian_sampling"]
-    assert np.allclose(bayes[[f"priors[{i}]" for i in range(M)]].to_numpy(), TRUTH["priors"], atol=0.05)
+    assert np.allclose(bayes[[f"priors[{i}]" for i in range(M)]].to_numpy(), TRUE_LAW["priors"], atol=0.05)
     assert (bayes["K_se"] > 0).all() and frame.loc[frame.law == "power", "K"].isna().all()
 
 
@@ -63,12 +62,13 @@ def test_shift_frames_are_the_shift_tables_with_numbers():
     assert set(comparison.fit) == {"shared", "free"} and comparison.preferred.sum() == 1
 
 
+@pytest.mark.slow
 def test_the_design_docs_python_example_runs(tmp_path, monkeypatch):
     """The 'From Python' block of docs/design.md, run as written (from a checkout's root)."""
-    block = re.search(r"## From Python.*?```python\n(.*?)```", (ROOT / "docs" / "design.md").read_text(), re.S).group(1)
-    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    block = re.search(r"## From Python.*?```python\n(.*?)```", (REPO / "docs" / "design.md").read_text(), re.S).group(1)
+    (tmp_path / "examples").symlink_to(REPO / "examples")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(block, "docs/design.md", "exec"), namespace)
     assert len(namespace["fits"]) > 0 and (tmp_path / "fits" / "fits.csv").is_file()
-    assert (tmp_path / "shift" / "shift.csv").is_file() and not os.path.exists(ROOT / "fits")
+    assert (tmp_path / "shift" / "shift.csv").is_file() and not os.path.exists(REPO / "fits")

@@ -15,11 +15,12 @@ import evaluate
 from contracts.curves_table import CURVE_COLUMNS, read_curves
 from evaluation.arguments import WholeNumber, command_parser, parse
 from evaluation.cli import COMMANDS
+from tests.conftest import REPO
 from training.grid import AblationConfig
 from user_errors import UserError
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-BASE = Path(__file__).resolve().parent.parent / "configs" / "ablations" / "tiny-base.yaml"
+BASE = REPO / "configs" / "ablations" / "tiny-base.yaml"
 
 # values of every kind a hand-written YAML or CSV can hold
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20),
@@ -44,6 +45,7 @@ FIELDS = [*_valid_grid(Path("r")), "slurm", "overrides", "posttrain_overrides", 
 
 @FUZZ
 @given(changes=st.dictionaries(st.sampled_from(FIELDS), VALUES, min_size=1, max_size=3))
+@pytest.mark.slow
 def test_any_ablation_yaml_is_loaded_or_refused_without_a_trace(tmp_path_factory, changes):
     top = tmp_path_factory.mktemp("grid")
     path = top / "grid.yaml"

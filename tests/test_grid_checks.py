@@ -10,9 +10,10 @@ import pytest
 import yaml
 
 import ablate
+from tests.conftest import REPO
 from training.grid import AblationConfig
 
-BASE = Path(__file__).resolve().parent.parent / "configs" / "ablations" / "tiny-base.yaml"
+BASE = REPO / "configs" / "ablations" / "tiny-base.yaml"
 SMALL = ["--data.context_length", "32", "--model.n_positions", "32",
          "--data.icl", "{k_values: [3], prompts_per_task: 8, batch_size: 8}", "--data.world.property_smoothing", "0.5"]
 
@@ -162,6 +163,7 @@ def test_a_file_in_the_way_of_a_cell_is_refused(tmp_path, capsys):
     assert f"{blocking} is a file where cell gpt2-1l/pretrain trains; move it away" in line
 
 
+@pytest.mark.slow
 def test_finished_cells_are_stale_once_a_base_config_changes(tmp_path, capsys):
     """The DONE record holds the content of every config a cell's flags name and the model it started from:
     editing the base config in place makes the finished cells stale, and so does removing the pretraining

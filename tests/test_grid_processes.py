@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO
 from tests.test_ablate import _grid
 from training.grid.processes import LOCK_FILE, GridInUse, grid_lock
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _ablate(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """`python ablate.py ARGS` as a user runs it; a hang fails the test instead of stopping the suite."""
-    return subprocess.run([sys.executable, "ablate.py", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "ablate.py", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
@@ -79,7 +78,7 @@ def test_a_worker_and_what_it_forks_die_with_its_parent(tmp_path):
     pids = tmp_path / "pids"
     middle = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time\n"
                                f"subprocess.Popen([sys.executable, '-c', {WORKER!r}, {str(pids)!r}])\ntime.sleep(60)"],
-                              cwd=ROOT)
+                              cwd=REPO)
     worker: set[int] = set()
     try:
         began = time.monotonic()
@@ -102,6 +101,7 @@ def test_a_worker_and_what_it_forks_die_with_its_parent(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("stop", ["kill -9", "ctrl-c"])
+@pytest.mark.slow
 def test_workers_and_their_dataloader_workers_die_with_the_driver(tmp_path, stop):
     """Two sizes pretrain at once in two workers, each with a DataLoader worker of its own. kill -9 of the
     driver leaves no process behind and frees the grid; Ctrl-C at the terminal (SIGINT to the whole process
@@ -111,7 +111,7 @@ def test_workers_and_their_dataloader_workers_die_with_the_driver(tmp_path, stop
     config = _grid(tmp_path, "killed", sizes=["gpt2-1l", "gpt2-2l"], pretrain_steps=1_000_000, overrides=overrides)
     out = tmp_path / "killed" / "t"
     with (tmp_path / "stdout").open("w") as stdout, (tmp_path / "stderr").open("w") as stderr:
-        driver = subprocess.Popen([sys.executable, "ablate.py", "--config", str(config), "--parallel", "2"], cwd=ROOT,
+        driver = subprocess.Popen([sys.executable, "ablate.py", "--config", str(config), "--parallel", "2"], cwd=REPO,
                                   stdout=stdout, stderr=stderr,
                                   start_new_session=True,  # its own group, as in a terminal
                                       # with Ctrl-C's default action even when the tests run as a background job
@@ -157,6 +157,7 @@ def test_workers_and_their_dataloader_workers_die_with_the_driver(tmp_path, stop
         assert not (out / LOCK_FILE).exists()
 
 
+@pytest.mark.slow
 def test_a_second_driver_of_a_grid_is_refused_naming_the_first(tmp_path):
     config = _grid(tmp_path, "busy")
     out = tmp_path / "busy" / "t"
@@ -192,6 +193,7 @@ def test_cells_that_slurm_still_holds_are_not_trained_here(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("parallel", ["20000", "99999999999999999999"])
+@pytest.mark.slow
 def test_an_absurd_parallel_is_capped_and_never_hangs(tmp_path, parallel):
     """--parallel 20000 used to hang at exit and 10^20 before doing anything: the count is capped to the
     cells left and the CPUs here, with a line that says so."""
@@ -207,6 +209,7 @@ def test_an_absurd_parallel_is_capped_and_never_hangs(tmp_path, parallel):
     assert time.monotonic() - began < 30
 
 
+@pytest.mark.slow
 def test_slurm_without_submitit_says_how_to_install_it(tmp_path):
     hidden = tmp_path / "hide"
     hidden.mkdir()
@@ -223,6 +226,7 @@ def _script(path: Path, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
+@pytest.mark.slow
 def test_slurm_commands_missing_is_one_line_and_writes_nothing(tmp_path):
     pytest.importorskip("submitit")
     config = _grid(tmp_path, "no-slurm", slurm={"cpus_per_cell": 1})
@@ -237,6 +241,7 @@ REFUSED = "sbatch: error: Batch job submission failed: Unable to contact slurm c
 
 
 @pytest.mark.parametrize("accepted", [0, 1])
+@pytest.mark.slow
 def test_a_refused_sbatch_is_one_line_and_leaves_no_submission_files(tmp_path, accepted):
     """sbatch refuses the first job, or accepts the pretraining and refuses the cells' array: one line
     with sbatch's message, no pickles or sbatch scripts left, and the accepted job recorded for a rerun."""

@@ -175,6 +175,7 @@ def moving_late(amounts=(0, 25, 50, 500, 1000)) -> list[CurveGroup]:
     return groups
 
 
+@pytest.mark.slow
 def test_amount_ranges_find_where_the_shared_prior_stops_fitting():
     """P moves only from amount 500: the small half keeps a shared P, the large half needs free fits."""
     groups = shuffled(moving_late())

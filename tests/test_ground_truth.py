@@ -3,14 +3,14 @@ import csv
 
 import numpy as np
 import pytest
+import yaml
 
 import evaluate
 from evaluation.ladder import ladder_weights
+from tests.conftest import SMOOTH_WORLD
 
-WORLD = """world: {n_tasks: 3, n_entities: 4, n_properties: 5, vocab_size: 12, property_smoothing: 0.6, seed: 1}
-context_length: 128
-icl: {k_values: [3], prompts_per_task: 40, batch_size: 20, demo_format: sampled, n_shots: 24}
-"""
+DATA = {"world": SMOOTH_WORLD, "context_length": 128,
+        "icl": {"k_values": [3], "prompts_per_task": 40, "batch_size": 20, "demo_format": "sampled", "n_shots": 24}}
 
 
 def test_ladder_weights_favour_and_disfavour_one_task():
@@ -20,10 +20,11 @@ def test_ladder_weights_favour_and_disfavour_one_task():
     assert list(w) == ["pretrain", "favor-4", "disfavor-4"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("learner", ["exact", "reader"])
 def test_tiny_ladder_moves_the_favoured_prior_the_right_way(tmp_path, capsys, learner):
     config = tmp_path / "world.yaml"
-    config.write_text(WORLD)
+    config.write_text(yaml.safe_dump(DATA))
     out = tmp_path / "ladder"
     assert evaluate.main(["ladder", "--data-config", str(config), "--out", str(out), "--strengths", "8",
                           "--resamples", "10", "--starts", "8", "--device", "cpu", "--learner", learner]) == 0

@@ -32,8 +32,9 @@ from datamodules.sampling import split_demonstrations
 from datamodules.world import GincWorld
 from evaluation.ladder import MODEL, condition_columns, counterfactual_curve, ladder_weights, task_evidence
 from evaluation.reports import one_thread
+from tests.conftest import REPO
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "small-gradual.yaml"
+CONFIG = REPO / "configs" / "small-gradual.yaml"
 K, PROMPTS = 2, 256
 CONDITIONS = ladder_weights(np.full(3, 1 / 3), 0, [2.0, 4.0, 16.0])
 
@@ -134,6 +135,7 @@ icl: {k_values: [3], prompts_per_task: 40, batch_size: 20, demo_format: sampled,
 """
 
 
+@pytest.mark.slow
 def test_ladder_of_the_meanfield_learner(tmp_path):
     """`evaluate.py ladder --learner meanfield` writes the curves of that learner on the prompts of the
     data config, one row per (condition, task, shot), and its report names it (exact-demos: same path)."""

@@ -2,7 +2,8 @@
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO
+
 PACKAGES = ("user_errors", "safe_io", "datamodules", "analysis", "models", "contracts", "lightning_modules",
             "evaluation", "training")
 SCRIPTS = ("train", "evaluate", "ablate")
@@ -34,8 +35,8 @@ def project_imports(path: Path) -> set[str]:
 
 def modules() -> list[tuple[str, Path]]:
     """Every module of the packages, those of their subpackages (training.grid.cells, ...) included."""
-    return [(".".join(path.relative_to(ROOT).with_suffix("").parts), path) for pkg in PACKAGES
-            for path in sorted((ROOT / pkg).rglob("*.py"))]
+    return [(".".join(path.relative_to(REPO).with_suffix("").parts), path) for pkg in PACKAGES
+            for path in sorted((REPO / pkg).rglob("*.py"))]
 
 
 def floor(module: str) -> str:

@@ -13,8 +13,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import evaluate
 from evaluation.llm_curves import LLMCurveConfig, build_prompts, group_by_type, llm_curve_rows, load_local_lm
 from evaluation.manyshot import build_prompt, load_shots, render, resolve_format, train_tokenizer
+from tests.conftest import REPO
 
-DATASET = Path(__file__).resolve().parents[1] / "examples" / "manyshot" / "pirate_persona.jsonl"
+DATASET = REPO / "examples" / "manyshot" / "pirate_persona.jsonl"
 
 
 def save_tiny_lm(directory: Path, chat: bool) -> Path:

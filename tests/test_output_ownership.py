@@ -13,12 +13,12 @@ import pytest
 
 import evaluate
 from safe_io.files import MARKER, atomic_dir, check_replaceable
+from tests.conftest import REPO
 from user_errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
-CURVES = ROOT / "examples" / "curves_ideal.csv"
-WORLD = ROOT / "configs" / "data" / "ginc.yaml"
-DATASET = ROOT / "examples" / "manyshot" / "pirate_persona.jsonl"
+CURVES = REPO / "examples" / "curves_ideal.csv"
+WORLD = REPO / "configs" / "data" / "ginc.yaml"
+DATASET = REPO / "examples" / "manyshot" / "pirate_persona.jsonl"
 
 
 def snapshot(*paths: Path) -> dict[str, str]:
@@ -218,8 +218,10 @@ def a_models_export(out: Path, curves: Path | None = None) -> None:
 
 
 @pytest.mark.parametrize("command", ["fit", "shift", "ladder"])
-@pytest.mark.parametrize("make", [users_report_md, users_fits_csv, project_report_and_a_users_file,
-                                  project_report_and_a_users_plot, a_models_export])
+@pytest.mark.parametrize("make", [users_report_md, users_fits_csv, a_models_export,
+                                  # these two write a whole report
+                                  pytest.param(project_report_and_a_users_file, marks=pytest.mark.slow),
+                                  pytest.param(project_report_and_a_users_plot, marks=pytest.mark.slow)])
 def test_a_report_replaces_only_a_directory_the_project_wrote(tmp_path, capsys, monkeypatch, small, command, make):
     out = tmp_path / "out"
     make(out, small)
@@ -229,8 +231,8 @@ def test_a_report_replaces_only_a_directory_the_project_wrote(tmp_path, capsys, 
     assert "did not write" in line or "HF export" in line
 
 
-SHIPPED = sorted({p.parent for name in ("fits.csv", "shift.csv") for p in (ROOT / "examples").rglob(name)}
-                 | {p.parent for p in (ROOT / "examples").glob("*/curves.csv") if (p.parent / "fits").is_dir()
+SHIPPED = sorted({p.parent for name in ("fits.csv", "shift.csv") for p in (REPO / "examples").rglob(name)}
+                 | {p.parent for p in (REPO / "examples").glob("*/curves.csv") if (p.parent / "fits").is_dir()
                     and (p.parent / "shift" / "shift.csv").is_file()})
 
 
@@ -239,13 +241,14 @@ def unmarked_copy(report: Path, to: Path) -> Path:
     return Path(shutil.copytree(report, to, ignore=shutil.ignore_patterns(MARKER, "*.png")))
 
 
+@pytest.mark.slow
 def test_shipped_reports_and_those_of_earlier_versions_stay_replaceable(tmp_path, capsys, small):
     """Directories written before the marker existed (examples/, older runs) are recognised by their tables:
     each shipped report passes the check without a marker, and a rerun of its command replaces it and marks it."""
     assert len(SHIPPED) >= 15, SHIPPED
     for i, report in enumerate(SHIPPED):
         check_replaceable(unmarked_copy(report, tmp_path / "shipped" / str(i)), kind="report")
-    out = unmarked_copy(ROOT / "examples" / "cpu-gradual" / "fits", tmp_path / "fits")
+    out = unmarked_copy(REPO / "examples" / "cpu-gradual" / "fits", tmp_path / "fits")
     assert evaluate.main([str(a) for a in report_commands(out, small)["fit"]]) == 0
     assert (out / MARKER).is_file() and "power" in (out / "fits.csv").read_text()
     assert evaluate.main([str(a) for a in report_commands(out, small)["fit"]]) == 0  # and again, marked now

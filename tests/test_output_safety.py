@@ -12,10 +12,10 @@ import pytest
 
 import evaluate
 from safe_io.files import MARKER, _clean_stale, atomic_dir, mark_output
+from tests.conftest import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-CURVES = ROOT / "examples" / "curves_ideal.csv"
-WORLD = ROOT / "configs" / "data" / "ginc.yaml"
+CURVES = REPO / "examples" / "curves_ideal.csv"
+WORLD = REPO / "configs" / "data" / "ginc.yaml"
 
 
 def snapshot(path: Path) -> dict[str, str]:
@@ -54,6 +54,7 @@ def test_out_naming_a_directory_of_other_files_is_refused_before_any_work(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["victim"], "no leftovers beside it"
 
 
+@pytest.mark.slow
 def test_out_that_is_the_commands_own_input_directory_is_refused(tmp_path, capsys):
     report = tmp_path / "r"
     assert evaluate.main(COMMANDS["fit"](CURVES, report)) == 0
@@ -63,6 +64,7 @@ def test_out_that_is_the_commands_own_input_directory_is_refused(tmp_path, capsy
     assert "holds the input" in capsys.readouterr().err and snapshot(report) == before
 
 
+@pytest.mark.slow
 def test_a_report_replaces_the_report_it_wrote_before(tmp_path, capsys):
     out = tmp_path / "fits"
     assert evaluate.main(COMMANDS["fit"](CURVES, out)) == 0
@@ -103,7 +105,7 @@ CRASH = textwrap.dedent("""
 @pytest.mark.parametrize("swap", ["exchange", "renames"])
 def test_an_interrupt_at_any_step_of_the_swap_leaves_one_whole_report(tmp_path, swap):
     script = tmp_path / "crash.py"
-    script.write_text(CRASH.format(root=str(ROOT)))
+    script.write_text(CRASH.format(root=str(REPO)))
     outcomes = set()
     for stop_at in range(1, 8):  # past the last step of either swap: the run completes
         folder = tmp_path / f"case{stop_at}"
@@ -145,6 +147,7 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_fit_stops_with_one_line_130_and_the_old_report_intact(tmp_path):
     import signal
     import time
@@ -152,9 +155,9 @@ def test_ctrl_c_during_a_fit_stops_with_one_line_130_and_the_old_report_intact(t
     out = tmp_path / "fits"
     assert evaluate.main(COMMANDS["fit"](CURVES, out)) == 0
     before = snapshot(out)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "evaluate.py"), "fit", "--curves", str(CURVES),
+    proc = subprocess.Popen([sys.executable, str(REPO / "evaluate.py"), "fit", "--curves", str(CURVES),
                              "--out", str(out)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=default_sigint)
     deadline = time.time() + 60
     while not any(p.name.startswith(".fits.tmp-") for p in tmp_path.iterdir()):  # fitting has begun
@@ -202,7 +205,7 @@ def test_curves_out_killed_while_writing_keeps_the_old_table_and_the_next_write_
     shutil.copy(CURVES, out)
     before = out.read_bytes()
     script = tmp_path / "crash.py"
-    script.write_text(CRASH_CURVES.format(root=str(ROOT), curves=str(CURVES)))
+    script.write_text(CRASH_CURVES.format(root=str(REPO), curves=str(CURVES)))
     assert subprocess.run([sys.executable, str(script), str(out)]).returncode == 9
     assert out.read_bytes() == before
     assert any(p.name.startswith(".c.csv.tmp-") for p in tmp_path.iterdir()), "the killed writer's temporary"
@@ -220,6 +223,7 @@ def test_curves_out_that_is_an_input_or_a_directory_is_refused_before_measuring(
     assert "is a directory; pass a CSV file path" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_bug_inside_the_library_keeps_its_traceback_while_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
     """Only a UserError becomes the one `error:` line: a plain ValueError (here a shape error) raised inside
     the library surfaces with its traceback in each of the three scripts."""
@@ -240,9 +244,9 @@ def test_a_bug_inside_the_library_keeps_its_traceback_while_bad_input_is_one_lin
     assert ablate.main(["--config", str(tmp_path / "none.yaml")]) == 2
     monkeypatch.setattr(ablate, "run_grid", shape_bug)
     with pytest.raises(ValueError, match="could not be broadcast"):
-        ablate.main(["--config", str(ROOT / "configs" / "ablations" / "tiny.yaml")])
+        ablate.main(["--config", str(REPO / "configs" / "ablations" / "tiny.yaml")])
 
-    tiny = ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--run.root", str(tmp_path / "runs")]
+    tiny = ["fit", "--config", str(REPO / "configs" / "tiny.yaml"), "--run.root", str(tmp_path / "runs")]
     assert train.main([*tiny, "--data.world.n_tasks", "0"]) == 2  # refused while jsonargparse builds the data
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: data.world.n_tasks must be >= 1, got 0"
     monkeypatch.setattr(GincDataModule, "setup", shape_bug)

@@ -9,9 +9,10 @@ from datamodules.ginc_datamodule import GincDataModule
 from datamodules.world import GincWorld, WorldConfig
 from evaluation.quickstart_report import prior_note
 from evaluation.reader_prior import fit_reader_prior
+from tests.conftest import SMOOTH_WORLD
 from tests.ideal_models import ExactAsModel, ReaderAsModel
 
-WORLD = WorldConfig(n_tasks=3, n_entities=4, n_properties=5, vocab_size=12, property_smoothing=0.5, seed=1)
+WORLD = WorldConfig(**SMOOTH_WORLD)
 
 
 def data(prompts: int = 8) -> GincDataModule:

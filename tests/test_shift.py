@@ -71,6 +71,7 @@ def test_shared_P_preferred_when_only_priors_move(fixed_P_result):
     assert by_fit["shared"]["n_params"] < by_fit["free"]["n_params"]
 
 
+@pytest.mark.slow
 def test_free_fit_preferred_when_task_knowledge_moves():
     result = analyse_shift(conditions(move_P=True), ShiftConfig(baseline="gpt2-2l/pretrain", resamples=2, starts=4))
     by_fit = {c["fit"]: c for c in result.comparison}
@@ -125,6 +126,7 @@ def write_curves_csv(path, groups):
         w.writerows(rows)
 
 
+@pytest.mark.slow
 def test_shift_command_writes_report(tmp_path, capsys):
     curves = tmp_path / "curves.csv"
     write_curves_csv(curves, conditions(move_P=False)[::2])
@@ -161,6 +163,7 @@ def test_shift_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, 
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_every_interval_contains_its_estimate_and_covers_the_truth_near_its_level():
     """Four seeds of the fixed-P shift table: no NaN, every estimate inside its interval, and the
     priors' and K's intervals cover the truth at close to their 95%."""
@@ -208,6 +211,7 @@ def test_interval_helpers_never_give_nan_and_always_contain_the_estimate():
     assert 0.25 < lo < 0.3 < hi < 0.35
 
 
+@pytest.mark.slow
 def test_k_values_fitted_in_worker_processes_equal_one_process():
     groups = conditions(move_P=False)
     groups += [CurveGroup(g.run, 5, g.shots, g.prob[:, ::-1].copy(), g.nll[:, ::-1].copy(), g.count, g.extra)
@@ -287,6 +291,7 @@ def test_joint_fit_does_not_depend_on_the_order_of_the_conditions():
             assert other[c]["K"] == pytest.approx(named[0][c]["K"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_the_law_is_chosen_by_bic_and_the_report_shows_every_law(tmp_path):
     """Curves drawn from the scoring-wise law: without --law, BIC picks it at every k, laws.csv scores all
     three laws (the chosen one at delta BIC 0), and law_priors.csv puts their priors side by side."""

@@ -12,27 +12,10 @@ import torch
 
 import evaluate
 import train
+from tests.conftest import TINY_FIT
 
-TINY = ["fit", "--config", "configs/tiny.yaml"]
+pytestmark = pytest.mark.usefixtures("single_thread")
 SFT = ["--run.stage", "sft", "--run.direction", "favor", "--run.tasks", "[0]"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    """One tiny pretraining run (3 tasks), shared: runs/base with its last.ckpt and hf/ export."""
-    root = tmp_path_factory.mktemp("shared") / "runs"
-    assert train.main([*TINY, "--run.root", str(root), "--run.name", "base", "--trainer.max_steps", "2",
-                       "--trainer.val_check_interval", "2", "--run.eval_at_start", "false"]) == 0
-    assert (root / "base" / "checkpoints" / "last.ckpt").is_file() and (root / "base" / "hf" / "config.json").is_file()
-    return root / "base"
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -56,7 +39,7 @@ def test_a_garbage_ckpt_path_is_one_line(tmp_path, capsys):
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint\n")
     root = tmp_path / "runs"
-    code = train.main([*TINY, "--run.root", str(root), "--ckpt_path", str(garbage)])
+    code = train.main([*TINY_FIT, "--run.root", str(root), "--ckpt_path", str(garbage)])
     assert_refused(code, capsys, f"{garbage} is not a readable checkpoint")
     assert garbage.read_bytes() == b"not a checkpoint\n" and not root.exists()
 
@@ -81,15 +64,15 @@ def test_a_garbage_ckpt_path_is_one_line(tmp_path, capsys):
 ])
 def test_world_values_are_finite_and_in_range(tmp_path, capsys, flag, value, message):
     root = tmp_path / "runs"
-    code = train.main([*TINY, "--run.root", str(root), f"--data.world.{flag}", value])
+    code = train.main([*TINY_FIT, "--run.root", str(root), f"--data.world.{flag}", value])
     assert_refused(code, capsys, message)
     assert not root.exists()
 
 
-def test_post_training_checks_the_world_values_it_is_given(base, tmp_path, capsys):
+def test_post_training_checks_the_world_values_it_is_given(tiny_run, tmp_path, capsys):
     root = tmp_path / "runs"
-    code = train.main([*TINY, *SFT, "--run.root", str(root),
-                       "--model.init_from", str(base / "checkpoints" / "last.ckpt"),
+    code = train.main([*TINY_FIT, *SFT, "--run.root", str(root),
+                       "--model.init_from", str(tiny_run / "checkpoints" / "last.ckpt"),
                        "--data.world.start_temperature", "nan"])
     assert_refused(code, capsys, "data.world.start_temperature must be > 0 and finite")
     assert not root.exists()
@@ -107,25 +90,25 @@ def test_post_training_checks_the_world_values_it_is_given(base, tmp_path, capsy
     ("last", ["--run.stage", "dpo", "--run.direction", "favor", "--run.tasks", "[0]", "--model.init_from", "CKPT"],
      "run.stage dpo (lightning_modules.dpo.PreferenceModule) here, a pretrain or sft run"),
 ])
-def test_ckpt_path_must_be_of_the_runs_world_and_model(base, capsys, how, extra, message):
-    ckpt = base / "checkpoints" / "last.ckpt"
-    before = snapshot(base.parent)
+def test_ckpt_path_must_be_of_the_runs_world_and_model(tiny_run, capsys, how, extra, message):
+    ckpt = tiny_run / "checkpoints" / "last.ckpt"
+    before = snapshot(tiny_run.parent)
     extra = [str(ckpt) if arg == "CKPT" else arg for arg in extra]
-    target = ["--run.name", "base", "--ckpt_path", "last"] if how == "last" else ["--ckpt_path", str(ckpt)]
-    verb = ["validate", *TINY[1:]] if how == "validate" else TINY
-    code = train.main([*verb, "--run.root", str(base.parent), *target, "--trainer.max_steps", "4", *extra])
+    target = ["--run.name", tiny_run.name, "--ckpt_path", "last"] if how == "last" else ["--ckpt_path", str(ckpt)]
+    verb = ["validate", *TINY_FIT[1:]] if how == "validate" else TINY_FIT
+    code = train.main([*verb, "--run.root", str(tiny_run.parent), *target, "--trainer.max_steps", "4", *extra])
     line = assert_refused(code, capsys, message)
-    assert str(base / "config.yaml") in line  # where the settings it was trained with are
-    assert snapshot(base.parent) == before  # no new run directory, the checkpoint and its run untouched
+    assert str(tiny_run / "config.yaml") in line  # where the settings it was trained with are
+    assert snapshot(tiny_run.parent) == before  # no new run directory, the checkpoint and its run untouched
 
 
-def test_a_ckpt_path_that_is_a_directory_or_foreign_is_one_line(base, tmp_path, capsys):
+def test_a_ckpt_path_that_is_a_directory_or_foreign_is_one_line(tiny_run, tmp_path, capsys):
     root = tmp_path / "runs"
-    code = train.main([*TINY, "--run.root", str(root), "--ckpt_path", str(base / "hf")])
+    code = train.main([*TINY_FIT, "--run.root", str(root), "--ckpt_path", str(tiny_run / "hf")])
     assert_refused(code, capsys, "is a directory; pass a checkpoint file")
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}}, foreign)
-    code = train.main([*TINY, "--run.root", str(root), "--ckpt_path", str(foreign)])
+    code = train.main([*TINY_FIT, "--run.root", str(root), "--ckpt_path", str(foreign)])
     assert_refused(code, capsys, "was not written by train.py")
     assert not root.exists()
 
@@ -139,28 +122,28 @@ def test_a_ckpt_path_that_is_a_directory_or_foreign_is_one_line(base, tmp_path, 
     (["--model.size", "gpt2-2l"], "model.size gpt2-2l gives n_layer 2 here, 1 in the pretrained model"),
 ])
 @pytest.mark.parametrize("source", ["checkpoints/last.ckpt", "hf"])
-def test_post_training_refuses_settings_that_contradict_the_pretrained_model(base, tmp_path, capsys, extra, message,
+def test_post_training_refuses_settings_that_contradict_the_pretrained_model(tiny_run, tmp_path, capsys, extra, message,
                                                                              source):
     """Post-training takes the world and architecture of the model it starts from; a setting given that
     says otherwise is refused, not silently replaced."""
     root = tmp_path / "runs"
-    before = snapshot(base)
-    code = train.main([*TINY, *SFT, "--run.root", str(root), "--model.init_from", str(base / source), *extra])
+    before = snapshot(tiny_run)
+    code = train.main([*TINY_FIT, *SFT, "--run.root", str(root), "--model.init_from", str(tiny_run / source), *extra])
     line = assert_refused(code, capsys, message)
     assert "drop the setting" in line
-    assert not root.exists() and snapshot(base) == before
+    assert not root.exists() and snapshot(tiny_run) == before
 
 
-def test_flags_that_agree_with_the_pretrained_model_are_accepted_and_configs_give_way(base, tmp_path):
+def test_flags_that_agree_with_the_pretrained_model_are_accepted_and_configs_give_way(tiny_run, tmp_path):
     """Flags that name the pretrained model's own world and size are no contradiction (weights of the same
     ratios are the same world); a config file's world gives way to the pretrained model's, as the stage
     configs say."""
     other_world = tmp_path / "other-world.yaml"
     other_world.write_text("data:\n  world:\n    n_tasks: 5\n    seed: 7\n")
     root = tmp_path / "runs"
-    assert train.main([*TINY, "--config", str(other_world), *SFT, "--run.root", str(root), "--run.name", "sft",
+    assert train.main([*TINY_FIT, "--config", str(other_world), *SFT, "--run.root", str(root), "--run.name", "sft",
                        "--data.world.weights", "[2, 2, 2]", "--model.size", "gpt2-1l", "--model.n_embd", "32",
-                       "--model.init_from", str(base / "checkpoints" / "last.ckpt"), "--trainer.max_steps", "1",
+                       "--model.init_from", str(tiny_run / "checkpoints" / "last.ckpt"), "--trainer.max_steps", "1",
                        "--run.eval_at_start", "false"]) == 0
     world = torch.load(root / "sft" / "checkpoints" / "last.ckpt",
                        weights_only=False)["datamodule_hyper_parameters"]["world"]
@@ -174,9 +157,9 @@ def test_flags_that_agree_with_the_pretrained_model_are_accepted_and_configs_giv
     ("ginc_data.json", b'{"data": {"context_length": 32, "world": {"n_tasks": 0}}}', "the world it records is not one"),
     ("ginc_data.json", b'{"step": 3}', "does not record the data settings"),
 ])
-def test_a_broken_export_is_one_line_naming_the_file(base, tmp_path, capsys, broken, content, message):
+def test_a_broken_export_is_one_line_naming_the_file(tiny_run, tmp_path, capsys, broken, content, message):
     export = tmp_path / "hf"
-    shutil.copytree(base / "hf", export)
+    shutil.copytree(tiny_run / "hf", export)
     (export / broken).write_bytes(content)
     out = tmp_path / "curves.csv"
     code = evaluate.main(["curves", "--ckpt", str(export), "--out", str(out)])
@@ -184,7 +167,7 @@ def test_a_broken_export_is_one_line_naming_the_file(base, tmp_path, capsys, bro
     assert str(export / broken) in line
     assert not out.exists() and (export / broken).read_bytes() == content
     root = tmp_path / "runs"  # the same export as the start of post-training
-    code = train.main([*TINY, *SFT, "--run.root", str(root), "--model.init_from", str(export)])
+    code = train.main([*TINY_FIT, *SFT, "--run.root", str(root), "--model.init_from", str(export)])
     assert_refused(code, capsys, message)
     assert not root.exists()
 
@@ -204,6 +187,6 @@ def test_config_paths_are_yaml_files(tmp_path, capsys, extra, message):
     name = lambda text: (text.replace("DIR", str(paths["DIR"])).replace("EMPTY", str(paths["EMPTY"]))  # noqa: E731
                          .replace("BINARY", str(paths["BINARY"])))
     root = tmp_path / "runs"
-    code = train.main([*TINY, "--run.root", str(root), *[name(arg) for arg in extra]])
+    code = train.main([*TINY_FIT, "--run.root", str(root), *[name(arg) for arg in extra]])
     assert_refused(code, capsys, name(message))
     assert not root.exists()

@@ -9,14 +9,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import evaluate
 import train
+from tests.conftest import REPO, TINY_ARCH, TINY_CONFIG, TINY_FIT, TINY_WORLD
 from training.console import CtrlC, quiet_lightning
 from training.quickstart import run_quickstart
 
-TINY = ["fit", "--config", "configs/tiny.yaml"]
-
 
 def run_train(tmp_path, *extra: str) -> int:
-    return train.main([*TINY, "--run.root", str(tmp_path / "runs"), *extra])
+    return train.main([*TINY_FIT, "--run.root", str(tmp_path / "runs"), *extra])
 
 
 @pytest.mark.parametrize(
@@ -76,11 +75,12 @@ def test_bad_flags_are_one_line_not_the_usage(tmp_path, capsys, extra, message):
 ])
 def test_the_stage_sets_the_module_and_data_classes(capsys, extra, module, data):
     """--run.stage, or run.stage in a config, picks the classes; the last one named wins, as in the parse."""
-    assert train.main([*TINY, *extra, "--print_config"]) == 0
+    assert train.main([*TINY_FIT, *extra, "--print_config"]) == 0
     printed = capsys.readouterr().out
     assert f"class_path: {module}" in printed and f"class_path: {data}" in printed, printed
 
 
+@pytest.mark.slow
 def test_tiny_run_dir_export_and_evaluate(tmp_path):
     assert run_train(tmp_path, "--run.name", "tiny") == 0
     run = tmp_path / "runs" / "tiny"
@@ -134,6 +134,7 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_only_finite_checkpoints(t
 
 
 @pytest.mark.parametrize("target", ["init_from", "resume", "curves", "hf_init"])
+@pytest.mark.slow
 def test_a_broken_checkpoint_is_one_line(tmp_path, capsys, target):
     assert run_train(tmp_path, "--run.name", "good") == 0
     run = tmp_path / "runs" / "good"
@@ -165,6 +166,7 @@ def test_checkpoint_every_must_be_positive(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("extra", "threads"), [([], 1), (["--run.cpu_threads", "2"], 2)])
+@pytest.mark.slow
 def test_training_runs_on_the_threads_it_is_given(tmp_path, extra, threads):
     before = torch.get_num_threads()
     try:
@@ -175,19 +177,21 @@ def test_training_runs_on_the_threads_it_is_given(tmp_path, extra, threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_validate_writes_somewhere_new_and_test_is_one_line(tmp_path, capsys):
     assert run_train(tmp_path, "--run.name", "good") == 0
     run = tmp_path / "runs" / "good"
     config, curves = (run / "config.yaml").read_text(), (run / "curves.csv").read_text()
-    assert train.main(["validate", "--config", "configs/tiny.yaml", "--run.root", str(tmp_path / "runs"),
+    assert train.main(["validate", "--config", str(TINY_CONFIG), "--run.root", str(tmp_path / "runs"),
                        "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]) == 0
     assert (run / "config.yaml").read_text() == config and (run / "curves.csv").read_text() == curves
     assert [p.name for p in (tmp_path / "runs").iterdir() if p.name.startswith("good-validate-")]
     for verb in ("test", "predict"):
-        assert train.main([verb, "--config", "configs/tiny.yaml"]) == 2
+        assert train.main([verb, "--config", str(TINY_CONFIG)]) == 2
         assert f"has no {verb} split" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_best_checkpoint_holds_the_weights_its_score_was_measured_on(tmp_path):
     assert run_train(tmp_path, "--run.name", "b", "--run.checkpoint_every", "3", "--trainer.max_steps", "12",
                      "--trainer.val_check_interval", "4") == 0
@@ -207,6 +211,7 @@ def test_no_generic_optimizer_is_offered(capsys):
     assert "--optimizer" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_quickstart_reports_curves_priors_and_reemergence(tmp_path, capsys):
     """The quickstart's whole path on a few steps and prompts: five runs, the table of both ideal learners,
     the favoured task's prior from the shift analysis and the reader, re-emergence, and its outputs."""
@@ -227,17 +232,17 @@ def test_the_quickstart_reports_curves_priors_and_reemergence(tmp_path, capsys):
     assert all(abs(sum(float(r[f"prior_{i}"]) for i in range(3)) - 1) < 1e-9 for r in rows)
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_training_is_one_line_and_exit_130(tmp_path):
     """Lightning answers Ctrl-C with its own notice and sys.exit(1); train.py says what was kept instead."""
     import signal
     import subprocess
     import sys
     import time
-    from pathlib import Path
 
     root = tmp_path / "runs"
-    proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--run.root", str(root), "--run.name", "t",
-                             "--trainer.max_steps", "100000"], cwd=Path(__file__).resolve().parents[1],
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY_FIT, "--run.root", str(root), "--run.name", "t",
+                             "--trainer.max_steps", "100000"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # see test_output_safety
     deadline = time.time() + 120
@@ -284,12 +289,10 @@ def test_a_ctrl_c_that_python_swallowed_still_stops_the_run(tmp_path, capsys):
         assert CtrlC.requested
         trainer = L.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             callbacks=[CtrlC()], limit_val_batches=0)
-        data = GincDataModule(world=dict(n_tasks=3, n_entities=4, n_properties=4, vocab_size=20, seed=0),
-                              context_length=32, batch_size=4, val_documents=4,
+        data = GincDataModule(world=TINY_WORLD, context_length=32, batch_size=4, val_documents=4,
                               icl={"k_values": [3], "prompts_per_task": 2, "batch_size": 2})
         with pytest.raises(SystemExit):  # Lightning stops on the KeyboardInterrupt the callback raises
-            trainer.fit(CausalLMModule("gpt2-1l", n_embd=32, n_head=2, n_positions=32, compile=False,
-                                       **data_arguments(data)), data)
+            trainer.fit(CausalLMModule(**TINY_ARCH, **data_arguments(data)), data)
         assert trainer.global_step <= 1
         assert "Exception ignored" not in capsys.readouterr().err
     finally:

@@ -13,8 +13,9 @@ from datamodules.ginc_datamodule import ICLConfig, ICLPromptSet
 from datamodules.world import WorldConfig
 from lightning_modules.icl_metric import ICLCurveMetric, curve_rows, label_scores
 from models.gpt import build_gpt, resolve_spec
+from tests.conftest import TINY_WORLD
 
-WORLD = WorldConfig(n_tasks=3, n_entities=4, n_properties=4, vocab_size=20, distinct_emissions=True)
+WORLD = WorldConfig(**TINY_WORLD)
 ICL = ICLConfig(k_values=[2, 3], prompts_per_task=6, batch_size=4)
 CONTEXT = 32
 

@@ -30,9 +30,8 @@ def test_warmup_then_cosine_to_the_floor_and_no_decay_on_vectors():
     assert decays == {2: 0.5, 1: 0.0}
 
 
-def test_tiny_model_learns_the_world_and_in_context():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread is faster than two contended ones for a model this small
+@pytest.mark.slow
+def test_tiny_model_learns_the_world_and_in_context(single_thread):
     torch.manual_seed(0)
     data = GincDataModule(world=WORLD, context_length=64, batch_size=16, val_documents=32,
                           icl=dict(k_values=[2], prompts_per_task=32, batch_size=32))
@@ -45,7 +44,6 @@ def test_tiny_model_learns_the_world_and_in_context():
     before = first["val/loss"]
     start = module.last_curve_rows
     trainer.fit(module, data)
-    torch.set_num_threads(threads)
     metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
     after = metrics["val/loss"]
     assert after < 0.5 * before, (before, after)

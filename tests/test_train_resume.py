@@ -8,6 +8,9 @@ import pytest
 import torch
 
 import train
+from tests.conftest import TINY_FIT
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]  # killed and resumed training runs
 
 
 class Killed(RuntimeError):
@@ -25,16 +28,8 @@ class KillAt(L.Callback):
             raise Killed(f"killed at step {self.step}")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster than two contended ones
-    yield
-    torch.set_num_threads(threads)
-
-
 def fit(root, name: str, *extra: str) -> int:
-    return train.main(["fit", "--config", "configs/tiny.yaml", "--run.root", str(root), "--run.name", name,
+    return train.main([*TINY_FIT, "--run.root", str(root), "--run.name", name,
                        "--trainer.max_steps", "10", "--run.checkpoint_every", "3", "--trainer.val_check_interval", "5",
                        *extra])
 
@@ -79,7 +74,7 @@ def test_tensorboard_steps_match_curves_and_a_resume_does_not_repeat_them(tmp_pa
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     root = tmp_path / "runs"
-    base = ["fit", "--config", "configs/tiny.yaml", "--run.root", str(root), "--run.name", "t",
+    base = [*TINY_FIT, "--run.root", str(root), "--run.name", "t",
             "--trainer.val_check_interval", "10"]
     assert train.main([*base, "--trainer.max_steps", "20"]) == 0
     shutil.copy(root / "t" / "checkpoints" / "last.ckpt", tmp_path / "step20.ckpt")
