@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import evaluate
 import train
-from tests.conftest import REPO, TINY_ARCH, TINY_CONFIG, TINY_FIT, TINY_WORLD
+from tests.conftest import REPO, TINY_ARCH, TINY_CONFIG, TINY_FIT, TINY_RUN_STEPS, TINY_WORLD
 from training.console import CtrlC, quiet_lightning
 from training.quickstart import run_quickstart
 
@@ -80,15 +80,14 @@ def test_the_stage_sets_the_module_and_data_classes(capsys, extra, module, data)
     assert f"class_path: {module}" in printed and f"class_path: {data}" in printed, printed
 
 
-@pytest.mark.slow
-def test_tiny_run_dir_export_and_evaluate(tmp_path):
-    assert run_train(tmp_path, "--run.name", "tiny") == 0
-    run = tmp_path / "runs" / "tiny"
+def test_tiny_run_dir_export_and_evaluate(tiny_run, tmp_path):
+    run = tiny_run
     assert (run / "config.yaml").is_file() and list(run.glob("events.out.tfevents.*"))
     assert {p.name for p in (run / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
     with (run / "curves.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert {r["step"] for r in rows} == {"0", "4", "8"}  # before training, then every 4 steps
+    # before training, then every 10 steps
+    assert {r["step"] for r in rows} == {str(step) for step in range(0, TINY_RUN_STEPS + 1, 10)}
     assert {r["run"] for r in rows} == {"gpt2-1l-d32/pretrain"} and {r["layers"] for r in rows} == {"1"}
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -111,7 +110,7 @@ def test_tiny_run_dir_export_and_evaluate(tmp_path):
                           "--out", str(out)]) == 0
     with out.open() as f:
         evaluated = list(csv.DictReader(f))
-    final = [r for r in rows if r["step"] == "8"]
+    final = [r for r in rows if r["step"] == str(TINY_RUN_STEPS)]
     assert len(evaluated) == 2 * len(final)  # the checkpoint and the export, same prompts
     for source in (evaluated[: len(final)], evaluated[len(final):]):
         for a, b in zip(source, final):
@@ -134,10 +133,8 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_only_finite_checkpoints(t
 
 
 @pytest.mark.parametrize("target", ["init_from", "resume", "curves", "hf_init"])
-@pytest.mark.slow
-def test_a_broken_checkpoint_is_one_line(tmp_path, capsys, target):
-    assert run_train(tmp_path, "--run.name", "good") == 0
-    run = tmp_path / "runs" / "good"
+def test_a_broken_checkpoint_is_one_line(tiny_run_copy, tmp_path, capsys, target):
+    run = tiny_run_copy
     ckpt = run / "checkpoints" / "last.ckpt"
     if target == "hf_init":
         weights = run / "hf" / "model.safetensors"
@@ -150,7 +147,7 @@ def test_a_broken_checkpoint_is_one_line(tmp_path, capsys, target):
             code = run_train(tmp_path, "--run.stage", "sft", "--run.direction", "favor", "--run.tasks", "[0]",
                              "--model.init_from", str(ckpt), "--run.name", "sft")
         elif target == "resume":
-            code = run_train(tmp_path, "--run.name", "good", "--ckpt_path", "last", "--trainer.max_steps", "12")
+            code = run_train(tmp_path, "--run.name", run.name, "--ckpt_path", "last")
         else:
             code = evaluate.main(["curves", "--ckpt", str(ckpt), "--out", str(tmp_path / "c.csv")])
     assert code == 2
@@ -177,15 +174,13 @@ def test_training_runs_on_the_threads_it_is_given(tmp_path, extra, threads):
         torch.set_num_threads(before)
 
 
-@pytest.mark.slow
-def test_validate_writes_somewhere_new_and_test_is_one_line(tmp_path, capsys):
-    assert run_train(tmp_path, "--run.name", "good") == 0
-    run = tmp_path / "runs" / "good"
+def test_validate_writes_somewhere_new_and_test_is_one_line(tiny_run_copy, tmp_path, capsys):
+    run = tiny_run_copy
     config, curves = (run / "config.yaml").read_text(), (run / "curves.csv").read_text()
     assert train.main(["validate", "--config", str(TINY_CONFIG), "--run.root", str(tmp_path / "runs"),
                        "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]) == 0
     assert (run / "config.yaml").read_text() == config and (run / "curves.csv").read_text() == curves
-    assert [p.name for p in (tmp_path / "runs").iterdir() if p.name.startswith("good-validate-")]
+    assert [p.name for p in (tmp_path / "runs").iterdir() if p.name.startswith(f"{run.name}-validate-")]
     for verb in ("test", "predict"):
         assert train.main([verb, "--config", str(TINY_CONFIG)]) == 2
         assert f"has no {verb} split" in capsys.readouterr().err
