@@ -1,5 +1,6 @@
 """How the scripts end: bad input, Ctrl-C and bugs each the way user_errors/exit_status.py promises, and an
 interrupted script ends even when interpreter shutdown would wait forever."""
+import os
 import subprocess
 import sys
 
@@ -60,3 +61,18 @@ def test_a_bad_command_line_is_one_error_line_and_status_2(script, argv):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {script}"), proc.stderr
     assert f"`python {script}" in lines[0] and "--help` lists the options" in lines[0]
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py", "ablate.py"])
+@pytest.mark.slow
+def test_help_into_a_reader_that_has_gone_ends_quietly(script):
+    """`python train.py --help | head -1`, with head already gone when the help is written: nothing on
+    stderr, and 0 (argparse drops what it cannot write) or the status a pipe's writer gets."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, script, "--help"], cwd=REPO, stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert proc.returncode in (0, 141) and proc.stderr == "", proc.stderr

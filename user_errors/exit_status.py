@@ -2,10 +2,12 @@
 
 - a `UserError` (bad input): its message as one `error: ...` line on stderr, status 2;
 - Ctrl-C: one line saying what was kept and how to resume, status 130;
+- stdout closed by its reader (`python train.py --help | head -1`): quiet, status 141, as a pipe's writer;
 - anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -13,6 +15,7 @@ from . import UserError
 
 BAD_INPUT = 2
 INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process that Ctrl-C ended
+BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 
 def exit_status(main: Callable[[], int | None], on_interrupt: str) -> int:
@@ -32,3 +35,7 @@ def exit_status(main: Callable[[], int | None], on_interrupt: str) -> int:
             raise
         print(f"error: interrupted; {on_interrupt}", file=sys.stderr, flush=True)
         return INTERRUPTED
+    except BrokenPipeError:
+        # what is still buffered for stdout goes nowhere, so that flushing it at exit raises nothing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE
