@@ -100,7 +100,9 @@ def gap_statistic(diffs: Sequence[np.ndarray], resamples: int = 200, seed: int =
     gaps, noise = [], []
     for d in diffs:
         idx = rng.integers(0, d.shape[0], size=(resamples, d.shape[0]))
-        means = np.nanmean(d[idx], axis=1)  # [resamples, shots]
+        # a resample may draw only prompts without a prediction at some shot: NaN there, skipped below
+        with warnings.catch_warnings(action="ignore", category=RuntimeWarning):
+            means = np.nanmean(d[idx], axis=1)  # [resamples, shots]
         gaps.append(np.abs(means))
         noise.append(np.abs(means - np.nanmean(d, axis=0)))
     point = float(np.mean([np.nanmean(np.abs(np.nanmean(d, axis=0))) for d in diffs]))
