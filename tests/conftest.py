@@ -1,5 +1,6 @@
 """What the tests share: the repository's paths, the tiny worlds, the tiny model, one tiny pretrained run
-(trained once per test run, read-only), the true parameters of synthetic law curves, and the markers.
+(trained once per test run, read-only), the true parameters of synthetic law curves, a snapshot of what
+is on disk, and the markers.
 
 Markers (registered in pyproject.toml): `slow` (over about a second: training end to end, benchmarks,
 grids of processes; `pytest -m "not slow"` is the fast lane), `slurm` (needs a SLURM cluster), `gpu` (needs
@@ -7,6 +8,8 @@ CUDA; skipped here without it).
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +34,18 @@ TRUE_LAW: dict = {"priors": [0.5, 0.3, 0.2], "K": 0.8, "gamma": [0.9, 0.8, 0.85]
 # `train.py fit` on configs/tiny.yaml: the start of every tiny run's command line
 TINY_FIT = ["fit", "--config", str(TINY_CONFIG)]
 TINY_RUN_STEPS = 60
+
+
+def snapshot(*paths: Path) -> dict[str, str]:
+    """Every entry under each path (hidden ones too, none for a path that does not exist): a link's target,
+    a file's bytes' hash, or 'dir'. Equal before and after a command: it wrote nothing there."""
+    def state(p: Path) -> str:
+        if p.is_symlink():
+            return "link -> " + os.readlink(p)
+        return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+
+    return {str(p): state(p) for path in paths for p in sorted([path, *path.rglob("*")])
+            if p.is_symlink() or p.exists()}
 
 
 @pytest.fixture

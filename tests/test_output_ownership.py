@@ -4,7 +4,6 @@ only a directory holding nothing but what the project's marker lists (or an unma
 version, recognised by its tables); no output is, lies inside or holds an input, through links too; an
 output path that is a symbolic link is refused; a directory that cannot be renamed is refused. Every
 refusal comes before any work, is one `error:` line with exit status 2, and leaves every file as it was."""
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -13,23 +12,12 @@ import pytest
 
 import evaluate
 from safe_io.files import MARKER, atomic_dir, check_replaceable
-from tests.conftest import REPO
+from tests.conftest import REPO, snapshot
 from user_errors import UserError
 
 CURVES = REPO / "examples" / "curves_ideal.csv"
 WORLD = REPO / "configs" / "data" / "ginc.yaml"
 DATASET = REPO / "examples" / "manyshot" / "pirate_persona.jsonl"
-
-
-def snapshot(*paths: Path) -> dict[str, str]:
-    """Every entry under each path (hidden ones too): a link's target, a file's bytes' hash, or 'dir'."""
-    def state(p: Path) -> str:
-        if p.is_symlink():
-            return "link -> " + os.readlink(p)
-        return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-
-    return {str(p): state(p) for path in paths for p in sorted([path, *path.rglob("*")])
-            if p.is_symlink() or p.exists()}
 
 
 def forbid_work(monkeypatch) -> None:

@@ -1,7 +1,6 @@
 """Nothing a user owns is lost to a report: `--out` replaces only what the project wrote there, never the
 command's input, and the swap that replaces it leaves a whole report after an interruption at any step
 (where the system cannot exchange two directories atomically: once the next write has cleaned up)."""
-import hashlib
 import shutil
 import subprocess
 import sys
@@ -12,16 +11,10 @@ import pytest
 
 import evaluate
 from safe_io.files import MARKER, _clean_stale, atomic_dir, mark_output
-from tests.conftest import REPO
+from tests.conftest import REPO, snapshot
 
 CURVES = REPO / "examples" / "curves_ideal.csv"
 WORLD = REPO / "configs" / "data" / "ginc.yaml"
-
-
-def snapshot(path: Path) -> dict[str, str]:
-    """Every file under path (hidden ones too) with a hash of its bytes, and every directory."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(path.rglob("*"))}
 
 
 def victim(tmp_path: Path) -> Path:

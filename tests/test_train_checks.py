@@ -3,27 +3,17 @@ and config paths. A refusal is one `error:` line, exit status 2, no traceback, a
 directory, and the checkpoints and exports it read stay byte for byte as they were."""
 from __future__ import annotations
 
-import hashlib
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
 import evaluate
 import train
-from tests.conftest import TINY_FIT
+from tests.conftest import TINY_FIT, snapshot
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 SFT = ["--run.stage", "sft", "--run.direction", "favor", "--run.tasks", "[0]"]
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every path under root with a hash of each file's bytes (directories as 'dir')."""
-    if not root.exists():
-        return {}
-    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*"))}
 
 
 def assert_refused(code: int, capsys, fragment: str) -> str:
