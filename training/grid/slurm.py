@@ -66,6 +66,10 @@ def executor(cfg: AblationConfig, out: Path, after: str | None = None):
     after job `after` has succeeded (they are cancelled if it fails)."""
     import submitit
 
+    missing = [command for command in ("sbatch", "srun") if shutil.which(command) is None]
+    if missing:  # submitit itself would stop with a traceback; a grid with nothing to submit needs neither
+        raise UserError(f"{' and '.join(missing)}: not installed here, so the grid's cells cannot be submitted; "
+                        "run ablate.py --launcher slurm where SLURM's commands work, or use --launcher local")
     settings = cfg.slurm
     extra = dict(flag.lstrip("-").split("=", 1) for flag in settings.get("sbatch", []))
     if after is not None:
@@ -153,10 +157,6 @@ def submit(cfg: AblationConfig, out: Path, status: dict[str, CellStatus], stop_a
     are recorded in jobs.json also when a later submission fails."""
     import submitit
 
-    missing = [command for command in ("sbatch", "srun") if shutil.which(command) is None]
-    if missing:  # submitit itself would stop with a traceback
-        raise UserError(f"{' and '.join(missing)}: not installed here, so the grid's cells cannot be submitted; "
-                        "run ablate.py --launcher slurm where SLURM's commands work, or use --launcher local")
     recorded_path = out / "slurm" / JOBS
     recorded = recorded_jobs(out)
     held = held_jobs() if recorded else set()
